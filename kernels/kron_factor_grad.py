@@ -1,0 +1,115 @@
+"""Gradient of a Kronecker factor: G = sum_m dY_m F X_m^T, reduced deterministically.
+
+For Y_m = A X_m B^T:  dA = sum_m dY_m B X_m^T  and  dB = sum_m dY_m^T A X_m, the second
+being the first with every per-row matrix transposed (strides swapped). Each program
+walks a fixed, strided set of row blocks and writes one fp32 partial; the partials are
+summed in a fixed order, so the result does not depend on scheduling (no atomics).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .kron_tiles import rows_times_factor_t
+from .tuning import TunedKernel, block, dot_precision, live_words, num_programs_cap
+
+
+@triton.jit
+def kron_factor_grad_kernel(
+    dy_ptr, f_ptr, x_ptr, partial_ptr,
+    M, P, N, R, Q,
+    stride_dym, stride_dyp, stride_dyn,
+    stride_fn, stride_fq,
+    stride_xm, stride_xr, stride_xq,
+    stride_pg, stride_pp,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """dy: (M, P, N), f: (N, Q), x: (M, R, Q), any strides; partial: (G, P, R) fp32.
+
+    Grid: (G, cdiv(P, BLOCK_P), cdiv(R, BLOCK_R)); program g sums row blocks g, g+G, ...
+    """
+    pid_g = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    num_groups = tl.num_programs(0)
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    pairs = tl.arange(0, BLOCK_M * BLOCK_R)   # (m, r) pairs, m-major
+    cols = tl.arange(0, BLOCK_M * BLOCK_N)    # (m, n) pairs, m-major
+
+    acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    for row_block in range(pid_g, tl.cdiv(M, BLOCK_M), num_groups):
+        pair_m = row_block * BLOCK_M + pairs // BLOCK_R
+        pair_r = pid_r * BLOCK_R + pairs % BLOCK_R
+        col_m = row_block * BLOCK_M + cols // BLOCK_N
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            t = rows_times_factor_t(
+                x_ptr, f_ptr, pair_m, pair_r, offs_n, M, R, Q, N,
+                stride_xm, stride_xr, stride_xq, stride_fn, stride_fq,
+                BLOCK_M * BLOCK_R, BLOCK_N, BLOCK_Q, DOT_PRECISION)
+            # (m, r) x n  ->  (m, n) x r
+            t = tl.reshape(t, (BLOCK_M, BLOCK_R, BLOCK_N))
+            t = tl.reshape(tl.permute(t, (0, 2, 1)), (BLOCK_M * BLOCK_N, BLOCK_R))
+            col_n = n0 + cols % BLOCK_N
+            dy = tl.load(dy_ptr + col_m[None, :].to(tl.int64) * stride_dym
+                         + offs_p[:, None] * stride_dyp + col_n[None, :] * stride_dyn,
+                         mask=(offs_p[:, None] < P) & (col_m[None, :] < M) & (col_n[None, :] < N),
+                         other=0.0)
+            acc = tl.dot(dy, t.to(dy.dtype), acc, input_precision=DOT_PRECISION)
+
+    tl.store(partial_ptr + pid_g * stride_pg + offs_p[:, None] * stride_pp + offs_r[None, :],
+             acc, mask=(offs_p[:, None] < P) & (offs_r[None, :] < R))
+
+
+CONFIGS = [
+    triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
+    for m, w, s in [(1, 4, 2), (1, 8, 2), (2, 4, 3), (2, 8, 3), (4, 4, 3), (4, 8, 3), (8, 8, 2),
+                    (16, 8, 2)]
+]
+
+
+def footprint(config, tiles, element_bytes) -> int:
+    """Words live per program: gradient and X F^T tiles; x, F and dY tiles."""
+    m, p, r, n, q = (config.kwargs["BLOCK_M"], tiles["BLOCK_P"], tiles["BLOCK_R"],
+                     tiles["BLOCK_N"], tiles["BLOCK_Q"])
+    return live_words(p * r + m * r * n, m * r * q + q * n + p * m * n, element_bytes,
+                      tiles["DOT_PRECISION"])
+
+
+_kernel = TunedKernel(kron_factor_grad_kernel, CONFIGS, key=["P", "N", "R", "Q"],
+                      footprint=footprint)
+
+
+def tile_shape(p: int, n: int, r: int, q: int, precision: str) -> dict:
+    """Shape-derived constexprs of ``kron_factor_grad_kernel`` (the configs add BLOCK_M)."""
+    hi = 32 if precision == "ieee" else 64  # FMA dots hold fp32 operands in registers
+    return dict(BLOCK_P=block(p, hi=hi), BLOCK_R=block(r, hi=hi), BLOCK_N=block(n, hi=hi),
+                BLOCK_Q=block(q, hi=hi), DOT_PRECISION=precision)
+
+
+def kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_m dy[m] @ f @ x[m].T in fp32.
+
+    dy: (M, P, N), f: (N, Q), x: (M, R, Q), all any strides and one dtype.
+    Returns a new (P, R) fp32 tensor.
+    """
+    m, p, n = dy.shape
+    r, q = x.shape[1], x.shape[2]
+    groups = max(1, min(triton.cdiv(m, 8), num_programs_cap(dy.device)))
+    partial = torch.empty((groups, p, r), device=dy.device, dtype=torch.float32)
+    if partial.numel() == 0:
+        return partial.sum(0)
+    tiles = tile_shape(p, n, r, q, dot_precision(dy.dtype))
+
+    def grid(meta):
+        return (groups, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(r, meta["BLOCK_R"]))
+
+    _kernel[grid](
+        dy, f, x, partial,
+        m, p, n, r, q,
+        *dy.stride(), *f.stride(), *x.stride(), partial.stride(0), partial.stride(1),
+        **tiles)
+    return partial.sum(0)

@@ -1,0 +1,120 @@
+"""Fused Kronecker product applied to rows: Y_m = scale * A X_m B^T (+ bias), never forming A (x) B.
+
+For a row x of length a2*b2 viewed as X (a2, b2), (A (x) B) x = vec(A X B^T). The kernel
+reads each tile of rows once, keeps X B^T on chip, and writes Y once. With transposed
+factors (strides swapped) the same kernel computes the input gradient A^T dY_m B.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .kron_tiles import rows_times_factor_t
+from .tuning import TunedKernel, block, dot_precision, live_words
+
+
+@triton.jit
+def kron_rows_kernel(
+    x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr,
+    M, A1, A2, B1, B2,
+    stride_xm, stride_xj, stride_xl,
+    stride_ai, stride_aj,
+    stride_bn, stride_bl,
+    stride_ym,
+    scale,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """x: (M, A2, B2) any strides; a: (A1, A2); b: (B1, B2); bias: (A1*B1,); y: (M, A1*B1).
+
+    Grid: (cdiv(M, BLOCK_M), cdiv(B1, BLOCK_N), cdiv(A1, BLOCK_I)).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_i = tl.program_id(2)
+
+    # Tile rows of X B^T are (row m, row j of X_m) pairs, m-major.
+    pairs = tl.arange(0, BLOCK_M * BLOCK_J)
+    pair_m = pid_m * BLOCK_M + pairs // BLOCK_J
+    pair_j = pairs % BLOCK_J
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+
+    # acc[i, (m, n)] = Y[m, i, n]
+    acc = tl.zeros((BLOCK_I, BLOCK_M * BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, A2, BLOCK_J):
+        t = rows_times_factor_t(
+            x_ptr, b_ptr, pair_m, j0 + pair_j, offs_n, M, A2, B2, B1,
+            stride_xm, stride_xj, stride_xl, stride_bn, stride_bl,
+            BLOCK_M * BLOCK_J, BLOCK_N, BLOCK_L, DOT_PRECISION)
+        # (m, j) x n  ->  j x (m, n)
+        t = tl.reshape(t, (BLOCK_M, BLOCK_J, BLOCK_N))
+        t = tl.reshape(tl.permute(t, (1, 0, 2)), (BLOCK_J, BLOCK_M * BLOCK_N))
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        a = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_j[None, :] * stride_aj,
+                    mask=(offs_i[:, None] < A1) & (offs_j[None, :] < A2), other=0.0)
+        acc = tl.dot(a, t.to(a.dtype), acc, input_precision=DOT_PRECISION)
+
+    acc = acc * scale
+    cols = tl.arange(0, BLOCK_M * BLOCK_N)
+    col_m = pid_m * BLOCK_M + cols // BLOCK_N
+    col_n = pid_n * BLOCK_N + cols % BLOCK_N
+    feature = offs_i[:, None] * B1 + col_n[None, :]
+    mask = (offs_i[:, None] < A1) & (col_m[None, :] < M) & (col_n[None, :] < B1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + feature, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + col_m[None, :].to(tl.int64) * stride_ym + feature,
+             acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+CONFIGS = [
+    triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
+    for m, w, s in [(1, 4, 2), (1, 8, 2), (2, 4, 3), (2, 8, 3), (4, 4, 3), (4, 8, 3), (8, 8, 2),
+                    (16, 8, 2)]
+]
+
+
+def footprint(config, tiles, element_bytes) -> int:
+    """Words live per program: output and X B^T tiles; x, B and A tiles."""
+    m, i, j, n, l = (config.kwargs["BLOCK_M"], tiles["BLOCK_I"], tiles["BLOCK_J"],
+                     tiles["BLOCK_N"], tiles["BLOCK_L"])
+    return live_words(m * n * (i + j), m * j * l + l * n + i * j, element_bytes,
+                      tiles["DOT_PRECISION"])
+
+
+_kernel = TunedKernel(kron_rows_kernel, CONFIGS, key=["A1", "A2", "B1", "B2", "HAS_BIAS"],
+                      footprint=footprint)
+
+
+def tile_shape(a1: int, a2: int, b1: int, b2: int, precision: str) -> dict:
+    """Shape-derived constexprs of ``kron_rows_kernel`` (the configs add BLOCK_M)."""
+    hi = 32 if precision == "ieee" else 64  # FMA dots hold fp32 operands in registers
+    return dict(BLOCK_I=block(a1, hi=hi), BLOCK_J=block(a2, hi=hi), BLOCK_N=block(b1, hi=hi),
+                BLOCK_L=block(b2, hi=hi), DOT_PRECISION=precision)
+
+
+def kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+              bias: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """y[m] = scale * vec(a @ x[m] @ b.T) + bias.
+
+    x: (M, a2, b2), any strides; a: (a1, a2); b: (b1, b2); bias: (a1*b1,) or None.
+    Returns a new contiguous (M, a1*b1) tensor of x's dtype.
+    """
+    m, a2, b2 = x.shape
+    a1, b1 = a.shape[0], b.shape[0]
+    y = torch.empty((m, a1 * b1), device=x.device, dtype=x.dtype)
+    if m == 0 or y.numel() == 0:
+        return y
+    tiles = tile_shape(a1, a2, b1, b2, dot_precision(x.dtype))
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(b1, meta["BLOCK_N"]),
+                triton.cdiv(a1, meta["BLOCK_I"]))
+
+    _kernel[grid](
+        x, a, b, bias if bias is not None else y, y,
+        m, a1, a2, b1, b2,
+        *x.stride(), *a.stride(), *b.stride(), y.stride(0),
+        float(scale),
+        HAS_BIAS=bias is not None, **tiles)
+    return y

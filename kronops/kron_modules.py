@@ -1,0 +1,189 @@
+"""Kronecker layers: ``KronLinear`` (weight = A (x) B), ``KronALinear`` (adapter over a frozen
+Linear) and ``KronABlock`` (adapter in parallel with a whole frozen block)."""
+import math
+
+import torch
+from torch import nn
+
+from .factor_shapes import factor_shapes
+from .kron_functional import kron_linear
+
+
+class KronLinear(nn.Module):
+    """A linear layer whose weight is A (x) B: y = x @ kron(A, B).T + bias.
+
+    x: (..., in_features) -> (..., out_features). A: a_shape = (a1, a2), B: (out/a1, in/a2).
+    Initialised so that kron(A, B) has the variance of nn.Linear's default weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, a_shape=None, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        (a1, a2), (b1, b2) = factor_shapes(in_features, out_features, a_shape)
+        self.in_features, self.out_features = in_features, out_features
+        kw = dict(device=device, dtype=dtype)
+        self.a = nn.Parameter(torch.empty(a1, a2, **kw))
+        self.b = nn.Parameter(torch.empty(b1, b2, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's U(-k, k), k = 1/sqrt(in), has variance 1/(3 in); split it evenly.
+        std = (1.0 / (3 * self.in_features)) ** 0.25
+        nn.init.normal_(self.a, std=std)
+        nn.init.normal_(self.b, std=std)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def weight(self) -> torch.Tensor:
+        """The materialised (out, in) weight kron(A, B), for export and inspection."""
+        return torch.kron(self.a, self.b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kron_linear(x, self.a, self.b, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"a={tuple(self.a.shape)}, b={tuple(self.b.shape)}, bias={self.bias is not None}")
+
+
+class _KronAdapter(nn.Module):
+    """Trainable factors A (optionally A_u @ A_v of rank r) and B, with B zero-initialised."""
+
+    def _init_factors(self, in_features, out_features, a_shape, rank, alpha, device, dtype):
+        (a1, a2), (b1, b2) = factor_shapes(in_features, out_features, a_shape)
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+            raise ValueError(f"rank must be a positive int or None, got {rank!r}")
+        if alpha is None:
+            alpha = float(rank) if rank is not None else 1.0
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+        self.rank, self.alpha = rank, float(alpha)
+        self.scale = self.alpha / rank if rank is not None else self.alpha
+        kw = dict(device=device, dtype=dtype)
+        if rank is None:
+            self.a = nn.Parameter(torch.empty(a1, a2, **kw))
+            nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
+        else:
+            self.a_u = nn.Parameter(torch.empty(a1, rank, **kw))
+            self.a_v = nn.Parameter(torch.empty(rank, a2, **kw))
+            nn.init.kaiming_uniform_(self.a_u, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.a_v, a=math.sqrt(5))
+        self.b = nn.Parameter(torch.zeros(b1, b2, **kw))
+
+    def factor_a(self) -> torch.Tensor:
+        """A (a1, a2): the parameter itself, or A_u @ A_v when low-rank."""
+        return self.a if self.rank is None else self.a_u @ self.a_v
+
+    def adapter(self, x: torch.Tensor) -> torch.Tensor:
+        """scale * x @ kron(A, B).T, factors cast to x's dtype."""
+        return kron_linear(x, self.factor_a().to(x.dtype), self.b.to(x.dtype), scale=self.scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * kron(A, B): the (out, in) update, materialised (for merging and export)."""
+        return self.scale * torch.kron(self.factor_a(), self.b)
+
+    def _factor_repr(self) -> str:
+        a = f"a={tuple(self.a.shape)}" if self.rank is None else \
+            f"a=({self.a_u.shape[0]}, {self.a_v.shape[1]}), rank={self.rank}"
+        return f"{a}, b={tuple(self.b.shape)}, scale={self.scale:g}"
+
+
+def _freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+class KronALinear(_KronAdapter):
+    """KronA / LoKr adapter over a frozen nn.Linear: y = base(x) + s * dropout(x) @ kron(A, B).T.
+
+    A: a_shape = (a1, a2) (None: near the square roots), or A_u (a1, r) @ A_v (r, a2) with
+    ``rank`` r; B: (out/a1, in/a2), zero at start so a fresh adapter changes nothing.
+    s = alpha / r with a rank (alpha defaults to r), else alpha (default 1.0).
+    ``merge()`` adds s * kron(A, B) into base.weight; ``unmerge()`` takes it out again.
+    """
+
+    def __init__(self, base: nn.Linear, *, a_shape=None, rank: int | None = None,
+                 alpha: float | None = None, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.base = base
+        _freeze(base)
+        self._init_factors(base.in_features, base.out_features, a_shape, rank, alpha,
+                           base.weight.device, base.weight.dtype)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.adapter(self.dropout(x))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add s * kron(A, B) into the base weight; forward then runs the base alone."""
+        if self.merged:
+            raise RuntimeError("KronALinear is already merged; unmerge() first")
+        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged update from the base weight (exact up to its dtype's rounding)."""
+        if not self.merged:
+            raise RuntimeError("KronALinear is not merged")
+        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{self._factor_repr()}, merged={self.merged}"
+
+
+class KronABlock(_KronAdapter):
+    """KronA^B / KronA^B_res: an adapter in parallel with a frozen block (e.g. an FFN).
+
+    y = block(x) + s * x @ kron(A, B).T  (+ s_res * x when ``residual``; s_res is learnable
+    and starts at 0). x: (..., in_features) -> (..., out_features); factors as KronALinear.
+    """
+
+    def __init__(self, block: nn.Module, in_features: int, out_features: int, *,
+                 residual: bool = False, a_shape=None, rank: int | None = None,
+                 alpha: float | None = None, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
+        if residual and in_features != out_features:
+            raise ValueError(f"residual needs in_features == out_features, got "
+                             f"{in_features} and {out_features}")
+        self.block = block
+        _freeze(block)
+        if device is None or dtype is None:
+            ref = next(block.parameters(), None)
+            device = device if device is not None or ref is None else ref.device
+            dtype = dtype if dtype is not None or ref is None else ref.dtype
+        self._init_factors(in_features, out_features, a_shape, rank, alpha, device, dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.residual_scale = nn.Parameter(torch.zeros((), device=device, dtype=dtype)) \
+            if residual else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x) + self.adapter(x)
+        if self.residual_scale is not None:
+            y = y + self.residual_scale.to(x.dtype) * x
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self._factor_repr()}, residual={self.residual_scale is not None}"

@@ -1,0 +1,38 @@
+"""Every kernel, dtype and launchable config compiles ahead of time for sm_80 and sm_90.
+
+The interpreter accepts kernels a GPU compiler rejects, so this is what catches them.
+Fails on a compile error, on register spills (cuobjdump's LOCAL, or a STACK frame larger
+than the few words ptxas reserves even at low register counts), on shared memory over the
+architecture's limit, and on a tensor-core dot that did not become MMA.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from aot_compile import CAPABILITIES, kernel_cases
+
+SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block, opt-in maximum
+STACK_LIMIT = 32  # bytes; seen at 8-24 with 40-128 registers, i.e. not register pressure
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, os.path.join(HERE, "aot_compile.py")], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return {r["key"]: r for r in map(json.loads, out.stdout.splitlines())}
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("case_id", list(kernel_cases()))
+def test_compiles_without_spills(compiled, case_id, capability):
+    result = compiled[f"{case_id}-sm{capability}"]
+    assert result["error"] is None, result["error"]
+    assert result["shared"] <= SHARED_LIMIT[capability], f"{result['shared']} bytes of shared memory"
+    assert result["stack"] <= STACK_LIMIT and result["local"] == 0, f"spills: {result}"
+    if not case_id.endswith("ieee"):  # ieee fp32 dots run on the FMA units by design
+        assert result["tensor_cores"], "the dot did not compile to tensor-core MMA"

@@ -1,0 +1,82 @@
+"""The Triton kernels themselves (interpreter on CPU, compiled on a GPU) vs fp64 references."""
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, assert_close
+
+from kronops.kernels import kron_factor_grad, kron_rows
+
+# (M, a1, a2, b1, b2): odd, prime, unequal, tile-spanning and LoKr-like shapes.
+SHAPES = [(1, 1, 1, 1, 1), (7, 3, 5, 7, 11), (13, 16, 16, 16, 16), (5, 20, 70, 33, 9),
+          (3, 2, 3, 130, 67), (19, 67, 2, 5, 3)]
+
+
+def make(shape, dtype, *, transposed_x=False):
+    m, a1, a2, b1, b2 = shape
+    kw = dict(device=KERNEL_DEVICE, dtype=dtype)
+    if transposed_x:  # x[m] stored as X_m^T: a non-contiguous (M, a2, b2) view
+        x = torch.randn(m, b2, a2, **kw).transpose(1, 2)
+    else:  # rows with padding between them: row stride > a2*b2
+        x = torch.randn(m, a2 * b2 + 3, **kw)[:, 1:1 + a2 * b2].view(m, a2, b2)
+    return x, torch.randn(a1, a2, **kw), torch.randn(b1, b2, **kw)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("transposed_x", [False, True])
+def test_kron_rows(shape, dtype, transposed_x):
+    x, a, b = make(shape, dtype, transposed_x=transposed_x)
+    bias = torch.randn(a.shape[0] * b.shape[0], device=x.device, dtype=dtype)
+    y = kron_rows(x, a, b, bias, 0.75)
+    xd, ad, bd = x.double(), a.double(), b.double()
+    ref = 0.75 * (xd.reshape(x.shape[0], -1) @ torch.kron(ad, bd).T) + bias.double()
+    assert y.dtype == dtype and y.is_contiguous()
+    assert_close(y, ref, dtype, "kron_rows")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_kron_rows_transposed_factors_give_input_grad(shape, dtype):
+    """dX_m = A^T dY_m B, computed by the forward kernel on transposed factor views."""
+    m, a1, a2, b1, b2 = shape
+    x, a, b = make(shape, dtype)
+    dy = torch.randn(m, a1, b1, device=x.device, dtype=dtype)
+    dx = kron_rows(dy, a.mT, b.mT, None, 1.0)
+    ref = torch.einsum("ij,mik,kl->mjl", a.double(), dy.double(), b.double()).reshape(m, -1)
+    assert_close(dx, ref, dtype, "input grad")
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(300, 4, 4, 16, 16)])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_kron_factor_grads(shape, dtype):
+    """dA = sum dY_m B X_m^T and dB = sum dY_m^T A X_m, the latter via transposed views."""
+    m, a1, a2, b1, b2 = shape
+    x, a, b = make(shape, dtype)
+    dy = torch.randn(m, a1, b1, device=x.device, dtype=dtype)
+    grad_a = kron_factor_grad(dy, b, x)
+    grad_b = kron_factor_grad(dy.mT, a, x.mT)
+    xd, dyd = x.double(), dy.double()
+    assert grad_a.dtype == torch.float32 and grad_a.shape == (a1, a2)
+    assert_close(grad_a, torch.einsum("mik,kl,mjl->ij", dyd, b.double(), xd), dtype, "dA")
+    assert_close(grad_b, torch.einsum("mik,ij,mjl->kl", dyd, a.double(), xd), dtype, "dB")
+
+
+def test_factor_grad_is_deterministic():
+    x, a, b = make((257, 8, 8, 8, 8), torch.float32)
+    dy = torch.randn(257, 8, 8, device=x.device)
+    first = kron_factor_grad(dy, b, x)
+    assert torch.equal(first, kron_factor_grad(dy, b, x))
+
+
+def test_empty_batch():
+    x, a, b = make((0, 3, 4, 5, 6), torch.float32)
+    assert kron_rows(x, a, b, None, 1.0).shape == (0, 15)
+    assert torch.equal(kron_factor_grad(torch.empty(0, 3, 5, device=x.device), b, x),
+                       torch.zeros(3, 4, device=x.device))
+
+
+def test_nan_propagates():
+    x, a, b = make((4, 4, 4, 4, 4), torch.float32)
+    x = x.clone()
+    x[1, 2, 3] = float("nan")
+    y = kron_rows(x, a, b, None, 1.0)
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2, 3]]).any()
