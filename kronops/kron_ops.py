@@ -4,13 +4,15 @@
 ``kronops::kron_factor_grad`` sum_m dy[m] @ f @ x[m].T in fp32, dy (M, P, N), f (N, Q), x (M, R, Q)
 
 Both take tensors of any strides and are twice differentiable. CUDA tensors run the Triton kernels, everything else the
-composite PyTorch path (see ``kronops.backend``). Backward reuses the same two ops:
-dX_m = A^T dY_m B is ``kron_rows`` with transposed factors, dA and dB are ``kron_factor_grad``.
+composite PyTorch path (see ``kronops.backend``). On the Triton path backward reuses the
+two ops: dX_m = A^T dY_m B is ``kron_rows`` with transposed factors, dA and dB are
+``kron_factor_grad``; the composite backward is plain batched matmuls.
 """
 import torch
 
 from .backend import use_triton
-from .kron_reference import kron_factor_grad_composite, kron_rows_composite
+from .kron_reference import (kron_factor_grad_composite, kron_rows_backward_composite,
+                             kron_rows_composite)
 
 
 @torch.library.custom_op("kronops::kron_rows", mutates_args=())
@@ -51,15 +53,19 @@ def _backward(ctx, grad):
     x, a, b = ctx.saved_tensors
     scale = ctx.scale
     grad3 = grad.reshape(x.shape[0], a.shape[0], b.shape[0])
-    grad_x = grad_a = grad_b = grad_bias = None
+    grad_bias = grad.sum(0) if ctx.needs_input_grad[3] else None
+    if not use_triton(grad):  # plain torch ops, sharing intermediates (and differentiable)
+        grads = kron_rows_backward_composite(grad3 * scale, x, a, b)
+        grad_x, grad_a, grad_b = (g.to(t.dtype) if need else None for g, t, need in
+                                  zip(grads, (x, a, b), ctx.needs_input_grad))
+        return grad_x, grad_a, grad_b, grad_bias, None
+    grad_x = grad_a = grad_b = None
     if ctx.needs_input_grad[0]:
         grad_x = kron_rows(grad3, a.mT, b.mT, None, scale).view(x.shape)
     if ctx.needs_input_grad[1]:
         grad_a = (kron_factor_grad(grad3, b, x) * scale).to(a.dtype)
     if ctx.needs_input_grad[2]:
         grad_b = (kron_factor_grad(grad3.mT, a, x.mT) * scale).to(b.dtype)
-    if ctx.needs_input_grad[3]:
-        grad_bias = grad.sum(0)
     return grad_x, grad_a, grad_b, grad_bias, None
 
 

@@ -37,10 +37,27 @@ def kron_rows_composite(x, a, b, bias=None, scale=1.0):
 
 
 def kron_factor_grad_composite(dy, f, x):
-    """sum_m dy[m] @ f @ x[m].T in fp32 (fp64 for fp64 inputs) for dy (M, P, N), f (N, Q), x (M, R, Q); returns (P, R)."""
-    t = torch.matmul(x, f.mT)  # (M, R, N)
-    p, r = dy.shape[1], x.shape[1]
-    dy2 = dy.transpose(0, 1).reshape(p, -1)        # (P, M*N)
-    t2 = t.transpose(1, 2).reshape(-1, r)          # (M*N, R)
+    """sum_m dy[m] @ f @ x[m].T in fp32 (fp64 for fp64 inputs); dy (M, P, N), f (N, Q), x (M, R, Q).
+
+    Batched matmuls (which take transposed views without copies) and a sum over M,
+    contracting the cheaper side first. Returns (P, R).
+    """
+    m, p, n = dy.shape
+    r, q = x.shape[1], x.shape[2]
     acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    return dy2.to(acc) @ t2.to(acc)
+    if p * n * q + p * q * r <= r * q * n + p * n * r:
+        return torch.matmul(torch.matmul(dy, f).to(acc), x.mT.to(acc)).sum(0)
+    return torch.matmul(dy.to(acc), torch.matmul(x, f.mT).mT.to(acc)).sum(0)
+
+
+def kron_rows_backward_composite(grad, x, a, b):
+    """(dX, dA, dB) of y[m] = vec(a @ x[m] @ b.T) for grad (M, a1, b1), x (M, a2, b2).
+
+    Shares dT_m = A^T dY_m between dX_m = dT_m B and dB = sum_m dT_m^T X_m;
+    dA = sum_m dY_m (X_m B^T)^T. Five batched matmuls, no copies of x or grad.
+    """
+    dt = torch.matmul(a.mT, grad)
+    grad_x = torch.matmul(dt, b)
+    grad_a = torch.matmul(grad, torch.matmul(x, b.mT).mT).sum(0)
+    grad_b = torch.matmul(dt.mT, x).sum(0)
+    return grad_x, grad_a, grad_b
