@@ -56,32 +56,30 @@ def write_json(path: str, meta: dict, rows: list[dict]) -> None:
 
 
 def plot(path: str, meta: dict, rows: list[dict]) -> None:
-    """Speedup of kronops over the naive reference per op and mode (and, on a GPU, the
-    achieved fraction of the roofline)."""
+    """One bar per kronops row: speedup over the naive reference and, on a GPU, the
+    achieved fraction of the roofline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     mine = [r for r in rows if r["provider"] == "kronops"]
-    panels = 2 if any("roofline_pct" in r for r in mine) else 1
-    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), squeeze=False)
-    series = sorted({(r["op"], r["mode"]) for r in mine})
-    for op, mode in series:
-        pts = sorted((r["size"], r) for r in mine if (r["op"], r["mode"]) == (op, mode))
-        sizes = [s for s, _ in pts]
-        axes[0][0].plot(sizes, [r["speedup_vs_naive"] or 0 for _, r in pts], "o-", label=f"{op} {mode}")
-        if panels == 2:
-            axes[0][1].plot(sizes, [r.get("roofline_pct", 0) for _, r in pts], "o-", label=f"{op} {mode}")
-    axes[0][0].set(xscale="log", yscale="log", xlabel="input elements", ylabel="speedup vs naive (x)",
-                   title="kronops vs materialised reference")
-    axes[0][0].axhline(1.0, color="grey", lw=0.8)
-    if panels == 2:
-        axes[0][1].set(xscale="log", xlabel="input elements", ylabel="% of roofline",
-                       title="achieved fraction of max(bytes/BW, flops/GEMM rate)", ylim=(0, 105))
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}",
-                 fontsize=9)
+    panels = [("speedup_vs_naive", "speedup vs naive (x), log scale")]
+    if any("roofline_pct" in r for r in mine):
+        panels.append(("roofline_pct", "% of roofline: max(bytes/copy BW, flops/GEMM rate)"))
+    labels = [f"{r['op']} {r['mode']}  {r['shape']}" for r in mine]
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 0.28 * len(mine) + 1.6),
+                             squeeze=False, sharey=True)
+    for ax, (key, title) in zip(axes[0], panels):
+        ax.barh(range(len(mine)), [r.get(key) or 0 for r in mine], color="tab:blue")
+        ax.set_title(title, fontsize=9)
+        ax.invert_yaxis()
+        if key == "speedup_vs_naive":
+            ax.set_xscale("log")
+            ax.axvline(1.0, color="grey", lw=0.8)
+    axes[0][0].set_yticks(range(len(mine)), labels, fontsize=7)
+    fig.suptitle(f"kronops, {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+                 f"{meta['dtype']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

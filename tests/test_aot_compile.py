@@ -14,7 +14,10 @@ import pytest
 from aot_compile import CAPABILITIES, kernel_cases
 
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block, opt-in maximum
-STACK_LIMIT = 32  # bytes; seen at 8-24 with 40-128 registers, i.e. not register pressure
+# Bytes of stack frame tolerated: seen at 8-24 bytes with 40-128 registers (triton 3.9), and
+# 40 bytes at 128 registers for one 8-warp fp32/tf32 config (triton 3.6, H100) -- frames
+# ptxas keeps without register pressure. Real spills are hundreds of bytes.
+STACK_LIMIT = 48
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
