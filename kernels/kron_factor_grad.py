@@ -23,66 +23,45 @@ def kron_factor_grad_kernel(
     stride_pg, stride_pp,
     DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
-    SINGLE_N: tl.constexpr, SINGLE_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """dy: (M, P, N), f: (N, Q), x: (M, R, Q), any strides; partial: (G, P, R) fp32.
 
-    Grid: (cdiv(P, BLOCK_P) * cdiv(R, BLOCK_R), G); program (t, g) sums row blocks g, g+G, ...
-    into tile t of partial[g]. When N and Q each fit one tile (SINGLE_N, SINGLE_Q) the row
-    loop holds no other loop and is software-pipelined.
+    Grid: (G, cdiv(P, BLOCK_P), cdiv(R, BLOCK_R)); program g sums row blocks g, g+G, ...
     """
-    r_tiles = tl.cdiv(R, BLOCK_R)
-    pid_r = tl.program_id(0) % r_tiles
-    pid_p = tl.program_id(0) // r_tiles
-    pid_g = tl.program_id(1)
+    pid_g = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    num_groups = tl.num_programs(0)
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     pairs = tl.arange(0, BLOCK_M * BLOCK_R)   # (m, r) pairs, m-major
-    pair_r = pid_r * BLOCK_R + pairs % BLOCK_R
     cols = tl.arange(0, BLOCK_M * BLOCK_N)    # (m, n) pairs, m-major
 
     acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
-    for row_block in range(pid_g, tl.cdiv(M, BLOCK_M), tl.num_programs(1)):
+    for row_block in range(pid_g, tl.cdiv(M, BLOCK_M), num_groups):
         pair_m = row_block * BLOCK_M + pairs // BLOCK_R
+        pair_r = pid_r * BLOCK_R + pairs % BLOCK_R
         col_m = row_block * BLOCK_M + cols // BLOCK_N
-        if SINGLE_N:
-            acc = _accumulate(acc, dy_ptr, f_ptr, x_ptr, pair_m, pair_r, col_m, cols, offs_p, 0,
-                              M, P, N, R, Q, stride_dym, stride_dyp, stride_dyn,
-                              stride_fn, stride_fq, stride_xm, stride_xr, stride_xq,
-                              BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_Q, SINGLE_Q, DOT_PRECISION)
-        else:
-            for n0 in range(0, N, BLOCK_N):
-                acc = _accumulate(acc, dy_ptr, f_ptr, x_ptr, pair_m, pair_r, col_m, cols, offs_p,
-                                  n0, M, P, N, R, Q, stride_dym, stride_dyp, stride_dyn,
-                                  stride_fn, stride_fq, stride_xm, stride_xr, stride_xq,
-                                  BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_Q, SINGLE_Q, DOT_PRECISION)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            t = rows_times_factor_t(
+                x_ptr, f_ptr, pair_m, pair_r, offs_n, M, R, Q, N,
+                stride_xm, stride_xr, stride_xq, stride_fn, stride_fq,
+                BLOCK_M * BLOCK_R, BLOCK_N, BLOCK_Q, DOT_PRECISION)
+            # (m, r) x n  ->  (m, n) x r
+            t = tl.reshape(t, (BLOCK_M, BLOCK_R, BLOCK_N))
+            t = tl.reshape(tl.permute(t, (0, 2, 1)), (BLOCK_M * BLOCK_N, BLOCK_R))
+            col_n = n0 + cols % BLOCK_N
+            dy = tl.load(dy_ptr + col_m[None, :].to(tl.int64) * stride_dym
+                         + offs_p[:, None] * stride_dyp + col_n[None, :] * stride_dyn,
+                         mask=(offs_p[:, None] < P) & (col_m[None, :] < M) & (col_n[None, :] < N),
+                         other=0.0)
+            acc = tl.dot(dy, t.to(dy.dtype), acc, input_precision=DOT_PRECISION)
 
     tl.store(partial_ptr + pid_g * stride_pg + offs_p[:, None] * stride_pp + offs_r[None, :],
              acc, mask=(offs_p[:, None] < P) & (offs_r[None, :] < R))
-
-
-@triton.jit
-def _accumulate(acc, dy_ptr, f_ptr, x_ptr, pair_m, pair_r, col_m, cols, offs_p, n0,
-                M, P, N, R, Q, stride_dym, stride_dyp, stride_dyn,
-                stride_fn, stride_fq, stride_xm, stride_xr, stride_xq,
-                BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_Q: tl.constexpr, SINGLE_Q: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc += dY[m, p, n0:n0+BN] . (X_m F^T)[r, n0:n0+BN] over the tile's rows m."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    t = rows_times_factor_t(x_ptr, f_ptr, pair_m, pair_r, offs_n, M, R, Q, N,
-                            stride_xm, stride_xr, stride_xq, stride_fn, stride_fq,
-                            BLOCK_M * BLOCK_R, BLOCK_N, BLOCK_Q, SINGLE_Q, DOT_PRECISION)
-    # (m, r) x n  ->  (m, n) x r
-    t = tl.reshape(t, (BLOCK_M, BLOCK_R, BLOCK_N))
-    t = tl.reshape(tl.permute(t, (0, 2, 1)), (BLOCK_M * BLOCK_N, BLOCK_R))
-    col_n = n0 + cols % BLOCK_N
-    dy = tl.load(dy_ptr + col_m[None, :].to(tl.int64) * stride_dym
-                 + offs_p[:, None] * stride_dyp + col_n[None, :] * stride_dyn,
-                 mask=(offs_p[:, None] < P) & (col_m[None, :] < M) & (col_n[None, :] < N),
-                 other=0.0)
-    return tl.dot(dy, t.to(dy.dtype), acc, input_precision=DOT_PRECISION)
 
 
 CONFIGS = [
@@ -107,9 +86,8 @@ _kernel = TunedKernel(kron_factor_grad_kernel, CONFIGS, key=["P", "N", "R", "Q"]
 def tile_shape(p: int, n: int, r: int, q: int, precision: str) -> dict:
     """Shape-derived constexprs of ``kron_factor_grad_kernel`` (the configs add BLOCK_M)."""
     hi = 32 if precision == "ieee" else 64  # FMA dots hold fp32 operands in registers
-    tiles = dict(BLOCK_P=block(p, hi=hi), BLOCK_R=block(r, hi=hi), BLOCK_N=block(n, hi=hi),
-                 BLOCK_Q=block(q, hi=hi), DOT_PRECISION=precision)
-    return dict(tiles, SINGLE_N=n <= tiles["BLOCK_N"], SINGLE_Q=q <= tiles["BLOCK_Q"])
+    return dict(BLOCK_P=block(p, hi=hi), BLOCK_R=block(r, hi=hi), BLOCK_N=block(n, hi=hi),
+                BLOCK_Q=block(q, hi=hi), DOT_PRECISION=precision)
 
 
 def kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +105,7 @@ def kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor) -> torc
     tiles = tile_shape(p, n, r, q, dot_precision(dy.dtype))
 
     def grid(meta):
-        return triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(r, meta["BLOCK_R"]), groups
+        return (groups, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(r, meta["BLOCK_R"]))
 
     _kernel[grid](
         dy, f, x, partial,

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .kron_tiles import rows_times_factor_t
-from .tuning import TunedKernel, block, dot_precision, live_words, num_programs_cap
+from .tuning import TunedKernel, block, dot_precision, live_words
 
 
 @triton.jit
@@ -23,73 +23,48 @@ def kron_rows_kernel(
     scale,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
-    SINGLE_J: tl.constexpr, SINGLE_L: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """x: (M, A2, B2) any strides; a: (A1, A2); b: (B1, B2); bias: (A1*B1,); y: (M, A1*B1).
 
-    Grid: (cdiv(B1, BLOCK_N) * cdiv(A1, BLOCK_I), G). Program (t, g) computes output tile t
-    for row blocks g, g+G, ...; the tile index varies fastest, so the programs reading the
-    same rows run together. When A2 and B2 each fit one tile the row loop holds no other
-    loop (SINGLE_J = A2 <= BLOCK_J, SINGLE_L = B2 <= BLOCK_L) and is software-pipelined:
-    the next rows load while this block computes.
+    Grid: (cdiv(M, BLOCK_M), cdiv(B1, BLOCK_N), cdiv(A1, BLOCK_I)).
     """
-    n_tiles = tl.cdiv(B1, BLOCK_N)
-    pid_n = tl.program_id(0) % n_tiles
-    pid_i = tl.program_id(0) // n_tiles
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_i = tl.program_id(2)
+
+    # Tile rows of X B^T are (row m, row j of X_m) pairs, m-major.
+    pairs = tl.arange(0, BLOCK_M * BLOCK_J)
+    pair_m = pid_m * BLOCK_M + pairs // BLOCK_J
+    pair_j = pairs % BLOCK_J
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    # Tile rows of X B^T are (row m, row j of X_m) pairs; output columns (m, n) pairs; m-major.
-    pairs = tl.arange(0, BLOCK_M * BLOCK_J)
-    pair_j = pairs % BLOCK_J
-    cols = tl.arange(0, BLOCK_M * BLOCK_N)
-    col_n = pid_n * BLOCK_N + cols % BLOCK_N
-    feature = offs_i[:, None] * B1 + col_n[None, :]
-    feature_ok = (offs_i[:, None] < A1) & (col_n[None, :] < B1)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + feature, mask=feature_ok, other=0.0).to(tl.float32)
-    if SINGLE_J:
-        offs_j = tl.arange(0, BLOCK_J)
+
+    # acc[i, (m, n)] = Y[m, i, n]
+    acc = tl.zeros((BLOCK_I, BLOCK_M * BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, A2, BLOCK_J):
+        t = rows_times_factor_t(
+            x_ptr, b_ptr, pair_m, j0 + pair_j, offs_n, M, A2, B2, B1,
+            stride_xm, stride_xj, stride_xl, stride_bn, stride_bl,
+            BLOCK_M * BLOCK_J, BLOCK_N, BLOCK_L, DOT_PRECISION)
+        # (m, j) x n  ->  j x (m, n)
+        t = tl.reshape(t, (BLOCK_M, BLOCK_J, BLOCK_N))
+        t = tl.reshape(tl.permute(t, (1, 0, 2)), (BLOCK_J, BLOCK_M * BLOCK_N))
+        offs_j = j0 + tl.arange(0, BLOCK_J)
         a = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_j[None, :] * stride_aj,
                     mask=(offs_i[:, None] < A1) & (offs_j[None, :] < A2), other=0.0)
+        acc = tl.dot(a, t.to(a.dtype), acc, input_precision=DOT_PRECISION)
 
-    for row_block in range(tl.program_id(1), tl.cdiv(M, BLOCK_M), tl.num_programs(1)):
-        pair_m = row_block * BLOCK_M + pairs // BLOCK_J
-        if SINGLE_J:
-            acc = tl.dot(a, _x_bt_by_j(x_ptr, b_ptr, pair_m, pair_j, offs_n, M, A2, B2, B1,
-                                       stride_xm, stride_xj, stride_xl, stride_bn, stride_bl,
-                                       BLOCK_M, BLOCK_J, BLOCK_N, BLOCK_L, SINGLE_L,
-                                       DOT_PRECISION).to(a.dtype),
-                         input_precision=DOT_PRECISION)
-        else:
-            acc = tl.zeros((BLOCK_I, BLOCK_M * BLOCK_N), dtype=tl.float32)
-            for j0 in range(0, A2, BLOCK_J):
-                offs_j = j0 + tl.arange(0, BLOCK_J)
-                a_j = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_j[None, :] * stride_aj,
-                              mask=(offs_i[:, None] < A1) & (offs_j[None, :] < A2), other=0.0)
-                t = _x_bt_by_j(x_ptr, b_ptr, pair_m, j0 + pair_j, offs_n, M, A2, B2, B1,
-                               stride_xm, stride_xj, stride_xl, stride_bn, stride_bl,
-                               BLOCK_M, BLOCK_J, BLOCK_N, BLOCK_L, SINGLE_L, DOT_PRECISION)
-                acc = tl.dot(a_j, t.to(a_j.dtype), acc, input_precision=DOT_PRECISION)
-        acc = acc * scale
-        if HAS_BIAS:
-            acc += bias
-        col_m = row_block * BLOCK_M + cols // BLOCK_N
-        tl.store(y_ptr + col_m[None, :].to(tl.int64) * stride_ym + feature,
-                 acc.to(y_ptr.dtype.element_ty), mask=feature_ok & (col_m[None, :] < M))
-
-
-@triton.jit
-def _x_bt_by_j(x_ptr, b_ptr, pair_m, pair_j, offs_n, M, A2, B2, B1,
-               stride_xm, stride_xj, stride_xl, stride_bn, stride_bl,
-               BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_L: tl.constexpr, SINGLE_L: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """X_m B^T for a tile of (m, j) pairs, laid out j x (m, n) for the product with A."""
-    t = rows_times_factor_t(x_ptr, b_ptr, pair_m, pair_j, offs_n, M, A2, B2, B1,
-                            stride_xm, stride_xj, stride_xl, stride_bn, stride_bl,
-                            BLOCK_M * BLOCK_J, BLOCK_N, BLOCK_L, SINGLE_L, DOT_PRECISION)
-    t = tl.reshape(t, (BLOCK_M, BLOCK_J, BLOCK_N))
-    return tl.reshape(tl.permute(t, (1, 0, 2)), (BLOCK_J, BLOCK_M * BLOCK_N))
+    acc = acc * scale
+    cols = tl.arange(0, BLOCK_M * BLOCK_N)
+    col_m = pid_m * BLOCK_M + cols // BLOCK_N
+    col_n = pid_n * BLOCK_N + cols % BLOCK_N
+    feature = offs_i[:, None] * B1 + col_n[None, :]
+    mask = (offs_i[:, None] < A1) & (col_m[None, :] < M) & (col_n[None, :] < B1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + feature, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + col_m[None, :].to(tl.int64) * stride_ym + feature,
+             acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 CONFIGS = [
@@ -114,9 +89,8 @@ _kernel = TunedKernel(kron_rows_kernel, CONFIGS, key=["A1", "A2", "B1", "B2", "H
 def tile_shape(a1: int, a2: int, b1: int, b2: int, precision: str) -> dict:
     """Shape-derived constexprs of ``kron_rows_kernel`` (the configs add BLOCK_M)."""
     hi = 32 if precision == "ieee" else 64  # FMA dots hold fp32 operands in registers
-    tiles = dict(BLOCK_I=block(a1, hi=hi), BLOCK_J=block(a2, hi=hi), BLOCK_N=block(b1, hi=hi),
-                 BLOCK_L=block(b2, hi=hi), DOT_PRECISION=precision)
-    return dict(tiles, SINGLE_J=a2 <= tiles["BLOCK_J"], SINGLE_L=b2 <= tiles["BLOCK_L"])
+    return dict(BLOCK_I=block(a1, hi=hi), BLOCK_J=block(a2, hi=hi), BLOCK_N=block(b1, hi=hi),
+                BLOCK_L=block(b2, hi=hi), DOT_PRECISION=precision)
 
 
 def kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -132,11 +106,10 @@ def kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     if m == 0 or y.numel() == 0:
         return y
     tiles = tile_shape(a1, a2, b1, b2, dot_precision(x.dtype))
-    programs = num_programs_cap(x.device)
 
     def grid(meta):
-        tiles_out = triton.cdiv(b1, meta["BLOCK_N"]) * triton.cdiv(a1, meta["BLOCK_I"])
-        return tiles_out, min(triton.cdiv(m, meta["BLOCK_M"]), programs)
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(b1, meta["BLOCK_N"]),
+                triton.cdiv(a1, meta["BLOCK_I"]))
 
     _kernel[grid](
         x, a, b, bias if bias is not None else y, y,

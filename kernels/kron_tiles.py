@@ -10,33 +10,23 @@ def rows_times_factor_t(
     M, R, Q, N,
     stride_xm, stride_xr, stride_xq,
     stride_fn, stride_fq,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, SINGLE_Q: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """T[k, n] = sum_q X[row_m[k], row_r[k], q] * F[offs_n[n], q], in fp32.
 
     X is a stack of (R, Q) matrices, F is (N, Q). ``row_m``/``row_r`` (length ROWS)
     pick which row of which matrix each tile row is, so a tile may span several
-    matrices; rows and columns out of range read as zero. When Q fits one tile
-    (BLOCK_Q >= Q) there is no loop, so a caller's loop around this stays innermost
-    and Triton can software-pipeline it.
+    matrices; rows and columns out of range read as zero.
     """
     row_ok = (row_m < M) & (row_r < R)
     x_rows = x_ptr + row_m.to(tl.int64) * stride_xm + row_r * stride_xr
-    if SINGLE_Q:
-        offs_q = tl.arange(0, BLOCK_Q)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        offs_q = q0 + tl.arange(0, BLOCK_Q)
         x = tl.load(x_rows[:, None] + offs_q[None, :] * stride_xq,
                     mask=row_ok[:, None] & (offs_q[None, :] < Q), other=0.0)
         f_t = tl.load(f_ptr + offs_q[:, None] * stride_fq + offs_n[None, :] * stride_fn,
                       mask=(offs_q[:, None] < Q) & (offs_n[None, :] < N), other=0.0)
-        acc = tl.dot(x, f_t, input_precision=DOT_PRECISION)
-    else:
-        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        for q0 in range(0, Q, BLOCK_Q):
-            offs_q = q0 + tl.arange(0, BLOCK_Q)
-            x = tl.load(x_rows[:, None] + offs_q[None, :] * stride_xq,
-                        mask=row_ok[:, None] & (offs_q[None, :] < Q), other=0.0)
-            f_t = tl.load(f_ptr + offs_q[:, None] * stride_fq + offs_n[None, :] * stride_fn,
-                          mask=(offs_q[:, None] < Q) & (offs_n[None, :] < N), other=0.0)
-            acc = tl.dot(x, f_t, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(x, f_t, acc, input_precision=DOT_PRECISION)
     return acc

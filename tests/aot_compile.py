@@ -48,8 +48,7 @@ def kernel_cases() -> dict:
         for name, module, constexprs in launches:
             for config in module._kernel.viable_configs(constexprs, ELEMENT_BYTES[element]):
                 index = module.CONFIGS.index(config)
-                blocks = "-".join(f"{k}{int(v)}" for k, v in constexprs.items()
-                                  if k.startswith(("BLOCK", "SINGLE")))
+                blocks = "-".join(f"{k}{v}" for k, v in constexprs.items() if k.startswith("BLOCK"))
                 cases[f"{name}-{blocks}-cfg{index}-{element}-{precision}"] = \
                     (name, constexprs, index, element)
     return cases
