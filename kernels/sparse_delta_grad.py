@@ -1,0 +1,115 @@
+"""Gradient of an S²FT delta: G = d[:, I]ᵀ x[:, J] over all M rows, reduced deterministically.
+
+  rows mode  dΔ = dY[:, R]ᵀ X        (I = R gathered from dY, J = all of X)
+  cols mode  dΔ = dYᵀ X[:, C]        (J = C, or all columns of an already gathered X[:, C])
+The gathers are indexed loads inside the GEMM. Each program walks a fixed, strided set of
+row blocks and writes one fp32 partial; the partials are summed in a fixed order, so the
+result does not depend on scheduling (no atomics).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .tuning import TunedKernel, dot_precision, live_words, num_programs_cap
+
+
+@triton.jit
+def sparse_delta_grad_kernel(
+    d_ptr, x_ptr, partial_ptr, d_idx_ptr, x_idx_ptr,
+    M, P, Q, d_start, x_start,
+    stride_dm, stride_dp,
+    stride_xm, stride_xq,
+    stride_pg, stride_pp,
+    GATHER_D: tl.constexpr, GATHER_X: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """d: (M, *) with P columns read at I; x: (M, *) with Q columns at J; partial: (G, P, Q) fp32.
+
+    I[p] = d_idx[p] when GATHER_D else d_start + p; J[q] likewise. Any strides.
+    Grid: (G, cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q)); program g sums row blocks g, g+G, ...
+    """
+    pid_g = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_q = tl.program_id(2)
+    num_groups = tl.num_programs(0)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_ok = offs_p < P
+    q_ok = offs_q < Q
+    if GATHER_D:
+        d_cols = tl.load(d_idx_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)
+    else:
+        d_cols = (d_start + offs_p).to(tl.int64)
+    if GATHER_X:
+        x_cols = tl.load(x_idx_ptr + offs_q, mask=q_ok, other=0).to(tl.int64)
+    else:
+        x_cols = (x_start + offs_q).to(tl.int64)
+    d_base = d_ptr + d_cols[:, None] * stride_dp
+    x_base = x_ptr + x_cols[None, :] * stride_xq
+
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for row_block in range(pid_g, tl.cdiv(M, BLOCK_M), num_groups):
+        offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        rows = offs_m.to(tl.int64)
+        d_t = tl.load(d_base + rows[None, :] * stride_dm, mask=p_ok[:, None] & m_ok[None, :],
+                      other=0.0)
+        x = tl.load(x_base + rows[:, None] * stride_xm, mask=m_ok[:, None] & q_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(d_t, x, acc, input_precision=DOT_PRECISION)
+
+    tl.store(partial_ptr + pid_g * stride_pg + offs_p[:, None] * stride_pp + offs_q[None, :],
+             acc, mask=p_ok[:, None] & q_ok[None, :])
+
+
+CONFIGS = [
+    triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_M": m}, num_warps=w, num_stages=s)
+    for p, q, m, w, s in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+                          (128, 128, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 64, 4, 3),
+                          (32, 32, 32, 4, 2)]
+]
+
+
+def footprint(config, constexprs, element_bytes) -> int:
+    """Words live per program: the gradient tile; the dY and x tiles."""
+    p, q, m = (config.kwargs[b] for b in ("BLOCK_P", "BLOCK_Q", "BLOCK_M"))
+    return live_words(p * q, (p + q) * m, element_bytes, constexprs["DOT_PRECISION"])
+
+
+_kernel = TunedKernel(sparse_delta_grad_kernel, CONFIGS, key=["P", "Q", "GATHER_D", "GATHER_X"],
+                      footprint=footprint)
+
+# Partial sums per program group: enough groups to fill the GPU, at most this many rows each.
+ROWS_PER_GROUP = 256
+
+
+def sparse_delta_grad(d: torch.Tensor, x: torch.Tensor, d_cols, p: int, x_cols, q: int
+                      ) -> torch.Tensor:
+    """d[:, d_cols].T @ x[:, x_cols] in fp32, summed over the M rows in a fixed order.
+
+    d: (M, *), x: (M, *), one dtype, any strides. d_cols: an int64 (p,) index tensor or the
+    int start of p contiguous columns; x_cols: a (q,) tensor or the start of q columns.
+    Returns a new (p, q) fp32 tensor.
+    """
+    m = d.shape[0]
+    tiles = triton.cdiv(p, 64) * triton.cdiv(q, 64)
+    cap = num_programs_cap(d.device)
+    groups = max(1, min(triton.cdiv(m, ROWS_PER_GROUP), triton.cdiv(cap, tiles)))
+    if m == 0 or p * q == 0:
+        return torch.zeros((p, q), device=d.device, dtype=torch.float32)
+    partial = torch.empty((groups, p, q), device=d.device, dtype=torch.float32)
+    d_idx, d_start = (d_cols, 0) if isinstance(d_cols, torch.Tensor) else (None, int(d_cols))
+    x_idx, x_start = (x_cols, 0) if isinstance(x_cols, torch.Tensor) else (None, int(x_cols))
+    constexprs = dict(GATHER_D=d_idx is not None, GATHER_X=x_idx is not None,
+                      DOT_PRECISION=dot_precision(d.dtype))
+
+    def grid(meta):
+        return (groups, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(q, meta["BLOCK_Q"]))
+
+    _kernel[grid](
+        d, x, partial, d_idx if d_idx is not None else partial,
+        x_idx if x_idx is not None else partial,
+        m, p, q, d_start, x_start,
+        *d.stride(), *x.stride(), partial.stride(0), partial.stride(1),
+        **constexprs)
+    return partial.sum(0)

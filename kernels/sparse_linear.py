@@ -1,0 +1,115 @@
+"""Gathered GEMM with an indexed scatter-add: out[:, J] += a[:, I] @ b.T, in place.
+
+The S²FT products, all through one kernel (I: columns of a read, J: columns of out written;
+each is a sorted, unique index tensor or a contiguous range given by its start):
+  rows forward  y[:, R] += x Δᵀ          (Δ: (|R|, in))
+  cols forward  y += x[:, C] Δᵀ          (Δ: (out, |C|))
+  rows dX       dX += dY[:, R] Δ         (b = Δᵀ, a strided view)
+  cols dX       dX[:, C] += dY Δ         (b = Δᵀ)
+The gather and the scatter are indexed loads and stores inside the GEMM: no index_select
+copy of a or out is made. Indices are unique, so programs never write the same element.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .tuning import TunedKernel, dot_precision, live_words
+
+
+@triton.jit
+def sparse_matmul_add_kernel(
+    a_ptr, b_ptr, out_ptr, a_idx_ptr, out_idx_ptr,
+    M, N, K, a_start, out_start,
+    stride_am, stride_ak,
+    stride_bn, stride_bk,
+    stride_om, stride_on,
+    GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """a: (M, *) with K columns read at I; b: (N, K); out: (M, *) with N columns at J.
+
+    I[k] = a_idx[k] when GATHER_A else a_start + k; J[n] likewise. Any strides.
+    Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)). fp32 accumulation.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        if GATHER_A:
+            cols = tl.load(a_idx_ptr + offs_k, mask=k_ok, other=0)
+        else:
+            cols = a_start + offs_k
+        a = tl.load(a_rows + cols.to(tl.int64)[None, :] * stride_ak,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b_t = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b_t, acc, input_precision=DOT_PRECISION)
+
+    if SCATTER_OUT:
+        out_cols = tl.load(out_idx_ptr + offs_n, mask=n_ok, other=0)
+    else:
+        out_cols = out_start + offs_n
+    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + \
+        out_cols.to(tl.int64)[None, :] * stride_on
+    mask = m_ok[:, None] & n_ok[None, :]
+    acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+    for m, n, k, w, s in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+                          (128, 128, 32, 8, 3), (64, 64, 32, 8, 3), (128, 128, 64, 8, 3),
+                          (32, 32, 32, 4, 2)]
+]
+
+
+def footprint(config, constexprs, element_bytes) -> int:
+    """Words live per program: the output tile; the a and b tiles."""
+    m, n, k = (config.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return live_words(m * n, (m + n) * k, element_bytes, constexprs["DOT_PRECISION"])
+
+
+_kernel = TunedKernel(sparse_matmul_add_kernel, CONFIGS,
+                      key=["N", "K", "GATHER_A", "SCATTER_OUT"], footprint=footprint)
+
+
+def _index(cols):
+    """(index tensor or None, start) for a gather/scatter given as a tensor or an int start."""
+    return (cols, 0) if isinstance(cols, torch.Tensor) else (None, int(cols))
+
+
+def sparse_matmul_add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                      a_cols, out_cols) -> torch.Tensor:
+    """out[:, out_cols] += a[:, a_cols] @ b.T in place; returns out.
+
+    out: (M, *), a: (M, *), b: (N, K), all one dtype and any strides. a_cols: an int64
+    (K,) index tensor or the int start of a contiguous range of K columns; out_cols: an
+    (N,) index tensor or the start of N columns. Indices must be unique and in range.
+    """
+    m = out.shape[0]
+    n, k = b.shape
+    if m == 0 or n == 0:
+        return out
+    a_idx, a_start = _index(a_cols)
+    out_idx, out_start = _index(out_cols)
+    constexprs = dict(GATHER_A=a_idx is not None, SCATTER_OUT=out_idx is not None,
+                      DOT_PRECISION=dot_precision(a.dtype))
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+
+    _kernel[grid](
+        a, b, out, a_idx if a_idx is not None else out, out_idx if out_idx is not None else out,
+        m, n, k, a_start, out_start,
+        *a.stride(), *b.stride(), *out.stride(),
+        **constexprs)
+    return out
