@@ -1,0 +1,105 @@
+"""``S2FTLinear``: a structured-sparse (S²FT) adapter over a frozen nn.Linear."""
+import torch
+from torch import nn
+
+from .sparse_functional import check_index, sparse_linear
+
+
+class S2FTLinear(nn.Module):
+    """Train only rows R (output features) or columns C (input features) of a frozen Linear.
+
+    x: (..., in_features) -> (..., out_features).  y = x W'ᵀ + b, W' = W with Δ added into
+    the selection: rows mode Δ is (|R|, in), cols mode (out, |C|); Δ starts at zero, so a
+    fresh adapter changes nothing. ``rows``/``cols`` (exactly one): a sorted, unique int64
+    tensor, or a slice/range for a contiguous block (kept as a range: no index loads).
+    Δ is kept in ``delta_dtype`` and cast to the base weight's dtype in forward.
+    ``merge()`` adds Δ into base.weight (forward then runs the base alone); ``unmerge()``
+    takes it out again (exact when Δ is representable in the weight's dtype). The base
+    never gets a gradient; only ``delta`` is trainable.
+    """
+
+    def __init__(self, base: nn.Linear, *, rows=None, cols=None,
+                 delta_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if (rows is None) == (cols is None):
+            raise ValueError("exactly one of rows and cols must be given")
+        if not isinstance(delta_dtype, torch.dtype) or not delta_dtype.is_floating_point:
+            raise TypeError(f"delta_dtype must be a floating-point torch.dtype, got {delta_dtype!r}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.mode = "cols" if cols is not None else "rows"
+        size = base.in_features if cols is not None else base.out_features
+        index, self.start, count = check_index(self.mode, cols if cols is not None else rows,
+                                               size, base.weight.device)
+        self.register_buffer("index", index.clone() if index is not None else None)
+        shape = (base.out_features, count) if cols is not None else (count, base.in_features)
+        self.delta = nn.Parameter(torch.zeros(shape, device=base.weight.device, dtype=delta_dtype))
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def selection(self):
+        """The selection as ``sparse_linear`` takes it: the index tensor or a range."""
+        if self.index is not None:
+            return self.index
+        count = self.delta.shape[1] if self.mode == "cols" else self.delta.shape[0]
+        return range(self.start, self.start + count)
+
+    def indices(self) -> torch.Tensor:
+        """The selected rows or columns as an int64 tensor (also for a contiguous range)."""
+        sel = self.selection()
+        return sel if isinstance(sel, torch.Tensor) else \
+            torch.arange(sel.start, sel.stop, device=self.delta.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        w = self.base.weight
+        return sparse_linear(x, w, self.delta.to(w.dtype), bias=self.base.bias,
+                             **{self.mode: self.selection()})
+
+    def _weight_part(self) -> torch.Tensor:
+        """The (view or index) of base.weight that Δ covers, for in-place updates."""
+        w = self.base.weight
+        sel = self.selection()
+        if isinstance(sel, range):
+            return w[:, sel.start:sel.stop] if self.mode == "cols" else w[sel.start:sel.stop]
+        return None
+
+    @torch.no_grad()
+    def _add(self, sign: float) -> None:
+        w = self.base.weight
+        value = (sign * self.delta).to(w.dtype)
+        part = self._weight_part()
+        if part is not None:
+            part += value
+        else:
+            w.index_add_(1 if self.mode == "cols" else 0, self.index, value)
+
+    def merge(self) -> None:
+        """Add Δ into the selected rows/columns of base.weight."""
+        if self.merged:
+            raise RuntimeError("S2FTLinear is already merged; unmerge() first")
+        self._add(1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract the merged Δ from base.weight again."""
+        if not self.merged:
+            raise RuntimeError("S2FTLinear is not merged")
+        self._add(-1.0)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.mode}={self.delta.shape[1 if self.mode == 'cols' else 0]}, "
+                f"contiguous={self.index is None}, merged={self.merged}")

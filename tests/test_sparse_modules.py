@@ -1,0 +1,105 @@
+"""S2FTLinear: zero start, training only the selection, merge/unmerge, bad input."""
+import pytest
+import torch
+from conftest import assert_close
+from torch import nn
+
+from kronops.sparse_modules import S2FTLinear
+from kronops.sparse_reference import sparse_linear_reference
+
+SELECTIONS = [("rows", torch.tensor([0, 3, 4, 10])), ("rows", slice(2, 7)),
+              ("cols", torch.tensor([1, 5, 8])), ("cols", range(0, 4))]
+
+
+@pytest.mark.parametrize("mode,sel", SELECTIONS)
+def test_fresh_adapter_is_the_base(mode, sel):
+    base = nn.Linear(9, 11)
+    layer = S2FTLinear(base, **{mode: sel})
+    x = torch.randn(2, 5, 9)
+    assert torch.equal(layer(x), base(x))
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["delta"]
+
+
+@pytest.mark.parametrize("mode,sel", SELECTIONS)
+def test_forward_backward_match_reference(mode, sel):
+    layer = S2FTLinear(nn.Linear(9, 11), **{mode: sel})
+    with torch.no_grad():
+        layer.delta.normal_()
+    x = torch.randn(3, 4, 9, requires_grad=True)
+    y = layer(x)
+    xr, dr = x.detach().double().requires_grad_(), layer.delta.detach().double().requires_grad_()
+    ref = sparse_linear_reference(xr, layer.base.weight.double(), dr,
+                                  bias=layer.base.bias.double(), **{mode: sel})
+    assert_close(y, ref, torch.float32, "forward")
+    g = torch.randn_like(ref)
+    y.backward(g.float())
+    ref.backward(g)
+    assert_close(layer.delta.grad, dr.grad, torch.float32, "grad delta")
+    assert_close(x.grad, xr.grad, torch.float32, "grad x")
+    assert layer.base.weight.grad is None and layer.base.bias.grad is None
+
+
+@pytest.mark.parametrize("mode,sel", SELECTIONS)
+def test_merge_unmerge(mode, sel):
+    layer = S2FTLinear(nn.Linear(9, 11), **{mode: sel})
+    with torch.no_grad():
+        layer.delta.normal_()
+    original = layer.base.weight.clone()
+    x = torch.randn(6, 9)
+    before = layer(x)
+    layer.merge()
+    assert layer.merged
+    assert_close(layer(x), before, torch.float32, "merged forward")
+    changed = (layer.base.weight != original)
+    expected = torch.zeros_like(changed)
+    idx = layer.indices()
+    if mode == "rows":
+        expected[idx] = True
+    else:
+        expected[:, idx] = True
+    assert not changed[~expected].any()
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    assert not layer.merged
+    assert_close(layer.base.weight, original, torch.float32, "unmerged weight")
+    assert_close(layer(x), before, torch.float32, "unmerged forward")  # fp32 rounding of W+Δ-Δ
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+def test_low_precision_base_keeps_fp32_delta():
+    base = nn.Linear(8, 6).to(torch.float16)
+    layer = S2FTLinear(base, rows=torch.tensor([1, 4]))
+    assert layer.delta.dtype == torch.float32
+    y = layer(torch.randn(3, 8, dtype=torch.float16))
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    assert layer.delta.grad.dtype == torch.float32 and layer.delta.grad.shape == (2, 8)
+
+
+def test_state_dict_round_trip():
+    layer = S2FTLinear(nn.Linear(5, 7), cols=torch.tensor([0, 2]))
+    with torch.no_grad():
+        layer.delta.normal_()
+    other = S2FTLinear(nn.Linear(5, 7), cols=torch.tensor([1, 3]))
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.index, layer.index) and torch.equal(other.delta, layer.delta)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(rows=torch.tensor([0, 1]), cols=torch.tensor([0])), ValueError, "exactly one"),
+    (dict(), ValueError, "exactly one"),
+    (dict(rows=torch.tensor([3, 1])), ValueError, "rows must be sorted"),
+    (dict(cols=torch.tensor([0, 5])), ValueError, r"cols must lie in \[0, 5\)"),
+    (dict(rows=torch.tensor([0.5])), TypeError, "rows must have dtype torch.int64"),
+    (dict(rows=slice(0, 2), delta_dtype=torch.int32), TypeError, "delta_dtype"),
+])
+def test_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        S2FTLinear(nn.Linear(5, 7), **kwargs)
+
+
+def test_base_must_be_linear():
+    with pytest.raises(TypeError, match="base must be an nn.Linear"):
+        S2FTLinear(nn.Conv1d(2, 2, 1), rows=slice(0, 1))
