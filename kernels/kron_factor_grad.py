@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kron_tiles import rows_times_factor_t
+from .kron_tiles import ROW_BLOCK_CONFIGS, rows_times_factor_t
 from .tuning import TunedKernel, block, dot_precision, live_words, num_programs_cap
 
 
@@ -64,11 +64,7 @@ def kron_factor_grad_kernel(
              acc, mask=(offs_p[:, None] < P) & (offs_r[None, :] < R))
 
 
-CONFIGS = [
-    triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
-    for m, w, s in [(1, 4, 2), (1, 8, 2), (2, 4, 3), (2, 8, 3), (4, 4, 3), (4, 8, 3), (8, 8, 2),
-                    (16, 8, 2)]
-]
+CONFIGS = ROW_BLOCK_CONFIGS
 
 
 def footprint(config, tiles, element_bytes) -> int:

@@ -1,6 +1,15 @@
-"""Tile helper shared by the Kronecker kernels: one factor applied to many row-matrices."""
+"""What the Kronecker kernels share: their tuning configs and one factor applied to many
+row-matrices."""
 import triton
 import triton.language as tl
+
+# Rows per program (BLOCK_M) x warps x pipeline stages; the register budget prunes them
+# per launch (kernels.tuning.TunedKernel).
+ROW_BLOCK_CONFIGS = [
+    triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
+    for m, w, s in [(1, 4, 2), (1, 8, 2), (2, 4, 3), (2, 8, 3), (4, 4, 3), (4, 8, 3), (8, 8, 2),
+                    (16, 8, 2)]
+]
 
 
 @triton.jit
