@@ -16,18 +16,23 @@ KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU els
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in fp64; NaN anywhere gives inf (never passes)."""
+def rel_err(out: torch.Tensor, ref: torch.Tensor, magnitude: float | None = None) -> float:
+    """||out - ref|| / ||ref|| in fp64; NaN anywhere gives inf (never passes).
+
+    ``magnitude`` replaces ||ref|| where terms of the result may cancel (a sum of a
+    product and a bias), to measure the error against the size of the terms.
+    """
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     assert out.shape == ref.shape, (out.shape, ref.shape)
     if torch.isnan(out).any() or torch.isinf(out).any():
         return float("inf")
-    denom = ref.norm().item()
+    denom = ref.norm().item() if magnitude is None else magnitude
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    err = rel_err(out, ref)
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "",
+                 magnitude: float | None = None) -> None:
+    err = rel_err(out, ref, magnitude)
     assert err <= TOLERANCE[dtype], f"{what} relative error {err:.3e} > {TOLERANCE[dtype]:.0e} ({dtype})"
 
 
