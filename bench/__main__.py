@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from .cases import default_cases
+from .suite import default_cases
 from .report import environment, plot, table, write_json
 from .runner import run_case
 from .timing import copy_bandwidth, gemm_rate

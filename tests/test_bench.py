@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from bench import __main__ as bench_main
-from bench.cases import Provider, build_case, kron_linear_cases
+from bench.cases import Provider, build_case
+from bench.kron_cases import kron_linear_cases
 from bench.report import table, write_json
 from bench.runner import run_case
 

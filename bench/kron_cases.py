@@ -1,0 +1,93 @@
+"""Benchmark cases of the Kronecker ops: kron_linear, kron_matmul and the KronALinear step."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kronops
+from kronops.factor_shapes import factor_shapes
+from kronops.kron_reference import kron_linear_reference, kron_matmul_reference, kron_rows_composite
+
+from .cases import MODES, Provider, build_case, element_bytes, input_sets
+
+
+def kron_flops(rows, a1, a2, b1, b2):
+    """Flops of the fused product for ``rows`` rows: X B^T, then A (that)."""
+    return 2 * rows * b1 * a2 * (b2 + a1)
+
+
+def kron_linear_cases(rows, in_features, out_features, dtype, device, modes=MODES):
+    """kron_linear at factors near the square roots: kronops, composite, materialised."""
+    (a1, a2), (b1, b2) = factor_shapes(in_features, out_features)
+    shape = f"{rows}x{in_features}->{out_features} A{a1}x{a2} B{b1}x{b2}"
+    elt = element_bytes(dtype)
+    sets = input_sets([(rows, in_features), (a1, a2), (b1, b2)], dtype, device, True)
+    providers = {
+        "kronops": Provider(kronops.kron_linear),
+        "composite": Provider(lambda x, a, b: kron_rows_composite(
+            x.view(-1, a2, b2), a, b).view(-1, out_features)),
+        "naive (torch.kron)": Provider(kron_linear_reference),
+    }
+    io_bytes = rows * (in_features + out_features) * elt
+    for mode in modes:
+        yield build_case("kron_linear", mode, shape, rows * in_features, io_bytes,
+                         kron_flops(rows, a1, a2, b1, b2), providers, kron_linear_reference,
+                         sets[0], sets)
+
+
+def kron_matmul_cases(rows, factor_shapes_, dtype, device, modes=MODES):
+    """kron_matmul with N factors: kronops vs the materialised Kronecker product."""
+    k = math.prod(q for _, q in factor_shapes_)
+    n = math.prod(p for p, _ in factor_shapes_)
+    shape = f"{rows}x{k}->{n} " + "(x)".join(f"{p}x{q}" for p, q in factor_shapes_)
+    elt = element_bytes(dtype)
+    sets = input_sets([(rows, k), *factor_shapes_], dtype, device, True)
+    providers = {
+        "kronops": Provider(lambda x, *f: kronops.kron_matmul(x, f)),
+        "naive (torch.kron)": Provider(lambda x, *f: kron_matmul_reference(x, f)),
+    }
+    # One mode at a time: each pass reads and writes the intermediate.
+    flops, width = 0, k
+    for p, q in factor_shapes_:
+        flops += 2 * rows * (width // q) * p * q
+        width = width // q * p
+    for mode in modes:
+        yield build_case(f"kron_matmul[{len(factor_shapes_)}]", mode, shape, rows * k,
+                         rows * (k + n) * elt, flops, providers,
+                         lambda x, *f: kron_matmul_reference(x, f), sets[0], sets)
+
+
+def krona_layer_cases(rows, in_features, out_features, dtype, device, modes=("forward+backward",)):
+    """A KronALinear training step vs the same adapter materialised (as PEFT LoKr runs it)
+    and vs the frozen base nn.Linear alone (the floor the adapter adds to)."""
+    base = nn.Linear(in_features, out_features, device=device, dtype=dtype).requires_grad_(False)
+    layer = kronops.KronALinear(base)
+    nn.init.normal_(layer.b, std=0.02)
+    (a1, a2), (b1, b2) = layer.a.shape, layer.b.shape
+    shape = f"{rows}x{in_features}->{out_features} A{a1}x{a2} B{b1}x{b2}"
+    elt = element_bytes(dtype)
+    sets = input_sets([(rows, in_features)], dtype, device, True)
+    params = [layer.a, layer.b]
+
+    def materialised(x):
+        return base(x) + F.linear(x, layer.scale * torch.kron(layer.a, layer.b))
+
+    w, bias = base.weight.detach(), base.bias.detach()
+
+    def reference(x, a, b):
+        return F.linear(x, w.double(), bias.double()) + layer.scale * kron_linear_reference(x, a, b)
+
+    providers = {
+        "kronops": Provider(layer, params),
+        "naive (torch.kron)": Provider(materialised, params),
+        "nn.Linear (base only)": Provider(base),
+    }
+    # The frozen base needs two GEMMs (forward and dX), the adapter three passes.
+    gemm, kron = 2 * rows * in_features * out_features, kron_flops(rows, a1, a2, b1, b2)
+    io = (rows * (in_features + out_features) + in_features * out_features) * elt
+    work = {"backward": (2 * io, gemm + 2 * kron), "forward+backward": (3 * io, 2 * gemm + 3 * kron)}
+    for mode in modes:
+        yield build_case("KronALinear", mode, shape, rows * in_features, io, gemm + kron,
+                         providers, reference, [sets[0][0], *params], sets,
+                         unchecked={"nn.Linear (base only)"}, work=work)

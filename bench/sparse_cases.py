@@ -1,0 +1,59 @@
+"""Benchmark cases of the S²FT op: sparse_linear in rows and cols mode.
+
+Providers: kronops; "composite", the same update written in plain PyTorch autograd
+(a dense GEMM plus an indexed add, saving all of x); and "naive", full fine-tuning of
+the layer whose dense weight gradient is then masked (materialises W' and dW).
+"""
+import torch
+import torch.nn.functional as F
+
+from kronops.sparse_functional import sparse_linear
+from kronops.sparse_reference import sparse_linear_reference
+
+from .cases import MODES, Provider, build_case, element_bytes, input_sets
+
+
+def _selection(size: int, fraction: float, device) -> torch.Tensor:
+    count = max(1, round(size * fraction))
+    return torch.randperm(size, device=device)[:count].sort().values
+
+
+def sparse_linear_cases(rows, in_features, out_features, fraction, mode_name, dtype, device,
+                        modes=MODES):
+    """sparse_linear with a random selection of ``fraction`` of the rows (or columns)."""
+    weight = torch.randn(out_features, in_features, device=device, dtype=dtype) / in_features ** 0.5
+    bias = torch.randn(out_features, device=device, dtype=dtype)
+    cols = mode_name == "cols"
+    sel = _selection(in_features if cols else out_features, fraction, device)
+    delta_shape = (out_features, sel.numel()) if cols else (sel.numel(), in_features)
+    sets = input_sets([(rows, in_features), delta_shape], dtype, device, True)
+    select = {"cols": sel} if cols else {"rows": sel}
+
+    def composite(x, delta):
+        y = F.linear(x, weight, bias)
+        if cols:
+            return y + x[:, sel] @ delta.mT
+        return y.index_add(1, sel, x @ delta.mT)
+
+    def naive(x, delta):
+        return sparse_linear_reference(x, weight, delta, bias=bias, **select)
+
+    def reference(x, delta):  # fp64 inputs
+        return sparse_linear_reference(x, weight.double(), delta, bias=bias.double(), **select)
+
+    providers = {
+        "kronops": Provider(lambda x, delta: sparse_linear(x, weight, delta, bias=bias, **select)),
+        "composite": Provider(composite),
+        "naive (full FT, masked)": Provider(naive),
+    }
+    shape = (f"{rows}x{in_features}->{out_features} {mode_name} "
+             f"{sel.numel()}/{in_features if cols else out_features}")
+    elt = element_bytes(dtype)
+    io = (rows * (in_features + out_features) + in_features * out_features) * elt
+    gemm, small = 2 * rows * in_features * out_features, 2 * rows * delta_shape[0] * delta_shape[1]
+    # Forward: one GEMM; backward: the dX GEMM plus the small dΔ and dX terms (no dW).
+    work = {"forward": (io, gemm + small), "backward": (io, gemm + 2 * small),
+            "forward+backward": (2 * io, 2 * gemm + 3 * small)}
+    for mode in modes:
+        yield build_case(f"sparse_linear[{mode_name}]", mode, shape, rows * in_features, io,
+                         gemm + small, providers, reference, sets[0], sets, work=work)
