@@ -1,4 +1,4 @@
-"""``S2FTLinear``: a structured-sparse (S²FT) adapter over a frozen nn.Linear."""
+"""S²FT layers over a frozen nn.Linear: ``S2FTLinear`` (adapter Δ) and ``S2FTInPlaceLinear``."""
 import torch
 from torch import nn
 
@@ -26,7 +26,8 @@ class S2FTLinear(nn.Module):
         if (rows is None) == (cols is None):
             raise ValueError("exactly one of rows and cols must be given")
         if not isinstance(delta_dtype, torch.dtype) or not delta_dtype.is_floating_point:
-            raise TypeError(f"delta_dtype must be a floating-point torch.dtype, got {delta_dtype!r}")
+            raise TypeError(f"delta_dtype must be a floating-point torch.dtype, "
+                            f"got {delta_dtype!r}")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -103,3 +104,44 @@ class S2FTLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{self.mode}={self.delta.shape[1 if self.mode == 'cols' else 0]}, "
                 f"contiguous={self.index is None}, merged={self.merged}")
+
+
+class S2FTInPlaceLinear(S2FTLinear):
+    """Train rows R or columns C of a Linear's own weight, updated in place (no adapter Δ).
+
+    ``selected`` stands in for the trained submatrix ((|R|, in) or (out, |C|)): always zero,
+    stored as one expanded scalar (no memory), so forward computes base(x) and backward
+    gives ``selected.grad`` = the compact gradient of W[R] (or W[:, C]); no full-size
+    weight.grad is made. ``kronops.s2ft.InPlaceAdamW``/``InPlaceSGD`` apply it to
+    base.weight in place. Ordinary optimizers cannot update ``selected`` (it is expanded).
+    """
+
+    def __init__(self, base: nn.Linear, *, rows=None, cols=None):
+        super().__init__(base, rows=rows, cols=cols, delta_dtype=base.weight.dtype)
+        shape = self.delta.shape
+        del self.delta
+        zero = torch.zeros((), device=base.weight.device, dtype=base.weight.dtype)
+        self.selected = nn.Parameter(zero.expand(shape))
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.selected
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_linear(x, self.base.weight, self.selected, bias=self.base.bias,
+                             **{self.mode: self.selection()})
+
+    def weight_part(self) -> torch.Tensor:
+        """A copy of the trained submatrix of base.weight ((|R|, in) or (out, |C|))."""
+        sel = self.indices()
+        return self.base.weight.detach().index_select(1 if self.mode == "cols" else 0, sel)
+
+    def merge(self) -> None:
+        raise RuntimeError("S2FTInPlaceLinear trains the weight in place: nothing to merge")
+
+    unmerge = merge
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.mode}={self.selected.shape[1 if self.mode == 'cols' else 0]}, "
+                f"contiguous={self.index is None}, inplace=True")

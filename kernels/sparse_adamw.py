@@ -1,0 +1,95 @@
+"""Fused AdamW on the selected rows or columns of a weight, in place.
+
+For the submatrix S = W[R] (rows) or W[:, C] (cols) of shape (P, Q), with its gradient G
+and fp32 moments m, v of S's shape, one pass updates (torch.optim.AdamW's arithmetic):
+  S *= 1 - lr*wd;  m = b1 m + (1-b1) G;  v = b2 v + (1-b2) G²;
+  S -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
+The rows/columns of W are reached by indexed loads and stores: no copy of S or W.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .tuning import TunedKernel, live_words
+
+
+@triton.jit
+def sparse_adamw_kernel(
+    w_ptr, g_ptr, m_ptr, v_ptr, idx_ptr,
+    P, Q, start,
+    stride_wr, stride_wc,
+    stride_gp, stride_gq,
+    lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt,
+    COLS: tl.constexpr, GATHER: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """w: (out, in) any strides; g: (P, Q) any strides; m, v: (P, Q) contiguous fp32.
+
+    Element (p, q) of S is w[I[p], q] (rows) or w[p, I[q]] (COLS), I[k] = idx[k] when
+    GATHER else start + k. Grid: (cdiv(P*Q, BLOCK),).
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < P * Q
+    p = offs // Q
+    q = offs % Q
+    if COLS:
+        sel = q
+    else:
+        sel = p
+    if GATHER:
+        sel = tl.load(idx_ptr + sel, mask=ok, other=0)
+    else:
+        sel = start + sel
+    if COLS:
+        w_ptrs = w_ptr + p * stride_wr + sel * stride_wc
+    else:
+        w_ptrs = w_ptr + sel * stride_wr + q * stride_wc
+    w = tl.load(w_ptrs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + p * stride_gp + q * stride_gq, mask=ok, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=ok, other=0.0)
+    v = tl.load(v_ptr + offs, mask=ok, other=0.0)
+    w = w * (1.0 - lr * weight_decay)
+    m = m + (1.0 - beta1) * (g - m)
+    v = v * beta2 + (1.0 - beta2) * g * g
+    w = w - step_size * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
+    tl.store(m_ptr + offs, m, mask=ok)
+    tl.store(v_ptr + offs, v, mask=ok)
+    tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=ok)
+
+
+CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in [(1024, 4), (2048, 8), (512, 4)]]
+
+
+def footprint(config, constexprs, element_bytes) -> int:
+    """Words live per program: w, g, m, v and their addresses, per element."""
+    return live_words(6 * config.kwargs["BLOCK"], 0, element_bytes, "tf32")
+
+
+_kernel = TunedKernel(sparse_adamw_kernel, CONFIGS, key=["P", "Q", "COLS", "GATHER"],
+                      footprint=footprint)
+
+
+def sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                 exp_avg_sq: torch.Tensor, selection, cols: bool, *, lr: float, beta1: float,
+                 beta2: float, eps: float, weight_decay: float, step: int) -> None:
+    """One AdamW step on weight[selection] (rows) or weight[:, selection] (cols), in place.
+
+    weight: (out, in); grad: (P, Q), the submatrix's gradient, any strides; exp_avg and
+    exp_avg_sq: contiguous fp32 (P, Q), updated in place. selection: an int64 index
+    tensor or the int start of a contiguous range. step: the step number, from 1.
+    """
+    p, q = grad.shape
+    if p * q == 0:
+        return
+    idx, start = (selection, 0) if isinstance(selection, torch.Tensor) else (None, int(selection))
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+
+    def grid(meta):
+        return (triton.cdiv(p * q, meta["BLOCK"]),)
+
+    _kernel[grid](
+        weight, grad, exp_avg, exp_avg_sq, idx if idx is not None else exp_avg,
+        p, q, start, *weight.stride(), *grad.stride(),
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+        float(lr / bias_correction1), float(bias_correction2 ** 0.5),
+        COLS=cols, GATHER=idx is not None)

@@ -1,0 +1,44 @@
+"""The fused in-place AdamW kernel on selected rows/columns vs torch.optim.AdamW on the submatrix."""
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, assert_close
+
+from kronops.kernels.sparse_adamw import sparse_adamw
+
+
+@pytest.mark.parametrize("cols", [False, True])
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,count", [((37, 29), 5), ((130, 67), 64), ((3, 1100), 2)])
+def test_matches_torch_adamw(cols, gather, dtype, shape, count):
+    dim = 1 if cols else 0
+    kw = dict(device=KERNEL_DEVICE)
+    weight = torch.randn(shape[1], shape[0], dtype=dtype, **kw).T  # non-contiguous (out, in)
+    if gather:
+        sel = torch.randperm(shape[dim], **kw)[:count].sort().values
+        index = sel
+    else:
+        sel = int(torch.randint(0, shape[dim] - count + 1, ()))
+        index = torch.arange(sel, sel + count, **kw)
+    original = weight.clone()
+    part = weight.index_select(dim, index).float().clone().requires_grad_()
+    reference = torch.optim.AdamW([part], lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    m = torch.zeros(part.shape, **kw)
+    v = torch.zeros(part.shape, **kw)
+    for step in range(1, 4):
+        grad = torch.randn(part.shape, dtype=dtype, **kw)
+        part.grad = grad.float()
+        reference.step()
+        sparse_adamw(weight, grad, m, v, sel, cols, lr=0.01, beta1=0.8, beta2=0.95, eps=1e-6,
+                     weight_decay=0.1, step=step)
+        if dtype == torch.float16:  # the weight is stored in fp16 each step: follow it
+            with torch.no_grad():
+                part.copy_(part.half().float())
+    state = reference.state[part]
+    assert_close(weight.index_select(dim, index), part, dtype, "weight")
+    assert_close(m, state["exp_avg"], torch.float32, "exp_avg")
+    assert_close(v, state["exp_avg_sq"], torch.float32, "exp_avg_sq")
+    rest = torch.ones(shape[dim], dtype=torch.bool, device=weight.device)
+    rest[index] = False
+    assert torch.equal(weight.index_select(dim, rest.nonzero().flatten()),
+                       original.index_select(dim, rest.nonzero().flatten()))
