@@ -1,0 +1,132 @@
+"""Optimizers for S²FT's in-place mode: update only the selected rows/columns of each weight.
+
+They act on ``S2FTInPlaceLinear`` layers (made by ``apply(..., mode="inplace")``): the
+gradient is the compact ``layer.selected.grad`` ((|R|, in) or (out, |C|)), the update goes
+into base.weight's selected part in place, and optimizer state is sized to that part.
+On CUDA the AdamW step is one fused Triton kernel (``kronops.kernels.sparse_adamw``).
+"""
+import torch
+from torch import nn
+
+from ..backend import use_triton
+from ..sparse_modules import S2FTInPlaceLinear
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _layers(model) -> list[S2FTInPlaceLinear]:
+    if isinstance(model, nn.Module):
+        layers = [m for m in model.modules() if isinstance(m, S2FTInPlaceLinear)]
+    else:
+        layers = list(model)
+        for m in layers:
+            if not isinstance(m, S2FTInPlaceLinear):
+                raise TypeError(f"expected S2FTInPlaceLinear layers, got {type(m).__name__}")
+    if not layers:
+        raise ValueError("no S2FTInPlaceLinear layers: apply a plan with mode='inplace' first")
+    return layers
+
+
+class _InPlace(torch.optim.Optimizer):
+    def __init__(self, model, defaults):
+        layers = _layers(model)
+        self._layer_of = {id(m.selected): m for m in layers}
+        super().__init__([m.selected for m in layers], defaults)
+
+    @staticmethod
+    def _part(layer):
+        """(weight, dim, selection tensor or range) of the layer's trained submatrix."""
+        return layer.base.weight, (1 if layer.mode == "cols" else 0), layer.selection()
+
+    @staticmethod
+    def _write(weight, dim, sel, value):
+        if isinstance(sel, range):
+            weight.narrow(dim, sel.start, len(sel)).copy_(value)
+        else:
+            weight.index_copy_(dim, sel, value.to(weight.dtype))
+
+    @staticmethod
+    def _read(weight, dim, sel):
+        """The submatrix in fp32 (fp64 for fp64 weights); a view of a contiguous fp32 range."""
+        part = weight.narrow(dim, sel.start, len(sel)) if isinstance(sel, range) else \
+            weight.index_select(dim, sel)
+        return part.to(_compute_dtype(weight))
+
+
+class InPlaceSGD(_InPlace):
+    """Plain SGD (no momentum): W[selection] -= lr * grad, in place."""
+
+    def __init__(self, model, lr: float = 1e-3):
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        super().__init__(model, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else torch.enable_grad()(closure)()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                weight, dim, sel = self._part(self._layer_of[id(p)])
+                grad = p.grad.to(_compute_dtype(weight))
+                value = self._read(weight, dim, sel) - group["lr"] * grad
+                self._write(weight, dim, sel, value.to(weight.dtype))
+        return loss
+
+
+class InPlaceAdamW(_InPlace):
+    """AdamW (torch.optim.AdamW's update, decoupled weight decay) on the selected submatrices.
+
+    State per layer: exp_avg and exp_avg_sq of the submatrix's shape in fp32 (fp64 for
+    fp64 weights), and the step.
+    Weight decay applies to the submatrix only; the rest of the weight stays untouched.
+    """
+
+    def __init__(self, model, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, "
+                             f"{weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        super().__init__(model, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                     weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else torch.enable_grad()(closure)()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = (group["lr"], group["betas"], group["eps"],
+                                           group["weight_decay"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                layer = self._layer_of[id(p)]
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros(p.shape, device=p.device,
+                                                   dtype=_compute_dtype(p))
+                    state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+                state["step"] += 1
+                weight, dim, sel = self._part(layer)
+                m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                if use_triton(weight):
+                    from ..kernels.sparse_adamw import sparse_adamw
+                    sparse_adamw(weight, p.grad, m, v,
+                                 sel.start if isinstance(sel, range) else sel, dim == 1,
+                                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+                                 step=step)
+                    continue
+                g = p.grad.to(m.dtype)
+                w = self._read(weight, dim, sel)
+                w.mul_(1 - lr * wd)
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+                w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+                self._write(weight, dim, sel, w.to(weight.dtype))
+        return loss

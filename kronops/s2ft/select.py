@@ -1,0 +1,182 @@
+"""S²FT selection: which attention heads and MLP channels of each block to train.
+
+``select(model, heads=..., channels=..., strategy=...)`` returns a ``Plan``: per block,
+sorted query-head and channel indices, with the strategy and seed, serialisable to JSON.
+Strategies score every head and channel and keep the highest scores:
+  random      uniform random scores from ``seed``
+  weight      squared norm of the weights the selection trains (q rows + o columns of a
+              head; gate and up rows + down column of a channel)
+  activation  squared inputs of o_proj (per head) and down_proj (per channel), summed
+              over the calibration batches
+  gradient    Fisher-style: squared gradients of those same weights, summed over the
+              calibration batches (needs a loss: ``loss_fn(output, batch)`` or output.loss)
+``heads``/``channels``: an int is a count per block; a float in [0, 1] a fraction of the
+model's total, chosen across all blocks by score.
+"""
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .blocks import find_blocks
+
+STRATEGIES = ("random", "weight", "activation", "gradient")
+
+
+@dataclass
+class Plan:
+    """Per block name: {"heads": [...], "channels": [...]} plus the block's sizes."""
+    strategy: str
+    seed: int
+    blocks: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        data = json.loads(text)
+        return cls(data["strategy"], data["seed"], data["blocks"])
+
+
+def _count(name: str, value, per_block: list[int]):
+    """(per-block count or None, model-total count or None) from an int or a fraction."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be an int (per block) or a float fraction, got {value!r}")
+    if isinstance(value, int):
+        if not 0 <= value <= min(per_block):
+            raise ValueError(f"{name} = {value} per block, but blocks have {min(per_block)}")
+        return value, None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} as a fraction must lie in [0, 1], got {value}")
+    return None, round(value * sum(per_block))
+
+
+def _run(model, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _loss(output, batch, loss_fn):
+    if loss_fn is not None:
+        return loss_fn(output, batch)
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
+        loss = output
+    if loss is None:
+        raise ValueError("strategy='gradient' needs a loss: pass loss_fn(output, batch) or "
+                         "batches for which the model returns .loss")
+    return loss
+
+
+def _scores(model, blocks, strategy, calibration, loss_fn, generator):
+    """Per block: (head scores (num_heads,), channel scores (channels,)) in fp64 on CPU."""
+    modules = dict(model.named_modules())
+    attn = [modules[b.attention] for b in blocks]
+    mlp = [modules[b.mlp] for b in blocks]
+    if strategy == "random":
+        return [(torch.rand(b.num_heads, generator=generator, dtype=torch.float64),
+                 torch.rand(b.channels, generator=generator, dtype=torch.float64))
+                for b in blocks]
+
+    def reduce(b, q_rows, o_cols, gate_rows, up_rows, down_cols):
+        head = (q_rows + o_cols).view(b.num_heads, b.head_dim).sum(1)
+        return head.double().cpu(), (gate_rows + up_rows + down_cols).double().cpu()
+
+    if strategy == "weight":
+        return [reduce(b, a.q_proj.weight.detach().float().square().sum(1),
+                       a.o_proj.weight.detach().float().square().sum(0),
+                       m.gate_proj.weight.detach().float().square().sum(1),
+                       m.up_proj.weight.detach().float().square().sum(1),
+                       m.down_proj.weight.detach().float().square().sum(0))
+                for b, a, m in zip(blocks, attn, mlp)]
+    if calibration is None:
+        raise ValueError(f"strategy={strategy!r} needs calibration batches")
+    if strategy == "activation":
+        sums = {}
+
+        def hook(key):
+            def fn(module, args):
+                sums[key] = sums.get(key, 0) + args[0].detach().float().square() \
+                    .reshape(-1, args[0].shape[-1]).sum(0)
+            return fn
+        handles = [a.o_proj.register_forward_pre_hook(hook((i, "o"))) for i, a in enumerate(attn)]
+        handles += [m.down_proj.register_forward_pre_hook(hook((i, "d")))
+                    for i, m in enumerate(mlp)]
+        try:
+            with torch.no_grad():
+                for batch in calibration:
+                    _run(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        if not sums:
+            raise ValueError("calibration is empty")
+        return [((sums[i, "o"].view(b.num_heads, b.head_dim).sum(1)).double().cpu(),
+                 sums[i, "d"].double().cpu()) for i, b in enumerate(blocks)]
+    # gradient: squared weight gradients, reduced to rows/columns after every batch
+    weights = [[(a.q_proj.weight, 1), (a.o_proj.weight, 0), (m.gate_proj.weight, 1),
+                (m.up_proj.weight, 1), (m.down_proj.weight, 0)] for a, m in zip(attn, mlp)]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    sums = [[0] * 5 for _ in blocks]
+    batches = 0
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for block in weights:
+            for w, _ in block:
+                w.requires_grad_(True)
+        for batch in calibration:
+            _loss(_run(model, batch), batch, loss_fn).backward()
+            for i, block in enumerate(weights):
+                for j, (w, dim) in enumerate(block):
+                    sums[i][j] = sums[i][j] + w.grad.float().square().sum(dim)
+                    w.grad = None
+            batches += 1
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+            p.grad = None
+    if not batches:
+        raise ValueError("calibration is empty")
+    return [reduce(b, *s) for b, s in zip(blocks, sums)]
+
+
+def _top(scores: list[torch.Tensor], per_block, total) -> list[list[int]]:
+    """Indices of the highest scores: ``per_block`` in each block, or ``total`` overall."""
+    if per_block is not None:
+        return [sorted(s.topk(per_block).indices.tolist()) for s in scores]
+    flat = torch.cat(scores)
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[flat.topk(total).indices] = True
+    return [sorted(c.nonzero().flatten().tolist()) for c in chosen.split([len(s) for s in scores])]
+
+
+def select(model, *, heads=0, channels=0, strategy: str = "random", calibration=None,
+           seed: int = 0, loss_fn=None) -> Plan:
+    """A selection plan for every LLaMA-style block of ``model`` (see the module docstring).
+
+    Heads are query heads; ``apply`` maps them to K/V heads under grouped-query attention.
+    calibration: an iterable of batches (dict: model(**batch), tuple: model(*batch), else
+    model(batch)), needed by "activation" and "gradient".
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    blocks = find_blocks(model)
+    head_k, head_total = _count("heads", heads, [b.num_heads for b in blocks])
+    chan_k, chan_total = _count("channels", channels, [b.channels for b in blocks])
+    generator = torch.Generator().manual_seed(seed)
+    scores = _scores(model, blocks, strategy, calibration, loss_fn, generator)
+    chosen_heads = _top([s[0] for s in scores], head_k, head_total)
+    chosen_channels = _top([s[1] for s in scores], chan_k, chan_total)
+    plan = Plan(strategy, seed)
+    for b, h, c in zip(blocks, chosen_heads, chosen_channels):
+        plan.blocks[b.name] = dict(heads=h, channels=c, num_heads=b.num_heads,
+                                   num_kv_heads=b.num_kv_heads, head_dim=b.head_dim,
+                                   num_channels=b.channels)
+    return plan

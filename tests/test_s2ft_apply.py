@@ -1,0 +1,166 @@
+"""kronops.s2ft.apply on a tiny GQA LLaMA: identical outputs, what is trainable, permutation
+undo, export/restore/merge, and plans or names that do not fit."""
+import copy
+
+import pytest
+import torch
+from conftest import assert_close
+from test_s2ft_select import batch, tiny_llama
+
+from kronops import s2ft
+from kronops.sparse_modules import S2FTInPlaceLinear, S2FTLinear
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def gqa_plan(model):
+    """Heads spanning both K/V groups partially (1 of group 0, 2 of group 1), scattered channels."""
+    plan = s2ft.select(model, heads=2, channels=4, seed=0)
+    plan.blocks["model.layers.0"]["heads"] = [1, 3, 5]
+    plan.blocks["model.layers.0"]["channels"] = [0, 7, 8, 39]
+    plan.blocks["model.layers.1"]["heads"] = [2]
+    return plan
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("mode", ["adapter", "inplace"])
+@pytest.mark.parametrize("permute", [False, True])
+def test_outputs_unchanged_and_only_selection_trainable(mode, permute):
+    model = tiny_llama(torch.float64)
+    ids = batch()["input_ids"]
+    before = logits(model, ids)
+    s2ft.apply(model, gqa_plan(model), mode=mode, permute=permute)
+    after = logits(model, ids)
+    if permute:  # permuted sums round differently
+        assert_close(after, before, torch.float64, "logits after apply")
+    else:
+        assert torch.equal(after, before)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    layer_type = S2FTLinear if mode == "adapter" else S2FTInPlaceLinear
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, layer_type)}
+    assert trainable == {f"{n}.{'delta' if mode == 'adapter' else 'selected'}" for n in layers}
+    assert len(layers) == 14
+    model(**batch()).loss.backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (n in trainable), n
+        if p.grad is not None:  # compact: the selection's shape (k_proj of layer 0 is whole)
+            assert p.grad.shape == p.shape
+
+
+def test_gqa_mapping_of_heads():
+    model = tiny_llama()
+    s2ft.apply(model, gqa_plan(model))
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    heads = torch.tensor([1, 3, 5])
+    q_rows = (heads[:, None] * 8 + torch.arange(8)).flatten()
+    assert torch.equal(attn.q_proj.indices(), q_rows)
+    assert torch.equal(attn.o_proj.indices(), q_rows) and attn.o_proj.mode == "cols"
+    assert attn.k_proj.selection() == range(0, 16)  # heads 1 (group 0), 3 and 5 (group 1)
+    assert attn.v_proj.selection() == range(0, 16)
+    assert torch.equal(mlp.gate_proj.indices(), torch.tensor([0, 7, 8, 39]))
+    assert mlp.down_proj.mode == "cols"
+    layer1 = model.model.layers[1].self_attn
+    assert layer1.q_proj.selection() == range(16, 24)
+    assert layer1.k_proj.selection() == range(0, 8)  # head 2 is in group 0 (heads 0-2)
+
+
+def test_permute_makes_selections_contiguous_and_undo_is_exact():
+    model = tiny_llama()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    s2ft.apply(model, gqa_plan(model), permute=True)
+    mlp = model.model.layers[0].mlp
+    assert mlp.gate_proj.selection() == range(0, 4) and mlp.down_proj.selection() == range(0, 4)
+    q = model.model.layers[1].self_attn.q_proj
+    assert q.selection() == range(0, 8)
+    # layer 0: head 1 alone in group 0, heads 3 and 5 in group 1 -> two runs
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.indices(),
+                       torch.cat([torch.arange(0, 8), torch.arange(24, 40)]))
+    s2ft.unpermute(model)
+    for name, value in model.state_dict().items():
+        key = name.replace(".base.", ".")
+        if key in original:
+            assert torch.equal(value, original[key]), name
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.indices(),
+                       torch.tensor([8 * h + i for h in (1, 3, 5) for i in range(8)]))
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_export_restore_merge(permute):
+    model = tiny_llama(torch.float64)
+    untouched = copy.deepcopy(model)
+    s2ft.apply(model, gqa_plan(model), permute=permute)
+    for layer in model.modules():
+        if isinstance(layer, S2FTLinear):
+            with torch.no_grad():
+                layer.delta.normal_(std=0.1)
+    ids = batch()["input_ids"]
+    trained = logits(model, ids)
+    tensors = s2ft.export(model)
+    assert all(t.device.type == "cpu" and t.is_contiguous() for t in tensors.values())
+    assert tensors["model.layers.0.self_attn.q_proj.rows"].tolist() == \
+        [8 * h + i for h in (1, 3, 5) for i in range(8)]
+    assert tensors["model.layers.0.mlp.down_proj.delta"].shape == (48, 4)
+    assert sum(t.numel() for t in tensors.values()) < \
+        sum(p.numel() for p in untouched.parameters()) / 5
+    s2ft.restore(untouched, tensors)
+    assert_close(logits(untouched, ids), trained, torch.float64, "restored model")
+    s2ft.merge(model)
+    assert_close(logits(model, ids), trained, torch.float64, "merged model")
+    with pytest.raises(RuntimeError, match="already merged"):
+        s2ft.merge(model)
+    s2ft.unmerge(model)
+    assert_close(logits(model, ids), trained, torch.float64, "unmerged model")
+
+
+def test_inplace_export_is_the_trained_weights():
+    model = tiny_llama()
+    untouched = copy.deepcopy(model)
+    s2ft.apply(model, gqa_plan(model), mode="inplace", permute=True)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.base.weight[:4] += 1.0
+    tensors = s2ft.export(model)
+    s2ft.restore(untouched, tensors)
+    s2ft.unpermute(model)
+    for name, value in untouched.state_dict().items():
+        assert torch.equal(model.state_dict()[name.replace("proj.", "proj.base.")]
+                           if "proj." in name else model.state_dict()[name], value), name
+
+
+def test_plan_for_another_model_is_rejected():
+    model = tiny_llama()
+    plan = s2ft.select(tiny_llama(layers=3), heads=1, channels=1)
+    with pytest.raises(ValueError, match="plan names block 'model.layers.2'"):
+        s2ft.apply(model, plan)
+    plan = s2ft.select(model, heads=1, channels=1)
+    plan.blocks["model.layers.0"]["num_kv_heads"] = 3
+    with pytest.raises(ValueError, match="num_kv_heads is 3 in the plan, 2 in the model"):
+        s2ft.apply(model, plan)
+    plan = s2ft.select(model, heads=1, channels=1)
+    plan.blocks["model.layers.1"]["channels"] = [3, 40]
+    with pytest.raises(ValueError, match=r"channels must be sorted, unique and in \[0, 40\)"):
+        s2ft.apply(model, plan)
+    with pytest.raises(TypeError, match="plan must be a kronops.s2ft.Plan"):
+        s2ft.apply(model, plan.blocks)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        s2ft.apply(model, s2ft.select(model, heads=1), mode="lora")
+
+
+def test_apply_twice_and_bad_names():
+    model = tiny_llama()
+    s2ft.apply(model, s2ft.select(model, heads=1, channels=1))
+    with pytest.raises(RuntimeError, match="already applied"):
+        s2ft.apply(model, s2ft.select(model, heads=1, channels=1))
+    tensors = s2ft.export(model)
+    bad = {k.replace("layers.0", "layers.9"): v for k, v in tensors.items()}
+    with pytest.raises(ValueError, match="layer 'model.layers.9.[a-z_.]+' is not a module"):
+        s2ft.restore(tiny_llama(), bad)
+    wrong = dict(tensors)
+    wrong["model.layers.0.mlp.up_proj.delta"] = torch.zeros(2, 48)
+    with pytest.raises(ValueError, match="values of shape"):
+        s2ft.restore(tiny_llama(), wrong)
+    with pytest.raises(ValueError, match="no S²FT layers"):
+        s2ft.export(tiny_llama())

@@ -1,0 +1,100 @@
+"""kronops.s2ft.select: plans per block, counts and fractions, strategies, JSON, bad input."""
+import pytest
+import torch
+
+from kronops import s2ft
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(dtype=torch.float32, layers=2, bias=False):
+    """A random LLaMA with grouped-query attention: 6 query heads on 2 K/V heads of 8."""
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=layers,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        attention_bias=bias, mlp_bias=bias)
+    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+
+def batch(n=2, t=11):
+    ids = torch.randint(0, 97, (n, t))
+    return dict(input_ids=ids, labels=ids)
+
+
+def test_blocks_found_with_gqa_sizes():
+    blocks = s2ft.find_blocks(tiny_llama())
+    assert [b.name for b in blocks] == ["model.layers.0", "model.layers.1"]
+    sizes = {(b.num_heads, b.num_kv_heads, b.head_dim, b.channels) for b in blocks}
+    assert sizes == {(6, 2, 8, 40)}
+
+
+def test_counts_per_block_and_json_round_trip():
+    plan = s2ft.select(tiny_llama(), heads=2, channels=5, seed=3)
+    assert plan.strategy == "random" and plan.seed == 3
+    for entry in plan.blocks.values():
+        assert len(entry["heads"]) == 2 and len(entry["channels"]) == 5
+        assert entry["heads"] == sorted(set(entry["heads"]))
+    assert s2ft.Plan.from_json(plan.to_json()) == plan
+
+
+def test_fraction_is_of_the_model_total_and_seed_decides():
+    model = tiny_llama()
+    plan = s2ft.select(model, heads=0.25, channels=0.1, seed=7)
+    assert sum(len(e["heads"]) for e in plan.blocks.values()) == 3  # 25% of 12
+    assert sum(len(e["channels"]) for e in plan.blocks.values()) == 8  # 10% of 80
+    assert s2ft.select(model, heads=0.25, channels=0.1, seed=7) == plan
+    others = [s2ft.select(model, heads=0.25, channels=0.1, seed=s) for s in range(8, 12)]
+    assert any(o.blocks != plan.blocks for o in others)
+
+
+def test_weight_strategy_picks_the_largest_parts():
+    model = tiny_llama()
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        layer.self_attn.q_proj.weight[4 * 8:5 * 8] *= 100  # head 4
+        layer.mlp.down_proj.weight[:, 13] *= 100            # channel 13
+    plan = s2ft.select(model, heads=1, channels=1, strategy="weight")
+    assert plan.blocks["model.layers.1"]["heads"] == [4]
+    assert plan.blocks["model.layers.1"]["channels"] == [13]
+
+
+def test_activation_and_gradient_strategies_use_calibration():
+    model = tiny_llama()
+    calibration = [batch(), batch()]
+    with torch.no_grad():  # channel 21 of block 0 carries large activations and gradients
+        model.model.layers[0].mlp.up_proj.weight[21] *= 1000
+    for strategy in ("activation", "gradient"):
+        plan = s2ft.select(model, heads=1, channels=1, strategy=strategy, calibration=calibration)
+        assert plan.blocks["model.layers.0"]["channels"] == [21], strategy
+        assert plan.strategy == strategy
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gradient_strategy_with_loss_fn():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 9))
+    plan = s2ft.select(model, heads=1, channels=2, strategy="gradient", calibration=[ids],
+                       loss_fn=lambda out, b: out.logits.square().mean())
+    assert all(len(e["channels"]) == 2 for e in plan.blocks.values())
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(heads=7), ValueError, "heads = 7 per block, but blocks have 6"),
+    (dict(channels=1.5), ValueError, r"channels as a fraction must lie in \[0, 1\]"),
+    (dict(heads="2"), TypeError, "heads must be an int"),
+    (dict(strategy="magic"), ValueError, "strategy must be one of"),
+    (dict(strategy="activation"), ValueError, "needs calibration batches"),
+    (dict(strategy="gradient", calibration=[]), ValueError, "calibration is empty"),
+    (dict(strategy="gradient", calibration=[torch.randint(0, 97, (1, 5))]), ValueError,
+     "needs a loss"),
+    (dict(seed=1.0), TypeError, "seed must be an int"),
+])
+def test_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        s2ft.select(tiny_llama(), **{"heads": 1, "channels": 1, **kwargs})
+
+
+def test_model_without_blocks():
+    with pytest.raises(ValueError, match="no LLaMA-style blocks"):
+        s2ft.select(torch.nn.Linear(3, 3), heads=1)
