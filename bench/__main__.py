@@ -10,6 +10,7 @@ import sys
 import torch
 
 from .suite import default_cases
+from .peft_providers import peft_version
 from .report import environment, plot, table, write_json
 from .runner import run_case
 from .timing import copy_bandwidth, gemm_rate
@@ -41,6 +42,10 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     meta = environment(device)
+    meta["peft"] = peft_version()
+    if meta["peft"] is None:
+        print("bench: peft is not installed; the PEFT LoKr/LoRA rows are skipped "
+              "(pip install peft to include them)", file=sys.stderr)
     meta.update(dtype=str(dtype).removeprefix("torch."), full=args.full,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     ceilings = None

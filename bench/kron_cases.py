@@ -10,6 +10,7 @@ from kronops.factor_shapes import factor_shapes
 from kronops.kron_reference import kron_linear_reference, kron_matmul_reference, kron_rows_composite
 
 from .cases import MODES, Provider, build_case, element_bytes, input_sets
+from .peft_providers import peft_providers
 
 
 def kron_flops(rows, a1, a2, b1, b2):
@@ -59,8 +60,8 @@ def kron_matmul_cases(rows, factor_shapes_, dtype, device, modes=MODES):
 
 
 def krona_layer_cases(rows, in_features, out_features, dtype, device, modes=("forward+backward",)):
-    """A KronALinear training step vs the same adapter materialised (as PEFT LoKr runs it)
-    and vs the frozen base nn.Linear alone (the floor the adapter adds to)."""
+    """A KronALinear training step vs the same adapter materialised, PEFT's LoKr and LoRA
+    (when peft is installed), and the frozen base nn.Linear alone (the floor)."""
     base = nn.Linear(in_features, out_features, device=device, dtype=dtype).requires_grad_(False)
     layer = kronops.KronALinear(base)
     nn.init.normal_(layer.b, std=0.02)
@@ -83,6 +84,9 @@ def krona_layer_cases(rows, in_features, out_features, dtype, device, modes=("fo
         "naive (torch.kron)": Provider(materialised, params),
         "nn.Linear (base only)": Provider(base),
     }
+    with torch.no_grad():
+        peft, peft_unchecked = peft_providers(base, layer.a, layer.b, layer.scale)
+    providers.update(peft)
     # The frozen base needs two GEMMs (forward and dX), the adapter three passes.
     gemm, kron = 2 * rows * in_features * out_features, kron_flops(rows, a1, a2, b1, b2)
     io = (rows * (in_features + out_features) + in_features * out_features) * elt
@@ -90,4 +94,4 @@ def krona_layer_cases(rows, in_features, out_features, dtype, device, modes=("fo
     for mode in modes:
         yield build_case("KronALinear", mode, shape, rows * in_features, io, gemm + kron,
                          providers, reference, [sets[0][0], *params], sets,
-                         unchecked={"nn.Linear (base only)"}, work=work)
+                         unchecked={"nn.Linear (base only)"} | peft_unchecked, work=work)

@@ -6,7 +6,7 @@ import torch
 
 from bench import __main__ as bench_main
 from bench.cases import Provider, build_case
-from bench.kron_cases import kron_linear_cases
+from bench.kron_cases import krona_layer_cases, kron_linear_cases
 from bench.report import table, write_json
 from bench.runner import run_case
 
@@ -58,3 +58,13 @@ def test_cli_end_to_end_writes_json_and_png(tmp_path, monkeypatch):
     assert bench_main.main(["--out", str(out)]) == 0
     assert json.loads(out.read_text())["device"].startswith("CPU")
     assert (tmp_path / "cpu.png").stat().st_size > 0
+
+
+def test_peft_lokr_computes_the_same_layer():
+    pytest.importorskip("peft")
+    rows = []
+    for case in krona_layer_cases(8, 16, 16, torch.float32, torch.device("cpu")):
+        rows += run_case(case, torch.float32, torch.device("cpu"))
+    by_name = {r["provider"]: r for r in rows}
+    assert by_name["PEFT LoKr"]["rel_error"] < 1e-5 and by_name["PEFT LoKr"]["error_ok"]
+    assert any(name.startswith("PEFT LoRA") for name in by_name)
