@@ -28,7 +28,41 @@ KRON_SHAPES = [(64, 64, 64, 64), (16, 16, 16, 16), (4, 4, 1024, 1024)]
 KERNELS = {
     "kron_rows_kernel": ("kron_rows", ["stride_xl", "stride_aj", "stride_bl"]),
     "kron_factor_grad_kernel": ("kron_factor_grad", ["stride_dyn", "stride_fq", "stride_xq"]),
+    # S²FT; sparse_matmul_add's b is Δ (stride_bk = 1) in forward and Δᵀ (stride_bn = 1) in
+    # dX, so its cases name their own unit strides. The AdamW kernel has no dot ("nodot").
+    "sparse_matmul_add_kernel": ("sparse_linear", ["stride_ak", "stride_bk", "stride_on"]),
+    "sparse_delta_grad_kernel": ("sparse_delta_grad", ["stride_dp", "stride_xq"]),
+    "sparse_adamw_kernel": ("sparse_adamw", ["stride_wc", "stride_gq"]),
 }
+# Pointer and float-scalar arguments that are not of the element type / i32.
+POINTER_TYPES = {"partial_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "idx_ptr": "*i64",
+                 "a_idx_ptr": "*i64", "out_idx_ptr": "*i64", "d_idx_ptr": "*i64",
+                 "x_idx_ptr": "*i64"}
+FLOAT_ARGS = {"scale", "lr", "beta1", "beta2", "eps", "weight_decay", "step_size",
+              "bias_correction2_sqrt"}
+
+
+def sparse_cases(precisions=PRECISIONS) -> list:
+    """(kernel name, constexprs, element, unit strides or None) for the S²FT launches.
+
+    Their tile lengths come from the configs, so flags and dtypes are all that vary.
+    """
+    launches = []
+    for element, precision in precisions:
+        for gather, scatter, b_unit in [(False, True, "stride_bk"), (True, False, "stride_bk"),
+                                        (False, False, "stride_bk"), (True, False, "stride_bn"),
+                                        (False, True, "stride_bn"), (False, False, "stride_bn")]:
+            launches.append(("sparse_matmul_add_kernel",
+                             dict(GATHER_A=gather, SCATTER_OUT=scatter, DOT_PRECISION=precision),
+                             element, ["stride_ak", b_unit, "stride_on"]))
+        for gather_d, gather_x in [(True, False), (False, False), (False, True)]:
+            launches.append(("sparse_delta_grad_kernel",
+                             dict(GATHER_D=gather_d, GATHER_X=gather_x, DOT_PRECISION=precision),
+                             element, None))
+    for element in sorted(ELEMENT_BYTES):
+        for cols, gather in itertools.product([False, True], repeat=2):
+            launches.append(("sparse_adamw_kernel", dict(COLS=cols, GATHER=gather), element, None))
+    return launches
 
 
 def kernel_cases() -> dict:
@@ -51,13 +85,24 @@ def kernel_cases() -> dict:
                 blocks = "-".join(f"{k}{v}" for k, v in constexprs.items() if k.startswith("BLOCK"))
                 cases[f"{name}-{blocks}-cfg{index}-{element}-{precision}"] = \
                     (name, constexprs, index, element)
+    for name, constexprs, element, unit_strides in sparse_cases():
+        module = importlib.import_module(f"kronops.kernels.{KERNELS[name][0]}")
+        flags = "-".join(f"{k}{int(v)}" for k, v in constexprs.items() if isinstance(v, bool))
+        strides = "" if unit_strides is None else "-" + unit_strides[1]
+        precision = constexprs.get("DOT_PRECISION", "nodot")
+        for config in module._kernel.viable_configs(constexprs, ELEMENT_BYTES[element]):
+            index = module.CONFIGS.index(config)
+            cases[f"{name}-{flags}{strides}-cfg{index}-{element}-{precision}"] = \
+                (name, constexprs, index, element, unit_strides)
     return cases
 
 
 def compile_case(case, capability) -> dict:
     """Compile as a launch on contiguous, 16-byte aligned tensors specialises; report usage."""
-    name, constexprs, index, element = case
+    name, constexprs, index, element, *case_strides = case
     module_name, unit_strides = KERNELS[name]
+    if case_strides and case_strides[0] is not None:
+        unit_strides = case_strides[0]
     module = importlib.import_module(f"kronops.kernels.{module_name}")
     fn, config = getattr(module, name), module.CONFIGS[index]
     signature, attrs = {}, {}
@@ -66,9 +111,9 @@ def compile_case(case, capability) -> dict:
         if param.is_constexpr or arg in unit_strides:
             signature[arg] = "constexpr"
         elif arg.endswith("_ptr"):
-            signature[arg] = "*fp32" if arg == "partial_ptr" else "*" + element
+            signature[arg] = POINTER_TYPES.get(arg, "*" + element)
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif arg == "scale":
+        elif arg in FLOAT_ARGS:
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
