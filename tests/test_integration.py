@@ -1,0 +1,243 @@
+"""apply_adapters / merge_adapters / unmerge_adapters on tiny random LLaMA (GQA) and BERT models:
+what gets wrapped and frozen, unchanged outputs at start, merging, bad input that leaves the
+model untouched, autocast and gradient checkpointing."""
+import pytest
+import torch
+import transformers
+from conftest import assert_close, rel_err
+
+from kronops import KronALinear
+from kronops.integration import apply_adapters, merge_adapters, unmerge_adapters
+from kronops.sparse_modules import S2FTLinear
+
+LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_llama(dtype=torch.float32):
+    """2 layers, 6 query heads on 2 K/V heads of size 8 (grouped-query attention)."""
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_bert(labels=3):
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=48,
+                                     max_position_embeddings=32, num_labels=labels)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def ids(vocab=97, n=2, t=9):
+    return torch.randint(0, vocab, (n, t))
+
+
+def randomize_b(model):
+    """Give every KronA factor B a nonzero value (B starts at 0)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, KronALinear):
+                m.b.normal_(std=0.3)
+
+
+def state(model):
+    return ({n: type(m).__name__ for n, m in model.named_modules()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def test_llama_defaults_wrap_every_projection_and_freeze_the_rest():
+    model = tiny_llama()
+    x = ids()
+    before = model(input_ids=x).logits
+    _, summary = apply_adapters(model, rank=2, alpha=4)
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, KronALinear)}
+    assert wrapped == {f"model.layers.{i}.{part}.{p}" for i in range(2) for p in LLAMA_PROJ
+                       for part in (("self_attn",) if p in LLAMA_PROJ[:4] else ("mlp",))}
+    assert summary.modules == sorted(wrapped, key=summary.modules.index)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rpartition(".")[2] in ("a_u", "a_v", "b") for n in trainable)
+    assert summary.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert summary.total == sum(p.numel() for p in model.parameters())
+    k = model.model.layers[0].self_attn.k_proj  # GQA: 48 -> 16
+    assert (k.in_features, k.out_features) == (48, 16) and k.scale == 2.0
+    assert torch.equal(model(input_ids=x).logits, before)  # B = 0: nothing changes
+
+
+def test_bert_defaults_skip_pooler_and_train_modules_stay_trainable():
+    model = tiny_bert()
+    _, summary = apply_adapters(model, train_modules=["classifier"], verbose=False)
+    assert len(summary.modules) == 12 and summary.train_modules == ["classifier"]
+    assert not any("pooler" in n for n in summary.modules)
+    assert isinstance(model.bert.encoder.layer[1].output.dense, KronALinear)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    assert not any(n.startswith(("bert.embeddings", "bert.pooler")) for n in trainable)
+
+
+def test_regex_and_names_select_modules():
+    model = tiny_llama()
+    apply_adapters(model, target_modules=r"model\.layers\.1\.self_attn\.(q|v)_proj", verbose=False)
+    assert [n for n, m in model.named_modules() if isinstance(m, KronALinear)] == \
+        ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    model = tiny_llama()
+    apply_adapters(model, target_modules=["down_proj", "layers.0.self_attn.o_proj"], verbose=False)
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, KronALinear)) == \
+        ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj",
+         "model.layers.1.mlp.down_proj"]
+
+
+def test_printed_summary(capsys):
+    apply_adapters(tiny_bert())
+    out = capsys.readouterr().out
+    assert "kronops krona: 12 adapter module(s)" in out and "trainable params" in out
+
+
+def test_merge_unmerge_and_unload_keep_outputs():
+    model = tiny_llama(torch.float64)
+    apply_adapters(model, verbose=False)
+    randomize_b(model)
+    x = ids()
+    adapted = model(input_ids=x).logits
+    merge_adapters(model)
+    assert_close(model(input_ids=x).logits, adapted, torch.float64, "merged")
+    with pytest.raises(RuntimeError, match="already merged"):
+        merge_adapters(model)
+    unmerge_adapters(model)
+    assert_close(model(input_ids=x).logits, adapted, torch.float64, "unmerged")
+    with pytest.raises(RuntimeError, match="not merged"):
+        unmerge_adapters(model)
+    merge_adapters(model, unload=True)
+    assert not any(isinstance(m, KronALinear) for m in model.modules())
+    assert_close(model(input_ids=x).logits, adapted, torch.float64, "unloaded")
+    apply_adapters(model, verbose=False)  # a plain model again: adapters can be applied anew
+
+
+def test_merge_without_adapters_is_an_error():
+    with pytest.raises(ValueError, match="no kronops adapter layers"):
+        merge_adapters(tiny_bert())
+
+
+def test_unknown_target_lists_candidates_and_leaves_model_untouched():
+    model = tiny_llama()
+    before = state(model)
+    with pytest.raises(ValueError, match=r"'qkv_proj'.*candidates: .*down_proj.*q_proj"):
+        apply_adapters(model, target_modules=["q_proj", "qkv_proj"])
+    with pytest.raises(ValueError, match="regex"):
+        apply_adapters(model, target_modules=r"nothing\..*")
+    assert state(model) == before
+
+
+def test_applying_twice_is_an_error():
+    model = tiny_bert()
+    apply_adapters(model, verbose=False)
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_adapters(model, verbose=False)
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_adapters(model, "s2ft", ratio=0.5, verbose=False)
+
+
+@pytest.mark.parametrize("config, error, pattern", [
+    (dict(a_shape=(5, 4)), ValueError, r"a_shape \(5, 4\) must divide"),
+    (dict(a_shape={"gate_proj": (4, 7)}), ValueError, r"gate_proj.*\(4, 7\)"),
+    (dict(rank=0), ValueError, "rank must be a positive int or None, got 0"),
+    (dict(rank=7), ValueError, "rank 7 exceeds"),
+    (dict(dropout=1.5), ValueError, "dropout .* got 1.5"),
+    (dict(alpha="big"), TypeError, "alpha must be a number, got 'big'"),
+    (dict(ratio=0.5), TypeError, "unknown config for method='krona': ratio"),
+])
+def test_bad_krona_config_names_the_value_and_changes_nothing(config, error, pattern):
+    model = tiny_llama()
+    before = state(model)
+    with pytest.raises(error, match=pattern):
+        apply_adapters(model, **config)
+    assert state(model) == before
+
+
+@pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.5])
+def test_s2ft_ratio_out_of_range(ratio):
+    model = tiny_llama()
+    before = state(model)
+    with pytest.raises(ValueError, match=f"ratio must be a fraction in \\(0, 1\\], got {ratio}"):
+        apply_adapters(model, "s2ft", ratio=ratio)
+    assert state(model) == before
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="method must be one of"):
+        apply_adapters(tiny_bert(), "lora")
+
+
+def test_gpt2_conv1d_is_refused_clearly():
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    with pytest.raises(TypeError, match="Conv1D"):
+        apply_adapters(model)
+    with pytest.raises(TypeError, match="transformer.h.0.attn.c_attn is a transformers Conv1D"):
+        apply_adapters(model, target_modules=["c_attn"])
+    assert not hasattr(model, "_kronops")
+
+
+def test_s2ft_method_wraps_selected_parts_and_merges():
+    model = tiny_llama(torch.float64)
+    x = ids()
+    before = model(input_ids=x).logits
+    _, summary = apply_adapters(model, "s2ft", heads=2, channels=5, seed=1, verbose=False)
+    layers = [m for m in model.modules() if isinstance(m, S2FTLinear)]
+    assert len(layers) == 14 and summary.method == "s2ft"
+    assert summary.trainable == sum(m.delta.numel() for m in layers)
+    assert torch.equal(model(input_ids=x).logits, before)
+    with torch.no_grad():
+        for m in layers:
+            m.delta.normal_(std=0.1)
+    adapted = model(input_ids=x).logits
+    merge_adapters(model)
+    assert_close(model(input_ids=x).logits, adapted, torch.float64, "s2ft merged")
+    unmerge_adapters(model)
+    assert_close(model(input_ids=x).logits, adapted, torch.float64, "s2ft unmerged")
+
+
+def _loss_and_grads(model, x):
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_cpu(dtype):
+    model = tiny_llama()
+    apply_adapters(model, rank=2, verbose=False)
+    randomize_b(model)
+    model.train()
+    x = ids()
+    ref_loss, ref_grads = _loss_and_grads(model, x)
+    with torch.autocast("cpu", dtype=dtype):
+        loss, grads = _loss_and_grads(model, x)
+    assert torch.isfinite(loss) and abs(loss.item() - ref_loss.item()) < 3e-2 * ref_loss.item()
+    for name, g in ref_grads.items():
+        assert grads[name].dtype == torch.float32  # parameters (and grads) stay fp32
+        assert rel_err(grads[name], g) < 5e-2, name
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    model = tiny_llama()
+    apply_adapters(model, rank=2, verbose=False)
+    randomize_b(model)
+    model.train()
+    x = ids()
+    ref_loss, ref_grads = _loss_and_grads(model, x)
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    if enable is None:
+        enable = model.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:  # frozen embeddings: the checkpointed input needs requires_grad
+        model.enable_input_require_grads()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    loss, grads = _loss_and_grads(model, x)
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert_close(grads[name], g, torch.float32, name)
