@@ -49,14 +49,21 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, *,
       rows: R, output rows of W trained, delta (|R|, in):  y[..., R] += x Δᵀ
       cols: C, input columns of W trained, delta (out, |C|):  y += x[..., C] Δᵀ
     R/C: a sorted, unique int64 tensor on weight's device, or a slice/range (contiguous).
-    Returns (..., out) in x's dtype. Differentiable in x, delta and bias; in cols mode
-    only x[..., C] is saved for backward.
+    Returns (..., out) in x's dtype (the autocast dtype inside an autocast region, where,
+    as with F.linear, all operands are cast to it). Differentiable in x, delta and bias; in
+    cols mode only x[..., C] is saved for backward.
     """
     check_tensor("x", x)
     check_tensor("weight", weight, dim=2)
     check_tensor("delta", delta, dim=2)
     if bias is not None:
         check_tensor("bias", bias, dim=1)
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        # like F.linear under autocast: compute in the autocast dtype (this casts W too)
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, delta = x.to(dtype), weight.to(dtype), delta.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     check_same("x", x, weight=weight, delta=delta, bias=bias)
     if (rows is None) == (cols is None):
         raise ValueError("exactly one of rows and cols must be given")

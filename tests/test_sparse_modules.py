@@ -103,3 +103,21 @@ def test_bad_input(kwargs, error, match):
 def test_base_must_be_linear():
     with pytest.raises(TypeError, match="base must be an nn.Linear"):
         S2FTLinear(nn.Conv1d(2, 2, 1), rows=slice(0, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode,sel", SELECTIONS[:3:2])
+def test_autocast_cpu(dtype, mode, sel):
+    """Inside autocast the layer computes in the autocast dtype; Δ and its grad stay fp32."""
+    layer = S2FTLinear(nn.Linear(9, 11), **{mode: sel})
+    with torch.no_grad():
+        layer.delta.normal_()
+    x = torch.randn(5, 9)
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    y.float().square().sum().backward()
+    grad, layer.delta.grad = layer.delta.grad, None
+    layer(x).square().sum().backward()
+    assert grad.dtype == torch.float32
+    assert_close(grad, layer.delta.grad, torch.bfloat16, "grad delta under autocast")
