@@ -4,7 +4,7 @@ import torch
 from conftest import assert_close
 from torch import nn
 
-from kronops.sparse_modules import S2FTLinear
+from kronops.sparse_modules import S2FTInPlaceLinear, S2FTLinear
 from kronops.sparse_reference import sparse_linear_reference
 
 SELECTIONS = [("rows", torch.tensor([0, 3, 4, 10])), ("rows", slice(2, 7)),
@@ -121,3 +121,35 @@ def test_autocast_cpu(dtype, mode, sel):
     layer(x).square().sum().backward()
     assert grad.dtype == torch.float32
     assert_close(grad, layer.delta.grad, torch.bfloat16, "grad delta under autocast")
+
+
+@pytest.mark.parametrize("mode,sel", SELECTIONS)
+def test_torch_compile_fullgraph(mode, sel):
+    torch._dynamo.reset()
+    layer = S2FTLinear(nn.Linear(9, 11), **{mode: sel})
+    with torch.no_grad():
+        layer.delta.normal_()
+    x = torch.randn(3, 9, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled(x).square().sum().backward()
+    grads = layer.delta.grad.clone(), x.grad.clone()
+    layer.delta.grad = x.grad = None
+    layer(x).square().sum().backward()
+    assert_close(grads[0], layer.delta.grad, torch.float32, "compiled grad delta")
+    assert_close(grads[1], x.grad, torch.float32, "compiled grad x")
+
+
+def test_inplace_layer_gives_compact_gradient_only():
+    base = nn.Linear(9, 11)
+    layer = S2FTInPlaceLinear(base, cols=torch.tensor([2, 3, 7]))
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["selected"]
+    assert layer.selected.stride() == (0, 0) and not layer.selected.any()
+    x = torch.randn(4, 9)
+    y = layer(x)
+    assert torch.equal(y, base(x))
+    y.square().sum().backward()
+    xd, wd = x.double(), base.weight.detach().double().requires_grad_()
+    torch.nn.functional.linear(xd, wd, base.bias.double()).square().sum().backward()
+    assert layer.selected.grad.shape == (11, 3) and base.weight.grad is None
+    assert_close(layer.selected.grad, wd.grad[:, [2, 3, 7]], torch.float32, "compact grad")
+    assert torch.equal(layer.weight_part(), base.weight[:, [2, 3, 7]])
