@@ -61,14 +61,17 @@ def test_weight_strategy_picks_the_largest_parts():
 def test_activation_and_gradient_strategies_use_calibration():
     model = tiny_llama()
     calibration = [batch(), batch()]
+    users_grad = torch.randn_like(model.lm_head.weight)
+    model.lm_head.weight.grad = users_grad
     with torch.no_grad():  # channel 21 of block 0 carries large activations and gradients
         model.model.layers[0].mlp.up_proj.weight[21] *= 1000
     for strategy in ("activation", "gradient"):
         plan = s2ft.select(model, heads=1, channels=1, strategy=strategy, calibration=calibration)
         assert plan.blocks["model.layers.0"]["channels"] == [21], strategy
         assert plan.strategy == strategy
-    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    assert model.lm_head.weight.grad is users_grad  # the caller's gradients are kept
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "lm_head.weight")
 
 
 def test_gradient_strategy_with_loss_fn():

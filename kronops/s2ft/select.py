@@ -121,11 +121,13 @@ def _scores(model, blocks, strategy, calibration, loss_fn, generator):
     weights = [[(a.q_proj.weight, 1), (a.o_proj.weight, 0), (m.gate_proj.weight, 1),
                 (m.up_proj.weight, 1), (m.down_proj.weight, 0)] for a, m in zip(attn, mlp)]
     flags = {id(p): p.requires_grad for p in model.parameters()}
+    grads = {id(p): p.grad for p in model.parameters()}  # the caller's, put back after
     sums = [[0] * 5 for _ in blocks]
     batches = 0
     try:
         for p in model.parameters():
             p.requires_grad_(False)
+            p.grad = None
         for block in weights:
             for w, _ in block:
                 w.requires_grad_(True)
@@ -139,7 +141,7 @@ def _scores(model, blocks, strategy, calibration, loss_fn, generator):
     finally:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
-            p.grad = None
+            p.grad = grads[id(p)]
     if not batches:
         raise ValueError("calibration is empty")
     return [reduce(b, *s) for b, s in zip(blocks, sums)]
