@@ -164,3 +164,24 @@ def test_apply_twice_and_bad_names():
         s2ft.restore(tiny_llama(), wrong)
     with pytest.raises(ValueError, match="no S²FT layers"):
         s2ft.export(tiny_llama())
+
+
+def test_permute_with_biases_keeps_outputs_and_undoes_exactly():
+    """Qwen-style q/k/v (and MLP) biases move with their rows."""
+    model = tiny_llama(torch.float64, bias=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = batch()["input_ids"]
+    before = logits(model, ids)
+    s2ft.apply(model, gqa_plan(model), permute=True)
+    assert_close(logits(model, ids), before, torch.float64, "permuted logits")
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.base.bias,
+                           original["model.layers.0.self_attn.q_proj.bias"])
+    s2ft.unpermute(model)
+    for name, value in model.state_dict().items():
+        key = name.replace(".base.", ".")
+        if key in original:
+            assert torch.equal(value, original[key]), name
