@@ -1,4 +1,4 @@
-"""The fused in-place AdamW kernel on selected rows/columns vs torch.optim.AdamW on the submatrix."""
+"""The fused in-place AdamW kernel on selected rows/columns vs torch.optim.AdamW on them."""
 import pytest
 import torch
 from conftest import KERNEL_DEVICE, assert_close

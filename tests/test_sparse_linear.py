@@ -1,4 +1,4 @@
-"""kronops.sparse_linear: backends vs masked full fine-tuning; autograd, memory, opcheck, compile."""
+"""kronops.sparse_linear vs masked full fine-tuning; autograd, memory, opcheck, compile."""
 import pytest
 import torch
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, ON_GPU, assert_close, rel_err
