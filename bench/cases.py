@@ -41,8 +41,9 @@ def _runner(provider: Provider, sets, mode, grad):
         return run
     if mode == "backward":
         graphs = [fn(*s) for s in sets]
-        return lambda i: torch.autograd.grad(graphs[i], [*sets[i], *params], grad, retain_graph=True)
-    return lambda i: torch.autograd.grad(fn(*sets[i]), [*sets[i], *params], grad)
+        return lambda i: torch.autograd.grad(graphs[i], [*sets[i], *params], grad,
+                                             retain_graph=True, allow_unused=True)
+    return lambda i: torch.autograd.grad(fn(*sets[i]), [*sets[i], *params], grad, allow_unused=True)
 
 
 def _reference(fn, leaves, mode, grad):

@@ -1,5 +1,6 @@
 """The default case sets: CPU (about a minute on 2 cores) and --full (GPU, real model shapes)."""
 from .kron_cases import krona_layer_cases, kron_linear_cases, kron_matmul_cases
+from .s2ft_cases import inplace_adamw_cases
 from .sparse_cases import sparse_linear_cases
 
 
@@ -15,6 +16,7 @@ def default_cases(full: bool, dtype, device):
             yield from krona_layer_cases(rows, k, n, dtype, device)
         for k, n, mode in [(4096, 4096, "rows"), (4096, 14336, "rows"), (14336, 4096, "cols")]:
             yield from sparse_linear_cases(rows, k, n, 0.05, mode, dtype, device)
+        yield from inplace_adamw_cases(4096, 14336, 0.05, dtype, device)
     else:
         for rows, k, n in [(256, 1024, 1024), (1024, 4096, 4096), (2048, 384, 1536)]:
             yield from kron_linear_cases(rows, k, n, dtype, device)
@@ -22,3 +24,4 @@ def default_cases(full: bool, dtype, device):
         yield from krona_layer_cases(1024, 1024, 1024, dtype, device)
         for k, n, mode in [(1024, 1024, "rows"), (2048, 512, "cols")]:
             yield from sparse_linear_cases(1024, k, n, 0.05, mode, dtype, device)
+        yield from inplace_adamw_cases(1024, 4096, 0.05, dtype, device)

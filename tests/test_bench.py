@@ -7,6 +7,8 @@ import torch
 from bench import __main__ as bench_main
 from bench.cases import Provider, build_case
 from bench.kron_cases import krona_layer_cases, kron_linear_cases
+from bench.s2ft_cases import inplace_adamw_cases
+from bench.sparse_cases import sparse_linear_cases
 from bench.report import table, write_json
 from bench.runner import run_case
 
@@ -68,3 +70,13 @@ def test_peft_lokr_computes_the_same_layer():
     by_name = {r["provider"]: r for r in rows}
     assert by_name["PEFT LoKr"]["rel_error"] < 1e-5 and by_name["PEFT LoKr"]["error_ok"]
     assert any(name.startswith("PEFT LoRA") for name in by_name)
+
+
+def test_s2ft_cases_are_checked():
+    rows = []
+    for case in [*sparse_linear_cases(8, 32, 24, 0.25, "rows", torch.float32, torch.device("cpu")),
+                 *sparse_linear_cases(8, 32, 24, 0.25, "cols", torch.float32, torch.device("cpu")),
+                 *inplace_adamw_cases(16, 32, 0.25, torch.float32, torch.device("cpu"))]:
+        rows += run_case(case, torch.float32, torch.device("cpu"))
+    checked = [r for r in rows if r["rel_error"] is not None]
+    assert len(checked) == 3 * 3 * 2 + 3 and all(r["error_ok"] for r in checked)
