@@ -105,7 +105,8 @@ def match_modules(names: list[str], targets, what: str = "target_modules") -> li
     for t in targets:
         hits = [n for n in names if n == t or n.endswith("." + t)]
         if not hits:
-            raise ValueError(f"{what} entry {t!r} matches no candidate module; {_candidates(names)}")
+            raise ValueError(f"{what} entry {t!r} matches no candidate module; "
+                             f"{_candidates(names)}")
         chosen.update(hits)
     return [n for n in names if n in chosen]
 
