@@ -11,6 +11,7 @@ import torch
 
 from .suite import default_cases
 from .peft_providers import peft_version
+from .s2ft_model_cases import transformers_available
 from .report import environment, plot, table, write_json
 from .runner import run_case
 from .timing import copy_bandwidth, gemm_rate
@@ -43,6 +44,9 @@ def main(argv=None) -> int:
 
     meta = environment(device)
     meta["peft"] = peft_version()
+    if not transformers_available():
+        print("bench: transformers is not installed; the LLaMA training-step rows are skipped",
+              file=sys.stderr)
     if meta["peft"] is None:
         print("bench: peft is not installed; the PEFT LoKr/LoRA rows are skipped "
               "(pip install peft to include them)", file=sys.stderr)
