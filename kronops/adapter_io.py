@@ -93,11 +93,23 @@ def _collect(model: nn.Module) -> tuple[dict, dict]:
     else:
         from . import s2ft
         from .sparse_modules import S2FTInPlaceLinear
-        if any(isinstance(m, S2FTInPlaceLinear) for m in adapter_modules(model).values()):
+        layers = adapter_modules(model)
+        if any(isinstance(m, S2FTInPlaceLinear) for m in layers.values()):
             raise ValueError("save_adapters stores S²FT adapter mode; in-place mode trains the "
                              "weights themselves (use kronops.s2ft.export)")
-        config["plan"] = json.loads(model._s2ft["plan"].to_json())
-        tensors.update(s2ft.export(model))
+        if getattr(model, "_s2ft", None) is not None:  # LLaMA-style, maybe co-permuted
+            config["plan"] = json.loads(model._s2ft["plan"].to_json())
+            tensors.update(s2ft.export(model))
+        else:  # BERT-style encoder layers: indices and Δ as they are
+            config["s2ft_layers"] = {n: dict(side=m.mode, in_features=m.in_features,
+                                             out_features=m.out_features)
+                                     for n, m in layers.items()}
+            config["encoder_plan"] = state.get("encoder_plan")
+            for name, m in layers.items():
+                if m.merged:
+                    raise RuntimeError(f"{name} is merged: unmerge_adapters(model) before saving")
+                tensors[f"{name}.{m.mode}"] = m.indices()
+                tensors[f"{name}.delta"] = m.delta
     modules = dict(model.named_modules())
     for name in state["train_modules"]:
         for pname, p in modules[name].named_parameters():
@@ -269,6 +281,47 @@ def _s2ft_expected(model: nn.Module, config: dict, path: str):
     return (None if existing else plan), expected, indices
 
 
+def _s2ft_layers_expected(model: nn.Module, config: dict, tensors: dict, path: str):
+    """Validate per-layer S²FT tensors (no plan: BERT-style); (layers to wrap, shapes, indices)."""
+    from .sparse_modules import S2FTLinear
+    layers, existing = config["s2ft_layers"], adapter_modules(model)
+    modules = dict(model.named_modules())
+    if existing and set(existing) != set(layers):
+        raise AdapterFileError(f"{path!r}: the model's S²FT layers differ from the file's")
+    expected, indices, wraps = {}, {}, {}
+    for name, cfg in layers.items():
+        side = cfg.get("side")
+        if side not in ("rows", "cols"):
+            raise AdapterFileError(f"{path!r}: {name} has side {side!r}, expected rows or cols")
+        module = existing.get(name) if existing else modules.get(name)
+        base = module.base if isinstance(module, S2FTLinear) else module
+        if not isinstance(base, nn.Linear):
+            what = "missing" if module is None else f"a {type(module).__name__}"
+            raise AdapterFileError(f"{path!r}: S²FT module {name!r} is {what} in the model, "
+                                   "expected an nn.Linear")
+        if (base.in_features, base.out_features) != (cfg["in_features"], cfg["out_features"]):
+            raise AdapterFileError(
+                f"{path!r}: {name} is {base.in_features}->{base.out_features} in the model, "
+                f"{cfg['in_features']}->{cfg['out_features']} in the file")
+        key = f"{name}.{side}"
+        index = tensors.get(key)
+        size = base.in_features if side == "cols" else base.out_features
+        if index is None or index.dtype != torch.int64 or index.dim() != 1 or \
+                (index.numel() and (int(index.min()) < 0 or int(index.max()) >= size)) or \
+                (index.numel() > 1 and not bool((index[1:] > index[:-1]).all())):
+            raise AdapterFileError(f"{path!r}: {key} must be sorted unique int64 indices in "
+                                   f"[0, {size})")
+        if existing and (module.mode != side or not torch.equal(module.indices().cpu(), index)):
+            raise AdapterFileError(f"{path!r}: {name} selects other {side} than the file")
+        n = index.numel()
+        expected[key] = torch.Size([n])
+        expected[f"{name}.delta"] = torch.Size([n, base.in_features] if side == "rows"
+                                               else [base.out_features, n])
+        indices[key] = index.tolist()
+        wraps[name] = (side, index)
+    return (None if existing else wraps), expected, indices
+
+
 def load_adapters(model: nn.Module, path, *, verbose: bool = False) -> nn.Module:
     """Load adapters saved by ``save_adapters`` into ``model`` (in place) and return it.
 
@@ -285,12 +338,16 @@ def load_adapters(model: nn.Module, path, *, verbose: bool = False) -> nn.Module
                                f"{state['method']!r} adapters")
     if state is None and adapter_modules(model):
         raise AdapterFileError("the model has adapter layers not set up by kronops.apply_adapters")
+    s2ft_wraps = None
     if method == "krona":
         new_layers, expected = _krona_plan(model, config, path)
         plan, index_values = None, {}
-    elif method == "s2ft":
+    elif method == "s2ft" and "plan" in config:
         plan, expected, index_values = _s2ft_expected(model, config, path)
         new_layers = None
+    elif method == "s2ft":
+        s2ft_wraps, expected, index_values = _s2ft_layers_expected(model, config, tensors, path)
+        new_layers = plan = None
     else:
         raise AdapterFileError(f"{path!r}: unknown method {method!r}")
     modules = dict(model.named_modules())
@@ -321,9 +378,18 @@ def load_adapters(model: nn.Module, path, *, verbose: bool = False) -> nn.Module
     if plan is not None:
         from . import s2ft
         s2ft.apply(model, plan, mode="adapter")
+    if s2ft_wraps is not None:
+        from .sparse_modules import S2FTLinear
+        for name, (side, index) in s2ft_wraps.items():
+            base = modules[name]
+            parent, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, leaf, S2FTLinear(base, **{side: index.to(base.weight.device)}))
     if state is None:
         layer_cfg = {n: dict(c) for n, c in config.get("layers", {}).items()}
         setattr(model, STATE, dict(method=method, layers=layer_cfg, train_modules=list(train)))
+        if config.get("encoder_plan") is not None:
+            getattr(model, STATE)["encoder_plan"] = config["encoder_plan"]
     params = {}
     for name, m in model.named_modules():
         params.update({f"{name}.{n}": p for n, p in m.named_parameters(recurse=False)})

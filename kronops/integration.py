@@ -4,9 +4,11 @@
 ``nn.Linear`` modules of a model in place and freezes every other parameter:
   method="krona"  each target becomes a ``KronALinear`` (base(x) + s * x @ kron(A, B).T);
                   config: a_shape (None, a pair, or {module suffix: pair}), rank, alpha, dropout.
-  method="s2ft"   ``kronops.s2ft.select`` + ``kronops.s2ft.apply`` (LLaMA-style blocks, adapter
-                  mode); config: ratio (fraction of heads and channels, in (0, 1]) or heads /
-                  channels, strategy, seed, calibration, loss_fn, permute.
+  method="s2ft"   LLaMA-style models: ``kronops.s2ft.select`` + ``kronops.s2ft.apply`` (adapter
+                  mode); BERT-style encoders: random heads/channels per block, wrapped in
+                  ``S2FTLinear`` (``encoder_blocks``). config: ratio (fraction of heads and
+                  channels, in (0, 1]) or heads / channels (count per block or fraction),
+                  strategy, seed; LLaMA-style also calibration, loss_fn, permute.
 ``target_modules`` (krona): a list of names, each matching a module whose name equals it or
 ends with "." + it, or one string taken as a regular expression that must match a whole
 module name (PEFT's convention); None takes the defaults for the model's architecture
@@ -189,10 +191,85 @@ def wrap_krona(model: nn.Module, configs: dict[str, dict]) -> None:
         _set_module(model, name, layer)
 
 
+def _fraction_or_count(name: str, value, size: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be an int (per block) or a float fraction, got {value!r}")
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} as a fraction must lie in [0, 1], got {value}")
+        return round(value * size)
+    if not 0 <= value <= size:
+        raise ValueError(f"{name} = {value} per block, but blocks have {size}")
+    return value
+
+
+def encoder_blocks(model: nn.Module) -> list[dict]:
+    """BERT-style blocks: per layer the names of its q/k/v, attention output and FFN Linears.
+
+    A layer ``L`` holds ``L.attention.self.{query,key,value}``, ``L.attention.output.dense``,
+    ``L.intermediate.dense`` and ``L.output.dense``; heads from the attention module's
+    ``num_attention_heads`` (or the model config).
+    """
+    modules = dict(model.named_modules())
+    blocks = []
+    for name, m in modules.items():
+        if not all(isinstance(getattr(m, k, None), nn.Linear) for k in ("query", "key", "value")):
+            continue
+        attention = name.rpartition(".")[0]
+        layer = attention.rpartition(".")[0]
+        parts = {"attn_out": f"{attention}.output.dense", "ffn_in": f"{layer}.intermediate.dense",
+                 "ffn_out": f"{layer}.output.dense"}
+        if not all(isinstance(modules.get(n), nn.Linear) for n in parts.values()):
+            continue
+        heads = getattr(m, "num_attention_heads", None) or \
+            getattr(getattr(model, "config", None), "num_attention_heads", None)
+        if not isinstance(heads, int) or m.query.out_features % heads:
+            raise ValueError(f"{name}: cannot tell the number of attention heads")
+        blocks.append(dict(name=layer, q=f"{name}.query", k=f"{name}.key", v=f"{name}.value",
+                           num_heads=heads, head_dim=m.query.out_features // heads,
+                           channels=modules[parts["ffn_in"]].out_features, **parts))
+    return blocks
+
+
+def _apply_s2ft_encoder(model: nn.Module, heads, channels, strategy, seed) -> dict:
+    """S²FT on BERT-style blocks with random selection: selected heads train their rows of
+    query/key/value and columns of the attention output; selected channels their row of
+    the intermediate Linear and column of the output Linear. Returns the plan."""
+    from .sparse_modules import S2FTLinear
+    if strategy != "random":
+        raise ValueError(f"S²FT on BERT-style encoders supports strategy='random' only, "
+                         f"got {strategy!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    blocks = encoder_blocks(model)
+    if not blocks:
+        raise ValueError("no LLaMA-style or BERT-style blocks found for method='s2ft'")
+    counts = [(_fraction_or_count("heads", heads or 0, b["num_heads"]),
+               _fraction_or_count("channels", channels or 0, b["channels"])) for b in blocks]
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    plan, wraps = {}, {}
+    for b, (nh, nc) in zip(blocks, counts):
+        chosen_heads = sorted(torch.randperm(b["num_heads"], generator=generator)[:nh].tolist())
+        chosen = sorted(torch.randperm(b["channels"], generator=generator)[:nc].tolist())
+        plan[b["name"]] = dict(heads=chosen_heads, channels=chosen)
+        rows = [h * b["head_dim"] + i for h in chosen_heads for i in range(b["head_dim"])]
+        for key, side, idx in (("q", "rows", rows), ("k", "rows", rows), ("v", "rows", rows),
+                               ("attn_out", "cols", rows), ("ffn_in", "rows", chosen),
+                               ("ffn_out", "cols", chosen)):
+            if idx:
+                wraps[b[key]] = (side, idx)
+    for name, (side, idx) in wraps.items():
+        base = modules[name]
+        index = torch.tensor(idx, dtype=torch.int64, device=base.weight.device)
+        _set_module(model, name, S2FTLinear(base, **{side: index}))
+    return dict(strategy=strategy, seed=seed, blocks=plan)
+
+
 def _apply_s2ft(model: nn.Module, ratio=None, heads=None, channels=None, strategy="random",
-                seed=0, calibration=None, loss_fn=None, permute=False) -> list[str]:
+                seed=0, calibration=None, loss_fn=None, permute=False):
+    """LLaMA-style models: kronops.s2ft.select + apply. BERT-style: ``_apply_s2ft_encoder``."""
     from . import s2ft
-    from .s2ft.apply import s2ft_layers
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or \
                 not 0.0 < ratio <= 1.0:
@@ -201,10 +278,19 @@ def _apply_s2ft(model: nn.Module, ratio=None, heads=None, channels=None, strateg
         channels = float(ratio) if channels is None else channels
     if heads is None and channels is None:
         raise ValueError("method='s2ft' needs ratio, heads or channels")
+    try:
+        s2ft.find_blocks(model)
+    except ValueError:
+        if encoder_blocks(model):
+            if calibration is not None or loss_fn is not None or permute:
+                raise ValueError("calibration, loss_fn and permute apply to LLaMA-style models "
+                                 "only") from None
+            return _apply_s2ft_encoder(model, heads, channels, strategy, seed)
+        raise
     plan = s2ft.select(model, heads=heads or 0, channels=channels or 0, strategy=strategy,
                        calibration=calibration, seed=seed, loss_fn=loss_fn)
     s2ft.apply(model, plan, mode="adapter", permute=permute)
-    return list(s2ft_layers(model))
+    return None
 
 
 def freeze_except(model: nn.Module, train_modules: list[str]) -> None:
@@ -270,9 +356,11 @@ def apply_adapters(model: nn.Module, method: str = "krona", target_modules=None,
         if target_modules is not None:
             raise ValueError("method='s2ft' chooses its modules from the selection plan; "
                              "target_modules must be None")
-        _apply_s2ft(model, **config)
+        encoder_plan = _apply_s2ft(model, **config)
         layers = {}
     setattr(model, STATE, dict(method=method, layers=layers, train_modules=train))
+    if method == "s2ft" and encoder_plan is not None:
+        getattr(model, STATE)["encoder_plan"] = encoder_plan
     freeze_except(model, train)
     summary = summarize(model)
     if verbose:

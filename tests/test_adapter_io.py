@@ -249,3 +249,23 @@ def test_config_is_readable_json(saved):
     assert config["format"] == "kronops-adapters" and len(config["layers"]) == 14
     assert config["tensors"]["model.layers.0.self_attn.q_proj.b"] == \
         dict(shape=[8, 8], dtype="float32")
+
+
+def test_s2ft_on_bert_round_trip_and_mismatch(tmp_path):
+    base = tiny_bert()
+    fresh, other = copy.deepcopy(base), copy.deepcopy(base)
+    apply_adapters(base, "s2ft", ratio=0.25, seed=5, train_modules=["classifier"], verbose=False)
+    with torch.no_grad():
+        for m in base.modules():
+            if hasattr(m, "delta"):
+                m.delta.normal_(std=0.2)
+    path = tmp_path / "bert.safetensors"
+    save_adapters(base, path)
+    load_adapters(fresh, path)
+    assert torch.equal(out(fresh), out(base))
+    assert fresh._kronops["encoder_plan"] == base._kronops["encoder_plan"]
+    apply_adapters(other, "s2ft", ratio=0.25, seed=6, train_modules=["classifier"], verbose=False)
+    before = snapshot(other)
+    with pytest.raises(AdapterFileError, match="selects other"):
+        load_adapters(other, path)
+    assert_untouched(other, before)

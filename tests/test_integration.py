@@ -239,3 +239,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     assert grads.keys() == ref_grads.keys()
     for name, g in ref_grads.items():
         assert_close(grads[name], g, torch.float32, name)
+
+
+def test_s2ft_on_bert_trains_selected_heads_and_channels():
+    model = tiny_bert()
+    x = ids(50)
+    before = model(input_ids=x).logits
+    _, summary = apply_adapters(model, "s2ft", heads=1, channels=0.25, seed=2,
+                                train_modules=["classifier"], verbose=False)
+    plan = model._kronops["encoder_plan"]["blocks"]
+    assert all(len(b["heads"]) == 1 and len(b["channels"]) == 12 for b in plan.values())
+    layer = model.bert.encoder.layer[0]
+    h = plan["bert.encoder.layer.0"]["heads"][0]
+    assert layer.attention.self.query.indices().tolist() == list(range(8 * h, 8 * h + 8))
+    assert layer.attention.output.dense.mode == "cols"
+    assert layer.output.dense.indices().tolist() == plan["bert.encoder.layer.0"]["channels"]
+    assert len(summary.modules) == 12
+    # per block: q/k/v rows and attention-output columns of one head, 12 FFN rows + columns
+    assert summary.trainable == 2 * (4 * 8 * 32 + 12 * 32 + 32 * 12) + (3 * 32 + 3)
+    assert torch.equal(model(input_ids=x).logits, before)
+    with pytest.raises(ValueError, match="strategy='random' only"):
+        apply_adapters(tiny_bert(), "s2ft", ratio=0.5, strategy="weight")
