@@ -65,7 +65,7 @@ def footprint(config, constexprs, element_bytes) -> int:
 
 
 _kernel = TunedKernel(sparse_adamw_kernel, CONFIGS, key=["P", "Q", "COLS", "GATHER"],
-                      footprint=footprint)
+                      footprint=footprint, restore_value=["w_ptr", "m_ptr", "v_ptr"])
 
 
 def sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,

@@ -80,7 +80,8 @@ def footprint(config, constexprs, element_bytes) -> int:
 
 
 _kernel = TunedKernel(sparse_matmul_add_kernel, CONFIGS,
-                      key=["N", "K", "GATHER_A", "SCATTER_OUT"], footprint=footprint)
+                      key=["N", "K", "GATHER_A", "SCATTER_OUT"], footprint=footprint,
+                      restore_value=["out_ptr"])
 
 
 def _index(cols):

@@ -54,14 +54,16 @@ class TunedKernel:
     ``footprint(config, constexprs, element_bytes)`` counts the words one program keeps
     live (see ``live_words``); configs over the register budget for the launch's tile
     shape are skipped. On a GPU the rest are autotuned per ``key``; under the interpreter
-    the first one runs.
+    the first one runs. A kernel that updates tensors in place names their pointer
+    arguments in ``restore_value``: autotuning runs it many times and restores them.
     """
 
-    def __init__(self, fn, configs, key, footprint):
+    def __init__(self, fn, configs, key, footprint, restore_value=()):
         self.fn = fn
         self.configs = configs
         self.key = key
         self.footprint = footprint
+        self.restore_value = list(restore_value)
         self._autotuned = {}
 
     def viable_configs(self, constexprs: dict, element_bytes: int) -> list:
@@ -78,6 +80,7 @@ class TunedKernel:
                 return self.fn[grid](*args, **constexprs, **configs[0].all_kwargs())
             chosen = tuple(self.configs.index(c) for c in configs)
             if chosen not in self._autotuned:
-                self._autotuned[chosen] = triton.autotune(configs=configs, key=self.key)(self.fn)
+                self._autotuned[chosen] = triton.autotune(
+                    configs=configs, key=self.key, restore_value=self.restore_value)(self.fn)
             return self._autotuned[chosen][grid](*args, **constexprs)
         return launch
