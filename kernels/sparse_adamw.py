@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .sparse_linear import index_or_start
 from .tuning import TunedKernel, live_words
 
 
@@ -80,7 +81,7 @@ def sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     p, q = grad.shape
     if p * q == 0:
         return
-    idx, start = (selection, 0) if isinstance(selection, torch.Tensor) else (None, int(selection))
+    idx, start = index_or_start(selection)
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2 = 1.0 - beta2 ** step
 

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .sparse_linear import index_or_start
 from .tuning import TunedKernel, dot_precision, live_words, num_programs_cap
 
 
@@ -98,8 +99,8 @@ def sparse_delta_grad(d: torch.Tensor, x: torch.Tensor, d_cols, p: int, x_cols, 
     if m == 0 or p * q == 0:
         return torch.zeros((p, q), device=d.device, dtype=torch.float32)
     partial = torch.empty((groups, p, q), device=d.device, dtype=torch.float32)
-    d_idx, d_start = (d_cols, 0) if isinstance(d_cols, torch.Tensor) else (None, int(d_cols))
-    x_idx, x_start = (x_cols, 0) if isinstance(x_cols, torch.Tensor) else (None, int(x_cols))
+    d_idx, d_start = index_or_start(d_cols)
+    x_idx, x_start = index_or_start(x_cols)
     constexprs = dict(GATHER_D=d_idx is not None, GATHER_X=x_idx is not None,
                       DOT_PRECISION=dot_precision(d.dtype))
 

@@ -84,9 +84,12 @@ _kernel = TunedKernel(sparse_matmul_add_kernel, CONFIGS,
                       restore_value=["out_ptr"])
 
 
-def _index(cols):
-    """(index tensor or None, start) for a gather/scatter given as a tensor or an int start."""
-    return (cols, 0) if isinstance(cols, torch.Tensor) else (None, int(cols))
+def index_or_start(cols) -> tuple[torch.Tensor | None, int]:
+    """(index tensor or None, start) for a gather/scatter given as a tensor or an int start.
+
+    The kernels read index k at ``idx_ptr + k``: a strided index tensor is made contiguous.
+    """
+    return (cols.contiguous(), 0) if isinstance(cols, torch.Tensor) else (None, int(cols))
 
 
 def sparse_matmul_add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -101,8 +104,8 @@ def sparse_matmul_add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     n, k = b.shape
     if m == 0 or n == 0:
         return out
-    a_idx, a_start = _index(a_cols)
-    out_idx, out_start = _index(out_cols)
+    a_idx, a_start = index_or_start(a_cols)
+    out_idx, out_start = index_or_start(out_cols)
     constexprs = dict(GATHER_A=a_idx is not None, SCATTER_OUT=out_idx is not None,
                       DOT_PRECISION=dot_precision(a.dtype))
 

@@ -9,8 +9,9 @@ def check_index(name: str, sel, size: int, device: torch.device
                 ) -> tuple[torch.Tensor | None, int, int]:
     """Normalise a selection of ``size`` positions to (index tensor or None, start, count).
 
-    ``sel``: a 1-D int64 tensor on ``device``, sorted, unique and in [0, size); or a
-    slice/range with step 1 inside [0, size] (the contiguous case: None and its start).
+    ``sel``: a 1-D int64 tensor on ``device``, sorted, unique and in [0, size) (returned
+    contiguous: the kernels read index k at ``idx_ptr + k``); or a slice/range with step 1
+    inside [0, size] (the contiguous case: None and its start).
     Value checks need the indices on the host: skipped while torch.compile traces.
     """
     if isinstance(sel, (slice, range)):
@@ -37,7 +38,7 @@ def check_index(name: str, sel, size: int, device: torch.device
         if int(sel[0]) < 0 or int(sel[-1]) >= size:
             raise ValueError(f"{name} must lie in [0, {size}), got values from "
                              f"{int(sel[0])} to {int(sel[-1])}")
-    return sel, 0, sel.numel()
+    return sel.contiguous(), 0, sel.numel()
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, *,

@@ -42,3 +42,17 @@ def test_matches_torch_adamw(cols, gather, dtype, shape, count):
     rest[index] = False
     assert torch.equal(weight.index_select(dim, rest.nonzero().flatten()),
                        original.index_select(dim, rest.nonzero().flatten()))
+
+
+def test_strided_index_tensor():
+    """A strided (non-contiguous) index tensor updates the rows it names."""
+    weight = torch.randn(12, 5, device=KERNEL_DEVICE)
+    sel = torch.arange(12, device=KERNEL_DEVICE)[::2][:4]
+    assert not sel.is_contiguous()
+    expected = weight.clone()
+    grad = torch.randn(4, 5, device=KERNEL_DEVICE)
+    m, v = torch.zeros(4, 5, device=KERNEL_DEVICE), torch.zeros(4, 5, device=KERNEL_DEVICE)
+    sparse_adamw(weight, grad, m, v, sel, False, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+                 weight_decay=0.0, step=1)
+    expected[sel] -= 0.1 * grad.sign()  # the first Adam step is lr * sign(grad), up to eps
+    assert_close(weight, expected, torch.float32, "weight")

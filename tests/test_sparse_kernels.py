@@ -90,3 +90,17 @@ def test_nan_propagates():
     out = torch.zeros(8, 4, device=KERNEL_DEVICE)
     sparse_matmul_add(out, a, torch.randn(4, 6, device=KERNEL_DEVICE), 0, 0)
     assert torch.isnan(out[3]).all() and not torch.isnan(out[[0, 1, 2, 4]]).any()
+
+
+def test_strided_index_tensors():
+    """Sorted index tensors that are strided views (not contiguous) gather the right columns."""
+    i = torch.arange(24, device=KERNEL_DEVICE)[::2][:5]  # 0, 2, ..., 8 with stride 2
+    j = torch.arange(30, device=KERNEL_DEVICE)[1::3][:4]
+    assert not i.is_contiguous() and not j.is_contiguous()
+    a, out = padded(7, 12, torch.float32), padded(7, 11, torch.float32)
+    b = torch.randn(4, 5, device=KERNEL_DEVICE)
+    ref = out.double().clone()
+    ref[:, j] += a.double()[:, i] @ b.double().T
+    assert_close(sparse_matmul_add(out, a, b, i, j), ref, torch.float32, "strided indices")
+    g = sparse_delta_grad(out, a, j, 4, i, 5)
+    assert_close(g, out.double()[:, j].T @ a.double()[:, i], torch.float32, "strided indices")

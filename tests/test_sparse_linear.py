@@ -65,6 +65,16 @@ def test_triton_matches_reference(lead, out, inp, count, mode, kind, dtype, trit
 
 
 @pytest.mark.parametrize("mode", ["rows", "cols"])
+def test_strided_index_tensor(mode, triton_backend):
+    """A sorted index that is a strided view (not contiguous) selects what it names."""
+    x, weight, delta, bias, _ = inputs((5,), 13, 12, 4, mode, "tensor", torch.float32,
+                                       KERNEL_DEVICE)
+    sel = torch.arange(12, device=KERNEL_DEVICE)[::2][:4]
+    assert not sel.is_contiguous()
+    check_against_reference(x, weight, delta, bias, {mode: sel}, torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["rows", "cols"])
 def test_zero_delta_is_the_base_layer(mode):
     x, weight, delta, bias, sel = inputs((3, 4), 12, 10, 4, mode, "tensor", torch.float32)
     y = sparse_linear(x, weight, torch.zeros_like(delta), bias=bias, **sel)
