@@ -131,6 +131,26 @@ class S2FTInPlaceLinear(S2FTLinear):
         return sparse_linear(x, self.base.weight, self.selected, bias=self.base.bias,
                              **{self.mode: self.selection()})
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """``selected`` is an expanded zero (nothing to copy into): only its shape is checked."""
+        key = prefix + "selected"
+        selected = self._parameters.pop("selected")
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+        finally:
+            self._parameters["selected"] = selected
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if key not in state_dict:
+            if strict:
+                missing_keys.append(key)
+        elif tuple(state_dict[key].shape) != tuple(selected.shape):
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                              f"{tuple(state_dict[key].shape)} from checkpoint, the shape in "
+                              f"current model is {tuple(selected.shape)}.")
+
     def weight_part(self) -> torch.Tensor:
         """A copy of the trained submatrix of base.weight ((|R|, in) or (out, |C|))."""
         sel = self.indices()

@@ -153,3 +153,24 @@ def test_inplace_layer_gives_compact_gradient_only():
     assert layer.selected.grad.shape == (11, 3) and base.weight.grad is None
     assert_close(layer.selected.grad, wd.grad[:, [2, 3, 7]], torch.float32, "compact grad")
     assert torch.equal(layer.weight_part(), base.weight[:, [2, 3, 7]])
+
+
+def test_inplace_state_dict_round_trip():
+    """The expanded zero ``selected`` loads (shape checked); the trained weight is restored."""
+    layer = S2FTInPlaceLinear(nn.Linear(5, 7), rows=torch.tensor([1, 4]))
+    with torch.no_grad():
+        layer.base.weight[[1, 4]] += 1.0
+    other = S2FTInPlaceLinear(nn.Linear(5, 7), rows=torch.tensor([1, 4]))
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.base.weight, layer.base.weight)
+    assert other.selected.stride() == (0, 0) and not other.selected.any()
+    x = torch.randn(3, 5)
+    assert torch.equal(other(x), layer(x))
+    with pytest.raises(RuntimeError, match="size mismatch for selected"):
+        S2FTInPlaceLinear(nn.Linear(5, 7), rows=torch.tensor([1, 2, 4])) \
+            .load_state_dict(layer.state_dict())
+    state = layer.state_dict()
+    del state["selected"]
+    with pytest.raises(RuntimeError, match='Missing key.*"selected"'):
+        other.load_state_dict(state)
+    other.load_state_dict(state, strict=False)
