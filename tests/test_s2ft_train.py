@@ -1,6 +1,7 @@
 """Equivalence: K optimizer steps with an S²FT plan == full fine-tuning with gradients masked
 to the plan (adapter mode after merge, in-place mode directly), with and without permutation."""
 import copy
+import io
 
 import pytest
 import torch
@@ -139,3 +140,50 @@ def test_equivalent_through_triton_kernels(optimizer, mode, triton_backend):
         assert_close(p, reference[name], torch.float32, name)
         if ref_moved.any():  # the update itself, not just the (large) weight, agrees
             assert (moved - ref_moved).norm() <= 1e-3 * ref_moved.norm(), name
+
+
+def test_inplace_adamw_resume_keeps_fp32_moments():
+    """save -> load -> step equals an uninterrupted run on a bf16 weight: the loaded moments
+    stay fp32 (torch.optim's loader would cast them to the bf16 parameter dtype)."""
+    from kronops.sparse_modules import S2FTInPlaceLinear
+
+    def fresh():
+        torch.manual_seed(0)
+        base = torch.nn.Linear(16, 12).to(torch.bfloat16)
+        return torch.nn.Sequential(S2FTInPlaceLinear(base, rows=torch.tensor([1, 4, 5, 9])))
+
+    inputs = [torch.randn(8, 16, dtype=torch.bfloat16) for _ in range(6)]
+
+    def train(model, opt, xs):
+        for x in xs:
+            opt.zero_grad()
+            model(x).float().square().sum().backward()
+            opt.step()
+
+    def optimizer(model):
+        return s2ft.InPlaceAdamW(model, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.1)
+
+    straight = fresh()
+    straight_opt = optimizer(straight)
+    train(straight, straight_opt, inputs)
+
+    first = fresh()
+    first_opt = optimizer(first)
+    train(first, first_opt, inputs[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": first_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = fresh()
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = optimizer(resumed)
+    resumed_opt.load_state_dict(saved["opt"])
+    state = resumed_opt.state[resumed[0].selected]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    train(resumed, resumed_opt, inputs[3:])
+
+    assert torch.equal(resumed[0].base.weight, straight[0].base.weight)
+    expected = straight_opt.state[straight[0].selected]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(state[key], expected[key]), key
+    assert state["step"] == expected["step"] == 6

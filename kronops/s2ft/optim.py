@@ -95,6 +95,20 @@ class InPlaceAdamW(_InPlace):
         super().__init__(model, dict(lr=lr, betas=tuple(betas), eps=eps,
                                      weight_decay=weight_decay))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's loader casts floating state to the parameter's dtype (bf16/fp16 for
+        ``selected``); the moments are kept in fp32 (fp64), so they are taken again from
+        ``state_dict`` in that dtype, without a lossy round trip."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=_compute_dtype(p),
+                                                       copy=True)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None if closure is None else torch.enable_grad()(closure)()
