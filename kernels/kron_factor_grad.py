@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kron_tiles import ROW_BLOCK_CONFIGS, rows_times_factor_t
+from .kron_tiles import ROW_BLOCK_CONFIGS, int32_rows, rows_times_factor_t
 from .tuning import TunedKernel, block, dot_precision, live_words, num_programs_cap
 
 
@@ -60,7 +60,8 @@ def kron_factor_grad_kernel(
                          other=0.0)
             acc = tl.dot(dy, t.to(dy.dtype), acc, input_precision=DOT_PRECISION)
 
-    tl.store(partial_ptr + pid_g * stride_pg + offs_p[:, None] * stride_pp + offs_r[None, :],
+    tl.store(partial_ptr + pid_g.to(tl.int64) * stride_pg + offs_p[:, None] * stride_pp
+             + offs_r[None, :],
              acc, mask=(offs_p[:, None] < P) & (offs_r[None, :] < R))
 
 
@@ -94,11 +95,15 @@ def kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor) -> torc
     """
     m, p, n = dy.shape
     r, q = x.shape[1], x.shape[2]
-    groups = max(1, min(triton.cdiv(m, 8), num_programs_cap(dy.device)))
+    dy, x = int32_rows(dy), int32_rows(x)
+    tiles = tile_shape(p, n, r, q, dot_precision(dy.dtype))
+    # Enough row groups to fill the GPU together with the output tiles, each group
+    # summing at least 8 rows; each group writes one fp32 (P, R) partial.
+    out_tiles = triton.cdiv(p, tiles["BLOCK_P"]) * triton.cdiv(r, tiles["BLOCK_R"])
+    groups = max(1, min(triton.cdiv(m, 8), triton.cdiv(num_programs_cap(dy.device), out_tiles)))
     partial = torch.empty((groups, p, r), device=dy.device, dtype=torch.float32)
     if partial.numel() == 0:
         return partial.sum(0)
-    tiles = tile_shape(p, n, r, q, dot_precision(dy.dtype))
 
     def grid(meta):
         return (groups, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(r, meta["BLOCK_R"]))

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kron_tiles import ROW_BLOCK_CONFIGS, rows_times_factor_t
+from .kron_tiles import ROW_BLOCK_CONFIGS, int32_rows, rows_times_factor_t
 from .tuning import TunedKernel, block, dot_precision, live_words
 
 
@@ -93,11 +93,13 @@ def kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
               bias: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """y[m] = scale * vec(a @ x[m] @ b.T) + bias.
 
-    x: (M, a2, b2), any strides; a: (a1, a2); b: (b1, b2); bias: (a1*b1,) or None.
+    x: (M, a2, b2), a: (a1, a2), b: (b1, b2), any strides; bias: (a1*b1,) or None.
     Returns a new contiguous (M, a1*b1) tensor of x's dtype.
     """
     m, a2, b2 = x.shape
     a1, b1 = a.shape[0], b.shape[0]
+    x = int32_rows(x)
+    bias = None if bias is None else bias.contiguous()
     y = torch.empty((m, a1 * b1), device=x.device, dtype=x.dtype)
     if m == 0 or y.numel() == 0:
         return y

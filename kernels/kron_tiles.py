@@ -1,5 +1,6 @@
 """What the Kronecker kernels share: their tuning configs and one factor applied to many
 row-matrices."""
+import torch
 import triton
 import triton.language as tl
 
@@ -10,6 +11,13 @@ ROW_BLOCK_CONFIGS = [
     for m, w, s in [(1, 4, 2), (1, 8, 2), (2, 4, 3), (2, 8, 3), (4, 4, 3), (4, 8, 3), (8, 8, 2),
                     (16, 8, 2)]
 ]
+
+
+def int32_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (M, R, Q), copied to contiguous only if offsets inside one of its R x Q
+    matrices do not fit int32 (row offsets are int64 in the kernels)."""
+    span = (t.shape[1] - 1) * abs(t.stride(1)) + (t.shape[2] - 1) * abs(t.stride(2))
+    return t if span < 2 ** 31 else t.contiguous()
 
 
 @triton.jit

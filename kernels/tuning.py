@@ -36,7 +36,7 @@ def num_programs_cap(device: torch.device) -> int:
 
 # Register budget: 4-byte words of live tiles a thread may hold before the compiler
 # spills (checked against the compiled kernels by tests/test_aot_compile.py).
-REGISTER_BUDGET = 80
+REGISTER_BUDGET = 72
 
 
 def live_words(accumulators: int, operands: int, element_bytes: int, precision: str) -> int:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kron_ops
+from .autocast import autocast_operands
 from .checks import check_same, check_scale, check_tensor
 
 
@@ -14,7 +15,8 @@ def kron_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     """``scale * x @ torch.kron(a, b).T + bias`` without ever forming ``kron(a, b)``.
 
     x: (..., a2*b2); a: (a1, a2); b: (b1, b2); bias: (a1*b1,) or None.
-    Returns (..., a1*b1) in x's dtype. Differentiable in x, a, b and bias.
+    Returns (..., a1*b1) in x's dtype (inside an autocast region, all operands are cast to
+    the autocast dtype, as for F.linear). Differentiable in x, a, b and bias.
     """
     check_tensor("x", x)
     check_tensor("a", a, dim=2)
@@ -22,6 +24,7 @@ def kron_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     scale = check_scale(scale)
     if bias is not None:
         check_tensor("bias", bias, dim=1)
+    x, a, b, bias = autocast_operands(x.device.type, x, a, b, bias)
     check_same("x", x, a=a, b=b, bias=bias)
     (a1, a2), (b1, b2) = a.shape, b.shape
     if x.dim() == 0 or x.shape[-1] != a2 * b2:
@@ -38,15 +41,16 @@ def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], *,
                 scale: float = 1.0) -> torch.Tensor:
     """``scale * x @ kron(f1, ..., fN).T`` for N >= 1 factors fi of shape (pi, qi).
 
-    x: (..., q1*...*qN). Returns (..., p1*...*pN). The leading factors are applied one
-    mode at a time (batched matmuls); the last two run fused in ``kron_linear``.
-    Differentiable in x and every factor.
+    x: (..., q1*...*qN). Returns (..., p1*...*pN), in the autocast dtype inside an
+    autocast region. The leading factors are applied one mode at a time (batched
+    matmuls); the last two run fused in ``kron_linear``. Differentiable in x and every factor.
     """
     check_tensor("x", x)
     if isinstance(factors, torch.Tensor) or not isinstance(factors, Sequence) or not factors:
         raise TypeError("factors must be a non-empty list or tuple of 2-D tensors")
     for i, f in enumerate(factors):
         check_tensor(f"factors[{i}]", f, dim=2)
+    x, *factors = autocast_operands(x.device.type, x, *factors)
     check_same("x", x, **{f"factors[{i}]": f for i, f in enumerate(factors)})
     scale = check_scale(scale)
     q = [f.shape[1] for f in factors]

@@ -10,6 +10,7 @@ two ops: dX_m = A^T dY_m B is ``kron_rows`` with transposed factors, dA and dB a
 """
 import torch
 
+from .autocast import autocast_off
 from .backend import use_triton
 from .kron_reference import (kron_factor_grad_composite, kron_rows_backward_composite,
                              kron_rows_composite)
@@ -21,7 +22,8 @@ def kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     if use_triton(x):
         from .kernels import kron_rows as kernel
         return kernel(x, a, b, bias, scale)
-    return kron_rows_composite(x, a, b, bias, scale).contiguous()
+    with autocast_off(x.device.type):
+        return kron_rows_composite(x, a, b, bias, scale).contiguous()
 
 
 @kron_rows.register_fake
@@ -34,7 +36,8 @@ def kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor) -> torc
     if use_triton(dy):
         from .kernels import kron_factor_grad as kernel
         return kernel(dy, f, x)
-    return kron_factor_grad_composite(dy, f, x)
+    with autocast_off(dy.device.type):
+        return kron_factor_grad_composite(dy, f, x)
 
 
 @kron_factor_grad.register_fake
@@ -55,7 +58,8 @@ def _backward(ctx, grad):
     grad3 = grad.reshape(x.shape[0], a.shape[0], b.shape[0])
     grad_bias = grad.sum(0) if ctx.needs_input_grad[3] else None
     if not use_triton(grad):  # plain torch ops, sharing intermediates (and differentiable)
-        grads = kron_rows_backward_composite(grad3 * scale, x, a, b)
+        with autocast_off(grad.device.type):
+            grads = kron_rows_backward_composite(grad3 * scale, x, a, b)
         grad_x, grad_a, grad_b = (g.to(t.dtype) if need else None for g, t, need in
                                   zip(grads, (x, a, b), ctx.needs_input_grad))
         return grad_x, grad_a, grad_b, grad_bias, None

@@ -66,7 +66,8 @@ def sparse_cases(precisions=PRECISIONS) -> list:
 
 
 def kernel_cases() -> dict:
-    """{case id: (kernel name, constexprs, config index)} for every launchable config, once.
+    """{case id: (kernel name, constexprs, config index, element, unit strides)} for every
+    launchable config, once.
 
     The constexprs include the element type and dot precision, which the tile lengths and
     the register budget depend on.
@@ -75,16 +76,27 @@ def kernel_cases() -> dict:
     grad = importlib.import_module("kronops.kernels.kron_factor_grad")
     cases = {}
     for (a1, a2, b1, b2), (element, precision) in itertools.product(KRON_SHAPES, PRECISIONS):
-        launches = [("kron_rows_kernel", rows,
-                     dict(HAS_BIAS=True, **rows.tile_shape(a1, a2, b1, b2, precision)))]
-        for p, n, r, q in [(a1, b1, a2, b2), (b1, a1, b2, a2)]:  # dA, then dB
-            launches.append(("kron_factor_grad_kernel", grad, grad.tile_shape(p, n, r, q, precision)))
-        for name, module, constexprs in launches:
+        # What kron_linear launches: forward (with or without bias), dX (A^T and B^T as
+        # strided views: their first strides are 1), dA, and dB (dY and X per-row transposed).
+        launches = [
+            (rows, "kron_rows_kernel", "fwd", dict(HAS_BIAS=True, **rows.tile_shape(a1, a2, b1, b2, precision)),
+             ["stride_xl", "stride_aj", "stride_bl"]),
+            (rows, "kron_rows_kernel", "fwd", dict(HAS_BIAS=False, **rows.tile_shape(a1, a2, b1, b2, precision)),
+             ["stride_xl", "stride_aj", "stride_bl"]),
+            (rows, "kron_rows_kernel", "dx", dict(HAS_BIAS=False, **rows.tile_shape(a2, a1, b2, b1, precision)),
+             ["stride_xl", "stride_ai", "stride_bn"]),
+            (grad, "kron_factor_grad_kernel", "da", grad.tile_shape(a1, b1, a2, b2, precision),
+             ["stride_dyn", "stride_fq", "stride_xq"]),
+            (grad, "kron_factor_grad_kernel", "db", grad.tile_shape(b1, a1, b2, a2, precision),
+             ["stride_dyp", "stride_fq", "stride_xr"]),
+        ]
+        for module, name, role, constexprs, unit_strides in launches:
             for config in module._kernel.viable_configs(constexprs, ELEMENT_BYTES[element]):
                 index = module.CONFIGS.index(config)
-                blocks = "-".join(f"{k}{v}" for k, v in constexprs.items() if k.startswith("BLOCK"))
-                cases[f"{name}-{blocks}-cfg{index}-{element}-{precision}"] = \
-                    (name, constexprs, index, element)
+                flags = "-".join(f"{k}{int(v)}" for k, v in constexprs.items()
+                                 if k.startswith(("BLOCK", "HAS")))
+                cases[f"{name}-{role}-{flags}-cfg{index}-{element}-{precision}"] = \
+                    (name, constexprs, index, element, unit_strides)
     for name, constexprs, element, unit_strides in sparse_cases():
         module = importlib.import_module(f"kronops.kernels.{KERNELS[name][0]}")
         flags = "-".join(f"{k}{int(v)}" for k, v in constexprs.items() if isinstance(v, bool))

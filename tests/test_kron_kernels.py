@@ -1,7 +1,9 @@
 """The Triton kernels themselves (interpreter on CPU, compiled on a GPU) vs fp64 references."""
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, KERNEL_DTYPES, assert_close
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, ON_GPU, assert_close
+
+import importlib
 
 from kronops.kernels import kron_factor_grad, kron_rows
 
@@ -61,6 +63,7 @@ def test_kron_factor_grads(shape, dtype):
     assert_close(grad_b, torch.einsum("mik,ij,mjl->kl", dyd, a.double(), xd), dtype, "dB")
 
 
+@pytest.mark.skipif(not ON_GPU, reason="the interpreter runs programs one after another")
 def test_factor_grad_is_deterministic():
     x, a, b = make((257, 8, 8, 8, 8), torch.float32)
     dy = torch.randn(257, 8, 8, device=x.device)
@@ -81,3 +84,19 @@ def test_nan_propagates():
     x[1, 2, 3] = float("nan")
     y = kron_rows(x, a, b, None, 1.0)
     assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2, 3]]).any()
+
+
+def test_strided_bias():
+    x, a, b = make((5, 3, 4, 2, 3), torch.float32)
+    bias = torch.randn(12, device=x.device)[::2]
+    y = kron_rows(x, a, b, bias, 1.0)
+    ref = x.double().reshape(5, -1) @ torch.kron(a.double(), b.double()).T + bias.double()
+    assert_close(y, ref, torch.float32, "strided bias")
+
+
+def test_int32_rows_copies_only_when_offsets_overflow():
+    int32_rows = importlib.import_module("kronops.kernels.kron_tiles").int32_rows
+    small = torch.randn(4, 8, 3).transpose(1, 2)
+    assert int32_rows(small) is small
+    huge = torch.empty_strided((2, 3, 4), (1, 2, 2 ** 30), device="meta")  # x.T-like rows
+    assert int32_rows(huge).is_contiguous()

@@ -136,3 +136,17 @@ def test_bad_scale():
     with pytest.raises(TypeError, match="scale must be a Python float"):
         kronops.kron_linear(torch.randn(2, 4), torch.randn(2, 2), torch.randn(2, 2),
                             scale=torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_casts_like_linear(dtype):
+    x, a, b, bias = inputs((4, 3), (3, 4), (2, 5), torch.float32, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        y = kronops.kron_linear(x, a, b, bias)
+        compiled = torch.compile(lambda *t: kronops.kron_linear(*t), fullgraph=True,
+                                 backend="aot_eager")(x, a, b, bias)
+        z = kronops.kron_matmul(x, [a, b])
+    assert y.dtype == compiled.dtype == z.dtype == dtype
+    assert rel_err(y, kron_linear_reference(x, a, b, bias)) < 2e-2
+    y.float().sum().backward()
+    assert a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all()

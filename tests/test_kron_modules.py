@@ -111,3 +111,16 @@ def test_krona_block(residual):
 def test_krona_block_residual_needs_square():
     with pytest.raises(ValueError, match="residual needs in_features == out_features"):
         kronops.KronABlock(nn.Linear(8, 4), 8, 4, residual=True)
+
+
+def test_layers_run_under_autocast_after_linear():
+    model = nn.Sequential(nn.Linear(12, 12), kronops.KronLinear(12, 10),
+                          kronops.KronALinear(nn.Linear(10, 8), rank=2))
+    nn.init.normal_(model[2].b)
+    x = torch.randn(5, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, model(x)) < 3e-2
+    y.float().square().sum().backward()
+    assert model[1].a.grad is not None and model[2].b.grad is not None

@@ -1,0 +1,26 @@
+"""torch.autocast for the custom ops: cast operands the way F.linear is cast.
+
+Custom ops are opaque to autocast, so the public functions cast their floating operands
+to the autocast dtype themselves, and the composite implementations run with autocast
+off, so that what an op returns always matches its fake implementation.
+"""
+import contextlib
+
+import torch
+
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def autocast_operands(device_type: str, *tensors):
+    """``tensors`` (None kept) in the autocast dtype when autocast is on for ``device_type``."""
+    if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def autocast_off(device_type: str):
+    """A context in which ops on ``device_type`` run in their own dtypes."""
+    if device_type not in AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
