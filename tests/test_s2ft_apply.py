@@ -166,6 +166,19 @@ def test_apply_twice_and_bad_names():
         s2ft.export(tiny_llama())
 
 
+def test_restore_rejects_repeated_indices():
+    model = tiny_llama()
+    s2ft.apply(model, s2ft.select(model, heads=1, channels=2))
+    tensors = s2ft.export(model)
+    tensors["model.layers.0.mlp.up_proj.rows"] = torch.tensor([5, 5])
+    untouched = tiny_llama()
+    before = {k: v.clone() for k, v in untouched.state_dict().items()}
+    with pytest.raises(ValueError, match="up_proj: rows must not repeat an index"):
+        s2ft.restore(untouched, tensors)
+    for name, value in untouched.state_dict().items():  # nothing applied, not even in part
+        assert torch.equal(value, before[name]), name
+
+
 def test_permute_with_biases_keeps_outputs_and_undoes_exactly():
     """Qwen-style q/k/v (and MLP) biases move with their rows."""
     model = tiny_llama(torch.float64, bias=True)

@@ -56,9 +56,13 @@ def export(model) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def restore(model, tensors: dict[str, torch.Tensor]) -> None:
-    """Apply exported S²FT tensors to ``model``'s weights in place (original layout)."""
+    """Apply exported S²FT tensors to ``model``'s weights in place (original layout).
+
+    Everything is checked before any weight changes: on an error the model is untouched.
+    """
     modules = dict(model.named_modules())
     names = {key.rpartition(".")[0] for key in tensors}
+    updates = []
     for name in sorted(names):
         if name not in modules:
             raise ValueError(f"exported layer {name!r} is not a module of the model")
@@ -82,10 +86,15 @@ def restore(model, tensors: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"{name}: indices must be int64 in [0, {w.shape[dim]}) and values "
                              f"of shape {tuple(expected)}, got {index.dtype} and "
                              f"{tuple(values.shape)}")
-        if kinds[0] == "delta":
-            w.index_add_(dim, index, values.to(w.dtype))
+        if index.unique().numel() != index.numel():
+            raise ValueError(f"{name}: {sides[0]} must not repeat an index (a repeated one "
+                             f"would be updated twice), got {index.tolist()}")
+        updates.append((w, dim, index, values.to(w.dtype), kinds[0]))
+    for w, dim, index, values, kind in updates:
+        if kind == "delta":
+            w.index_add_(dim, index, values)
         else:
-            w.index_copy_(dim, index, values.to(w.dtype))
+            w.index_copy_(dim, index, values)
 
 
 def _adapters(model) -> list[S2FTLinear]:
