@@ -59,9 +59,9 @@ def _backward(ctx, grad):
     grad_bias = grad.sum(0) if ctx.needs_input_grad[3] else None
     if not use_triton(grad):  # plain torch ops, sharing intermediates (and differentiable)
         with autocast_off(grad.device.type):
-            grads = kron_rows_backward_composite(grad3 * scale, x, a, b)
-        grad_x, grad_a, grad_b = (g.to(t.dtype) if need else None for g, t, need in
-                                  zip(grads, (x, a, b), ctx.needs_input_grad))
+            grads = kron_rows_backward_composite(grad3 * scale, x, a, b, ctx.needs_input_grad[:3])
+        grad_x, grad_a, grad_b = (None if g is None else g.to(t.dtype)
+                                  for g, t in zip(grads, (x, a, b)))
         return grad_x, grad_a, grad_b, grad_bias, None
     grad_x = grad_a = grad_b = None
     if ctx.needs_input_grad[0]:

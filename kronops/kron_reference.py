@@ -50,14 +50,16 @@ def kron_factor_grad_composite(dy, f, x):
     return torch.matmul(dy.to(acc), torch.matmul(x, f.mT).mT.to(acc)).sum(0)
 
 
-def kron_rows_backward_composite(grad, x, a, b):
-    """(dX, dA, dB) of y[m] = vec(a @ x[m] @ b.T) for grad (M, a1, b1), x (M, a2, b2).
+def kron_rows_backward_composite(grad, x, a, b, needs=(True, True, True)):
+    """(dX, dA, dB) of y[m] = vec(a @ x[m] @ b.T) for grad (M, a1, b1), x (M, a2, b2);
+    None where ``needs`` says a gradient is not wanted.
 
     Shares dT_m = A^T dY_m between dX_m = dT_m B and dB = sum_m dT_m^T X_m (one GEMM over
     the folded (m, j) rows); dA = sum_m dY_m (X_m B^T)^T as batched matmuls and a sum.
     """
-    dt = torch.matmul(a.mT, grad)
-    grad_x = torch.matmul(dt, b)
-    grad_a = torch.matmul(grad, torch.matmul(x, b.mT).mT).sum(0)
-    grad_b = dt.reshape(-1, dt.shape[-1]).mT @ x.reshape(-1, x.shape[-1])
+    need_x, need_a, need_b = needs
+    dt = torch.matmul(a.mT, grad) if need_x or need_b else None
+    grad_x = torch.matmul(dt, b) if need_x else None
+    grad_a = torch.matmul(grad, torch.matmul(x, b.mT).mT).sum(0) if need_a else None
+    grad_b = dt.reshape(-1, dt.shape[-1]).mT @ x.reshape(-1, x.shape[-1]) if need_b else None
     return grad_x, grad_a, grad_b
