@@ -12,7 +12,9 @@ class S2FTLinear(nn.Module):
     the selection: rows mode Δ is (|R|, in), cols mode (out, |C|); Δ starts at zero, so a
     fresh adapter changes nothing. ``rows``/``cols`` (exactly one): a sorted, unique int64
     tensor, or a slice/range for a contiguous block (kept as a range: no index loads).
-    Δ is kept in ``delta_dtype`` and cast to the base weight's dtype in forward.
+    Δ is kept in ``delta_dtype`` and cast to the base weight's dtype in forward. The state
+    dict carries the selection (``index``, or a range's start in the extra state): loading
+    takes it over, and a state of the other mode or kind (range vs tensor) raises.
     ``merge()`` adds Δ into base.weight (forward then runs the base alone); ``unmerge()``
     takes it out again (exact when Δ is representable in the weight's dtype). The base
     never gets a gradient; only ``delta`` is trainable.
@@ -60,6 +62,33 @@ class S2FTLinear(nn.Module):
         sel = self.selection()
         return sel if isinstance(sel, torch.Tensor) else \
             torch.arange(sel.start, sel.stop, device=self.delta.device)
+
+    def get_extra_state(self) -> dict:
+        """The selection beyond the ``index`` buffer: the mode, and a contiguous range's start
+        (None when an index tensor selects)."""
+        return {"mode": self.mode, "start": None if self.index is not None else self.start}
+
+    def set_extra_state(self, state) -> None:
+        """Take the saved selection (as the ``index`` buffer is taken): a saved range's start;
+        a different mode, or a range where this layer has an index tensor (or the reverse),
+        raises ValueError."""
+        def describe(mode, contiguous):
+            return f"{mode} ({'a contiguous range' if contiguous else 'an index tensor'})"
+
+        ours = describe(self.mode, self.index is None)
+        if not isinstance(state, dict) or state.get("mode") not in ("rows", "cols"):
+            raise ValueError(f"S2FTLinear state has no valid selection: got {state!r}")
+        theirs = describe(state["mode"], state.get("start") is not None)
+        if theirs != ours:
+            raise ValueError(f"cannot load the state of an S2FTLinear selecting {theirs} into "
+                             f"one selecting {ours}")
+        if self.index is None:
+            start, count = int(state["start"]), len(self.selection())
+            size = self.in_features if self.mode == "cols" else self.out_features
+            if not 0 <= start <= size - count:
+                raise ValueError(f"saved {self.mode} range start {start} does not fit {count} "
+                                 f"{self.mode} of {size}")
+            self.start = start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

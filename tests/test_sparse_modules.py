@@ -87,6 +87,29 @@ def test_state_dict_round_trip():
     assert torch.equal(other.index, layer.index) and torch.equal(other.delta, layer.delta)
 
 
+def test_state_dict_carries_a_contiguous_selection():
+    """A range's start is part of the state: rows 0:4 loaded into a rows 4:8 layer select 0:4."""
+    layer = S2FTLinear(nn.Linear(5, 9), rows=range(0, 4))
+    with torch.no_grad():
+        layer.delta.normal_()
+    other = S2FTLinear(nn.Linear(5, 9), rows=range(4, 8))
+    other.load_state_dict(layer.state_dict())
+    assert other.selection() == range(0, 4)
+    x = torch.randn(3, 5)
+    assert torch.equal(other(x), layer(x))
+    with pytest.raises(ValueError, match=r"selecting rows \(a contiguous range\) into one "
+                                         r"selecting rows \(an index tensor\)"):
+        S2FTLinear(nn.Linear(5, 9), rows=torch.tensor([0, 1, 2, 5])) \
+            .load_state_dict(layer.state_dict(), strict=False)
+    with pytest.raises(ValueError, match=r"into one selecting cols"):
+        S2FTLinear(nn.Linear(5, 9), cols=range(0, 4)).load_state_dict(layer.state_dict(),
+                                                                       strict=False)
+    state = S2FTLinear(nn.Linear(5, 9), rows=range(5, 9)).state_dict()
+    state["_extra_state"] = {"mode": "rows", "start": 6}
+    with pytest.raises(ValueError, match="range start 6 does not fit 4 rows of 9"):
+        other.load_state_dict(state)
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(rows=torch.tensor([0, 1]), cols=torch.tensor([0])), ValueError, "exactly one"),
     (dict(), ValueError, "exactly one"),
