@@ -98,6 +98,19 @@ def test_bad_input(kwargs, error, match):
         s2ft.select(tiny_llama(), **{"heads": 1, "channels": 1, **kwargs})
 
 
+@pytest.mark.parametrize("strategy", ["weight", "gradient"])
+def test_weight_strategies_on_a_wrapped_model(strategy):
+    """After apply the projections are S²FT layers (no .weight): a clear error, no
+    AttributeError; random and activation still work."""
+    model = tiny_llama()
+    s2ft.apply(model, s2ft.select(model, heads=1, channels=1))
+    with pytest.raises(ValueError, match=f"strategy='{strategy}' scores plain nn.Linear weights, "
+                                         "but model.layers.0.self_attn.q_proj is already wrapped"):
+        s2ft.select(model, heads=1, channels=1, strategy=strategy, calibration=[batch()])
+    for other in ("random", "activation"):
+        s2ft.select(model, heads=1, channels=1, strategy=other, calibration=[batch()])
+
+
 def test_model_without_blocks():
     with pytest.raises(ValueError, match="no LLaMA-style blocks"):
         s2ft.select(torch.nn.Linear(3, 3), heads=1)

@@ -17,8 +17,9 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import nn
 
-from .blocks import find_blocks
+from .blocks import ATTENTION, MLP, find_blocks
 
 STRATEGIES = ("random", "weight", "activation", "gradient")
 
@@ -147,6 +148,21 @@ def _scores(model, blocks, strategy, calibration, loss_fn, generator):
     return [reduce(b, *s) for b, s in zip(blocks, sums)]
 
 
+def _check_unwrapped(model, blocks, strategy: str) -> None:
+    """The weight and gradient strategies read projection weights: S²FT layers have none."""
+    modules = dict(model.named_modules())
+    for b in blocks:
+        for parent, names in ((b.attention, ATTENTION), (b.mlp, MLP)):
+            for name in names:
+                module = getattr(modules[parent], name)
+                if not isinstance(module, nn.Linear):
+                    raise ValueError(f"strategy={strategy!r} scores plain nn.Linear weights, but "
+                                     f"{parent}.{name} is already wrapped in a "
+                                     f"{type(module).__name__}: select before "
+                                     f"kronops.s2ft.apply, or use strategy='random' or "
+                                     f"'activation'")
+
+
 def _top(scores: list[torch.Tensor], per_block, total) -> list[list[int]]:
     """Indices of the highest scores: ``per_block`` in each block, or ``total`` overall."""
     if per_block is not None:
@@ -170,6 +186,8 @@ def select(model, *, heads=0, channels=0, strategy: str = "random", calibration=
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     blocks = find_blocks(model)
+    if strategy in ("weight", "gradient"):
+        _check_unwrapped(model, blocks, strategy)
     head_k, head_total = _count("heads", heads, [b.num_heads for b in blocks])
     chan_k, chan_total = _count("channels", channels, [b.channels for b in blocks])
     generator = torch.Generator().manual_seed(seed)
