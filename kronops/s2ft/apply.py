@@ -14,7 +14,7 @@ selections are contiguous; ``unpermute`` restores the original layout exactly.
 import torch
 
 from ..sparse_modules import S2FTInPlaceLinear, S2FTLinear
-from .blocks import ATTENTION, MLP, Block, find_blocks
+from .blocks import ATTENTION, MLP, Block, find_blocks, head_rows
 from .permute import base_linear, block_permutation, invert, permute_block
 from .select import Plan
 
@@ -46,10 +46,6 @@ def check_plan(plan: Plan, blocks: list[Block]) -> None:
                                  f"{entry.get(key)} in the plan, {actual} in the model")
         _check_indices(f"plan block {name!r} heads", entry.get("heads"), b.num_heads)
         _check_indices(f"plan block {name!r} channels", entry.get("channels"), b.channels)
-
-
-def _rows(units: list[int], size: int) -> list[int]:
-    return [u * size + i for u in units for i in range(size)]
 
 
 def _selection(indices: list[int], device):
@@ -89,7 +85,8 @@ def apply(model, plan: Plan, *, mode: str = "adapter", permute: bool = False,
             heads = [i for i, h in enumerate(perm["heads"]) if h in set(heads)]
             kv_heads = list(range(len(kv_heads)))
             channels = list(range(len(channels)))
-        q_rows, kv_rows = _rows(heads, b.head_dim), _rows(kv_heads, b.head_dim)
+        q_rows = head_rows(heads, b.head_dim).tolist()
+        kv_rows = head_rows(kv_heads, b.head_dim).tolist()
         parts = {"q_proj": ("rows", q_rows), "k_proj": ("rows", kv_rows),
                  "v_proj": ("rows", kv_rows), "o_proj": ("cols", q_rows),
                  "gate_proj": ("rows", channels), "up_proj": ("rows", channels),
@@ -111,8 +108,8 @@ def apply(model, plan: Plan, *, mode: str = "adapter", permute: bool = False,
 def layer_orders(block: Block, perm: dict) -> dict[str, tuple[str, torch.Tensor]]:
     """Per projection: (side, order) with order[new index] = original index."""
     d = block.head_dim
-    heads = torch.tensor(_rows(perm["heads"], d))
-    kv = torch.tensor(_rows(perm["kv_heads"], d))
+    heads = head_rows(perm["heads"], d)
+    kv = head_rows(perm["kv_heads"], d)
     channels = torch.tensor(perm["channels"])
     return {"q_proj": ("rows", heads), "k_proj": ("rows", kv), "v_proj": ("rows", kv),
             "o_proj": ("cols", heads), "gate_proj": ("rows", channels),

@@ -1,6 +1,7 @@
 """Finding LLaMA-style transformer blocks: attention (q/k/v/o_proj) and MLP (gate/up/down_proj)."""
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -22,6 +23,13 @@ class Block:
     num_kv_heads: int
     head_dim: int
     channels: int
+
+
+def head_rows(heads, head_dim: int) -> torch.Tensor:
+    """The rows (int64) of heads ``heads`` (in that order) in a weight with ``head_dim`` rows
+    per head: h*head_dim ... (h+1)*head_dim - 1 for each h."""
+    heads = torch.as_tensor(heads, dtype=torch.int64)
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
 def _is_linear(module) -> bool:

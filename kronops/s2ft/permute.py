@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..sparse_modules import S2FTLinear
-from .blocks import Block
+from .blocks import Block, head_rows
 
 
 def base_linear(module: nn.Module) -> nn.Linear:
@@ -38,12 +38,6 @@ def block_permutation(block: Block, heads: list[int], channels: list[int]) -> di
     picked = set(channels)
     channel_order = sorted(picked) + [c for c in range(block.channels) if c not in picked]
     return dict(heads=head_order, kv_heads=kv_order, channels=channel_order)
-
-
-def _expand(order: list[int], size: int) -> torch.Tensor:
-    """Row order of a weight whose rows come in groups of ``size`` per head."""
-    order = torch.tensor(order, dtype=torch.int64)
-    return (order[:, None] * size + torch.arange(size)).flatten()
 
 
 def inverse(order: list[int]) -> list[int]:
@@ -69,8 +63,8 @@ def _take(module, rows=None, cols=None) -> None:
 def permute_block(attention, mlp, block: Block, perm: dict) -> None:
     """Reorder the block's weights in place: new position i holds old head/channel perm[i]."""
     d = block.head_dim
-    q_rows = _expand(perm["heads"], d)
-    kv_rows = _expand(perm["kv_heads"], d)
+    q_rows = head_rows(perm["heads"], d)
+    kv_rows = head_rows(perm["kv_heads"], d)
     _take(attention.q_proj, rows=q_rows)
     _take(attention.k_proj, rows=kv_rows)
     _take(attention.v_proj, rows=kv_rows)
