@@ -33,12 +33,22 @@ def check_index(name: str, sel, size: int, device: torch.device
     if sel.device != device:
         raise ValueError(f"{name} is on {sel.device} but weight is on {device}")
     if not torch.compiler.is_compiling():
-        if bool((sel[1:] <= sel[:-1]).any()):
-            raise ValueError(f"{name} must be sorted and unique (strictly increasing)")
-        if int(sel[0]) < 0 or int(sel[-1]) >= size:
-            raise ValueError(f"{name} must lie in [0, {size}), got values from "
-                             f"{int(sel[0])} to {int(sel[-1])}")
+        check_sorted_unique(name, sel, size)
     return sel.contiguous(), 0, sel.numel()
+
+
+def check_sorted_unique(name: str, index: torch.Tensor, size: int) -> None:
+    """``index`` (1-D int64, possibly empty) is strictly increasing and lies in [0, size).
+
+    Reads the values on the host (not for torch.compile tracing).
+    """
+    if index.numel() == 0:
+        return
+    if bool((index[1:] <= index[:-1]).any()):
+        raise ValueError(f"{name} must be sorted and unique (strictly increasing)")
+    if int(index[0]) < 0 or int(index[-1]) >= size:
+        raise ValueError(f"{name} must lie in [0, {size}), got values from "
+                         f"{int(index[0])} to {int(index[-1])}")
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, *,

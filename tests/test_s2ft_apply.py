@@ -141,7 +141,13 @@ def test_plan_for_another_model_is_rejected():
         s2ft.apply(model, plan)
     plan = s2ft.select(model, heads=1, channels=1)
     plan.blocks["model.layers.1"]["channels"] = [3, 40]
-    with pytest.raises(ValueError, match=r"channels must be sorted, unique and in \[0, 40\)"):
+    with pytest.raises(ValueError, match=r"channels must lie in \[0, 40\), got values from 3 "):
+        s2ft.apply(model, plan)
+    plan.blocks["model.layers.1"]["channels"] = [3, 3]
+    with pytest.raises(ValueError, match=r"channels must be sorted and unique"):
+        s2ft.apply(model, plan)
+    plan.blocks["model.layers.1"]["channels"] = [3, True]
+    with pytest.raises(TypeError, match=r"channels must be a list of ints"):
         s2ft.apply(model, plan)
     with pytest.raises(TypeError, match="plan must be a kronops.s2ft.Plan"):
         s2ft.apply(model, plan.blocks)

@@ -13,6 +13,7 @@ selections are contiguous; ``unpermute`` restores the original layout exactly.
 """
 import torch
 
+from ..sparse_functional import check_sorted_unique
 from ..sparse_modules import S2FTInPlaceLinear, S2FTLinear
 from .blocks import ATTENTION, MLP, Block, find_blocks, head_rows
 from .permute import base_linear, block_permutation, invert, permute_block
@@ -22,11 +23,10 @@ MODES = ("adapter", "inplace")
 
 
 def _check_indices(where: str, values, limit: int) -> None:
-    if not isinstance(values, list) or not all(isinstance(v, int) for v in values):
+    if not isinstance(values, list) or \
+            not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise TypeError(f"{where} must be a list of ints, got {values!r}")
-    if any(b <= a for a, b in zip(values, values[1:])) or \
-            (values and not 0 <= values[0] <= values[-1] < limit):
-        raise ValueError(f"{where} must be sorted, unique and in [0, {limit}), got {values}")
+    check_sorted_unique(where, torch.tensor(values, dtype=torch.int64), limit)
 
 
 def check_plan(plan: Plan, blocks: list[Block]) -> None:
