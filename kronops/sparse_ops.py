@@ -15,7 +15,7 @@ that cols mode raises on a double backward that needs d(dΔ)/dx (X[:, C] is save
 import torch
 
 from .backend import use_triton
-from .sparse_reference import (add_into, sparse_delta_grad_composite,
+from .sparse_reference import (accumulation_dtype, add_into, sparse_delta_grad_composite,
                                sparse_input_grad_composite, sparse_linear_composite, take)
 
 
@@ -72,9 +72,8 @@ def sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor | N
 
 @sparse_delta_grad.register_fake
 def _(dy, x, index, start, cols, rows_of_delta):
-    dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
     rows = dy.shape[1] if cols else rows_of_delta
-    return dy.new_empty((rows, x.shape[1]), dtype=dtype)
+    return dy.new_empty((rows, x.shape[1]), dtype=accumulation_dtype(dy.dtype))
 
 
 def _setup_context(ctx, inputs, output):

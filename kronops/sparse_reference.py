@@ -12,6 +12,12 @@ import torch
 import torch.nn.functional as F
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype S²FT accumulates gradients and optimizer state in: fp64 stays fp64,
+    everything else (fp32, fp16, bf16) uses fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def take(t: torch.Tensor, index: torch.Tensor | None, start: int, count: int) -> torch.Tensor:
     """Columns of a 2-D ``t``: ``t[:, index]``, or the view ``t[:, start:start+count]``."""
     return t.narrow(1, start, count) if index is None else t.index_select(1, index)
@@ -60,7 +66,7 @@ def sparse_delta_grad_composite(dy, x, index, start, cols, shape):
 
     In cols mode ``x`` is the saved X[:, C] itself (index unused).
     """
-    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dy.dtype)
     if cols:
         return (dy.mT @ x).to(acc)
     return (take(dy, index, start, shape[0]).mT @ x).to(acc)

@@ -10,10 +10,7 @@ from torch import nn
 
 from ..backend import use_triton
 from ..sparse_modules import S2FTInPlaceLinear
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
+from ..sparse_reference import accumulation_dtype
 
 
 def _layers(model) -> list[S2FTInPlaceLinear]:
@@ -52,7 +49,7 @@ class _InPlace(torch.optim.Optimizer):
         """The submatrix in fp32 (fp64 for fp64 weights); a view of a contiguous fp32 range."""
         part = weight.narrow(dim, sel.start, len(sel)) if isinstance(sel, range) else \
             weight.index_select(dim, sel)
-        return part.to(_compute_dtype(weight))
+        return part.to(accumulation_dtype(weight.dtype))
 
 
 class InPlaceSGD(_InPlace):
@@ -71,7 +68,7 @@ class InPlaceSGD(_InPlace):
                 if p.grad is None:
                     continue
                 weight, dim, sel = self._part(self._layer_of[id(p)])
-                grad = p.grad.to(_compute_dtype(weight))
+                grad = p.grad.to(accumulation_dtype(weight.dtype))
                 value = self._read(weight, dim, sel) - group["lr"] * grad
                 self._write(weight, dim, sel, value.to(weight.dtype))
         return loss
@@ -106,8 +103,8 @@ class InPlaceAdamW(_InPlace):
             saved = state_dict["state"].get(saved_id, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved:
-                    self.state[p][key] = saved[key].to(device=p.device, dtype=_compute_dtype(p),
-                                                       copy=True)
+                    self.state[p][key] = saved[key].to(
+                        device=p.device, dtype=accumulation_dtype(p.dtype), copy=True)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -123,7 +120,7 @@ class InPlaceAdamW(_InPlace):
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros(p.shape, device=p.device,
-                                                   dtype=_compute_dtype(p))
+                                                   dtype=accumulation_dtype(p.dtype))
                     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 state["step"] += 1
                 weight, dim, sel = self._part(layer)
