@@ -16,7 +16,7 @@ import torch
 from ..sparse_functional import check_sorted_unique
 from ..sparse_modules import S2FTInPlaceLinear, S2FTLinear
 from .blocks import ATTENTION, MLP, Block, find_blocks, head_rows
-from .permute import base_linear, block_permutation, invert, permute_block
+from .permute import block_permutation, invert, permute_block
 from .select import Plan
 
 MODES = ("adapter", "inplace")
