@@ -47,8 +47,14 @@ def test_outputs_unchanged_and_only_selection_trainable(mode, permute):
     model(**batch()).loss.backward()
     for n, p in model.named_parameters():
         assert (p.grad is not None) == (n in trainable), n
-        if p.grad is not None:  # compact: the selection's shape (k_proj of layer 0 is whole)
-            assert p.grad.shape == p.shape
+    for name, layer in layers.items():  # compact gradients of the selection, and real ones
+        grad, weight = layer.delta.grad, layer.base.weight
+        count = layer.indices().numel()
+        compact = (weight.shape[0], count) if layer.mode == "cols" else (count, weight.shape[1])
+        assert weight.grad is None and grad.shape == compact, name
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    assert sum(m.delta.grad.numel() for m in layers.values()) < \
+        sum(m.base.weight.numel() for m in layers.values()) / 2
 
 
 def test_gqa_mapping_of_heads():
