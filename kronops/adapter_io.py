@@ -338,6 +338,10 @@ def load_adapters(model: nn.Module, path, *, verbose: bool = False) -> nn.Module
                                f"{state['method']!r} adapters")
     if state is None and adapter_modules(model):
         raise AdapterFileError("the model has adapter layers not set up by kronops.apply_adapters")
+    merged = [n for n, m in adapter_modules(model).items() if getattr(m, "merged", False)]
+    if merged:
+        raise AdapterFileError(f"the model's adapters are merged (e.g. {merged[0]}): "
+                               "unmerge_adapters(model) before loading")
     s2ft_wraps = None
     if method == "krona":
         new_layers, expected = _krona_plan(model, config, path)

@@ -78,6 +78,18 @@ def test_krona_load_into_a_model_with_the_same_adapters(saved):
     assert torch.equal(out(fresh), out(model))
 
 
+def test_loading_into_merged_adapters_is_refused(saved):
+    from kronops.integration import merge_adapters
+    _, fresh, path = saved
+    apply_adapters(fresh, rank=2, alpha=3, verbose=False)
+    randomize_b(fresh)
+    merge_adapters(fresh)
+    before = snapshot(fresh)
+    with pytest.raises(AdapterFileError, match="merged"):
+        load_adapters(fresh, path)
+    assert_untouched(fresh, before)
+
+
 def test_train_modules_are_saved_and_loaded(tmp_path):
     base = tiny_bert()
     fresh = copy.deepcopy(base)
