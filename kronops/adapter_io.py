@@ -75,6 +75,11 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded FSDP2 parameter (DTensor) gathered whole (a collective), else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _collect(model: nn.Module) -> tuple[dict, dict]:
     """(tensors, config) describing the model's adapters."""
     state = getattr(model, STATE, None)
@@ -114,7 +119,7 @@ def _collect(model: nn.Module) -> tuple[dict, dict]:
     for name in state["train_modules"]:
         for pname, p in modules[name].named_parameters():
             tensors[f"{name}.{pname}"] = p
-    tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    tensors = {k: _full(t).detach().to("cpu").contiguous() for k, t in tensors.items()}
     config["tensors"] = {k: dict(shape=list(t.shape), dtype=str(t.dtype).replace("torch.", ""))
                          for k, t in tensors.items()}
     config["sha256"] = _digest(tensors)
@@ -122,9 +127,16 @@ def _collect(model: nn.Module) -> tuple[dict, dict]:
 
 
 def save_adapters(model: nn.Module, path) -> None:
-    """Write the model's adapters to ``path`` (one safetensors file), atomically."""
+    """Write the model's adapters to ``path`` (one safetensors file), atomically.
+
+    Under torch.distributed every rank must call it (FSDP2 shards are gathered, a
+    collective); only rank 0 writes.
+    """
     from safetensors.torch import save
     tensors, config = _collect(model)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_rank() != 0:
+        return
     data = save(tensors, metadata={"kronops": json.dumps(config, sort_keys=True)})
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))

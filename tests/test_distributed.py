@@ -69,6 +69,9 @@ def worker(rank, world, port, path):
                 fully_shard(model)
             train(model, x, [p for p in model.parameters() if p.requires_grad])
             results[method, wrapper] = trainable(model)
+            if wrapper == "fsdp2":  # every rank calls it; shards gathered, rank 0 writes
+                from kronops.adapter_io import save_adapters
+                save_adapters(model, f"{path}.{method}.safetensors")
         if rank == 0:
             torch.save(results, path)
         dist.barrier()  # neither process leaves while the other may still talk to it
@@ -84,12 +87,13 @@ def distributed_results(tmp_path_factory):
     path = tmp_path_factory.mktemp("dist") / "results.pt"
     sys.path.insert(0, os.path.dirname(__file__))  # spawned workers import this module
     mp.spawn(worker, args=(2, port, str(path)), nprocs=2, join=True)
-    return torch.load(path)
+    return dict(torch.load(path), path=str(path))
 
 
 @pytest.mark.parametrize("method, wrapper", CASES)
 def test_two_processes_match_one_process_on_the_combined_batch(distributed_results, method,
                                                                 wrapper):
+    from test_integration import tiny_llama
     reference = build(method)
     start = trainable(reference)
     train(reference, data(), [p for p in reference.parameters() if p.requires_grad])
@@ -101,3 +105,11 @@ def test_two_processes_match_one_process_on_the_combined_batch(distributed_resul
         assert_close(got[name], value, value.dtype, f"{wrapper} {method} {name}")  # S²FT Δ: fp32
         moved += not torch.equal(value, start[name])
     assert moved == len(expected)  # every adapter tensor was trained
+    if wrapper == "fsdp2":  # the adapter file saved from the sharded model
+        from kronops.adapter_io import load_adapters
+        fresh = tiny_llama(torch.float64)
+        load_adapters(fresh, f"{distributed_results['path']}.{method}.safetensors")
+        loaded = {n: p for n, p in fresh.named_parameters() if n in expected}
+        assert loaded.keys() == expected.keys()
+        for name, value in expected.items():
+            assert_close(loaded[name], value, value.dtype, f"saved from fsdp2 {method} {name}")
