@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_linear import index_or_start
+from .sparse_linear import gathered_positions, index_or_start
 from .tuning import TunedKernel, live_words
 
 
@@ -36,10 +36,7 @@ def sparse_adamw_kernel(
         sel = q
     else:
         sel = p
-    if GATHER:
-        sel = tl.load(idx_ptr + sel, mask=ok, other=0)
-    else:
-        sel = start + sel
+    sel = gathered_positions(idx_ptr, start, sel, ok, GATHER)
     if COLS:
         w_ptrs = w_ptr + p * stride_wr + sel * stride_wc
     else:

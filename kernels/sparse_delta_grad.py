@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_linear import index_or_start
+from .sparse_linear import gathered_positions, index_or_start
 from .tuning import TunedKernel, dot_precision, live_words, num_programs_cap
 
 
@@ -37,14 +37,8 @@ def sparse_delta_grad_kernel(
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     p_ok = offs_p < P
     q_ok = offs_q < Q
-    if GATHER_D:
-        d_cols = tl.load(d_idx_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)
-    else:
-        d_cols = (d_start + offs_p).to(tl.int64)
-    if GATHER_X:
-        x_cols = tl.load(x_idx_ptr + offs_q, mask=q_ok, other=0).to(tl.int64)
-    else:
-        x_cols = (x_start + offs_q).to(tl.int64)
+    d_cols = gathered_positions(d_idx_ptr, d_start, offs_p, p_ok, GATHER_D)
+    x_cols = gathered_positions(x_idx_ptr, x_start, offs_q, q_ok, GATHER_X)
     d_base = d_ptr + d_cols[:, None] * stride_dp
     x_base = x_ptr + x_cols[None, :] * stride_xq
 

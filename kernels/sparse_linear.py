@@ -17,6 +17,19 @@ from .tuning import TunedKernel, dot_precision, live_words
 
 
 @triton.jit
+def gathered_positions(idx_ptr, start, offs, mask, GATHER: tl.constexpr):
+    """Positions I[offs] as int64: idx[offs] (masked loads) when GATHER, else start + offs.
+
+    The one gather-or-range rule of the S²FT kernels (idx contiguous, see index_or_start).
+    """
+    if GATHER:
+        positions = tl.load(idx_ptr + offs, mask=mask, other=0)
+    else:
+        positions = start + offs
+    return positions.to(tl.int64)
+
+
+@triton.jit
 def sparse_matmul_add_kernel(
     a_ptr, b_ptr, out_ptr, a_idx_ptr, out_idx_ptr,
     M, N, K, a_start, out_start,
@@ -43,22 +56,15 @@ def sparse_matmul_add_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        if GATHER_A:
-            cols = tl.load(a_idx_ptr + offs_k, mask=k_ok, other=0)
-        else:
-            cols = a_start + offs_k
-        a = tl.load(a_rows + cols.to(tl.int64)[None, :] * stride_ak,
+        cols = gathered_positions(a_idx_ptr, a_start, offs_k, k_ok, GATHER_A)
+        a = tl.load(a_rows + cols[None, :] * stride_ak,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b_t = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                       mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b_t, acc, input_precision=DOT_PRECISION)
 
-    if SCATTER_OUT:
-        out_cols = tl.load(out_idx_ptr + offs_n, mask=n_ok, other=0)
-    else:
-        out_cols = out_start + offs_n
-    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + \
-        out_cols.to(tl.int64)[None, :] * stride_on
+    out_cols = gathered_positions(out_idx_ptr, out_start, offs_n, n_ok, SCATTER_OUT)
+    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + out_cols[None, :] * stride_on
     mask = m_ok[:, None] & n_ok[None, :]
     acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
