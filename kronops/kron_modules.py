@@ -7,6 +7,7 @@ from torch import nn
 
 from .factor_shapes import factor_shapes
 from .kron_functional import kron_linear
+from .wrapped_linear import WrapsLinear
 
 
 class KronLinear(nn.Module):
@@ -95,7 +96,7 @@ def _freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-class KronALinear(_KronAdapter):
+class KronALinear(WrapsLinear, _KronAdapter):
     """KronA / LoKr adapter over a frozen nn.Linear: y = base(x) + s * dropout(x) @ kron(A, B).T.
 
     A: a_shape = (a1, a2) (None: near the square roots), or A_u (a1, r) @ A_v (r, a2) with
@@ -117,14 +118,6 @@ class KronALinear(_KronAdapter):
                            base.weight.device, base.weight.dtype)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

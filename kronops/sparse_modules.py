@@ -3,9 +3,10 @@ import torch
 from torch import nn
 
 from .sparse_functional import check_index, sparse_linear
+from .wrapped_linear import WrapsLinear
 
 
-class S2FTLinear(nn.Module):
+class S2FTLinear(WrapsLinear, nn.Module):
     """Train only rows R (output features) or columns C (input features) of a frozen Linear.
 
     x: (..., in_features) -> (..., out_features).  y = x W'ᵀ + b, W' = W with Δ added into
@@ -41,14 +42,6 @@ class S2FTLinear(nn.Module):
         shape = (base.out_features, count) if cols is not None else (count, base.in_features)
         self.delta = nn.Parameter(torch.zeros(shape, device=base.weight.device, dtype=delta_dtype))
         self.merged = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def selection(self):
         """The selection as ``sparse_linear`` takes it: the index tensor or a range."""
