@@ -204,6 +204,27 @@ def save_reload_merge(model, logits, test, tokenizer, seed, workdir) -> dict:
                 merged_max_diff=(merged - logits).abs().max().item())
 
 
+def interleaved_step_times(methods, *, rounds=20, batch_size=32, seed=0) -> dict[str, float]:
+    """Median ms per training step, all methods in one process taking turns step by step
+    (on a shared or noisy machine the ratios between methods are then comparable)."""
+    train = make_data(rounds * batch_size, "train", seed)
+    models, optimizers = {}, {}
+    for method in methods:
+        model, tokenizer = load_minilm(seed)
+        models[method] = add_method(model, method, seed).train()
+        optimizers[method] = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = {m: [] for m in methods}
+    for ids, mask, y in batches(train, tokenizer, batch_size):
+        for method in methods:
+            t0 = time.perf_counter()
+            nn.functional.cross_entropy(models[method](ids, mask), y).backward()
+            optimizers[method].step()
+            optimizers[method].zero_grad(set_to_none=True)
+            times[method].append(time.perf_counter() - t0)
+    return {m: 1000 * sorted(t[1:])[len(t[1:]) // 2] for m, t in times.items()}  # no warm-up
+
+
 def _child(method, kwargs, queue):
     torch.set_num_threads(kwargs.pop("threads"))
     queue.put(run_method(method, **kwargs))
@@ -220,6 +241,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="64 train / 32 test, 2 steps")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="also time ROUNDS steps per method, methods taking turns")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -257,9 +280,16 @@ def main(argv=None) -> list[dict]:
                      f"(max |dlogit| {r['merged_max_diff']:.1e})")
         print(f"{r['method']:>6} | {r['trainable']:>9,} | {r['before']:>10.3f} | "
               f"{r['after']:>9.3f} | {r['ms_per_step']:>7.1f} | {r['peak_mb']:>7.1f} | {extra}")
+    interleaved = None
+    if args.interleave:
+        interleaved = interleaved_step_times(methods, rounds=args.interleave,
+                                             batch_size=kwargs["batch_size"], seed=args.seed)
+        print("interleaved ms/step (median, methods taking turns): " +
+              ", ".join(f"{m} {t:.1f}" for m, t in interleaved.items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(results=results, config=kwargs, torch=torch.__version__,
+            json.dump(dict(results=results, interleaved_ms_per_step=interleaved, config=kwargs,
+                           torch=torch.__version__,
                            python=sys.version.split()[0], threads=torch.get_num_threads()),
                       f, indent=1)
     return results

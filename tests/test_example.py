@@ -51,3 +51,8 @@ def test_lora_baseline_is_of_similar_size():
         sizes[method] = sum(p.numel() for p in model.parameters() if p.requires_grad) - head
         assert all(p.requires_grad for p in model.head.parameters())
     assert max(sizes.values()) < 1.3 * min(sizes.values()), sizes
+
+
+def test_interleaved_timing_reports_every_method():
+    times = example.interleaved_step_times(["head", "krona"], rounds=3, batch_size=4)
+    assert times.keys() == {"head", "krona"} and all(t > 0 for t in times.values())
