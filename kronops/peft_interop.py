@@ -78,8 +78,8 @@ def _lokr_linear_cls():
     return Linear
 
 
-def _lokr_layers(model: nn.Module, adapter: str) -> dict[str, nn.Module]:
-    """PEFT LoKr Linear layers holding ``adapter``, by module name; Conv LoKr layers refused."""
+def _lokr_layers(model: nn.Module, adapter: str) -> tuple[dict[str, nn.Module], list[str]]:
+    """(PEFT LoKr Linear layers holding ``adapter`` by module name, names of LoKr Conv layers)."""
     linear = _lokr_linear_cls()
     from peft.tuners.lokr.layer import LoKrLayer
     layers, convs = {}, []
@@ -116,8 +116,7 @@ def lokr_to_kronops(layer, adapter: str = "default") -> KronALinear:
     base = layer.get_base_layer()
     if layer.merged:
         raise RuntimeError("the PEFT layer is merged; unmerge it before converting")
-    a1, a2 = (w1[0].shape[0], w1[-1].shape[1])
-    b1, b2 = (w2[0].shape[0], w2[-1].shape[1])
+    a1, a2 = w1[0].shape[0], w1[-1].shape[1]
     # s = alpha / r: KronALinear's scale is alpha/rank with a rank, alpha without one.
     rank, kalpha = (r, float(alpha)) if kind1 == "low" else (None, alpha / r)
     kw = dict(a_shape=(a1, a2), rank=rank, alpha=kalpha)
