@@ -205,11 +205,25 @@ def _loss_and_grads(model, x):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_cpu(dtype):
+def trained_adapters(method):
+    """A tiny LLaMA with nonzero KronA or S²FT adapters (their start values change nothing)."""
     model = tiny_llama()
-    apply_adapters(model, rank=2, verbose=False)
-    randomize_b(model)
+    if method == "krona":
+        apply_adapters(model, rank=2, verbose=False)
+        randomize_b(model)
+    else:
+        apply_adapters(model, "s2ft", heads=2, channels=5, verbose=False)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, S2FTLinear):
+                    m.delta.normal_(std=0.05)
+    return model
+
+
+@pytest.mark.parametrize("method", ["krona", "s2ft"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_cpu(dtype, method):
+    model = trained_adapters(method)
     model.train()
     x = ids()
     ref_loss, ref_grads = _loss_and_grads(model, x)
@@ -226,11 +240,10 @@ def test_autocast_cpu(dtype):
 
 
 @pytest.mark.filterwarnings("ignore:.*is deprecated.*:FutureWarning")  # renamed in transformers 5
+@pytest.mark.parametrize("method", ["krona", "s2ft"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
-    model = tiny_llama()
-    apply_adapters(model, rank=2, verbose=False)
-    randomize_b(model)
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant, method):
+    model = trained_adapters(method)
     model.train()
     x = ids()
     ref_loss, ref_grads = _loss_and_grads(model, x)
