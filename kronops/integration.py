@@ -388,7 +388,13 @@ def merge_adapters(model: nn.Module, *, unload: bool = False) -> nn.Module:
 
     ``unload=True`` also replaces each adapter layer by its (merged) base nn.Linear, giving a
     plain model (no kronops modules left) to save or serve; it cannot be unmerged after.
+    A co-permuted S²FT model (``permute=True``) is unpermuted first: the plain model has
+    the original weight layout.
     """
+    s2ft_state = getattr(model, "_s2ft", None)
+    if unload and s2ft_state is not None and s2ft_state.get("permutations"):
+        from .s2ft import unpermute
+        unpermute(model)  # the plain model gets its original weight layout back
     names = _toggle(model, merge=True)
     if unload:
         modules = dict(model.named_modules())

@@ -277,3 +277,26 @@ def test_s2ft_on_bert_trains_selected_heads_and_channels():
     assert torch.equal(model(input_ids=x).logits, before)
     with pytest.raises(ValueError, match="strategy='random' only"):
         apply_adapters(tiny_bert(), "s2ft", ratio=0.5, strategy="weight")
+
+
+def test_unload_of_a_permuted_s2ft_model_restores_the_original_layout():
+    model = tiny_llama(torch.float64)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = ids()
+    apply_adapters(model, "s2ft", heads=2, channels=5, seed=4, permute=True, verbose=False)
+    model_plan_heads = model._s2ft["plan"].blocks["model.layers.0"]["heads"]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, S2FTLinear):
+                m.delta.normal_(std=0.1)
+    adapted = model(input_ids=x).logits
+    merge_adapters(model, unload=True)
+    assert_close(model(input_ids=x).logits, adapted, torch.float64, "unloaded")
+    # Only the selected heads' q rows and their K/V groups' k rows differ from the original:
+    # every other row is back in its original place, bit for bit.
+    attn = model.model.layers[0].self_attn
+    q_changed = (attn.q_proj.weight != original["model.layers.0.self_attn.q_proj.weight"]).any(1)
+    k_changed = (attn.k_proj.weight != original["model.layers.0.self_attn.k_proj.weight"]).any(1)
+    heads = {h for h in range(6) if q_changed[8 * h:8 * h + 8].any()}
+    assert heads == set(model_plan_heads)
+    assert {g for g in range(2) if k_changed[8 * g:8 * g + 8].any()} == {h // 3 for h in heads}
