@@ -33,6 +33,18 @@ class AdapterFileError(ValueError):
     """An adapter file that cannot be loaded into this model (the model is left untouched)."""
 
 
+def _expect_linear(path, kind, name, module, linear, cfg) -> None:
+    """``linear`` (the model's module ``name``, or its base) is an nn.Linear of the saved size."""
+    if not isinstance(linear, nn.Linear):
+        what = "missing" if module is None else f"a {type(module).__name__}"
+        raise AdapterFileError(f"{path!r}: {kind} module {name!r} is {what} in the model, "
+                               "expected an nn.Linear")
+    if (linear.in_features, linear.out_features) != (cfg["in_features"], cfg["out_features"]):
+        raise AdapterFileError(
+            f"{path!r}: {name} is {linear.in_features}->{linear.out_features} in the model, "
+            f"{cfg['in_features']}->{cfg['out_features']} in the file")
+
+
 def _lokr_cls():
     from .peft_interop import LoKrLinear
     return LoKrLinear
@@ -229,14 +241,7 @@ def _krona_plan(model: nn.Module, config: dict, path: str):
         return None, expected
     for name, cfg in layers.items():
         module = modules.get(name)
-        if not isinstance(module, nn.Linear):
-            what = "missing" if module is None else f"a {type(module).__name__}"
-            raise AdapterFileError(f"{path!r}: adapter module {name!r} is {what} in the model, "
-                                   "expected an nn.Linear")
-        if (module.in_features, module.out_features) != (cfg["in_features"], cfg["out_features"]):
-            raise AdapterFileError(
-                f"{path!r}: {name} is {module.in_features}->{module.out_features} in the model, "
-                f"{cfg['in_features']}->{cfg['out_features']} in the file")
+        _expect_linear(path, "adapter", name, module, module, cfg)
         try:  # the exact parameter shapes, from a layer over a weightless stand-in
             probe = build_layer(nn.Linear(module.in_features, module.out_features, bias=False,
                                           device="meta"), cfg)
@@ -307,14 +312,7 @@ def _s2ft_layers_expected(model: nn.Module, config: dict, tensors: dict, path: s
             raise AdapterFileError(f"{path!r}: {name} has side {side!r}, expected rows or cols")
         module = existing.get(name) if existing else modules.get(name)
         base = module.base if isinstance(module, S2FTLinear) else module
-        if not isinstance(base, nn.Linear):
-            what = "missing" if module is None else f"a {type(module).__name__}"
-            raise AdapterFileError(f"{path!r}: S²FT module {name!r} is {what} in the model, "
-                                   "expected an nn.Linear")
-        if (base.in_features, base.out_features) != (cfg["in_features"], cfg["out_features"]):
-            raise AdapterFileError(
-                f"{path!r}: {name} is {base.in_features}->{base.out_features} in the model, "
-                f"{cfg['in_features']}->{cfg['out_features']} in the file")
+        _expect_linear(path, "S²FT", name, module, base, cfg)
         key = f"{name}.{side}"
         index = tensors.get(key)
         size = base.in_features if side == "cols" else base.out_features
