@@ -1,4 +1,4 @@
-"""The default case sets: CPU (about a minute on 2 cores) and --full (GPU, real model shapes)."""
+"""The default case sets: CPU (about two minutes on 2 cores) and --full (GPU, real model shapes)."""
 from .kron_cases import krona_layer_cases, kron_linear_cases, kron_matmul_cases
 from .s2ft_cases import inplace_adamw_cases
 from .s2ft_model_cases import llama_step_cases
