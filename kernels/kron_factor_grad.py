@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kron_tiles import ROW_BLOCK_CONFIGS, int32_rows, rows_times_factor_t
-from .tuning import TunedKernel, block, dot_precision, live_words, num_programs_cap
+from .kron_tiles import ROW_BLOCK_CONFIGS, int32_rows, rows_times_factor_t, tile_lengths
+from .tuning import TunedKernel, dot_precision, live_words, num_programs_cap
 
 
 @triton.jit
@@ -82,9 +82,7 @@ _kernel = TunedKernel(kron_factor_grad_kernel, CONFIGS, key=["P", "N", "R", "Q"]
 
 def tile_shape(p: int, n: int, r: int, q: int, precision: str) -> dict:
     """Shape-derived constexprs of ``kron_factor_grad_kernel`` (the configs add BLOCK_M)."""
-    hi = 32 if precision == "ieee" else 64  # FMA dots hold fp32 operands in registers
-    return dict(BLOCK_P=block(p, hi=hi), BLOCK_R=block(r, hi=hi), BLOCK_N=block(n, hi=hi),
-                BLOCK_Q=block(q, hi=hi), DOT_PRECISION=precision)
+    return tile_lengths(precision, P=p, R=r, N=n, Q=q)
 
 
 def kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kron_tiles import ROW_BLOCK_CONFIGS, int32_rows, rows_times_factor_t
-from .tuning import TunedKernel, block, dot_precision, live_words
+from .kron_tiles import ROW_BLOCK_CONFIGS, int32_rows, rows_times_factor_t, tile_lengths
+from .tuning import TunedKernel, dot_precision, live_words
 
 
 @triton.jit
@@ -84,9 +84,7 @@ _kernel = TunedKernel(kron_rows_kernel, CONFIGS, key=["A1", "A2", "B1", "B2", "H
 
 def tile_shape(a1: int, a2: int, b1: int, b2: int, precision: str) -> dict:
     """Shape-derived constexprs of ``kron_rows_kernel`` (the configs add BLOCK_M)."""
-    hi = 32 if precision == "ieee" else 64  # FMA dots hold fp32 operands in registers
-    return dict(BLOCK_I=block(a1, hi=hi), BLOCK_J=block(a2, hi=hi), BLOCK_N=block(b1, hi=hi),
-                BLOCK_L=block(b2, hi=hi), DOT_PRECISION=precision)
+    return tile_lengths(precision, I=a1, J=a2, N=b1, L=b2)
 
 
 def kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

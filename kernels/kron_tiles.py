@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import block
+
 # Rows per program (BLOCK_M) x warps x pipeline stages; the register budget prunes them
 # per launch (kernels.tuning.TunedKernel).
 ROW_BLOCK_CONFIGS = [
@@ -11,6 +13,14 @@ ROW_BLOCK_CONFIGS = [
     for m, w, s in [(1, 4, 2), (1, 8, 2), (2, 4, 3), (2, 8, 3), (4, 4, 3), (4, 8, 3), (8, 8, 2),
                     (16, 8, 2)]
 ]
+
+
+def tile_lengths(precision: str, **dims: int) -> dict:
+    """{"BLOCK_<name>": power-of-two tile covering each dim} and DOT_PRECISION: tiles up to
+    64, or 32 for ieee fp32, whose FMA dots hold fp32 operands in registers."""
+    hi = 32 if precision == "ieee" else 64
+    return {**{f"BLOCK_{name}": block(n, hi=hi) for name, n in dims.items()},
+            "DOT_PRECISION": precision}
 
 
 def int32_rows(t: torch.Tensor) -> torch.Tensor:

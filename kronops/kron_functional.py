@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kron_ops
-from .autocast import autocast_operands
+from .dtypes import autocast_operands
 from .checks import check_same, check_scale, check_tensor
 
 

@@ -10,7 +10,7 @@ two ops: dX_m = A^T dY_m B is ``kron_rows`` with transposed factors, dA and dB a
 """
 import torch
 
-from .autocast import autocast_off
+from .dtypes import accumulation_dtype, autocast_off
 from .backend import use_triton
 from .kron_reference import (kron_factor_grad_composite, kron_rows_backward_composite,
                              kron_rows_composite)
@@ -42,8 +42,7 @@ def kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor) -> torc
 
 @kron_factor_grad.register_fake
 def _(dy, f, x):
-    dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    return dy.new_empty((dy.shape[1], x.shape[1]), dtype=dtype)
+    return dy.new_empty((dy.shape[1], x.shape[1]), dtype=accumulation_dtype(dy.dtype))
 
 
 def _setup_context(ctx, inputs, output):

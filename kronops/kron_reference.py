@@ -7,6 +7,8 @@ import functools
 
 import torch
 
+from .dtypes import accumulation_dtype
+
 
 def kron_linear_reference(x, a, b, bias=None, scale=1.0):
     """scale * x @ kron(a, b).T + bias, materialising the Kronecker product."""
@@ -44,7 +46,7 @@ def kron_factor_grad_composite(dy, f, x):
     """
     m, p, n = dy.shape
     r, q = x.shape[1], x.shape[2]
-    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dy.dtype)
     if p * n * q + p * q * r <= r * q * n + p * n * r:
         return torch.matmul(torch.matmul(dy, f).to(acc), x.mT.to(acc)).sum(0)
     return torch.matmul(dy.to(acc), torch.matmul(x, f.mT).mT.to(acc)).sum(0)

@@ -3,6 +3,7 @@ import torch
 
 from . import sparse_ops
 from .checks import check_same, check_tensor
+from .dtypes import autocast_operands
 
 
 def check_index(name: str, sel, size: int, device: torch.device
@@ -69,12 +70,8 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, *,
     check_tensor("delta", delta, dim=2)
     if bias is not None:
         check_tensor("bias", bias, dim=1)
-    device_type = x.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        # like F.linear under autocast: compute in the autocast dtype (this casts W too)
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, delta = x.to(dtype), weight.to(dtype), delta.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    # like F.linear under autocast: compute in the autocast dtype (this casts W too)
+    x, weight, delta, bias = autocast_operands(x.device.type, x, weight, delta, bias)
     check_same("x", x, weight=weight, delta=delta, bias=bias)
     if (rows is None) == (cols is None):
         raise ValueError("exactly one of rows and cols must be given")

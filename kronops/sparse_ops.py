@@ -15,7 +15,8 @@ that cols mode raises on a double backward that needs d(dΔ)/dx (X[:, C] is save
 import torch
 
 from .backend import use_triton
-from .sparse_reference import (accumulation_dtype, add_into, sparse_delta_grad_composite,
+from .dtypes import accumulation_dtype
+from .sparse_reference import (add_into, sparse_delta_grad_composite,
                                sparse_input_grad_composite, sparse_linear_composite, take)
 
 

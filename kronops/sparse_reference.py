@@ -11,11 +11,7 @@ fast PyTorch paths every device runs; they never copy W.
 import torch
 import torch.nn.functional as F
 
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype S²FT accumulates gradients and optimizer state in: fp64 stays fp64,
-    everything else (fp32, fp16, bf16) uses fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .dtypes import accumulation_dtype
 
 
 def take(t: torch.Tensor, index: torch.Tensor | None, start: int, count: int) -> torch.Tensor:

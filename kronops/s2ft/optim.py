@@ -10,7 +10,7 @@ from torch import nn
 
 from ..backend import use_triton
 from ..sparse_modules import S2FTInPlaceLinear
-from ..sparse_reference import accumulation_dtype
+from ..dtypes import accumulation_dtype
 
 
 def _layers(model) -> list[S2FTInPlaceLinear]:

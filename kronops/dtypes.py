@@ -1,14 +1,20 @@
-"""torch.autocast for the custom ops: cast operands the way F.linear is cast.
+"""The ops' dtype rules: what gradients accumulate in, and torch.autocast.
 
 Custom ops are opaque to autocast, so the public functions cast their floating operands
-to the autocast dtype themselves, and the composite implementations run with autocast
-off, so that what an op returns always matches its fake implementation.
+to the autocast dtype themselves (as F.linear is cast), and the composite implementations
+run with autocast off, so that what an op returns always matches its fake implementation.
 """
 import contextlib
 
 import torch
 
 AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What reductions (factor and delta gradients, optimizer state) accumulate in:
+    fp64 stays fp64, everything else (fp32, fp16, bf16) uses fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def autocast_operands(device_type: str, *tensors):
