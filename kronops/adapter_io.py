@@ -255,7 +255,7 @@ def _s2ft_expected(model: nn.Module, config: dict, path: str):
     """Validate an S²FT file; returns (plan to apply or None, expected shapes, index checks)."""
     from . import s2ft
     from .s2ft.apply import check_plan
-    from .s2ft.blocks import ATTENTION
+    from .s2ft.blocks import ATTENTION, head_rows, kv_heads
     plan = s2ft.Plan(config["plan"]["strategy"], config["plan"]["seed"], config["plan"]["blocks"])
     existing = adapter_modules(model)
     if existing and getattr(model, "_s2ft", {}).get("permutations"):
@@ -273,10 +273,8 @@ def _s2ft_expected(model: nn.Module, config: dict, path: str):
         if b.name not in plan.blocks:
             continue
         heads, channels = plan.blocks[b.name]["heads"], plan.blocks[b.name]["channels"]
-        group = b.num_heads // b.num_kv_heads
-        q = [h * b.head_dim + i for h in heads for i in range(b.head_dim)]
-        kv = [g * b.head_dim + i for g in sorted({h // group for h in heads})
-              for i in range(b.head_dim)]
+        q = head_rows(heads, b.head_dim).tolist()
+        kv = head_rows(kv_heads(heads, b.num_heads, b.num_kv_heads), b.head_dim).tolist()
         parts = {"q_proj": ("rows", q), "k_proj": ("rows", kv), "v_proj": ("rows", kv),
                  "o_proj": ("cols", q), "gate_proj": ("rows", channels),
                  "up_proj": ("rows", channels), "down_proj": ("cols", channels)}

@@ -235,6 +235,7 @@ def _apply_s2ft_encoder(model: nn.Module, heads, channels, strategy, seed) -> di
     """S²FT on BERT-style blocks with random selection: selected heads train their rows of
     query/key/value and columns of the attention output; selected channels their row of
     the intermediate Linear and column of the output Linear. Returns the plan."""
+    from .s2ft.blocks import head_rows
     from .sparse_modules import S2FTLinear
     if strategy != "random":
         raise ValueError(f"S²FT on BERT-style encoders supports strategy='random' only, "
@@ -253,7 +254,7 @@ def _apply_s2ft_encoder(model: nn.Module, heads, channels, strategy, seed) -> di
         chosen_heads = sorted(torch.randperm(b["num_heads"], generator=generator)[:nh].tolist())
         chosen = sorted(torch.randperm(b["channels"], generator=generator)[:nc].tolist())
         plan[b["name"]] = dict(heads=chosen_heads, channels=chosen)
-        rows = [h * b["head_dim"] + i for h in chosen_heads for i in range(b["head_dim"])]
+        rows = head_rows(chosen_heads, b["head_dim"]).tolist()
         for key, side, idx in (("q", "rows", rows), ("k", "rows", rows), ("v", "rows", rows),
                                ("attn_out", "cols", rows), ("ffn_in", "rows", chosen),
                                ("ffn_out", "cols", chosen)):

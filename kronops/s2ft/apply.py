@@ -15,7 +15,7 @@ import torch
 
 from ..sparse_functional import check_sorted_unique
 from ..sparse_modules import S2FTInPlaceLinear, S2FTLinear
-from .blocks import ATTENTION, MLP, Block, find_blocks, head_rows
+from .blocks import ATTENTION, MLP, Block, find_blocks, head_rows, kv_heads
 from .permute import block_permutation, invert, permute_block
 from .select import Plan
 
@@ -76,17 +76,16 @@ def apply(model, plan: Plan, *, mode: str = "adapter", permute: bool = False,
             continue
         attention, mlp = modules[b.attention], modules[b.mlp]
         heads, channels = plan.blocks[b.name]["heads"], plan.blocks[b.name]["channels"]
-        group = b.num_heads // b.num_kv_heads
-        kv_heads = sorted({h // group for h in heads})
+        kv = kv_heads(heads, b.num_heads, b.num_kv_heads)
         if permute:
             perm = block_permutation(b, heads, channels)
             permute_block(attention, mlp, b, perm)
             permutations[b.name] = perm
             heads = [i for i, h in enumerate(perm["heads"]) if h in set(heads)]
-            kv_heads = list(range(len(kv_heads)))
+            kv = list(range(len(kv)))
             channels = list(range(len(channels)))
         q_rows = head_rows(heads, b.head_dim).tolist()
-        kv_rows = head_rows(kv_heads, b.head_dim).tolist()
+        kv_rows = head_rows(kv, b.head_dim).tolist()
         parts = {"q_proj": ("rows", q_rows), "k_proj": ("rows", kv_rows),
                  "v_proj": ("rows", kv_rows), "o_proj": ("cols", q_rows),
                  "gate_proj": ("rows", channels), "up_proj": ("rows", channels),

@@ -32,6 +32,12 @@ def head_rows(heads, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
+def kv_heads(heads, num_heads: int, num_kv_heads: int) -> list[int]:
+    """The K/V heads (sorted) that query heads ``heads`` use under grouped-query attention."""
+    group = num_heads // num_kv_heads
+    return sorted({h // group for h in heads})
+
+
 def _is_linear(module) -> bool:
     """An nn.Linear, or an S²FT layer wrapping one (its ``base``)."""
     return isinstance(module, nn.Linear) or isinstance(getattr(module, "base", None), nn.Linear)
