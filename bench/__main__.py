@@ -9,11 +9,12 @@ import sys
 
 import torch
 
-from .suite import default_cases
+from . import overhead
 from .peft_providers import peft_version
 from .s2ft_model_cases import transformers_available
 from .report import environment, plot, table, write_json
 from .runner import run_case
+from .suite import default_cases
 from .timing import copy_bandwidth, gemm_rate
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -68,6 +69,9 @@ def main(argv=None) -> int:
           + (f" | copy {ceilings['copy_gbps']:.0f} GB/s, GEMM {ceilings['gemm_tflops']:.0f} TFLOP/s"
              if ceilings else ""))
     print(table(rows))
+    meta["host_overhead"] = overhead.measure(device)
+    print(f"host overhead per call at tiny shapes ({device.type}, fp32):\n"
+          f"{overhead.table(meta['host_overhead'])}")
     out = args.out or os.path.join(RESULTS, f"{device.type}{'-full' if args.full else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_json(out, meta, rows)

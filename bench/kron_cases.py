@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kronops
-from kronops.factor_shapes import factor_shapes
-from kronops.kron_reference import kron_linear_reference, kron_matmul_reference, kron_rows_composite
+from kronops.kron.modules import factor_shapes
+from kronops.kron.reference import naive_kron_linear, naive_kron_matmul, torch_kron_rows
 
 from .cases import MODES, Provider, build_case, element_bytes, input_sets
 from .peft_providers import peft_providers
@@ -26,14 +26,14 @@ def kron_linear_cases(rows, in_features, out_features, dtype, device, modes=MODE
     sets = input_sets([(rows, in_features), (a1, a2), (b1, b2)], dtype, device, True)
     providers = {
         "kronops": Provider(kronops.kron_linear),
-        "composite": Provider(lambda x, a, b: kron_rows_composite(
+        "composite": Provider(lambda x, a, b: torch_kron_rows(
             x.view(-1, a2, b2), a, b).view(-1, out_features)),
-        "naive (torch.kron)": Provider(kron_linear_reference),
+        "naive (torch.kron)": Provider(naive_kron_linear),
     }
     io_bytes = rows * (in_features + out_features) * elt
     for mode in modes:
         yield build_case("kron_linear", mode, shape, rows * in_features, io_bytes,
-                         kron_flops(rows, a1, a2, b1, b2), providers, kron_linear_reference,
+                         kron_flops(rows, a1, a2, b1, b2), providers, naive_kron_linear,
                          sets[0], sets)
 
 
@@ -46,7 +46,7 @@ def kron_matmul_cases(rows, factor_shapes_, dtype, device, modes=MODES):
     sets = input_sets([(rows, k), *factor_shapes_], dtype, device, True)
     providers = {
         "kronops": Provider(lambda x, *f: kronops.kron_matmul(x, f)),
-        "naive (torch.kron)": Provider(lambda x, *f: kron_matmul_reference(x, f)),
+        "naive (torch.kron)": Provider(lambda x, *f: naive_kron_matmul(x, f)),
     }
     # One mode at a time: each pass reads and writes the intermediate.
     flops, width = 0, k
@@ -56,7 +56,7 @@ def kron_matmul_cases(rows, factor_shapes_, dtype, device, modes=MODES):
     for mode in modes:
         yield build_case(f"kron_matmul[{len(factor_shapes_)}]", mode, shape, rows * k,
                          rows * (k + n) * elt, flops, providers,
-                         lambda x, *f: kron_matmul_reference(x, f), sets[0], sets)
+                         lambda x, *f: naive_kron_matmul(x, f), sets[0], sets)
 
 
 def krona_layer_cases(rows, in_features, out_features, dtype, device, modes=("forward+backward",)):
@@ -77,7 +77,7 @@ def krona_layer_cases(rows, in_features, out_features, dtype, device, modes=("fo
     w, bias = base.weight.detach(), base.bias.detach()
 
     def reference(x, a, b):
-        return F.linear(x, w.double(), bias.double()) + layer.scale * kron_linear_reference(x, a, b)
+        return F.linear(x, w.double(), bias.double()) + layer.scale * naive_kron_linear(x, a, b)
 
     providers = {
         "kronops": Provider(layer, params),

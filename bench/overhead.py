@@ -1,11 +1,15 @@
 """Host overhead per call: Python time and kernel launches of each op at tiny shapes.
 
-``python -m bench.overhead`` (CPU; the Triton rows need ``TRITON_INTERPRET=1``) prints and
-writes bench/results/overhead-cpu.json. At tiny shapes the work is negligible, so the
-time per call is what the Python layers (checks, custom-op dispatch, autograd, launch
-code) cost. Launches are counted for one forward and one backward call: every Triton
-grid launch, plus every ATen op that does work (allocations and views excluded) -- on a
-GPU each of those is a kernel launch. On a GPU, count them with the profiler instead.
+At tiny shapes the work is negligible, so the time per call is what the Python layers
+(checks, custom-op dispatch, autograd, launch code) cost. Launches are counted for one
+forward and one backward call. On a GPU: the kernels the profiler sees. On CPU: every
+Triton grid launch plus every ATen op that does work (innermost ops only; allocations,
+views and the wrapping of Python scalars excluded), each of which would be a kernel launch
+on a GPU.
+
+``python -m bench`` includes these rows for its device. ``python -m bench.overhead`` prints
+them on CPU, and with ``TRITON_INTERPRET=1`` also counts the Triton kernels' launches
+(the interpreter's times mean nothing, so those rows have none).
 """
 import argparse
 import contextlib
@@ -31,8 +35,8 @@ NO_LAUNCH = {
     "aten::_unsafe_view", "aten::unflatten", "aten::flatten", "aten::contiguous", "aten::to",
     "aten::_to_copy_noop", "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense",
     "aten::set_", "aten::new_empty", "aten::new_empty_strided", "aten::split",
-    "aten::split_with_sizes", "aten::chunk", "aten::unbind", "aten::index_select_backward",
-    "aten::stride", "aten::size", "aten::sym_size", "aten::sym_stride", "aten::zeros_like",
+    "aten::split_with_sizes", "aten::chunk", "aten::unbind", "aten::stride", "aten::size",
+    "aten::sym_size", "aten::sym_stride", "aten::zeros_like",
 }
 TRITON_MARK = "triton launch"
 
@@ -55,11 +59,18 @@ def triton_launches_marked():
         interpreter.GridExecutor.__call__ = call
 
 
-def count_launches(fn) -> int:
-    """Triton launches plus working ATen ops (innermost ones only) of one ``fn()``."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+def count_launches(fn, device: torch.device) -> int:
+    """Kernel launches of one ``fn()`` (see the module docstring for what counts)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     inside = set()
 
     def mark_inside(event):
@@ -75,62 +86,92 @@ def count_launches(fn) -> int:
     for e in events:
         if id(e) in inside or not e.name.startswith("aten::") or e.name in NO_LAUNCH:
             continue
+        if all(not shape for shape in e.input_shapes):
+            continue  # on 0-dim tensors only: wrapping a Python scalar, no launch on a GPU
         if any(c.name.startswith("aten::") and c.name not in NO_LAUNCH for c in e.cpu_children):
             continue  # a composite op: its children are counted
         count += 1
     return count
 
 
-def microseconds(fn, *, calls: int = 200, repeats: int = 5) -> float:
-    """Median over ``repeats`` of the mean time of ``calls`` calls of ``fn``, in us."""
+def microseconds(fn, device: torch.device, *, calls: int = 200, repeats: int = 5) -> float:
+    """Median over ``repeats`` of the mean wall time of ``calls`` calls of ``fn``, in us."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(20):
         fn()
     means = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        sync()
         means.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(means)
 
 
-def cases():
-    """(name, forward(), leaves) at tiny shapes: the work is negligible next to the host."""
+def cases(device: torch.device):
+    """(name, forward(), leaves or None) at tiny shapes, fp32, from a fixed seed."""
     g = torch.Generator().manual_seed(0)
 
     def leaf(*shape):
-        return torch.randn(*shape, generator=g).requires_grad_()
+        return torch.randn(*shape, generator=g).to(device).requires_grad_()
 
     x, a, b = leaf(8, 64), leaf(8, 8), leaf(8, 8)
     yield "kron_linear", lambda: kronops.kron_linear(x, a, b, scale=0.5), (x, a, b)
     f = [leaf(4, 4) for _ in range(3)]
     yield "kron_matmul (3 factors)", lambda: kronops.kron_matmul(x, f), (x, *f)
-    layer = kronops.KronALinear(torch.nn.Linear(64, 64), a_shape=(8, 8))
+    layer = kronops.KronALinear(torch.nn.Linear(64, 64, device=device), a_shape=(8, 8))
     with torch.no_grad():
-        layer.b.normal_(generator=g)
+        layer.b.copy_(torch.randn(8, 8, generator=g))
     yield "KronALinear", lambda: layer(x), (x, layer.a, layer.b)
-    w = torch.randn(64, 64, generator=g)
-    rows = torch.tensor([1, 5, 9, 20, 33, 40, 41, 60])
+    w = torch.randn(64, 64, generator=g).to(device)
+    rows = torch.tensor([1, 5, 9, 20, 33, 40, 41, 60], device=device)
     d_rows, d_cols = leaf(8, 64), leaf(64, 8)
     yield "sparse_linear rows", lambda: kronops.sparse_linear(x, w, d_rows, rows=rows), (x, d_rows)
     yield "sparse_linear cols", lambda: kronops.sparse_linear(x, w, d_cols, cols=rows), (x, d_cols)
+    inplace = kronops.S2FTInPlaceLinear(torch.nn.Linear(64, 64, device=device), rows=rows)
+    inplace.selected.grad = torch.randn(8, 64, generator=g).to(device)
+    optimizer = kronops.InPlaceAdamW(inplace, lr=1e-3)
+    yield "InPlaceAdamW step", optimizer.step, None
 
 
-def measure(timed: bool = True) -> list[dict]:
+def measure(device: torch.device, timed: bool = True) -> list[dict]:
     """Per op: time (when ``timed``) and launches of one forward and one backward call."""
     results = []
-    for name, forward, leaves in cases():
-        y = forward()
-        grad = torch.randn_like(y)
+    for name, forward, leaves in cases(device):
+        forward()  # first calls set up state (optimizer moments, autotuning): not counted
+        row = dict(op=name, forward_us=microseconds(forward, device) if timed else None,
+                   forward_launches=count_launches(forward, device),
+                   backward_us=None, backward_launches=None)
+        if leaves is not None:
+            y = forward()
+            grad = torch.randn_like(y)
 
-        def backward(y=y, leaves=leaves, grad=grad):
-            return torch.autograd.grad(y, leaves, grad, retain_graph=True)
+            def backward(y=y, leaves=leaves, grad=grad):
+                return torch.autograd.grad(y, leaves, grad, retain_graph=True)
 
-        results.append(dict(op=name, forward_us=microseconds(forward) if timed else None,
-                            backward_us=microseconds(backward) if timed else None,
-                            forward_launches=count_launches(forward),
-                            backward_launches=count_launches(backward)))
+            row.update(backward_us=microseconds(backward, device) if timed else None,
+                       backward_launches=count_launches(backward, device))
+        results.append(row)
     return results
+
+
+def table(results: list[dict]) -> str:
+    def cell(us, launches):
+        if launches is None:
+            return f"{'':>9} {'':>11}"
+        time_ = "-" if us is None else f"{us:.0f} us"
+        return f"{time_:>9} {launches:>3} launches"
+
+    lines = [f"  {'op':<26} {'forward':>22}   {'backward':>22}"]
+    for r in results:
+        lines.append(f"  {r['op']:<26} {cell(r['forward_us'], r['forward_launches'])}   "
+                     f"{cell(r['backward_us'], r['backward_launches'])}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -139,32 +180,17 @@ def main(argv=None) -> int:
                                                  "overhead-cpu.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = {"composite": measure()}
+    cpu = torch.device("cpu")
+    rows = {"composite (PyTorch default kernels)": measure(cpu)}
     if os.environ.get("TRITON_INTERPRET") == "1":
-        with triton_launches_marked(), triton_kernels_on_cpu():
-            rows["triton (interpreter: launches only)"] = measure(timed=False)
+        with triton_launches_marked(), kronops.backends.triton_on_cpu():
+            rows["triton (interpreter: launches only)"] = measure(cpu, timed=False)
     for backend, results in rows.items():
-        print(f"{backend}:")
-        for r in results:
-            fwd = "-" if r["forward_us"] is None else f"{r['forward_us']:.0f} us"
-            bwd = "-" if r["backward_us"] is None else f"{r['backward_us']:.0f} us"
-            print(f"  {r['op']:<26} forward {fwd:>7} {r['forward_launches']:>3} launches   "
-                  f"backward {bwd:>7} {r['backward_launches']:>3} launches")
-    meta = environment(torch.device("cpu"))
+        print(f"{backend}, 1 thread:\n{table(results)}")
     with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        json.dump(dict(meta=environment(cpu), rows=rows), f, indent=1)
     print(f"wrote {args.out}")
     return 0
-
-
-@contextlib.contextmanager
-def triton_kernels_on_cpu():
-    """The ops' Triton kernels on CPU tensors (interpreter)."""
-    os.environ["KRONOPS_BACKEND"] = "triton"
-    try:
-        yield
-    finally:
-        os.environ.pop("KRONOPS_BACKEND")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,10 @@
 """Run benchmark cases: check each provider against fp64, time it, and make result rows."""
 import torch
 
+from kronops.testing import TOLERANCE, relative_error
+
 from .cases import INPUT_SETS, Case
 from .timing import time_call
-
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
-
-
-def relative_error(out, ref) -> float:
-    """max over outputs of ||out - ref|| / ||ref||, in fp64; NaN/Inf give inf."""
-    outs = out if isinstance(out, (tuple, list)) else [out]
-    refs = ref if isinstance(ref, (tuple, list)) else [ref]
-    worst = 0.0
-    for o, r in zip(outs, refs):
-        o, r = o.detach().double(), r.detach().double().to(o.device)
-        if not torch.isfinite(o).all():
-            return float("inf")
-        worst = max(worst, ((o - r).norm() / r.norm().clamp_min(1e-30)).item())
-    return worst
 
 
 def peak_memory(run, device) -> int | None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kronops.s2ft import InPlaceAdamW
-from kronops.sparse_modules import S2FTInPlaceLinear
+from kronops.s2ft.modules import S2FTInPlaceLinear
 
 from .cases import Case, element_bytes
 

@@ -44,11 +44,13 @@ def llama_step_cases(config: dict, batch: int, seq: int, fraction: float, dtype,
     base = LlamaForCausalLM(LlamaConfig(**config)).to(device=device, dtype=dtype)
     batches = [torch.randint(0, config["vocab_size"], (batch, seq), device=device)
                for _ in range(INPUT_SETS)]
-    plan = kronops.s2ft.select(base, heads=fraction, channels=fraction, seed=0)
+    plan = kronops.adapters.select(base, heads=fraction, channels=fraction, seed=0)
 
     full = copy.deepcopy(base)
-    adapter = kronops.s2ft.apply(copy.deepcopy(base), plan, mode="adapter", delta_dtype=dtype)
-    inplace = kronops.s2ft.apply(copy.deepcopy(base), plan, mode="inplace")
+    adapter, _ = kronops.apply_adapters(copy.deepcopy(base), "s2ft", plan=plan, mode="adapter",
+                                        delta_dtype=dtype, verbose=False)
+    inplace, _ = kronops.apply_adapters(copy.deepcopy(base), "s2ft", plan=plan, mode="inplace",
+                                        verbose=False)
     providers = {
         "kronops S²FT in-place": _stepper(inplace, kronops.s2ft.InPlaceAdamW(inplace, lr=LR),
                                          batches),

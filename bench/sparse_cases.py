@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import kronops
-from kronops.sparse_reference import sparse_linear_reference
+from kronops.s2ft.reference import naive_sparse_linear
 
 from .cases import MODES, Provider, build_case, element_bytes, input_sets
 
@@ -37,10 +37,10 @@ def sparse_linear_cases(rows, in_features, out_features, fraction, mode_name, dt
         return y.index_add(1, sel, x @ delta.mT)
 
     def naive(x, delta):
-        return sparse_linear_reference(x, weight, delta, bias=bias, **select)
+        return naive_sparse_linear(x, weight, delta, bias=bias, **select)
 
     def reference(x, delta):  # fp64 inputs
-        return sparse_linear_reference(x, weight.double(), delta, bias=bias.double(), **select)
+        return naive_sparse_linear(x, weight.double(), delta, bias=bias.double(), **select)
 
     full = weight.clone().requires_grad_()
     providers = {

@@ -194,8 +194,7 @@ def save_reload_merge(model, logits, test, tokenizer, seed, workdir) -> dict:
         kronops.load_adapters(fresh, path)
     reloaded = predict(fresh, test, tokenizer)
     kronops.merge_adapters(fresh, unload=True)
-    from kronops.integration import adapter_modules
-    plain = not adapter_modules(fresh)
+    plain = not kronops.adapters.adapter_modules(fresh)
     merged = predict(fresh, test, tokenizer)
     return dict(file_kb=size / 1024, plain_after_merge=plain,
                 reload_same_predictions=bool(torch.equal(reloaded.argmax(1), logits.argmax(1))),

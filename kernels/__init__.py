@@ -1,15 +1,15 @@
-"""Triton kernels of kronops, with their launchers and tuning configs.
+"""Triton kernels of kronops, with their launchers (``triton_<op>``) and tuning configs.
 
-Installed as ``kronops.kernels``. Every launcher takes CUDA tensors (or CPU tensors
-under ``TRITON_INTERPRET=1``) and returns new tensors (``sparse_matmul_add`` and
-``sparse_adamw`` update their first arguments in place); shapes are checked by the
-callers in ``kronops``.
+Installed as ``kronops.kernels``, one folder per op family like the package:
+``kron/`` (rows, factor_grad) and ``s2ft/`` (matmul_add, delta_grad, adamw); ``launch``
+chooses configs. Every launcher takes CUDA tensors (or CPU tensors under
+``TRITON_INTERPRET=1``); shapes are checked by the ops in ``kronops``.
 """
-from .kron_factor_grad import kron_factor_grad
-from .kron_rows import kron_rows
-from .sparse_adamw import sparse_adamw
-from .sparse_delta_grad import sparse_delta_grad
-from .sparse_linear import sparse_matmul_add
+from .kron.factor_grad import triton_kron_factor_grad
+from .kron.rows import triton_kron_rows
+from .s2ft.adamw import triton_sparse_adamw
+from .s2ft.delta_grad import triton_sparse_delta_grad
+from .s2ft.matmul_add import triton_sparse_matmul_add
 
-__all__ = ["kron_rows", "kron_factor_grad", "sparse_matmul_add", "sparse_delta_grad",
-           "sparse_adamw"]
+__all__ = ["triton_kron_rows", "triton_kron_factor_grad", "triton_sparse_matmul_add",
+           "triton_sparse_delta_grad", "triton_sparse_adamw"]

@@ -26,7 +26,8 @@ def autocast_operands(device_type: str, *tensors):
 
 
 def autocast_off(device_type: str):
-    """A context in which ops on ``device_type`` run in their own dtypes."""
-    if device_type not in AUTOCAST_DEVICES:
+    """A context in which ops on ``device_type`` run in their own dtypes (a no-op context
+    when autocast is off already: entering torch.autocast costs ~20 us of host time)."""
+    if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)

@@ -14,8 +14,8 @@ import torch
 import transformers
 from test_integration import randomize_b, tiny_bert, tiny_llama
 
-from kronops.adapter_io import AdapterFileError, load_adapters, read_adapters, save_adapters
-from kronops.integration import apply_adapters
+from kronops.adapters.apply import apply_adapters
+from kronops.adapters.files import AdapterFileError, load_adapters, read_adapters, save_adapters
 
 X = torch.randint(0, 50, (2, 7))
 
@@ -79,7 +79,7 @@ def test_krona_load_into_a_model_with_the_same_adapters(saved):
 
 
 def test_loading_into_merged_adapters_is_refused(saved):
-    from kronops.integration import merge_adapters
+    from kronops.adapters.apply import merge_adapters
     _, fresh, path = saved
     apply_adapters(fresh, rank=2, alpha=3, verbose=False)
     randomize_b(fresh)
@@ -114,12 +114,12 @@ def test_s2ft_round_trip(tmp_path, permute):
     save_adapters(base, tmp_path / "s.safetensors")
     load_adapters(fresh, tmp_path / "s.safetensors")
     torch.testing.assert_close(out(fresh), out(base), rtol=1e-5, atol=1e-5)
-    assert fresh._s2ft["plan"].blocks == base._s2ft["plan"].blocks
+    assert fresh._kronops.plan.blocks == base._kronops.plan.blocks
 
 
 def test_peft_converted_lokr_round_trip(tmp_path):
     peft = pytest.importorskip("peft")
-    from kronops.peft_interop import LoKrLinear, from_peft
+    from kronops.adapters.peft import LoKrLinear, from_peft
     base = tiny_llama()
     fresh = copy.deepcopy(base)
     config = peft.LoKrConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"],
@@ -237,8 +237,8 @@ def test_crash_mid_save_keeps_the_previous_file(saved):
         import os, signal, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_integration import tiny_llama, randomize_b
-        from kronops.integration import apply_adapters
-        from kronops.adapter_io import save_adapters
+        from kronops.adapters.apply import apply_adapters
+        from kronops.adapters.files import save_adapters
         model = tiny_llama()
         apply_adapters(model, rank=2, alpha=3, verbose=False)
         randomize_b(model)
@@ -266,7 +266,8 @@ def test_config_is_readable_json(saved):
 def test_s2ft_on_bert_round_trip_and_mismatch(tmp_path):
     base = tiny_bert()
     fresh, other = copy.deepcopy(base), copy.deepcopy(base)
-    apply_adapters(base, "s2ft", ratio=0.25, seed=5, train_modules=["classifier"], verbose=False)
+    apply_adapters(base, "s2ft", heads=1, channels=12, seed=5,
+                   train_modules=["classifier"], verbose=False)
     with torch.no_grad():
         for m in base.modules():
             if hasattr(m, "delta"):
@@ -275,8 +276,9 @@ def test_s2ft_on_bert_round_trip_and_mismatch(tmp_path):
     save_adapters(base, path)
     load_adapters(fresh, path)
     assert torch.equal(out(fresh), out(base))
-    assert fresh._kronops["encoder_plan"] == base._kronops["encoder_plan"]
-    apply_adapters(other, "s2ft", ratio=0.25, seed=6, train_modules=["classifier"], verbose=False)
+    assert fresh._kronops.plan == base._kronops.plan
+    apply_adapters(other, "s2ft", heads=1, channels=12, seed=6,
+                   train_modules=["classifier"], verbose=False)
     before = snapshot(other)
     with pytest.raises(AdapterFileError, match="selects other"):
         load_adapters(other, path)

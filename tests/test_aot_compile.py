@@ -11,31 +11,31 @@ import subprocess
 import sys
 
 import pytest
-from aot_compile import CAPABILITIES, kernel_cases
+
+from kronops.kernels.aot import CAPABILITIES, compile_jobs
 
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block, opt-in maximum
 # Bytes of stack frame tolerated: seen at 8-24 bytes with 40-128 registers (triton 3.9), and
 # 40 bytes at 128 registers for one 8-warp fp32/tf32 config (triton 3.6, H100) -- frames
 # ptxas keeps without register pressure. Real spills are hundreds of bytes.
 STACK_LIMIT = 48
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, os.path.join(HERE, "aot_compile.py")], env=env,
+    out = subprocess.run([sys.executable, "-m", "kronops.kernels.aot"], env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     return {r["key"]: r for r in map(json.loads, out.stdout.splitlines())}
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
-@pytest.mark.parametrize("case_id", list(kernel_cases()))
-def test_compiles_without_spills(compiled, case_id, capability):
-    result = compiled[f"{case_id}-sm{capability}"]
+@pytest.mark.parametrize("job_id", list(compile_jobs()))
+def test_compiles_without_spills(compiled, job_id, capability):
+    result = compiled[f"{job_id}-sm{capability}"]
     assert result["error"] is None, result["error"]
     assert result["shared"] <= SHARED_LIMIT[capability], f"{result['shared']} bytes of shared memory"
     assert result["stack"] <= STACK_LIMIT and result["local"] == 0, f"spills: {result}"
-    if not case_id.endswith(("ieee", "nodot")):  # ieee fp32 dots run on the FMA units by design
+    if not job_id.rsplit("-cfg", 1)[0].endswith(("ieee", "nodot")):
         assert result["tensor_cores"], "the dot did not compile to tensor-core MMA"

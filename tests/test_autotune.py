@@ -4,33 +4,30 @@ import importlib
 
 import pytest
 import torch
-import triton
 from conftest import ON_GPU
 
 import kronops
-from kronops.sparse_modules import S2FTInPlaceLinear
+from kronops.s2ft.modules import S2FTInPlaceLinear
 
-KERNEL_MODULES = ["kron_rows", "kron_factor_grad", "sparse_linear", "sparse_delta_grad",
-                  "sparse_adamw"]
+KERNEL_MODULES = ["kron.rows", "kron.factor_grad", "s2ft.matmul_add", "s2ft.delta_grad",
+                  "s2ft.adamw"]
 
 
 @pytest.fixture
-def autotuning(monkeypatch):
-    """Autotune every config; the fake benchmark runs each candidate three times."""
-    tuning = importlib.import_module("kronops.kernels.tuning")
-    autotune = triton.autotune
-
+def autotuning(monkeypatch, triton_backend):
+    """Autotune every viable config (no interpreter shortcut), each kernel's key cache
+    empty; the fake benchmark runs each candidate three times."""
     def fake_bench(kernel_call, quantiles=None, **_):
         for _ in range(3):
             kernel_call()
         return [1.0, 1.0, 1.0]
 
-    monkeypatch.setattr(tuning, "interpreting", lambda: False)
-    monkeypatch.setattr(tuning.triton, "autotune", lambda **kw: autotune(do_bench=fake_bench, **kw))
+    monkeypatch.setattr(importlib.import_module("kronops.kernels.launch"), "interpreting",
+                        lambda: False)
     for name in KERNEL_MODULES:
-        monkeypatch.setattr(importlib.import_module(f"kronops.kernels.{name}")._kernel,
-                            "_autotuned", {})
-    monkeypatch.setenv("KRONOPS_BACKEND", "triton")
+        tuned = importlib.import_module(f"kronops.kernels.{name}").tuned
+        monkeypatch.setitem(tuned.__dict__, "do_bench", fake_bench)  # a cached_property
+        monkeypatch.setattr(tuned, "cache", {})
 
 
 @pytest.mark.skipif(ON_GPU, reason="fakes the benchmark of the interpreter's autotuning branch")

@@ -19,7 +19,7 @@ def build(method):
     """The same tiny float64 LLaMA with fresh adapters in every process (fixed seeds)."""
     from test_integration import tiny_llama
 
-    from kronops.integration import apply_adapters
+    from kronops.adapters.apply import apply_adapters
     torch.manual_seed(0)
     model = tiny_llama(torch.float64)
     config = dict(rank=2, alpha=4) if method == "krona" else dict(heads=2, channels=5, seed=1)
@@ -70,7 +70,7 @@ def worker(rank, world, port, path):
             train(model, x, [p for p in model.parameters() if p.requires_grad])
             results[method, wrapper] = trainable(model)
             if wrapper == "fsdp2":  # every rank calls it; shards gathered, rank 0 writes
-                from kronops.adapter_io import save_adapters
+                from kronops.adapters.files import save_adapters
                 save_adapters(model, f"{path}.{method}.safetensors")
         if rank == 0:
             torch.save(results, path)
@@ -106,7 +106,7 @@ def test_two_processes_match_one_process_on_the_combined_batch(distributed_resul
         moved += not torch.equal(value, start[name])
     assert moved == len(expected)  # every adapter tensor was trained
     if wrapper == "fsdp2":  # the adapter file saved from the sharded model
-        from kronops.adapter_io import load_adapters
+        from kronops.adapters.files import load_adapters
         fresh = tiny_llama(torch.float64)
         load_adapters(fresh, f"{distributed_results['path']}.{method}.safetensors")
         loaded = {n: p for n, p in fresh.named_parameters() if n in expected}

@@ -7,8 +7,9 @@ import transformers
 from conftest import assert_close, rel_err
 
 from kronops import KronALinear
-from kronops.integration import apply_adapters, merge_adapters, unmerge_adapters
-from kronops.sparse_modules import S2FTLinear
+from kronops.adapters import AdapterState, adapter_modules
+from kronops.adapters.apply import apply_adapters, merge_adapters, unmerge_adapters
+from kronops.s2ft.modules import S2FTLinear
 
 LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -262,9 +263,9 @@ def test_s2ft_on_bert_trains_selected_heads_and_channels():
     model = tiny_bert()
     x = ids(50)
     before = model(input_ids=x).logits
-    _, summary = apply_adapters(model, "s2ft", heads=1, channels=0.25, seed=2,
+    _, summary = apply_adapters(model, "s2ft", heads=1, channels=12, seed=2,
                                 train_modules=["classifier"], verbose=False)
-    plan = model._kronops["encoder_plan"]["blocks"]
+    plan = model._kronops.plan.blocks
     assert all(len(b["heads"]) == 1 and len(b["channels"]) == 12 for b in plan.values())
     layer = model.bert.encoder.layer[0]
     h = plan["bert.encoder.layer.0"]["heads"][0]
@@ -275,8 +276,39 @@ def test_s2ft_on_bert_trains_selected_heads_and_channels():
     # per block: q/k/v rows and attention-output columns of one head, 12 FFN rows + columns
     assert summary.trainable == 2 * (4 * 8 * 32 + 12 * 32 + 32 * 12) + (3 * 32 + 3)
     assert torch.equal(model(input_ids=x).logits, before)
-    with pytest.raises(ValueError, match="strategy='random' only"):
-        apply_adapters(tiny_bert(), "s2ft", ratio=0.5, strategy="weight")
+    # BERT-style blocks take every selection strategy (it was random only)
+    _, summary = apply_adapters(tiny_bert(), "s2ft", heads=1, channels=4, strategy="weight",
+                                verbose=False)
+    assert summary.method == "s2ft" and len(summary.modules) == 12
+
+
+def test_one_state_attribute_for_every_method():
+    torch.manual_seed(0)
+    krona, s2ft = tiny_llama(), tiny_llama()
+    apply_adapters(krona, rank=2, train_modules=["lm_head"], verbose=False)
+    apply_adapters(s2ft, "s2ft", heads=2, channels=5, mode="inplace", permute=True,
+                   verbose=False)
+    for model in (krona, s2ft):
+        assert isinstance(model._kronops, AdapterState)
+        assert not [k for k in vars(model) if k.startswith("_s2ft")]
+    state = krona._kronops
+    assert state.method == "krona" and state.train_modules == ["lm_head"] and state.plan is None
+    assert state.layers["model.layers.0.self_attn.k_proj"] == dict(
+        kind="krona", in_features=48, out_features=16, a_shape=[4, 6], rank=2, alpha=2.0,
+        dropout=0.0)
+    state = s2ft._kronops
+    assert (state.method, state.mode, state.layers) == ("s2ft", "inplace", {})
+    assert set(state.plan.blocks) == set(state.permutations) == {"model.layers.0",
+                                                                  "model.layers.1"}
+    with torch.no_grad():
+        s2ft.model.layers[0].mlp.up_proj.base.weight[:5] += 0.5  # "trained" in place
+    x = ids()
+    trained = s2ft(input_ids=x).logits
+    with pytest.raises(ValueError, match="nothing to merge"):
+        merge_adapters(s2ft)
+    merge_adapters(s2ft, unload=True)  # in-place: nothing to merge, unload unwraps
+    assert not hasattr(s2ft, "_kronops") and not adapter_modules(s2ft)
+    assert_close(s2ft(input_ids=x).logits, trained, torch.float32, "unloaded in-place model")
 
 
 def test_unload_of_a_permuted_s2ft_model_restores_the_original_layout():
@@ -284,7 +316,7 @@ def test_unload_of_a_permuted_s2ft_model_restores_the_original_layout():
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     x = ids()
     apply_adapters(model, "s2ft", heads=2, channels=5, seed=4, permute=True, verbose=False)
-    model_plan_heads = model._s2ft["plan"].blocks["model.layers.0"]["heads"]
+    model_plan_heads = model._kronops.plan.blocks["model.layers.0"]["heads"]
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, S2FTLinear):

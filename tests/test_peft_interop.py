@@ -11,8 +11,8 @@ peft = pytest.importorskip("peft")
 from peft import LoKrConfig, get_peft_model, set_peft_model_state_dict  # noqa: E402
 
 from kronops import KronALinear  # noqa: E402
-from kronops.integration import apply_adapters, merge_adapters  # noqa: E402
-from kronops.peft_interop import (LoKrLinear, from_peft, patch_peft_lokr,  # noqa: E402
+from kronops.adapters.apply import apply_adapters, merge_adapters  # noqa: E402
+from kronops.adapters.peft import (LoKrLinear, from_peft, patch_peft_lokr,  # noqa: E402
                                   to_peft_state_dict, unpatch_peft_lokr)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -95,7 +95,7 @@ def test_export_refuses_shapes_peft_cannot_express():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_patch_matches_peft_forward_and_backward(case, monkeypatch):
-    import kronops.peft_interop as interop
+    import kronops.adapters.peft as interop
     calls = []
     fused = interop.kron_linear
     monkeypatch.setattr(interop, "kron_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))

@@ -1,25 +1,41 @@
-"""kronops.s2ft.apply on a tiny GQA LLaMA: identical outputs, what is trainable, permutation
-undo, export/restore/merge, and plans or names that do not fit."""
+"""apply_adapters(model, "s2ft", plan=...) on a tiny GQA LLaMA: identical outputs, what is
+trainable, permutation undo, save/load/merge, and plans or files that do not fit."""
 import copy
+import json
 
 import pytest
 import torch
 from conftest import assert_close
 from test_s2ft_select import batch, tiny_llama
 
-from kronops import s2ft
-from kronops.sparse_modules import S2FTInPlaceLinear, S2FTLinear
+from kronops import adapters, s2ft
+from kronops.adapters.files import _digest
+from kronops.s2ft.modules import S2FTInPlaceLinear, S2FTLinear
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def gqa_plan(model):
     """Heads spanning both K/V groups partially (1 of group 0, 2 of group 1), scattered channels."""
-    plan = s2ft.select(model, heads=2, channels=4, seed=0)
+    plan = adapters.select(model, heads=2, channels=4, seed=0)
     plan.blocks["model.layers.0"]["heads"] = [1, 3, 5]
     plan.blocks["model.layers.0"]["channels"] = [0, 7, 8, 39]
     plan.blocks["model.layers.1"]["heads"] = [2]
     return plan
+
+
+def apply_s2ft(model, plan, **options):
+    """apply_adapters with a given plan (mode, permute, delta_dtype in ``options``)."""
+    adapters.apply_adapters(model, "s2ft", plan=plan, verbose=False, **options)
+    return model
+
+
+def rewrite(path, tensors):
+    """Write ``tensors`` to the adapter file ``path`` under its config (checksum updated)."""
+    from safetensors.torch import save_file
+    _, config = adapters.read_adapters(path)
+    config["sha256"] = _digest(tensors)
+    save_file(tensors, path, metadata={"kronops": json.dumps(config)})
 
 
 def logits(model, ids):
@@ -33,7 +49,7 @@ def test_outputs_unchanged_and_only_selection_trainable(mode, permute):
     model = tiny_llama(torch.float64)
     ids = batch()["input_ids"]
     before = logits(model, ids)
-    s2ft.apply(model, gqa_plan(model), mode=mode, permute=permute)
+    apply_s2ft(model, gqa_plan(model), mode=mode, permute=permute)
     after = logits(model, ids)
     if permute:  # permuted sums round differently
         assert_close(after, before, torch.float64, "logits after apply")
@@ -59,7 +75,7 @@ def test_outputs_unchanged_and_only_selection_trainable(mode, permute):
 
 def test_gqa_mapping_of_heads():
     model = tiny_llama()
-    s2ft.apply(model, gqa_plan(model))
+    apply_s2ft(model, gqa_plan(model))
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     heads = torch.tensor([1, 3, 5])
     q_rows = (heads[:, None] * 8 + torch.arange(8)).flatten()
@@ -77,7 +93,7 @@ def test_gqa_mapping_of_heads():
 def test_permute_makes_selections_contiguous_and_undo_is_exact():
     model = tiny_llama()
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    s2ft.apply(model, gqa_plan(model), permute=True)
+    apply_s2ft(model, gqa_plan(model), permute=True)
     mlp = model.model.layers[0].mlp
     assert mlp.gate_proj.selection() == range(0, 4) and mlp.down_proj.selection() == range(0, 4)
     q = model.model.layers[1].self_attn.q_proj
@@ -85,7 +101,7 @@ def test_permute_makes_selections_contiguous_and_undo_is_exact():
     # layer 0: head 1 alone in group 0, heads 3 and 5 in group 1 -> two runs
     assert torch.equal(model.model.layers[0].self_attn.q_proj.indices(),
                        torch.cat([torch.arange(0, 8), torch.arange(24, 40)]))
-    s2ft.unpermute(model)
+    adapters.unpermute(model)
     for name, value in model.state_dict().items():
         key = name.replace(".base.", ".")
         if key in original:
@@ -95,100 +111,163 @@ def test_permute_makes_selections_contiguous_and_undo_is_exact():
 
 
 @pytest.mark.parametrize("permute", [False, True])
-def test_export_restore_merge(permute):
+def test_save_load_merge(permute, tmp_path):
     model = tiny_llama(torch.float64)
     untouched = copy.deepcopy(model)
-    s2ft.apply(model, gqa_plan(model), permute=permute)
+    apply_s2ft(model, gqa_plan(model), permute=permute)
     for layer in model.modules():
         if isinstance(layer, S2FTLinear):
             with torch.no_grad():
                 layer.delta.normal_(std=0.1)
     ids = batch()["input_ids"]
     trained = logits(model, ids)
-    tensors = s2ft.export(model)
+    adapters.save_adapters(model, tmp_path / "s2ft.safetensors")
+    tensors, config = adapters.read_adapters(tmp_path / "s2ft.safetensors")
+    assert config["mode"] == "adapter"
     assert all(t.device.type == "cpu" and t.is_contiguous() for t in tensors.values())
     assert tensors["model.layers.0.self_attn.q_proj.rows"].tolist() == \
         [8 * h + i for h in (1, 3, 5) for i in range(8)]
     assert tensors["model.layers.0.mlp.down_proj.delta"].shape == (48, 4)
     assert sum(t.numel() for t in tensors.values()) < \
         sum(p.numel() for p in untouched.parameters()) / 5
-    s2ft.restore(untouched, tensors)
+    adapters.load_adapters(untouched, tmp_path / "s2ft.safetensors")
     assert_close(logits(untouched, ids), trained, torch.float64, "restored model")
-    s2ft.merge(model)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, S2FTLinear):
+                layer.delta.zero_()
+    adapters.load_adapters(model, tmp_path / "s2ft.safetensors")  # same (co-permuted) adapters
+    assert torch.equal(logits(model, ids), trained)
+    adapters.merge_adapters(model)
     assert_close(logits(model, ids), trained, torch.float64, "merged model")
     with pytest.raises(RuntimeError, match="already merged"):
-        s2ft.merge(model)
-    s2ft.unmerge(model)
+        adapters.merge_adapters(model)
+    adapters.unmerge_adapters(model)
     assert_close(logits(model, ids), trained, torch.float64, "unmerged model")
 
 
-def test_inplace_export_is_the_trained_weights():
+def test_inplace_file_is_the_trained_weights(tmp_path):
     model = tiny_llama()
     untouched = copy.deepcopy(model)
-    s2ft.apply(model, gqa_plan(model), mode="inplace", permute=True)
+    apply_s2ft(model, gqa_plan(model), mode="inplace", permute=True)
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.base.weight[:4] += 1.0
-    tensors = s2ft.export(model)
-    s2ft.restore(untouched, tensors)
-    s2ft.unpermute(model)
+    adapters.save_adapters(model, tmp_path / "inplace.safetensors")
+    adapters.load_adapters(untouched, tmp_path / "inplace.safetensors")
+    assert isinstance(untouched.model.layers[0].mlp.up_proj, S2FTInPlaceLinear)
+    adapters.unpermute(model)
+    trained = model.state_dict()
     for name, value in untouched.state_dict().items():
-        assert torch.equal(model.state_dict()[name.replace("proj.", "proj.base.")]
-                           if "proj." in name else model.state_dict()[name], value), name
+        if name.endswith(".weight") or name.endswith(".bias"):
+            assert torch.equal(trained[name], value), name
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_inplace_save_load_into_a_fresh_model_gives_identical_outputs(permute, tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    fresh = copy.deepcopy(model)
+    apply_s2ft(model, gqa_plan(model), mode="inplace", permute=permute)
+    opt = s2ft.InPlaceSGD(model, lr=0.5)
+    for _ in range(2):
+        model(**batch()).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ids = batch()["input_ids"]
+    trained = logits(model, ids)
+    path = tmp_path / "inplace.safetensors"
+    adapters.save_adapters(model, path)
+    tensors, config = adapters.read_adapters(path)
+    assert config["mode"] == "inplace" and config["format_version"] == 2
+    assert tensors["model.layers.0.mlp.down_proj.weight"].shape == (48, 4)
+    assert not any(k.endswith(".delta") for k in tensors)
+    adapters.load_adapters(fresh, path)
+    assert fresh._kronops.mode == "inplace" and fresh._kronops.permutations == {}
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == \
+        {f"{n}.selected" for n, m in fresh.named_modules() if isinstance(m, S2FTInPlaceLinear)}
+    if permute:  # permuted sums round differently
+        assert_close(logits(fresh, ids), trained, torch.float32, "loaded in-place model")
+    else:
+        assert torch.equal(logits(fresh, ids), trained)
+    adapters.load_adapters(model, path)  # into the identically adapted (co-permuted) model
+    assert torch.equal(logits(model, ids), trained)
 
 
 def test_plan_for_another_model_is_rejected():
     model = tiny_llama()
-    plan = s2ft.select(tiny_llama(layers=3), heads=1, channels=1)
+    plan = adapters.select(tiny_llama(layers=3), heads=1, channels=1)
     with pytest.raises(ValueError, match="plan names block 'model.layers.2'"):
-        s2ft.apply(model, plan)
-    plan = s2ft.select(model, heads=1, channels=1)
+        apply_s2ft(model, plan)
+    plan = adapters.select(model, heads=1, channels=1)
     plan.blocks["model.layers.0"]["num_kv_heads"] = 3
     with pytest.raises(ValueError, match="num_kv_heads is 3 in the plan, 2 in the model"):
-        s2ft.apply(model, plan)
-    plan = s2ft.select(model, heads=1, channels=1)
+        apply_s2ft(model, plan)
+    plan = adapters.select(model, heads=1, channels=1)
     plan.blocks["model.layers.1"]["channels"] = [3, 40]
     with pytest.raises(ValueError, match=r"channels must lie in \[0, 40\), got values from 3 "):
-        s2ft.apply(model, plan)
+        apply_s2ft(model, plan)
     plan.blocks["model.layers.1"]["channels"] = [3, 3]
     with pytest.raises(ValueError, match=r"channels must be sorted and unique"):
-        s2ft.apply(model, plan)
+        apply_s2ft(model, plan)
     plan.blocks["model.layers.1"]["channels"] = [3, True]
     with pytest.raises(TypeError, match=r"channels must be a list of ints"):
-        s2ft.apply(model, plan)
-    with pytest.raises(TypeError, match="plan must be a kronops.s2ft.Plan"):
-        s2ft.apply(model, plan.blocks)
+        apply_s2ft(model, plan)
+    with pytest.raises(TypeError, match="plan must be a kronops.adapters.Plan"):
+        apply_s2ft(model, plan.blocks)
     with pytest.raises(ValueError, match="mode must be one of"):
-        s2ft.apply(model, s2ft.select(model, heads=1), mode="lora")
+        apply_s2ft(model, adapters.select(model, heads=1), mode="lora")
 
 
-def test_apply_twice_and_bad_names():
+@pytest.mark.parametrize("config, error, match", [
+    (dict(heads=1), ValueError, "give it or ratio, .* not both"),
+    (dict(mode="inplace", delta_dtype=torch.float64), ValueError, "delta_dtype applies to"),
+    (dict(delta_dtype=torch.int8), TypeError, "delta_dtype must be a floating-point"),
+    (dict(permute=1), TypeError, "permute must be a bool"),
+])
+def test_bad_s2ft_options_change_nothing(config, error, match):
     model = tiny_llama()
-    s2ft.apply(model, s2ft.select(model, heads=1, channels=1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        apply_s2ft(model, adapters.select(model, heads=1, channels=1), **config)
+    assert not hasattr(model, "_kronops") and not adapters.adapter_modules(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_apply_twice_and_bad_files(tmp_path):
+    model = tiny_llama()
+    apply_s2ft(model, adapters.select(model, heads=1, channels=1))
     with pytest.raises(RuntimeError, match="already applied"):
-        s2ft.apply(model, s2ft.select(model, heads=1, channels=1))
-    tensors = s2ft.export(model)
-    bad = {k.replace("layers.0", "layers.9"): v for k, v in tensors.items()}
+        apply_s2ft(model, adapters.select(model, heads=1, channels=1))
+    path = tmp_path / "s2ft.safetensors"
+    adapters.save_adapters(model, path)
+    tensors, _ = adapters.read_adapters(path)
+    rewrite(path, {k.replace("layers.0", "layers.9"): v for k, v in tensors.items()})
     with pytest.raises(ValueError, match="layer 'model.layers.9.[a-z_.]+' is not a module"):
-        s2ft.restore(tiny_llama(), bad)
+        adapters.load_adapters(tiny_llama(), path)
     wrong = dict(tensors)
     wrong["model.layers.0.mlp.up_proj.delta"] = torch.zeros(2, 48)
+    rewrite(path, wrong)
     with pytest.raises(ValueError, match="values of shape"):
-        s2ft.restore(tiny_llama(), wrong)
-    with pytest.raises(ValueError, match="no S²FT layers"):
-        s2ft.export(tiny_llama())
+        adapters.load_adapters(tiny_llama(), path)
+    with pytest.raises(ValueError, match="no kronops adapters"):
+        adapters.save_adapters(tiny_llama(), path)
 
 
-def test_restore_rejects_repeated_indices():
+def test_load_rejects_repeated_indices(tmp_path):
     model = tiny_llama()
-    s2ft.apply(model, s2ft.select(model, heads=1, channels=2))
-    tensors = s2ft.export(model)
+    apply_s2ft(model, adapters.select(model, heads=1, channels=2))
+    path = tmp_path / "s2ft.safetensors"
+    adapters.save_adapters(model, path)
+    tensors, _ = adapters.read_adapters(path)
     tensors["model.layers.0.mlp.up_proj.rows"] = torch.tensor([5, 5])
+    rewrite(path, tensors)
     untouched = tiny_llama()
     before = {k: v.clone() for k, v in untouched.state_dict().items()}
-    with pytest.raises(ValueError, match="up_proj: rows must not repeat an index"):
-        s2ft.restore(untouched, tensors)
+    with pytest.raises(ValueError, match="up_proj.rows differs from the selection plan"):
+        adapters.load_adapters(untouched, path)
     for name, value in untouched.state_dict().items():  # nothing applied, not even in part
         assert torch.equal(value, before[name]), name
+    assert not hasattr(untouched, "_kronops")
 
 
 def test_permute_with_biases_keeps_outputs_and_undoes_exactly():
@@ -201,11 +280,11 @@ def test_permute_with_biases_keeps_outputs_and_undoes_exactly():
     original = {k: v.clone() for k, v in model.state_dict().items()}
     ids = batch()["input_ids"]
     before = logits(model, ids)
-    s2ft.apply(model, gqa_plan(model), permute=True)
+    apply_s2ft(model, gqa_plan(model), permute=True)
     assert_close(logits(model, ids), before, torch.float64, "permuted logits")
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.base.bias,
                            original["model.layers.0.self_attn.q_proj.bias"])
-    s2ft.unpermute(model)
+    adapters.unpermute(model)
     for name, value in model.state_dict().items():
         key = name.replace(".base.", ".")
         if key in original:

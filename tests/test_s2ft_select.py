@@ -1,8 +1,8 @@
-"""kronops.s2ft.select: plans per block, counts and fractions, strategies, JSON, bad input."""
+"""kronops.adapters.select: plans per block, counts and fractions, strategies, JSON, bad input."""
 import pytest
 import torch
 
-from kronops import s2ft
+from kronops import adapters
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,28 +22,28 @@ def batch(n=2, t=11):
 
 
 def test_blocks_found_with_gqa_sizes():
-    blocks = s2ft.find_blocks(tiny_llama())
+    blocks = adapters.find_blocks(tiny_llama())
     assert [b.name for b in blocks] == ["model.layers.0", "model.layers.1"]
     sizes = {(b.num_heads, b.num_kv_heads, b.head_dim, b.channels) for b in blocks}
     assert sizes == {(6, 2, 8, 40)}
 
 
 def test_counts_per_block_and_json_round_trip():
-    plan = s2ft.select(tiny_llama(), heads=2, channels=5, seed=3)
+    plan = adapters.select(tiny_llama(), heads=2, channels=5, seed=3)
     assert plan.strategy == "random" and plan.seed == 3
     for entry in plan.blocks.values():
         assert len(entry["heads"]) == 2 and len(entry["channels"]) == 5
         assert entry["heads"] == sorted(set(entry["heads"]))
-    assert s2ft.Plan.from_json(plan.to_json()) == plan
+    assert adapters.Plan.from_json(plan.to_json()) == plan
 
 
 def test_fraction_is_of_the_model_total_and_seed_decides():
     model = tiny_llama()
-    plan = s2ft.select(model, heads=0.25, channels=0.1, seed=7)
+    plan = adapters.select(model, heads=0.25, channels=0.1, seed=7)
     assert sum(len(e["heads"]) for e in plan.blocks.values()) == 3  # 25% of 12
     assert sum(len(e["channels"]) for e in plan.blocks.values()) == 8  # 10% of 80
-    assert s2ft.select(model, heads=0.25, channels=0.1, seed=7) == plan
-    others = [s2ft.select(model, heads=0.25, channels=0.1, seed=s) for s in range(8, 12)]
+    assert adapters.select(model, heads=0.25, channels=0.1, seed=7) == plan
+    others = [adapters.select(model, heads=0.25, channels=0.1, seed=s) for s in range(8, 12)]
     assert any(o.blocks != plan.blocks for o in others)
 
 
@@ -53,7 +53,7 @@ def test_weight_strategy_picks_the_largest_parts():
     with torch.no_grad():
         layer.self_attn.q_proj.weight[4 * 8:5 * 8] *= 100  # head 4
         layer.mlp.down_proj.weight[:, 13] *= 100            # channel 13
-    plan = s2ft.select(model, heads=1, channels=1, strategy="weight")
+    plan = adapters.select(model, heads=1, channels=1, strategy="weight")
     assert plan.blocks["model.layers.1"]["heads"] == [4]
     assert plan.blocks["model.layers.1"]["channels"] == [13]
 
@@ -66,7 +66,8 @@ def test_activation_and_gradient_strategies_use_calibration():
     with torch.no_grad():  # channel 21 of block 0 carries large activations and gradients
         model.model.layers[0].mlp.up_proj.weight[21] *= 1000
     for strategy in ("activation", "gradient"):
-        plan = s2ft.select(model, heads=1, channels=1, strategy=strategy, calibration=calibration)
+        plan = adapters.select(model, heads=1, channels=1, strategy=strategy,
+                               calibration=calibration)
         assert plan.blocks["model.layers.0"]["channels"] == [21], strategy
         assert plan.strategy == strategy
     assert all(p.requires_grad for p in model.parameters())  # flags restored
@@ -77,8 +78,8 @@ def test_activation_and_gradient_strategies_use_calibration():
 def test_gradient_strategy_with_loss_fn():
     model = tiny_llama()
     ids = torch.randint(0, 97, (2, 9))
-    plan = s2ft.select(model, heads=1, channels=2, strategy="gradient", calibration=[ids],
-                       loss_fn=lambda out, b: out.logits.square().mean())
+    plan = adapters.select(model, heads=1, channels=2, strategy="gradient", calibration=[ids],
+                           loss_fn=lambda out, b: out.logits.square().mean())
     assert all(len(e["channels"]) == 2 for e in plan.blocks.values())
 
 
@@ -95,7 +96,7 @@ def test_gradient_strategy_with_loss_fn():
 ])
 def test_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):
-        s2ft.select(tiny_llama(), **{"heads": 1, "channels": 1, **kwargs})
+        adapters.select(tiny_llama(), **{"heads": 1, "channels": 1, **kwargs})
 
 
 @pytest.mark.parametrize("strategy", ["weight", "gradient"])
@@ -103,14 +104,15 @@ def test_weight_strategies_on_a_wrapped_model(strategy):
     """After apply the projections are S²FT layers (no .weight): a clear error, no
     AttributeError; random and activation still work."""
     model = tiny_llama()
-    s2ft.apply(model, s2ft.select(model, heads=1, channels=1))
+    adapters.apply_adapters(model, "s2ft", plan=adapters.select(model, heads=1, channels=1),
+                            verbose=False)
     with pytest.raises(ValueError, match=f"strategy='{strategy}' scores plain nn.Linear weights, "
                                          "but model.layers.0.self_attn.q_proj is already wrapped"):
-        s2ft.select(model, heads=1, channels=1, strategy=strategy, calibration=[batch()])
+        adapters.select(model, heads=1, channels=1, strategy=strategy, calibration=[batch()])
     for other in ("random", "activation"):
-        s2ft.select(model, heads=1, channels=1, strategy=other, calibration=[batch()])
+        adapters.select(model, heads=1, channels=1, strategy=other, calibration=[batch()])
 
 
 def test_model_without_blocks():
     with pytest.raises(ValueError, match="no LLaMA-style blocks"):
-        s2ft.select(torch.nn.Linear(3, 3), heads=1)
+        adapters.select(torch.nn.Linear(3, 3), heads=1)

@@ -6,10 +6,10 @@ import io
 import pytest
 import torch
 from conftest import assert_close
-from test_s2ft_apply import gqa_plan
+from test_s2ft_apply import apply_s2ft, gqa_plan
 from test_s2ft_select import batch, tiny_llama
 
-from kronops import s2ft
+from kronops import adapters, s2ft
 
 STEPS = 4
 LR = {"sgd": 0.5, "adamw": 0.01}
@@ -18,7 +18,7 @@ LR = {"sgd": 0.5, "adamw": 0.01}
 def masks(model, plan):
     """{parameter name: 0/1 mask} of the weights the plan trains, in the original layout."""
     out = {}
-    for b in s2ft.find_blocks(model):
+    for b in adapters.find_blocks(model):
         entry = plan.blocks[b.name]
         group = b.num_heads // b.num_kv_heads
         q = [h * 8 + i for h in entry["heads"] for i in range(8)]
@@ -55,7 +55,8 @@ def full_finetune_masked(model, plan, optimizer, batches):
 
 def s2ft_finetune(model, plan, optimizer, batches, mode, permute):
     model = copy.deepcopy(model)
-    s2ft.apply(model, plan, mode=mode, permute=permute, delta_dtype=torch.float64)
+    apply_s2ft(model, plan, mode=mode, permute=permute,
+               **(dict(delta_dtype=torch.float64) if mode == "adapter" else {}))
     if mode == "adapter":
         trained = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(trained, lr=LR["sgd"]) if optimizer == "sgd" else \
@@ -68,9 +69,9 @@ def s2ft_finetune(model, plan, optimizer, batches, mode, permute):
         model(**b).loss.backward()
         opt.step()
     if mode == "adapter":
-        s2ft.merge(model)
+        adapters.merge_adapters(model)
     if permute:
-        s2ft.unpermute(model)
+        adapters.unpermute(model)
     return {n.replace(".base.", "."): p for n, p in model.named_parameters()
             if not n.endswith((".delta", ".selected"))}
 
@@ -96,7 +97,7 @@ def test_inplace_adamw_weight_decay_only_on_the_selection(triton_backend):
     """Through the Triton kernel (interpreter on CPU): decay touches only the submatrix."""
     model = tiny_llama(torch.float32)
     original = copy.deepcopy(model)
-    s2ft.apply(model, gqa_plan(model), mode="inplace")
+    apply_s2ft(model, gqa_plan(model), mode="inplace")
     opt = s2ft.InPlaceAdamW(model, lr=0.01, weight_decay=0.5)
     model(**batch()).loss.backward()
     opt.step()
@@ -116,13 +117,13 @@ def test_inplace_optimizer_needs_inplace_layers():
     model = tiny_llama()
     with pytest.raises(ValueError, match="no S2FTInPlaceLinear layers"):
         s2ft.InPlaceAdamW(model)
-    s2ft.apply(model, gqa_plan(model), mode="inplace")
+    apply_s2ft(model, gqa_plan(model), mode="inplace")
     with pytest.raises(ValueError, match="betas must be"):
         s2ft.InPlaceAdamW(model, betas=(0.9, 1.0))
     with pytest.raises(RuntimeError, match="nothing to merge"):
         model.model.layers[0].mlp.up_proj.merge()
     with pytest.raises(ValueError, match="no S²FT adapter layers"):
-        s2ft.merge(model)
+        adapters.merge_adapters(model)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -145,7 +146,7 @@ def test_equivalent_through_triton_kernels(optimizer, mode, triton_backend):
 def test_inplace_adamw_resume_keeps_fp32_moments():
     """save -> load -> step equals an uninterrupted run on a bf16 weight: the loaded moments
     stay fp32 (torch.optim's loader would cast them to the bf16 parameter dtype)."""
-    from kronops.sparse_modules import S2FTInPlaceLinear
+    from kronops.s2ft.modules import S2FTInPlaceLinear
 
     def fresh():
         torch.manual_seed(0)

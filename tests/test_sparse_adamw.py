@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICE, assert_close
 
-from kronops.kernels.sparse_adamw import sparse_adamw
+from kronops.kernels import triton_sparse_adamw as sparse_adamw
 
 
 @pytest.mark.parametrize("cols", [False, True])
@@ -56,3 +56,17 @@ def test_strided_index_tensor():
                  weight_decay=0.0, step=1)
     expected[sel] -= 0.1 * grad.sign()  # the first Adam step is lr * sign(grad), up to eps
     assert_close(weight, expected, torch.float32, "weight")
+
+
+@pytest.mark.parametrize("cols", [False, True])
+@pytest.mark.parametrize("gather", [False, True])
+def test_opcheck(cols, gather, backend_device):
+    """kronops::sparse_adamw is a registered mutating op: schema, fake impl, compile."""
+    kw = dict(device=backend_device)
+    weight = torch.randn(12, 10, **kw)
+    count = 4
+    index = torch.tensor([1, 3, 4, 9], **kw) if gather else None
+    shape = (12, count) if cols else (count, 10)
+    grad, m, v = torch.randn(shape, **kw), torch.zeros(shape, **kw), torch.zeros(shape, **kw)
+    torch.library.opcheck(torch.ops.kronops.sparse_adamw.default,
+                          (weight, grad, m, v, index, 2, cols, 0.1, 0.9, 0.99, 1e-8, 0.01, 1))

@@ -3,8 +3,8 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, ON_GPU, assert_close
 
-from kronops.kernels.sparse_delta_grad import sparse_delta_grad
-from kronops.kernels.sparse_linear import sparse_matmul_add
+from kronops.kernels import triton_sparse_delta_grad as sparse_delta_grad
+from kronops.kernels import triton_sparse_matmul_add as sparse_matmul_add
 
 # (M, a columns, out columns, K read, N written): odd, prime and tile-spanning shapes.
 SHAPES = [(1, 1, 1, 1, 1), (37, 61, 50, 29, 13), (70, 130, 67, 67, 66), (5, 200, 9, 3, 7),
@@ -55,7 +55,7 @@ def test_sparse_delta_grad(shape, dtype, gather_d, gather_x):
     i, j = pick(d_cols, p, not gather_d), pick(x_cols, q, not gather_x)
     g = sparse_delta_grad(d, x, i, p, j, q)
     ref = d.double()[:, as_index(i, p)].T @ x.double()[:, as_index(j, q)]
-    assert g.dtype == torch.float32 and g.shape == (p, q)
+    assert g.dtype == dtype and g.shape == (p, q)
     assert_close(g, ref, dtype, "sparse_delta_grad")
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, ON_GPU, assert_close, rel_err
 
-from kronops.sparse_functional import sparse_linear
-from kronops.sparse_reference import sparse_linear_reference
+from kronops.s2ft.ops import sparse_linear
+from kronops.s2ft.reference import naive_sparse_linear
 
 # (leading dims of x, out, in, selected count): odd, prime and tile-spanning shapes.
 SHAPES = [((), 7, 5, 3), ((9,), 13, 11, 1), ((2, 5), 67, 33, 17), ((3, 7), 20, 70, 20),
@@ -35,11 +35,11 @@ def check_against_reference(x, weight, delta, bias, sel, dtype):
     leaves = [x, delta, bias]
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     ref_sel = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in sel.items()}
-    ref = sparse_linear_reference(ref_leaves[0].cpu(), weight.double().cpu(),
+    ref = naive_sparse_linear(ref_leaves[0].cpu(), weight.double().cpu(),
                                   ref_leaves[1].cpu(), bias=ref_leaves[2].cpu(), **ref_sel)
     assert y.shape == ref.shape and y.dtype == dtype
     # The bias may cancel the product: measure the error against the size of both terms.
-    product = sparse_linear_reference(ref_leaves[0].cpu(), weight.double().cpu(),
+    product = naive_sparse_linear(ref_leaves[0].cpu(), weight.double().cpu(),
                                       ref_leaves[1].cpu(), **ref_sel)
     rows = product.numel() // product.shape[-1]
     assert_close(y, ref, dtype, "forward",
@@ -139,15 +139,15 @@ def test_cols_double_backward_to_x_raises():
 @pytest.mark.parametrize("mode", ["rows", "cols"])
 @pytest.mark.parametrize("kind", ["tensor", "slice"])
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck(mode, kind, requires_grad):
-    x, weight, delta, bias, sel = inputs((5,), 9, 8, 3, mode, kind, torch.float32)
+def test_opcheck(mode, kind, requires_grad, backend_device):
+    x, weight, delta, bias, sel = inputs((5,), 9, 8, 3, mode, kind, torch.float32, backend_device)
     sel = sel[mode]
     index, start = (sel, 0) if isinstance(sel, torch.Tensor) else (None, sel.start)
     x, delta, bias = (t.detach().requires_grad_(requires_grad) for t in (x, delta, bias))
     cols = mode == "cols"
     torch.library.opcheck(torch.ops.kronops.sparse_linear.default,
                           (x, weight, delta, index, start, bias, cols))
-    dy = torch.randn(5, 9)
+    dy = torch.randn(5, 9, device=backend_device)
     torch.library.opcheck(torch.ops.kronops.sparse_input_grad.default,
                           (dy, weight, delta, index, start, cols))
     saved = x[:, start:start + 3].contiguous() if cols and index is None else \

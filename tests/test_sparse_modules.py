@@ -4,8 +4,8 @@ import torch
 from conftest import assert_close
 from torch import nn
 
-from kronops.sparse_modules import S2FTInPlaceLinear, S2FTLinear
-from kronops.sparse_reference import sparse_linear_reference
+from kronops.s2ft.modules import S2FTInPlaceLinear, S2FTLinear
+from kronops.s2ft.reference import naive_sparse_linear
 
 SELECTIONS = [("rows", torch.tensor([0, 3, 4, 10])), ("rows", slice(2, 7)),
               ("cols", torch.tensor([1, 5, 8])), ("cols", range(0, 4))]
@@ -28,7 +28,7 @@ def test_forward_backward_match_reference(mode, sel):
     x = torch.randn(3, 4, 9, requires_grad=True)
     y = layer(x)
     xr, dr = x.detach().double().requires_grad_(), layer.delta.detach().double().requires_grad_()
-    ref = sparse_linear_reference(xr, layer.base.weight.double(), dr,
+    ref = naive_sparse_linear(xr, layer.base.weight.double(), dr,
                                   bias=layer.base.bias.double(), **{mode: sel})
     assert_close(y, ref, torch.float32, "forward")
     g = torch.randn_like(ref)

@@ -1,16 +1,17 @@
 """Optimizers for S²FT's in-place mode: update only the selected rows/columns of each weight.
 
-They act on ``S2FTInPlaceLinear`` layers (made by ``apply(..., mode="inplace")``): the
+They act on ``S2FTInPlaceLinear`` layers (made by ``apply_adapters(model, "s2ft",
+mode="inplace")``): the
 gradient is the compact ``layer.selected.grad`` ((|R|, in) or (out, |C|)), the update goes
 into base.weight's selected part in place, and optimizer state is sized to that part.
-On CUDA the AdamW step is one fused Triton kernel (``kronops.kernels.sparse_adamw``).
+The AdamW step is the op ``kronops::sparse_adamw`` (one fused Triton kernel on CUDA).
 """
 import torch
 from torch import nn
 
-from ..backend import use_triton
-from ..sparse_modules import S2FTInPlaceLinear
 from ..dtypes import accumulation_dtype
+from .modules import S2FTInPlaceLinear
+from .ops import sparse_adamw
 
 
 def _layers(model) -> list[S2FTInPlaceLinear]:
@@ -123,21 +124,7 @@ class InPlaceAdamW(_InPlace):
                                                    dtype=accumulation_dtype(p.dtype))
                     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 state["step"] += 1
-                weight, dim, sel = self._part(layer)
-                m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                if use_triton(weight):
-                    from ..kernels.sparse_adamw import sparse_adamw
-                    sparse_adamw(weight, p.grad, m, v,
-                                 sel.start if isinstance(sel, range) else sel, dim == 1,
-                                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
-                                 step=step)
-                    continue
-                g = p.grad.to(m.dtype)
-                w = self._read(weight, dim, sel)
-                w.mul_(1 - lr * wd)
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
-                w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
-                self._write(weight, dim, sel, w.to(weight.dtype))
+                sparse_adamw(layer.base.weight, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                             layer.index, layer.start, layer.mode == "cols", lr, beta1, beta2,
+                             eps, wd, state["step"])
         return loss

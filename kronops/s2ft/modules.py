@@ -2,8 +2,8 @@
 import torch
 from torch import nn
 
-from .sparse_functional import check_index, sparse_linear
-from .wrapped_linear import WrapsLinear
+from ..wrapped_linear import WrapsLinear
+from .ops import check_index, sparse_linear
 
 
 class S2FTLinear(WrapsLinear, nn.Module):

@@ -5,12 +5,17 @@ being the first with every per-row matrix transposed (strides swapped). Each pro
 walks a fixed, strided set of row blocks and writes one fp32 partial; the partials are
 summed in a fixed order, so the result does not depend on scheduling (no atomics).
 """
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from .kron_tiles import ROW_BLOCK_CONFIGS, int32_rows, rows_times_factor_t, tile_lengths
-from .tuning import TunedKernel, dot_precision, live_words, num_programs_cap
+from ..launch import (ELEMENT_BYTES, PRECISIONS, CompileCase, autotuned, dot_precision,
+                      live_words, viable_configs)
+from .tiles import (COMPILE_SHAPES, ROW_BLOCK_CONFIGS, int32_rows, rows_times_factor_t,
+                    tile_lengths)
+from ..partial_sums import finish, new_partials, row_groups
 
 
 @triton.jit
@@ -76,8 +81,8 @@ def footprint(config, tiles, element_bytes) -> int:
                       tiles["DOT_PRECISION"])
 
 
-_kernel = TunedKernel(kron_factor_grad_kernel, CONFIGS, key=["P", "N", "R", "Q"],
-                      footprint=footprint)
+tuned = autotuned(kron_factor_grad_kernel, CONFIGS, key=["P", "N", "R", "Q"],
+                  footprint=footprint)
 
 
 def tile_shape(p: int, n: int, r: int, q: int, precision: str) -> dict:
@@ -85,11 +90,27 @@ def tile_shape(p: int, n: int, r: int, q: int, precision: str) -> dict:
     return tile_lengths(precision, P=p, R=r, N=n, Q=q)
 
 
-def kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum_m dy[m] @ f @ x[m].T in fp32.
+def compile_cases() -> list[CompileCase]:
+    """What ``kron_linear``'s backward launches: dA, and dB with dY and X per-row transposed."""
+    cases = []
+    for (a1, a2, b1, b2), (element, precision) in itertools.product(COMPILE_SHAPES, PRECISIONS):
+        for role, tiles, unit in [
+                ("da", tile_shape(a1, b1, a2, b2, precision), ("stride_dyn", "stride_fq", "stride_xq")),
+                ("db", tile_shape(b1, a1, b2, a2, precision), ("stride_dyp", "stride_fq", "stride_xr"))]:
+            cases.append(CompileCase(
+                f"kron_factor_grad-{role}-{a1}x{a2}x{b1}x{b2}-{element}-{precision}",
+                kron_factor_grad_kernel, tiles, element,
+                viable_configs(CONFIGS, footprint, tiles, ELEMENT_BYTES[element]), unit,
+                {"partial_ptr": "*fp32"}))
+    return cases
+
+
+def triton_kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor,
+                            scale: float = 1.0) -> torch.Tensor:
+    """scale * sum_m dy[m] @ f @ x[m].T, accumulated in fp32.
 
     dy: (M, P, N), f: (N, Q), x: (M, R, Q), all any strides and one dtype.
-    Returns a new (P, R) fp32 tensor.
+    Returns a new (P, R) tensor of dy's dtype.
     """
     m, p, n = dy.shape
     r, q = x.shape[1], x.shape[2]
@@ -98,17 +119,17 @@ def kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor) -> torc
     # Enough row groups to fill the GPU together with the output tiles, each group
     # summing at least 8 rows; each group writes one fp32 (P, R) partial.
     out_tiles = triton.cdiv(p, tiles["BLOCK_P"]) * triton.cdiv(r, tiles["BLOCK_R"])
-    groups = max(1, min(triton.cdiv(m, 8), triton.cdiv(num_programs_cap(dy.device), out_tiles)))
-    partial = torch.empty((groups, p, r), device=dy.device, dtype=torch.float32)
+    groups = row_groups(m, out_tiles, 8, dy.device)
+    partial = new_partials(groups, p, r, dy.device)
     if partial.numel() == 0:
-        return partial.sum(0)
+        return torch.zeros((p, r), device=dy.device, dtype=dy.dtype)
 
     def grid(meta):
         return (groups, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(r, meta["BLOCK_R"]))
 
-    _kernel[grid](
+    tuned[grid](
         dy, f, x, partial,
         m, p, n, r, q,
         *dy.stride(), *f.stride(), *x.stride(), partial.stride(0), partial.stride(1),
         **tiles)
-    return partial.sum(0)
+    return finish(partial, scale, dy.dtype)

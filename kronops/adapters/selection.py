@@ -1,15 +1,16 @@
-"""S²FT selection: which attention heads and MLP channels of each block to train.
+"""S²FT selection: which attention heads and FFN channels of each block to train.
 
-``select(model, heads=..., channels=..., strategy=...)`` returns a ``Plan``: per block,
-sorted query-head and channel indices, with the strategy and seed, serialisable to JSON.
-Strategies score every head and channel and keep the highest scores:
+``select(model, heads=..., channels=..., strategy=...)`` returns a ``Plan``: per block
+(LLaMA-style or BERT-style, see ``blocks``), sorted query-head and channel indices, with
+the strategy and seed, serialisable to JSON. Strategies score every head and channel and
+keep the highest scores:
   random      uniform random scores from ``seed``
-  weight      squared norm of the weights the selection trains (q rows + o columns of a
-              head; gate and up rows + down column of a channel)
-  activation  squared inputs of o_proj (per head) and down_proj (per channel), summed
-              over the calibration batches
-  gradient    Fisher-style: squared gradients of those same weights, summed over the
-              calibration batches (needs a loss: ``loss_fn(output, batch)`` or output.loss)
+  weight      squared norm of the weights the selection trains (query rows + attention
+              output columns of a head; ffn_in rows + ffn_out column of a channel)
+  activation  squared inputs of the attention output (per head) and of ffn_out (per
+              channel), summed over the calibration batches
+  gradient    Fisher-style: squared gradients of the weights "weight" scores, summed over
+              the calibration batches (needs a loss: ``loss_fn(output, batch)`` or output.loss)
 ``heads``/``channels``: an int is a count per block; a float in [0, 1] a fraction of the
 model's total, chosen across all blocks by score.
 """
@@ -19,14 +20,17 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .blocks import ATTENTION, MLP, find_blocks
+from ..s2ft.ops import check_sorted_unique
+from .blocks import Block, find_blocks
 
 STRATEGIES = ("random", "weight", "activation", "gradient")
 
 
 @dataclass
 class Plan:
-    """Per block name: {"heads": [...], "channels": [...]} plus the block's sizes."""
+    """Per block name: {"heads": [...], "channels": [...]} (sorted query heads and FFN
+    channels to train) plus the block's sizes (num_heads, num_kv_heads, head_dim,
+    num_channels), which ``check_plan`` compares with the model's."""
     strategy: str
     seed: int
     blocks: dict = field(default_factory=dict)
@@ -73,27 +77,33 @@ def _loss(output, batch, loss_fn):
     return loss
 
 
+def _scored_weights(block: Block):
+    """(head parts, channel parts) that the weight and gradient strategies score, each a
+    list of (module name, dim summed away): query rows + attention_output columns of a
+    head (K/V heads are shared under grouped-query attention); every ffn_in row +
+    the ffn_out column of a channel."""
+    return ([(block.query, 1), (block.attention_output, 0)],
+            [(n, 1) for n in block.ffn_in] + [(block.ffn_out, 0)])
+
+
+def _reduce(block: Block, heads: list, channels: list):
+    """Per-row/column sums -> (head scores (num_heads,), channel scores (channels,)), fp64."""
+    head = sum(heads).view(block.num_heads, block.head_dim).sum(1)
+    return head.double().cpu(), sum(channels).double().cpu()
+
+
 def _scores(model, blocks, strategy, calibration, loss_fn, generator):
     """Per block: (head scores (num_heads,), channel scores (channels,)) in fp64 on CPU."""
     modules = dict(model.named_modules())
-    attn = [modules[b.attention] for b in blocks]
-    mlp = [modules[b.mlp] for b in blocks]
     if strategy == "random":
         return [(torch.rand(b.num_heads, generator=generator, dtype=torch.float64),
                  torch.rand(b.channels, generator=generator, dtype=torch.float64))
                 for b in blocks]
-
-    def reduce(b, q_rows, o_cols, gate_rows, up_rows, down_cols):
-        head = (q_rows + o_cols).view(b.num_heads, b.head_dim).sum(1)
-        return head.double().cpu(), (gate_rows + up_rows + down_cols).double().cpu()
-
+    scored = [_scored_weights(b) for b in blocks]
     if strategy == "weight":
-        return [reduce(b, a.q_proj.weight.detach().float().square().sum(1),
-                       a.o_proj.weight.detach().float().square().sum(0),
-                       m.gate_proj.weight.detach().float().square().sum(1),
-                       m.up_proj.weight.detach().float().square().sum(1),
-                       m.down_proj.weight.detach().float().square().sum(0))
-                for b, a, m in zip(blocks, attn, mlp)]
+        def norms(parts):
+            return [modules[n].weight.detach().float().square().sum(dim) for n, dim in parts]
+        return [_reduce(b, norms(h), norms(c)) for b, (h, c) in zip(blocks, scored)]
     if calibration is None:
         raise ValueError(f"strategy={strategy!r} needs calibration batches")
     if strategy == "activation":
@@ -104,9 +114,8 @@ def _scores(model, blocks, strategy, calibration, loss_fn, generator):
                 sums[key] = sums.get(key, 0) + args[0].detach().float().square() \
                     .reshape(-1, args[0].shape[-1]).sum(0)
             return fn
-        handles = [a.o_proj.register_forward_pre_hook(hook((i, "o"))) for i, a in enumerate(attn)]
-        handles += [m.down_proj.register_forward_pre_hook(hook((i, "d")))
-                    for i, m in enumerate(mlp)]
+        handles = [modules[name].register_forward_pre_hook(hook(name))
+                   for b in blocks for name in (b.attention_output, b.ffn_out)]
         try:
             with torch.no_grad():
                 for batch in calibration:
@@ -116,14 +125,12 @@ def _scores(model, blocks, strategy, calibration, loss_fn, generator):
                 h.remove()
         if not sums:
             raise ValueError("calibration is empty")
-        return [((sums[i, "o"].view(b.num_heads, b.head_dim).sum(1)).double().cpu(),
-                 sums[i, "d"].double().cpu()) for i, b in enumerate(blocks)]
+        return [_reduce(b, [sums[b.attention_output]], [sums[b.ffn_out]]) for b in blocks]
     # gradient: squared weight gradients, reduced to rows/columns after every batch
-    weights = [[(a.q_proj.weight, 1), (a.o_proj.weight, 0), (m.gate_proj.weight, 1),
-                (m.up_proj.weight, 1), (m.down_proj.weight, 0)] for a, m in zip(attn, mlp)]
+    weights = [[(modules[n].weight, dim) for n, dim in h + c] for h, c in scored]
     flags = {id(p): p.requires_grad for p in model.parameters()}
     grads = {id(p): p.grad for p in model.parameters()}  # the caller's, put back after
-    sums = [[0] * 5 for _ in blocks]
+    sums = [[0] * len(w) for w in weights]
     batches = 0
     try:
         for p in model.parameters():
@@ -145,22 +152,20 @@ def _scores(model, blocks, strategy, calibration, loss_fn, generator):
             p.grad = grads[id(p)]
     if not batches:
         raise ValueError("calibration is empty")
-    return [reduce(b, *s) for b, s in zip(blocks, sums)]
+    return [_reduce(b, s[:len(h)], s[len(h):]) for b, s, (h, _) in zip(blocks, sums, scored)]
 
 
 def _check_unwrapped(model, blocks, strategy: str) -> None:
     """The weight and gradient strategies read projection weights: S²FT layers have none."""
     modules = dict(model.named_modules())
     for b in blocks:
-        for parent, names in ((b.attention, ATTENTION), (b.mlp, MLP)):
-            for name in names:
-                module = getattr(modules[parent], name)
-                if not isinstance(module, nn.Linear):
-                    raise ValueError(f"strategy={strategy!r} scores plain nn.Linear weights, but "
-                                     f"{parent}.{name} is already wrapped in a "
-                                     f"{type(module).__name__}: select before "
-                                     f"kronops.s2ft.apply, or use strategy='random' or "
-                                     f"'activation'")
+        heads, channels = _scored_weights(b)
+        for name, _ in heads + channels:
+            if not isinstance(modules[name], nn.Linear):
+                raise ValueError(f"strategy={strategy!r} scores plain nn.Linear weights, but "
+                                 f"{name} is already wrapped in a "
+                                 f"{type(modules[name]).__name__}: select before "
+                                 f"apply_adapters, or use strategy='random' or 'activation'")
 
 
 def _top(scores: list[torch.Tensor], per_block, total) -> list[list[int]]:
@@ -173,11 +178,40 @@ def _top(scores: list[torch.Tensor], per_block, total) -> list[list[int]]:
     return [sorted(c.nonzero().flatten().tolist()) for c in chosen.split([len(s) for s in scores])]
 
 
+def _check_indices(where: str, values, limit: int) -> None:
+    if not isinstance(values, list) or \
+            not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{where} must be a list of ints, got {values!r}")
+    check_sorted_unique(where, torch.tensor(values, dtype=torch.int64), limit)
+
+
+def check_plan(plan: Plan, blocks: list[Block]) -> None:
+    """The plan names only blocks of the model, with matching sizes and valid indices."""
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a kronops.adapters.Plan, got {type(plan).__name__}")
+    by_name = {b.name: b for b in blocks}
+    for name, entry in plan.blocks.items():
+        if name not in by_name:
+            raise ValueError(f"plan names block {name!r}, which the model does not have "
+                             f"(blocks: {', '.join(list(by_name)[:3])}, ...)")
+        b = by_name[name]
+        if not isinstance(entry, dict):
+            raise TypeError(f"plan block {name!r} must be a dict, got {entry!r}")
+        for key, actual in (("num_heads", b.num_heads), ("num_kv_heads", b.num_kv_heads),
+                            ("head_dim", b.head_dim), ("num_channels", b.channels)):
+            if entry.get(key) != actual:
+                raise ValueError(f"plan does not fit block {name!r}: {key} is "
+                                 f"{entry.get(key)} in the plan, {actual} in the model")
+        _check_indices(f"plan block {name!r} heads", entry.get("heads"), b.num_heads)
+        _check_indices(f"plan block {name!r} channels", entry.get("channels"), b.channels)
+
+
 def select(model, *, heads=0, channels=0, strategy: str = "random", calibration=None,
            seed: int = 0, loss_fn=None) -> Plan:
-    """A selection plan for every LLaMA-style block of ``model`` (see the module docstring).
+    """A selection plan for every block of ``model`` (see the module docstring).
 
-    Heads are query heads; ``apply`` maps them to K/V heads under grouped-query attention.
+    Heads are query heads; ``apply_adapters`` maps them to K/V heads under grouped-query
+    attention. Nothing in the model changes (gradient: flags and .grad are put back).
     calibration: an iterable of batches (dict: model(**batch), tuple: model(*batch), else
     model(batch)), needed by "activation" and "gradient".
     """

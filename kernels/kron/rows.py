@@ -4,12 +4,16 @@ For a row x of length a2*b2 viewed as X (a2, b2), (A (x) B) x = vec(A X B^T). Th
 reads each tile of rows once, keeps X B^T on chip, and writes Y once. With transposed
 factors (strides swapped) the same kernel computes the input gradient A^T dY_m B.
 """
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from .kron_tiles import ROW_BLOCK_CONFIGS, int32_rows, rows_times_factor_t, tile_lengths
-from .tuning import TunedKernel, dot_precision, live_words
+from ..launch import (ELEMENT_BYTES, PRECISIONS, CompileCase, autotuned, dot_precision,
+                      live_words, viable_configs)
+from .tiles import (COMPILE_SHAPES, ROW_BLOCK_CONFIGS, int32_rows, rows_times_factor_t,
+                    tile_lengths)
 
 
 @triton.jit
@@ -78,8 +82,8 @@ def footprint(config, tiles, element_bytes) -> int:
                       tiles["DOT_PRECISION"])
 
 
-_kernel = TunedKernel(kron_rows_kernel, CONFIGS, key=["A1", "A2", "B1", "B2", "HAS_BIAS"],
-                      footprint=footprint)
+tuned = autotuned(kron_rows_kernel, CONFIGS, key=["A1", "A2", "B1", "B2", "HAS_BIAS"],
+                  footprint=footprint)
 
 
 def tile_shape(a1: int, a2: int, b1: int, b2: int, precision: str) -> dict:
@@ -87,7 +91,27 @@ def tile_shape(a1: int, a2: int, b1: int, b2: int, precision: str) -> dict:
     return tile_lengths(precision, I=a1, J=a2, N=b1, L=b2)
 
 
-def kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+def compile_cases() -> list[CompileCase]:
+    """What ``kron_linear`` launches: forward with and without bias, and dX = A^T dY B on
+    transposed factor views (their first strides are 1), per factor shape and precision."""
+    cases = []
+    for (a1, a2, b1, b2), (element, precision) in itertools.product(COMPILE_SHAPES, PRECISIONS):
+        for role, has_bias, tiles, unit in [
+                ("fwd", True, tile_shape(a1, a2, b1, b2, precision),
+                 ("stride_xl", "stride_aj", "stride_bl")),
+                ("fwd", False, tile_shape(a1, a2, b1, b2, precision),
+                 ("stride_xl", "stride_aj", "stride_bl")),
+                ("dx", False, tile_shape(a2, a1, b2, b1, precision),
+                 ("stride_xl", "stride_ai", "stride_bn"))]:
+            constexprs = dict(HAS_BIAS=has_bias, **tiles)
+            cases.append(CompileCase(
+                f"kron_rows-{role}-bias{int(has_bias)}-{a1}x{a2}x{b1}x{b2}-{element}-{precision}",
+                kron_rows_kernel, constexprs, element,
+                viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]), unit))
+    return cases
+
+
+def triton_kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
               bias: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """y[m] = scale * vec(a @ x[m] @ b.T) + bias.
 
@@ -107,7 +131,7 @@ def kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(b1, meta["BLOCK_N"]),
                 triton.cdiv(a1, meta["BLOCK_I"]))
 
-    _kernel[grid](
+    tuned[grid](
         x, a, b, bias if bias is not None else y, y,
         m, a1, a2, b1, b2,
         *x.stride(), *a.stride(), *b.stride(), y.stride(0),

@@ -6,12 +6,14 @@ and fp32 moments m, v of S's shape, one pass updates (torch.optim.AdamW's arithm
   S -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
 The rows/columns of W are reached by indexed loads and stores: no copy of S or W.
 """
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from .sparse_linear import gathered_positions, index_or_start
-from .tuning import TunedKernel, live_words
+from ..launch import ELEMENT_BYTES, CompileCase, autotuned, live_words, viable_configs
+from .matmul_add import gathered_positions, index_or_start
 
 
 @triton.jit
@@ -62,11 +64,25 @@ def footprint(config, constexprs, element_bytes) -> int:
     return live_words(6 * config.kwargs["BLOCK"], 0, element_bytes, "tf32")
 
 
-_kernel = TunedKernel(sparse_adamw_kernel, CONFIGS, key=["P", "Q", "COLS", "GATHER"],
-                      footprint=footprint, restore_value=["w_ptr", "m_ptr", "v_ptr"])
+tuned = autotuned(sparse_adamw_kernel, CONFIGS, key=["P", "Q", "COLS", "GATHER"],
+                  footprint=footprint, restore_value=["w_ptr", "m_ptr", "v_ptr"])
 
 
-def sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+def compile_cases() -> list[CompileCase]:
+    """Rows and columns, gathered and ranged, per weight dtype (no dot)."""
+    cases = []
+    for element, cols, gather in itertools.product(sorted(ELEMENT_BYTES), [False, True],
+                                                   [False, True]):
+        constexprs = dict(COLS=cols, GATHER=gather)
+        cases.append(CompileCase(
+            f"sparse_adamw-cols{int(cols)}-gather{int(gather)}-{element}-nodot",
+            sparse_adamw_kernel, constexprs, element,
+            viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]),
+            ("stride_wc", "stride_gq"), {"m_ptr": "*fp32", "v_ptr": "*fp32", "idx_ptr": "*i64"}))
+    return cases
+
+
+def triton_sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                  exp_avg_sq: torch.Tensor, selection, cols: bool, *, lr: float, beta1: float,
                  beta2: float, eps: float, weight_decay: float, step: int) -> None:
     """One AdamW step on weight[selection] (rows) or weight[:, selection] (cols), in place.
@@ -85,7 +101,7 @@ def sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     def grid(meta):
         return (triton.cdiv(p * q, meta["BLOCK"]),)
 
-    _kernel[grid](
+    tuned[grid](
         weight, grad, exp_avg, exp_avg_sq, idx if idx is not None else exp_avg,
         p, q, start, *weight.stride(), *grad.stride(),
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import TunedKernel, dot_precision, live_words
+from ..launch import (ELEMENT_BYTES, PRECISIONS, CompileCase, autotuned, dot_precision,
+                      live_words, viable_configs)
 
 
 @triton.jit
@@ -85,9 +86,26 @@ def footprint(config, constexprs, element_bytes) -> int:
     return live_words(m * n, (m + n) * k + m * n, element_bytes, constexprs["DOT_PRECISION"])
 
 
-_kernel = TunedKernel(sparse_matmul_add_kernel, CONFIGS,
-                      key=["N", "K", "GATHER_A", "SCATTER_OUT"], footprint=footprint,
-                      restore_value=["out_ptr"])
+tuned = autotuned(sparse_matmul_add_kernel, CONFIGS,
+                  key=["N", "K", "GATHER_A", "SCATTER_OUT"], footprint=footprint,
+                  restore_value=["out_ptr"])
+
+
+def compile_cases() -> list[CompileCase]:
+    """The four S²FT products: gathered or ranged a, scattered or ranged out, with b = Δ
+    (stride_bk = 1, forward) or Δᵀ (stride_bn = 1, dX)."""
+    cases = []
+    for element, precision in PRECISIONS:
+        for gather, scatter, b_unit in [(False, True, "stride_bk"), (True, False, "stride_bk"),
+                                        (False, False, "stride_bk"), (True, False, "stride_bn"),
+                                        (False, True, "stride_bn"), (False, False, "stride_bn")]:
+            constexprs = dict(GATHER_A=gather, SCATTER_OUT=scatter, DOT_PRECISION=precision)
+            cases.append(CompileCase(
+                f"sparse_matmul_add-gather{int(gather)}-scatter{int(scatter)}-{b_unit}-{element}-"
+                f"{precision}", sparse_matmul_add_kernel, constexprs, element,
+                viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]),
+                ("stride_ak", b_unit, "stride_on"), {"a_idx_ptr": "*i64", "out_idx_ptr": "*i64"}))
+    return cases
 
 
 def index_or_start(cols) -> tuple[torch.Tensor | None, int]:
@@ -98,7 +116,7 @@ def index_or_start(cols) -> tuple[torch.Tensor | None, int]:
     return (cols.contiguous(), 0) if isinstance(cols, torch.Tensor) else (None, int(cols))
 
 
-def sparse_matmul_add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+def triton_sparse_matmul_add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                       a_cols, out_cols) -> torch.Tensor:
     """out[:, out_cols] += a[:, a_cols] @ b.T in place; returns out.
 
@@ -118,7 +136,7 @@ def sparse_matmul_add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
 
-    _kernel[grid](
+    tuned[grid](
         a, b, out, a_idx if a_idx is not None else out, out_idx if out_idx is not None else out,
         m, n, k, a_start, out_start,
         *a.stride(), *b.stride(), *out.stride(),

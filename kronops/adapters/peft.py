@@ -19,55 +19,19 @@ PEFT's rank_dropout and module_dropout are training-time regularisers with no Kr
 counterpart: the patch keeps them exactly; ``from_peft`` drops them (a warning says so).
 Nothing here imports peft at module load.
 """
-import math
 import types
 import warnings
 
 import torch
 from torch import nn
 
-from .kron_functional import kron_linear
-from .kron_modules import KronALinear
+from ..kron.modules import KronALinear, factor_shapes
+from ..kron.ops import kron_linear
+from .apply import freeze_except, set_module
+from .lokr import LoKrLinear, layer_config
+from .state import STATE, AdapterState
 
 PEFT_PREFIX = "base_model.model."
-
-
-class LoKrLinear(KronALinear):
-    """KronALinear with a rank-decomposed B as well: B = B_u (b1, rank_b) @ B_v (rank_b, b2).
-
-    y = base(x) + s * dropout(x) @ kron(A, B).T with A as in KronALinear (a full (a1, a2), or
-    A_u @ A_v with ``rank``). This is PEFT LoKr with a decomposed w2; B_u starts at zero.
-    """
-
-    def __init__(self, base: nn.Linear, *, rank_b: int, a_shape=None, rank: int | None = None,
-                 alpha: float | None = None, dropout: float = 0.0):
-        super().__init__(base, a_shape=a_shape, rank=rank, alpha=alpha, dropout=dropout)
-        if isinstance(rank_b, bool) or not isinstance(rank_b, int) or rank_b <= 0:
-            raise ValueError(f"rank_b must be a positive int, got {rank_b!r}")
-        b1, b2 = self.b.shape
-        kw = dict(device=self.b.device, dtype=self.b.dtype)
-        del self.b
-        self.rank_b = rank_b
-        self.b_u = nn.Parameter(torch.zeros(b1, rank_b, **kw))
-        self.b_v = nn.Parameter(torch.empty(rank_b, b2, **kw))
-        nn.init.kaiming_uniform_(self.b_v, a=math.sqrt(5))
-
-    def factor_b(self) -> torch.Tensor:
-        """B (b1, b2) = B_u @ B_v."""
-        return self.b_u @ self.b_v
-
-    def adapter(self, x: torch.Tensor) -> torch.Tensor:
-        return kron_linear(x, self.factor_a().to(x.dtype), self.factor_b().to(x.dtype),
-                           scale=self.scale)
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.scale * torch.kron(self.factor_a(), self.factor_b())
-
-    def _factor_repr(self) -> str:
-        a = f"a={tuple(self.a.shape)}" if self.rank is None else \
-            f"a=({self.a_u.shape[0]}, {self.a_v.shape[1]}), rank={self.rank}"
-        return f"{a}, b=({self.b_u.shape[0]}, {self.b_v.shape[1]}), rank_b={self.rank_b}, " \
-               f"scale={self.scale:g}"
 
 
 def _lokr_linear_cls():
@@ -101,11 +65,6 @@ def _factors(layer, adapter: str):
         raise ValueError("a CP-decomposed (lokr_t2) factor belongs to a Conv LoKr layer")
     return (spec(layer.lokr_w1, layer.lokr_w1_a, layer.lokr_w1_b),
             spec(layer.lokr_w2, layer.lokr_w2_a, layer.lokr_w2_b))
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
 @torch.no_grad()
@@ -147,13 +106,12 @@ def from_peft(peft_model: nn.Module, adapter: str = "default") -> nn.Module:
                       f"{len(dropped)} layer(s), e.g. {dropped[0]}", stacklevel=2)
     converted = {n: lokr_to_kronops(m, adapter) for n, m in layers.items()}
     for name, new in converted.items():
-        _set_module(peft_model, name, new)
+        set_module(peft_model, name, new)
     inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    from .integration import STATE, freeze_except
     prefix = next((n for n, m in peft_model.named_modules() if m is inner), "")
     strip = len(prefix) + 1 if prefix else 0
-    layer_cfg = {n[strip:]: {} for n in converted}
-    setattr(inner, STATE, dict(method="krona", layers=layer_cfg, train_modules=[]))
+    layers = {n[strip:]: layer_config(m) for n, m in converted.items()}
+    setattr(inner, STATE, AdapterState("krona", [], layers=layers))
     freeze_except(inner, [])
     return inner
 
@@ -190,7 +148,6 @@ def to_peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]
     The factor shapes must be PEFT's own choice (factors near the square roots, or one
     ``decompose_factor`` f for all layers giving A of shape (f, f)); otherwise ValueError.
     """
-    from .factor_shapes import factor_shapes
     layers = {n: m for n, m in model.named_modules() if isinstance(m, KronALinear)}
     if not layers:
         raise ValueError("model has no KronALinear adapters to export")

@@ -4,15 +4,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import block
+from ..launch import block
 
 # Rows per program (BLOCK_M) x warps x pipeline stages; the register budget prunes them
-# per launch (kernels.tuning.TunedKernel).
+# per launch (kernels.launch.autotuned).
 ROW_BLOCK_CONFIGS = [
     triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
     for m, w, s in [(1, 4, 2), (1, 8, 2), (2, 4, 3), (2, 8, 3), (4, 4, 3), (4, 8, 3), (8, 8, 2),
                     (16, 8, 2)]
 ]
+
+# Factor shapes (a1, a2, b1, b2) compiled ahead of time: all-64 (LLaMA 4096 = 64x64),
+# all-16 (small or odd factors), and a small A with a large B (LoKr's wide layers).
+COMPILE_SHAPES = [(64, 64, 64, 64), (16, 16, 16, 16), (4, 4, 1024, 1024)]
 
 
 def tile_lengths(precision: str, **dims: int) -> dict:

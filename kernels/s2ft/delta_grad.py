@@ -10,8 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_linear import gathered_positions, index_or_start
-from .tuning import TunedKernel, dot_precision, live_words, num_programs_cap
+from ..launch import (ELEMENT_BYTES, PRECISIONS, CompileCase, autotuned, dot_precision,
+                      live_words, viable_configs)
+from ..partial_sums import finish, new_partials, row_groups
+from .matmul_add import gathered_positions, index_or_start
 
 
 @triton.jit
@@ -71,28 +73,41 @@ def footprint(config, constexprs, element_bytes) -> int:
     return live_words(p * q, (p + q) * m, element_bytes, constexprs["DOT_PRECISION"])
 
 
-_kernel = TunedKernel(sparse_delta_grad_kernel, CONFIGS, key=["P", "Q", "GATHER_D", "GATHER_X"],
-                      footprint=footprint)
+tuned = autotuned(sparse_delta_grad_kernel, CONFIGS, key=["P", "Q", "GATHER_D", "GATHER_X"],
+                  footprint=footprint)
+
+def compile_cases() -> list[CompileCase]:
+    """Rows mode (dY gathered), cols mode on the saved X[:, C], and a gathered X."""
+    cases = []
+    for element, precision in PRECISIONS:
+        for gather_d, gather_x in [(True, False), (False, False), (False, True)]:
+            constexprs = dict(GATHER_D=gather_d, GATHER_X=gather_x, DOT_PRECISION=precision)
+            cases.append(CompileCase(
+                f"sparse_delta_grad-gd{int(gather_d)}-gx{int(gather_x)}-{element}-{precision}",
+                sparse_delta_grad_kernel, constexprs, element,
+                viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]),
+                ("stride_dp", "stride_xq"),
+                {"partial_ptr": "*fp32", "d_idx_ptr": "*i64", "x_idx_ptr": "*i64"}))
+    return cases
+
 
 # Partial sums per program group: enough groups to fill the GPU, at most this many rows each.
 ROWS_PER_GROUP = 256
 
 
-def sparse_delta_grad(d: torch.Tensor, x: torch.Tensor, d_cols, p: int, x_cols, q: int
+def triton_sparse_delta_grad(d: torch.Tensor, x: torch.Tensor, d_cols, p: int, x_cols, q: int
                       ) -> torch.Tensor:
     """d[:, d_cols].T @ x[:, x_cols] in fp32, summed over the M rows in a fixed order.
 
     d: (M, *), x: (M, *), one dtype, any strides. d_cols: an int64 (p,) index tensor or the
     int start of p contiguous columns; x_cols: a (q,) tensor or the start of q columns.
-    Returns a new (p, q) fp32 tensor.
+    Returns a new (p, q) tensor of d's dtype, accumulated in fp32.
     """
     m = d.shape[0]
-    tiles = triton.cdiv(p, 64) * triton.cdiv(q, 64)
-    cap = num_programs_cap(d.device)
-    groups = max(1, min(triton.cdiv(m, ROWS_PER_GROUP), triton.cdiv(cap, tiles)))
     if m == 0 or p * q == 0:
-        return torch.zeros((p, q), device=d.device, dtype=torch.float32)
-    partial = torch.empty((groups, p, q), device=d.device, dtype=torch.float32)
+        return torch.zeros((p, q), device=d.device, dtype=d.dtype)
+    groups = row_groups(m, triton.cdiv(p, 64) * triton.cdiv(q, 64), ROWS_PER_GROUP, d.device)
+    partial = new_partials(groups, p, q, d.device)
     d_idx, d_start = index_or_start(d_cols)
     x_idx, x_start = index_or_start(x_cols)
     constexprs = dict(GATHER_D=d_idx is not None, GATHER_X=x_idx is not None,
@@ -101,10 +116,10 @@ def sparse_delta_grad(d: torch.Tensor, x: torch.Tensor, d_cols, p: int, x_cols, 
     def grid(meta):
         return (groups, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(q, meta["BLOCK_Q"]))
 
-    _kernel[grid](
+    tuned[grid](
         d, x, partial, d_idx if d_idx is not None else partial,
         x_idx if x_idx is not None else partial,
         m, p, q, d_start, x_start,
         *d.stride(), *x.stride(), partial.stride(0), partial.stride(1),
         **constexprs)
-    return partial.sum(0)
+    return finish(partial, 1.0, d.dtype)

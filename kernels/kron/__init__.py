@@ -1,0 +1,1 @@
+"""Triton kernels of the Kronecker family: fused rows product and factor gradients."""

@@ -1,0 +1,100 @@
+"""Launching the kernels: tuning configs pruned by a register budget, then autotuned.
+
+On a GPU the viable configs are autotuned once per key; under ``TRITON_INTERPRET=1`` the
+first viable config runs, so CPU tests run each kernel once. The ahead-of-time compile
+check (``kronops.kernels.aot``) walks the same configs, so every config that can be
+launched is also compiled in CI.
+"""
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for ``tl.dot``: tf32 for fp32 only when torch allows it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def block(n: int, lo: int = 16, hi: int = 64) -> int:
+    """Power-of-two tile length covering ``n``, clamped to [lo, hi] (tl.dot needs >= 16)."""
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def num_programs_cap(device: torch.device) -> int:
+    """How many programs a persistent reduction grid uses: a few per SM, 8 on CPU."""
+    if device.type != "cuda":
+        return 8
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Register budget: 4-byte words of live tiles a thread may hold before the compiler
+# spills (checked against the compiled kernels by kronops.kernels.aot).
+REGISTER_BUDGET = 72
+
+
+def live_words(accumulators: int, operands: int, element_bytes: int, precision: str) -> int:
+    """4-byte words one program keeps live: fp32 accumulators plus its operand tiles.
+
+    ieee fp32 dots run on the FMA units, which hold their operands twice over.
+    """
+    operand_bytes = element_bytes * (2 if precision == "ieee" else 1)
+    return accumulators + operands * operand_bytes // 4
+
+
+def viable_configs(configs: list, footprint, constexprs: dict, element_bytes: int) -> list:
+    """The configs whose live tiles fit the register budget (else the one closest to it).
+
+    ``footprint(config, constexprs, element_bytes)`` counts the 4-byte words one program
+    keeps live (see ``live_words``).
+    """
+    def per_thread(c):
+        return footprint(c, constexprs, element_bytes) / (32 * c.num_warps)
+    fits = [c for c in configs if per_thread(c) <= REGISTER_BUDGET]
+    return fits or [min(configs, key=per_thread)]
+
+
+def autotuned(fn, configs: list, key: list, footprint, restore_value=()):
+    """``fn`` (a ``@triton.jit`` kernel) under ``triton.autotune``, pruned per launch to the
+    viable configs for its constexprs and element size; launch it as ``kernel[grid](...)``.
+
+    On a GPU the viable configs are benchmarked once per ``key``; under the interpreter the
+    first one runs (one config: no benchmark). A kernel that updates tensors in place names
+    their pointer arguments in ``restore_value``: benchmarking runs it many times.
+    """
+    def prune(configs, named_args, **constexprs):
+        element_bytes = next(iter(named_args.values())).element_size()
+        fits = viable_configs(configs, footprint, constexprs, element_bytes)
+        return fits[:1] if interpreting() else fits
+
+    return triton.autotune(configs=configs, key=key, restore_value=list(restore_value),
+                           prune_configs_by={"early_config_prune": prune})(fn)
+
+
+# Ahead-of-time compile cases: (element type, tl.dot input_precision) as launches produce
+# them (fp32 runs as tf32 or, torch's default, ieee), and each element's size.
+PRECISIONS = [("fp16", "tf32"), ("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")]
+ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class CompileCase:
+    """One launch for the ahead-of-time compile check (``kronops.kernels.aot``), declared
+    beside its kernel: ``unit_strides`` are the stride arguments a contiguous launch
+    specialises to 1; ``pointer_types`` the pointer arguments not of the element type;
+    ``configs`` the tuning configs viable for these constexprs."""
+    name: str
+    kernel: object
+    constexprs: dict
+    element: str
+    configs: list
+    unit_strides: tuple = ()
+    pointer_types: dict = field(default_factory=dict)

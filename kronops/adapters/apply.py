@@ -1,0 +1,335 @@
+"""Whole models, both methods, one call each: ``apply_adapters``, ``merge_adapters``,
+``unmerge_adapters``.
+
+``apply_adapters(model, method="krona", target_modules=None, **config)`` wraps Linears of
+``model`` in place, freezes every other parameter and records what it did in
+``model._kronops`` (an ``AdapterState``):
+  method="krona"  each target module (``targets``; None: the architecture's defaults)
+                  becomes a ``KronALinear``, base(x) + s * x @ kron(A, B).T.
+                  config: a_shape (None, a pair, or {module suffix: pair}), rank, alpha, dropout.
+  method="s2ft"   every LLaMA-style or BERT-style block (``blocks``) trains the weight parts
+                  of its selected query heads and FFN channels (``Block.parts``).
+                  config: plan (a ``Plan`` from ``select``) or the selection itself: ratio
+                  (fraction of heads and of channels, in (0, 1]) or heads/channels (an int
+                  per block, or a fraction of the model total), strategy, seed, calibration,
+                  loss_fn (see ``selection``); and
+                  mode     "adapter" (default): ``S2FTLinear``, a trainable Δ (dtype
+                           ``delta_dtype``, fp32 default) over the frozen weight, mergeable;
+                           "inplace": ``S2FTInPlaceLinear``, the selected rows/columns of the
+                           weight trained in place (``kronops.s2ft.InPlaceAdamW``/``InPlaceSGD``);
+                  permute  co-permute each block first so selections are contiguous
+                           (``permutation``; ``unpermute`` restores the original layout).
+                  A K/V head is trained when any query head of its group is selected (it is
+                  shared: its update is seen by the whole group).
+``train_modules``: names (matched as ``target_modules``) of further modules left trainable,
+e.g. a classifier head; ``save_adapters`` stores them with the adapters.
+
+GPT-2-style ``transformers.pytorch_utils.Conv1D`` layers (weight stored (in, out)) are refused
+with a clear message; wrap nn.Linear models, or convert Conv1D to nn.Linear first.
+"""
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..kron.modules import factor_shapes
+from ..s2ft.modules import S2FTInPlaceLinear, S2FTLinear
+from .blocks import Block, find_blocks
+from .lokr import KIND_KRONA, build_layer, layer_config
+from .permutation import block_permutation, permute_block, unpermute
+from .selection import Plan, check_plan, select
+from .state import METHODS, MODES, STATE, AdapterState, adapter_modules, adapter_state
+from .targets import default_targets, is_conv1d, linear_names, match_modules
+
+KRONA_KEYS = ("a_shape", "rank", "alpha", "dropout")
+SELECTION_KEYS = ("ratio", "heads", "channels", "strategy", "seed", "calibration", "loss_fn")
+S2FT_OPTIONS = ("mode", "permute", "delta_dtype")
+S2FT_KEYS = ("plan",) + SELECTION_KEYS + S2FT_OPTIONS
+
+
+@dataclass
+class AdapterSummary:
+    """What ``apply_adapters`` did: method, wrapped module names and parameter counts."""
+    method: str
+    modules: list[str]
+    trainable: int
+    total: int
+    train_modules: list[str] = field(default_factory=list)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        extra = f" + {len(self.train_modules)} trainable module(s)" if self.train_modules else ""
+        return (f"kronops {self.method}: {len(self.modules)} adapter module(s){extra}; "
+                f"trainable params {self.trainable:,} of {self.total:,} ({self.percent:.4f}%)")
+
+
+def _check_config(method: str, config: dict) -> None:
+    allowed = KRONA_KEYS if method == "krona" else S2FT_KEYS
+    unknown = sorted(set(config) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown config for method={method!r}: {', '.join(unknown)}; "
+                        f"allowed: {', '.join(allowed)}")
+
+
+def _a_shape_for(name: str, a_shape):
+    """The a_shape for module ``name``: the value itself or the longest matching dict key."""
+    if not isinstance(a_shape, dict):
+        return a_shape
+    keys = [k for k in a_shape if name == k or name.endswith("." + k)]
+    return a_shape[max(keys, key=len)] if keys else None
+
+
+def krona_layer_configs(model: nn.Module, names: list[str], *, a_shape=None, rank=None,
+                        alpha=None, dropout=0.0) -> dict[str, dict]:
+    """Per target name its KronALinear settings (``lokr.build_layer``'s), validated against
+    the module's shape."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise ValueError(f"rank must be a positive int or None, got {rank!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+        raise TypeError(f"alpha must be a number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or \
+            not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    configs = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if is_conv1d(module):
+            raise TypeError(f"{name} is a transformers Conv1D (GPT-2 style, weight (in, out)); "
+                            "kronops wraps nn.Linear only")
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{name} is a {type(module).__name__}, not an nn.Linear")
+        try:
+            (a1, a2), _ = factor_shapes(module.in_features, module.out_features,
+                                        _a_shape_for(name, a_shape))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if rank is not None and rank > min(a1, a2):
+            raise ValueError(f"{name}: rank {rank} exceeds min(a1, a2) = {min(a1, a2)} "
+                             f"for a_shape ({a1}, {a2})")
+        configs[name] = dict(kind=KIND_KRONA, in_features=module.in_features,
+                             out_features=module.out_features, a_shape=[a1, a2], rank=rank,
+                             alpha=alpha, dropout=float(dropout))
+    return configs
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in place of the model's module ``name``."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def wrap_krona(model: nn.Module, configs: dict[str, dict]) -> None:
+    """Replace each named nn.Linear by the KronA (or LoKr) layer its (validated) config gives."""
+    for name, cfg in configs.items():
+        set_module(model, name, build_layer(model.get_submodule(name), cfg))
+
+
+def _s2ft_options(config: dict) -> tuple[str, bool, torch.dtype]:
+    """(mode, permute, delta_dtype), taken out of ``config`` and checked."""
+    mode = config.pop("mode", "adapter")
+    permute = config.pop("permute", False)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(permute, bool):
+        raise TypeError(f"permute must be a bool, got {permute!r}")
+    if "delta_dtype" in config and mode == "inplace":
+        raise ValueError("delta_dtype applies to mode='adapter' only (in-place S²FT trains the "
+                         "weight in its own dtype)")
+    delta_dtype = config.pop("delta_dtype", torch.float32)
+    if not isinstance(delta_dtype, torch.dtype) or not delta_dtype.is_floating_point:
+        raise TypeError(f"delta_dtype must be a floating-point torch.dtype, got {delta_dtype!r}")
+    return mode, permute, delta_dtype
+
+
+def _s2ft_plan(model: nn.Module, blocks: list[Block], plan=None, ratio=None, heads=None,
+               channels=None, **selection) -> Plan:
+    """A copy of the given plan, checked against the blocks, or ``select``'s plan."""
+    if plan is not None:
+        given = [k for k, v in dict(ratio=ratio, heads=heads, channels=channels,
+                                    **selection).items() if v is not None]
+        if given:
+            raise ValueError(f"plan= is the selection: give it or {', '.join(SELECTION_KEYS)}, "
+                             f"not both (got plan and {', '.join(given)})")
+        check_plan(plan, blocks)
+        return copy.deepcopy(plan)
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or \
+                not 0.0 < ratio <= 1.0:
+            raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}")
+        heads = float(ratio) if heads is None else heads
+        channels = float(ratio) if channels is None else channels
+    if heads is None and channels is None:
+        raise ValueError("method='s2ft' needs plan, ratio, heads or channels")
+    return select(model, heads=heads or 0, channels=channels or 0, **selection)
+
+
+def _selection(indices: torch.Tensor):
+    """A range when contiguous (no index loads), else the sorted int64 tensor."""
+    start, count = int(indices[0]), indices.numel()
+    if torch.equal(indices.cpu(), torch.arange(start, start + count)):
+        return range(start, start + count)
+    return indices
+
+
+def wrap_s2ft(model: nn.Module, blocks: list[Block], plan: Plan, mode: str,
+              permute: bool = False, delta_dtype: torch.dtype = torch.float32) -> dict:
+    """Wrap the plan's parts of every block in S²FT layers of ``mode``, co-permuting each
+    block first when ``permute``; returns the permutations (block name -> perm)."""
+    permutations = {}
+    for b in blocks:
+        entry = plan.blocks.get(b.name)
+        if entry is None:
+            continue
+        heads, channels = entry["heads"], entry["channels"]
+        if permute:
+            perm = block_permutation(b, heads, channels)
+            permute_block(model, b, perm)
+            permutations[b.name] = perm
+            chosen = set(heads)
+            heads = [i for i, h in enumerate(perm["heads"]) if h in chosen]
+            channels = list(range(len(channels)))
+        for name, (side, indices) in b.parts(heads, channels).items():
+            base = model.get_submodule(name)
+            sel = {side: _selection(indices.to(base.weight.device))}
+            set_module(model, name, S2FTLinear(base, **sel, delta_dtype=delta_dtype)
+                       if mode == "adapter" else S2FTInPlaceLinear(base, **sel))
+    return permutations
+
+
+def plan_parts(blocks: list[Block], plan: Plan) -> dict[str, tuple[str, torch.Tensor]]:
+    """{module name: (side, indices)} that ``plan`` trains, in the original layout."""
+    by_name = {b.name: b for b in blocks}
+    return {name: part for block, entry in plan.blocks.items()
+            for name, part in by_name[block].parts(entry["heads"], entry["channels"]).items()}
+
+
+def _check_overlap(train: list[str], adapted: list[str]) -> None:
+    overlap = [n for n in train if any(n == c or c.startswith(n + ".") or n.startswith(c + ".")
+                                       for c in adapted)]
+    if overlap:
+        raise ValueError(f"train_modules overlap the adapter targets: {overlap}")
+
+
+def freeze_except(model: nn.Module, train_modules: list[str]) -> None:
+    """Freeze every parameter but the adapters' own (Δ, factors, in-place ``selected``) and
+    those of ``train_modules``."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in adapter_modules(model).values():
+        for n, p in layer.named_parameters():
+            if not n.startswith("base."):
+                p.requires_grad_(True)
+    for name in train_modules:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+
+
+def summarize(model: nn.Module) -> AdapterSummary:
+    """The summary of a model that ``apply_adapters`` (or ``load_adapters``) set up."""
+    state = adapter_state(model)
+    params = {id(p): p for p in model.parameters()}.values()
+    return AdapterSummary(state.method, list(adapter_modules(model)),
+                          sum(p.numel() for p in params if p.requires_grad),
+                          sum(p.numel() for p in params), list(state.train_modules))
+
+
+def check_not_applied(model: nn.Module) -> None:
+    if adapter_state(model) is not None or adapter_modules(model):
+        raise RuntimeError("adapters are already applied to this model; apply_adapters works "
+                           "once per model (unload with merge_adapters(model, unload=True), or "
+                           "load a saved adapter into a fresh model)")
+
+
+def apply_adapters(model: nn.Module, method: str = "krona", target_modules=None, *,
+                   train_modules=None, verbose: bool = True, **config):
+    """Wrap ``model``'s target modules in adapters in place; returns (model, AdapterSummary).
+
+    Everything but the adapters (and ``train_modules``) is frozen. See the module docstring
+    for methods, config and target matching. Nothing is changed when an argument is invalid.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_not_applied(model)
+    _check_config(method, config)
+    all_names = [n for n, _ in model.named_modules() if n]
+    train = [] if train_modules is None else \
+        match_modules(all_names, train_modules, "train_modules")
+    if method == "krona":
+        targets = default_targets(model) if target_modules is None else target_modules
+        chosen = match_modules(linear_names(model), targets)
+        _check_overlap(train, chosen)
+        configs = krona_layer_configs(model, chosen, **config)
+        wrap_krona(model, configs)
+        state = AdapterState(method, train, layers={
+            n: layer_config(model.get_submodule(n)) for n in configs})
+    else:
+        if target_modules is not None:
+            raise ValueError("method='s2ft' chooses its modules from the selection plan; "
+                             "target_modules must be None")
+        mode, permute, delta_dtype = _s2ft_options(config)
+        blocks = find_blocks(model)
+        plan = _s2ft_plan(model, blocks, **config)
+        _check_overlap(train, list(plan_parts(blocks, plan)))
+        permutations = wrap_s2ft(model, blocks, plan, mode, permute, delta_dtype)
+        state = AdapterState(method, train, plan=plan, mode=mode, permutations=permutations)
+    setattr(model, STATE, state)
+    freeze_except(model, train)
+    summary = summarize(model)
+    if verbose:
+        print(summary)
+    return model, summary
+
+
+def _mergeable(model: nn.Module, merged: bool) -> list[nn.Module]:
+    """The model's mergeable adapter layers, all checked to be ``merged`` (or not) now."""
+    layers = adapter_modules(model)
+    if not layers:
+        raise ValueError("model has no kronops adapter layers (apply_adapters first)")
+    mergeable = {n: m for n, m in layers.items() if not isinstance(m, S2FTInPlaceLinear)}
+    if not mergeable:
+        raise ValueError("model has no S²FT adapter layers to merge: in-place S²FT trains the "
+                         "weights themselves (nothing to merge or unmerge); "
+                         "merge_adapters(model, unload=True) unwraps them")
+    wrong = [n for n, m in mergeable.items() if m.merged != merged]
+    if wrong:
+        state = "already merged" if not merged else "not merged"
+        raise RuntimeError(f"{len(wrong)} adapter layer(s) are {state}, e.g. {wrong[0]}")
+    return list(mergeable.values())
+
+
+def merge_adapters(model: nn.Module, *, unload: bool = False) -> nn.Module:
+    """Add every adapter's update into its base weight; forward then runs the bases alone.
+
+    ``unload=True`` also replaces each adapter layer by its base nn.Linear and removes
+    ``model._kronops``, giving a plain model (no kronops modules left) to save or serve; it
+    cannot be unmerged after. A co-permuted S²FT model is unpermuted first: the plain model
+    has the original weight layout. In-place S²FT has nothing to merge (training changed
+    the weights themselves): ``unload=True`` just unwraps it; without unload it is an error.
+    """
+    layers = adapter_modules(model)
+    inplace = bool(layers) and all(isinstance(m, S2FTInPlaceLinear) for m in layers.values())
+    mergeable = [] if unload and inplace else _mergeable(model, merged=False)
+    state = adapter_state(model)
+    if unload and state is not None and state.permutations:
+        unpermute(model)  # the plain model gets its original weight layout back
+    for layer in mergeable:
+        layer.merge()
+    if unload:
+        for name, layer in layers.items():
+            set_module(model, name, layer.base)
+        if state is not None:
+            delattr(model, STATE)
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Take every merged adapter's update out of its base weight again."""
+    for layer in _mergeable(model, merged=True):
+        layer.unmerge()
+    return model

@@ -1,0 +1,162 @@
+"""The Kronecker ops: ``kron_linear`` and ``kron_matmul``, and the custom ops under them.
+
+``kronops::kron_rows``        y[m] = scale * vec(a @ x[m] @ b.T) + bias;  x (M, a2, b2) -> (M, a1*b1)
+``kronops::kron_factor_grad`` scale * sum_m dy[m] @ f @ x[m].T;  dy (M, P, N), f (N, Q),
+                              x (M, R, Q) -> (P, R) in dy's dtype (fp32 accumulation)
+
+Each is defined once: its default kernel is the PyTorch implementation (``reference.py``)
+on every device, and the Triton launcher is registered for CUDA (``kronops.backends``).
+One autograd formula serves every backend: dX_m = A^T dY_m B is ``kron_rows`` with
+transposed factors, dA and dB are ``kron_factor_grad``; both ops are twice differentiable.
+Tensors of any strides are taken.
+"""
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from ..checks import check_same, check_scale, check_tensor
+from ..dtypes import autocast_off, autocast_operands
+from .reference import torch_kron_factor_grad, torch_kron_rows
+
+kernels = backends.import_kernels()
+
+
+def default_kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                      bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The default kernel, on every device (autocast off: the dtype the fake impl promises)."""
+    with autocast_off(x.device.type):
+        return torch_kron_rows(x, a, b, bias, scale).contiguous()
+
+
+kron_rows = torch.library.custom_op("kronops::kron_rows", default_kron_rows, mutates_args=())
+
+
+@kron_rows.register_fake
+def _(x, a, b, bias, scale):
+    return x.new_empty((x.shape[0], a.shape[0] * b.shape[0]))
+
+
+def default_kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """The default kernel, on every device (autocast off)."""
+    with autocast_off(dy.device.type):
+        return torch_kron_factor_grad(dy, f, x, scale)
+
+
+kron_factor_grad = torch.library.custom_op("kronops::kron_factor_grad", default_kron_factor_grad,
+                                           mutates_args=())
+
+
+@kron_factor_grad.register_fake
+def _(dy, f, x, scale):
+    return dy.new_empty((dy.shape[1], x.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, a, b, bias, scale = inputs
+    ctx.save_for_backward(x, a, b)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad):
+    """dX_m = s A^T dY_m B, dA = s sum_m dY_m B X_m^T, dB = s sum_m dY_m^T A X_m, dbias = sum dY."""
+    x, a, b = ctx.saved_tensors
+    need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+    grad3 = grad.reshape(x.shape[0], a.shape[0], b.shape[0])
+    grad_x = kron_rows(grad3, a.mT, b.mT, None, ctx.scale).view(x.shape) if need_x else None
+    grad_a = kron_factor_grad(grad3, b, x, ctx.scale) if need_a else None
+    grad_b = kron_factor_grad(grad3.mT, a, x.mT, ctx.scale) if need_b else None
+    grad_bias = grad.sum(0) if need_bias else None
+    return grad_x, grad_a, grad_b, grad_bias, None
+
+
+kron_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _factor_grad_setup_context(ctx, inputs, output):
+    dy, f, x, scale = inputs
+    ctx.save_for_backward(dy, f, x)
+    ctx.scale = scale
+
+
+def _factor_grad_backward(ctx, grad):
+    """G = s sum_m dy_m f x_m^T: gdy_m = s gG x_m f^T, gx_m = s gG^T dy_m f, gf = s sum dy_m^T gG x_m."""
+    dy, f, x = ctx.saved_tensors
+    need_dy, need_f, need_x = ctx.needs_input_grad[:3]
+    s = ctx.scale
+    grad_dy = kron_rows(x, grad, f, None, s).view(dy.shape) if need_dy else None
+    grad_f = kron_factor_grad(dy.mT, grad, x.mT, s) if need_f else None
+    grad_x = kron_rows(dy, grad.mT, f.mT, None, s).view(x.shape) if need_x else None
+    return grad_dy, grad_f, grad_x, None
+
+
+kron_factor_grad.register_autograd(_factor_grad_backward, setup_context=_factor_grad_setup_context)
+
+
+def kron_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                bias: torch.Tensor | None = None, *, scale: float = 1.0) -> torch.Tensor:
+    """``scale * x @ torch.kron(a, b).T + bias`` without ever forming ``kron(a, b)``.
+
+    x: (..., a2*b2); a: (a1, a2); b: (b1, b2); bias: (a1*b1,) or None.
+    Returns (..., a1*b1) in x's dtype (inside an autocast region, all operands are cast to
+    the autocast dtype, as for F.linear). Differentiable in x, a, b and bias.
+    """
+    check_tensor("x", x)
+    check_tensor("a", a, dim=2)
+    check_tensor("b", b, dim=2)
+    scale = check_scale(scale)
+    if bias is not None:
+        check_tensor("bias", bias, dim=1)
+    x, a, b, bias = autocast_operands(x.device.type, x, a, b, bias)
+    check_same("x", x, a=a, b=b, bias=bias)
+    (a1, a2), (b1, b2) = a.shape, b.shape
+    if x.dim() == 0 or x.shape[-1] != a2 * b2:
+        raise ValueError(f"x must have last dim a2*b2 = {a2 * b2} for a of shape {tuple(a.shape)} "
+                         f"and b of shape {tuple(b.shape)}, got shape {tuple(x.shape)}")
+    if bias is not None and bias.shape[0] != a1 * b1:
+        raise ValueError(f"bias must have length a1*b1 = {a1 * b1}, got {bias.shape[0]}")
+    lead = x.shape[:-1]
+    y = kron_rows(x.reshape(-1, a2, b2), a, b, bias, scale)
+    return y.view(*lead, a1 * b1)
+
+
+def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], *,
+                scale: float = 1.0) -> torch.Tensor:
+    """``scale * x @ kron(f1, ..., fN).T`` for N >= 1 factors fi of shape (pi, qi).
+
+    x: (..., q1*...*qN). Returns (..., p1*...*pN), in the autocast dtype inside an
+    autocast region. The leading factors are applied one mode at a time (batched
+    matmuls); the last two run fused in ``kron_linear``. Differentiable in x and every factor.
+    """
+    check_tensor("x", x)
+    if isinstance(factors, torch.Tensor) or not isinstance(factors, Sequence) or not factors:
+        raise TypeError("factors must be a non-empty list or tuple of 2-D tensors")
+    for i, f in enumerate(factors):
+        check_tensor(f"factors[{i}]", f, dim=2)
+    x, *factors = autocast_operands(x.device.type, x, *factors)
+    check_same("x", x, **{f"factors[{i}]": f for i, f in enumerate(factors)})
+    scale = check_scale(scale)
+    q = [f.shape[1] for f in factors]
+    if x.dim() == 0 or x.shape[-1] != math.prod(q):
+        raise ValueError(f"x must have last dim q1*...*qN = {math.prod(q)} for factor column "
+                         f"counts {q}, got shape {tuple(x.shape)}")
+    lead = x.shape[:-1]
+    p = [f.shape[0] for f in factors]
+    if len(factors) == 1:
+        y = F.linear(x, factors[0])
+        return y * scale if scale != 1.0 else y
+    # Mode k: (rows * p1..p(k-1), qk, q(k+1)..qN) -> (rows * p1..p(k-1), pk, q(k+1)..qN).
+    t = x.reshape(-1, math.prod(q))
+    for k, f in enumerate(factors[:-2]):
+        t = torch.matmul(f, t.reshape(-1, q[k], math.prod(q[k + 1:])))
+    y = kron_linear(t.reshape(-1, q[-2] * q[-1]), factors[-2], factors[-1], scale=scale)
+    return y.reshape(*lead, math.prod(p))
+
+
+if kernels is not None:
+    backends.register_triton(kron_rows, kernels.triton_kron_rows, default_kron_rows)
+    backends.register_triton(kron_factor_grad, kernels.triton_kron_factor_grad,
+                             default_kron_factor_grad)

@@ -1,0 +1,61 @@
+"""The Kronecker ops in plain PyTorch: naive references and the composite implementations.
+
+``naive_*`` materialise torch.kron (obviously right, O(out*in) memory: tests and benchmarks
+only). ``torch_*`` are the ops' default kernels, on every device: batched matmuls that never
+form the Kronecker product.
+"""
+import functools
+
+import torch
+
+from ..dtypes import accumulation_dtype
+
+
+def naive_kron_linear(x, a, b, bias=None, scale=1.0):
+    """scale * x @ kron(a, b).T + bias, materialising the Kronecker product."""
+    y = scale * (x @ torch.kron(a, b).T)
+    return y if bias is None else y + bias
+
+
+def naive_kron_matmul(x, factors, scale=1.0):
+    """scale * x @ kron(f1, ..., fN).T, materialising the Kronecker product."""
+    return scale * (x @ functools.reduce(torch.kron, factors).T)
+
+
+def torch_kron_rows(x, a, b, bias=None, scale=1.0):
+    """y[m] = scale * vec(a @ x[m] @ b.T) + bias for x (M, a2, b2); returns (M, a1*b1).
+
+    Contracts the cheaper side first: 2*b1*a2*(b2+a1) flops (B first) or 2*a1*b2*(a2+b1).
+    ``a`` multiplies every row-matrix as a broadcast batch (no copies); the scale goes
+    into the smaller factor.
+    """
+    m, a2, b2 = x.shape
+    a1, b1 = a.shape[0], b.shape[0]
+    if scale != 1.0:
+        a, b = (a * scale, b) if a.numel() <= b.numel() else (a, b * scale)
+    if b1 * a2 * (b2 + a1) <= a1 * b2 * (a2 + b1):
+        y = torch.matmul(a.expand(m, a1, a2), torch.matmul(x, b.mT))
+    else:
+        y = torch.matmul(torch.matmul(a.expand(m, a1, a2), x), b.mT)
+    y = y.reshape(m, a1 * b1)
+    return y if bias is None else y + bias
+
+
+def torch_kron_factor_grad(dy, f, x, scale=1.0):
+    """scale * sum_m dy[m] @ f @ x[m].T for dy (M, P, N), f (N, Q), x (M, R, Q) -> (P, R).
+
+    V_m = f x_m^T (a broadcast batch, laid out (m, n, r)), then the sum over (m, n): one
+    GEMM when dy's (m, n) axes fold into one (dB's transposed views do), else a batched
+    product summed over m. Accumulated in fp32 (fp64 for fp64); returns dy's dtype.
+    """
+    m, p, n = dy.shape
+    r = x.shape[1]
+    acc = accumulation_dtype(dy.dtype)
+    if scale != 1.0:
+        f = f * scale
+    v = torch.matmul(f.expand(m, n, f.shape[1]), x.mT).to(acc)
+    if dy.stride(0) == dy.stride(2) * n:  # (m, n) is one axis of stride dy.stride(2)
+        g = dy.as_strided((p, m * n), (dy.stride(1), dy.stride(2))).to(acc) @ v.reshape(m * n, r)
+    else:
+        g = torch.matmul(dy.to(acc), v).sum(0)
+    return g.to(dy.dtype)

@@ -1,0 +1,294 @@
+"""The S²FT ops: ``sparse_linear`` and the in-place ``sparse_adamw``, and the custom ops under them.
+
+``kronops::sparse_linear``      x (M, in) -> (M, out): x Wᵀ + b, Δ added into rows R or cols C
+``kronops::sparse_input_grad``  dX (M, in) for dY (M, out)
+``kronops::sparse_delta_grad``  dΔ in dY's dtype: rows dY[:, R]ᵀ X, cols dYᵀ X[:, C] (X[:, C] given)
+``kronops::sparse_adamw``       AdamW on W[R] or W[:, C] in place (mutates weight and moments)
+
+An index is an int64 tensor, or ``None`` and ``start`` for a contiguous range as long as
+Δ's side; ``cols`` picks the mode. Each op is defined once: its default kernel is the
+PyTorch implementation (``reference.py``) on every device, and on CUDA the Δ products run
+the gathered Triton kernels (the dense x Wᵀ and dY W stay torch matmuls). Gradients go to
+x, delta and bias, never to weight: no (out, in) gradient or copy of W is made, and cols
+mode saves only X[:, C] (not X) for backward. The three linear ops are twice
+differentiable, except that cols mode raises on a double backward that needs d(dΔ)/dx
+(X[:, C] is saved detached).
+"""
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from ..checks import check_same, check_tensor
+from ..dtypes import autocast_off, autocast_operands
+from .reference import (add_into, take, torch_sparse_adamw, torch_sparse_delta_grad,
+                        torch_sparse_input_grad, torch_sparse_linear)
+
+kernels = backends.import_kernels()
+
+
+def default_sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
+                          index: torch.Tensor | None, start: int, bias: torch.Tensor | None,
+                          cols: bool) -> torch.Tensor:
+    """The default kernel, on every device (autocast off)."""
+    with autocast_off(x.device.type):
+        return torch_sparse_linear(x, weight, delta, index, start, bias, cols)
+
+
+def default_sparse_input_grad(dy: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
+                              index: torch.Tensor | None, start: int, cols: bool) -> torch.Tensor:
+    """The default kernel, on every device (autocast off)."""
+    with autocast_off(dy.device.type):
+        return torch_sparse_input_grad(dy, weight, delta, index, start, cols)
+
+
+def default_sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None,
+                              start: int, cols: bool, rows_of_delta: int) -> torch.Tensor:
+    """The default kernel, on every device (autocast off)."""
+    with autocast_off(dy.device.type):
+        return torch_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta)
+
+
+def default_sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                         exp_avg_sq: torch.Tensor, index: torch.Tensor | None, start: int,
+                         cols: bool, lr: float, beta1: float, beta2: float, eps: float,
+                         weight_decay: float, step: int) -> None:
+    """The default kernel, on every device."""
+    torch_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, index, start, cols, lr, beta1, beta2,
+                       eps, weight_decay, step)
+
+
+sparse_linear_op = torch.library.custom_op("kronops::sparse_linear", default_sparse_linear,
+                                           mutates_args=())
+sparse_input_grad = torch.library.custom_op("kronops::sparse_input_grad",
+                                            default_sparse_input_grad, mutates_args=())
+sparse_delta_grad = torch.library.custom_op("kronops::sparse_delta_grad",
+                                            default_sparse_delta_grad, mutates_args=())
+sparse_adamw = torch.library.custom_op("kronops::sparse_adamw", default_sparse_adamw,
+                                       mutates_args=("weight", "exp_avg", "exp_avg_sq"))
+
+
+@sparse_linear_op.register_fake
+def _(x, weight, delta, index, start, bias, cols):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@sparse_input_grad.register_fake
+def _(dy, weight, delta, index, start, cols):
+    return dy.new_empty((dy.shape[0], weight.shape[1]))
+
+
+@sparse_delta_grad.register_fake
+def _(dy, x, index, start, cols, rows_of_delta):
+    return dy.new_empty((dy.shape[1] if cols else rows_of_delta, x.shape[1]))
+
+
+@sparse_adamw.register_fake
+def _(weight, grad, exp_avg, exp_avg_sq, index, start, cols, lr, beta1, beta2, eps,
+      weight_decay, step):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, delta, index, start, bias, cols = inputs
+    need_x, _, need_delta = ctx.needs_input_grad[:3]
+    saved_x = None
+    if need_delta:  # cols mode keeps only X[:, C], as its own (M, |C|) tensor
+        saved_x = take(x, index, start, delta.shape[1]).contiguous() if cols else x
+    ctx.save_for_backward(saved_x, weight if need_x else None, delta, index)
+    ctx.start, ctx.cols = start, cols
+
+
+def _backward(ctx, grad):
+    saved_x, weight, delta, index = ctx.saved_tensors
+    need_x, _, need_delta = ctx.needs_input_grad[:3]
+    grad_x = grad_delta = grad_bias = None
+    if need_x:
+        grad_x = sparse_input_grad(grad, weight, delta, index, ctx.start, ctx.cols)
+    if need_delta:
+        if ctx.cols and need_x and torch.is_grad_enabled():
+            raise RuntimeError("sparse_linear in cols mode saves X[:, C] detached from x, so it "
+                               "has no double backward through delta's gradient to x; detach x "
+                               "or use rows mode")
+        grad_delta = sparse_delta_grad(grad, saved_x, index, ctx.start, ctx.cols, delta.shape[0])
+    if ctx.needs_input_grad[5]:
+        grad_bias = grad.sum(0)
+    return grad_x, None, grad_delta, None, None, grad_bias, None
+
+
+sparse_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _input_grad_setup_context(ctx, inputs, output):
+    dy, weight, delta, index, start, cols = inputs
+    ctx.save_for_backward(dy, weight, delta, index)
+    ctx.start, ctx.cols = start, cols
+
+
+def _input_grad_backward(ctx, grad):
+    """dX = dY W' (W' = W with Δ added in): gdY = g W'ᵀ is the forward op; gΔ a delta grad."""
+    dy, weight, delta, index = ctx.saved_tensors
+    grad_dy = grad_delta = None
+    if ctx.needs_input_grad[0]:
+        grad_dy = sparse_linear_op(grad, weight, delta, index, ctx.start, None, ctx.cols)
+    if ctx.needs_input_grad[2]:
+        # rows: gΔ = dY[:, R]ᵀ g;  cols: gΔ = dYᵀ g[:, C]
+        other = take(grad, index, ctx.start, delta.shape[1]) if ctx.cols else grad
+        grad_delta = sparse_delta_grad(dy, other, index, ctx.start, ctx.cols, delta.shape[0])
+    return grad_dy, None, grad_delta, None, None, None
+
+
+sparse_input_grad.register_autograd(_input_grad_backward,
+                                    setup_context=_input_grad_setup_context)
+
+
+def _delta_grad_setup_context(ctx, inputs, output):
+    dy, x, index, start, cols, rows_of_delta = inputs
+    ctx.save_for_backward(dy, x, index)
+    ctx.start, ctx.cols, ctx.rows_of_delta = start, cols, rows_of_delta
+
+
+def _delta_grad_backward(ctx, grad):
+    """G = dY[:, R]ᵀ X (rows) or dYᵀ X (cols): plain torch ops (second order is rare)."""
+    dy, x, index = ctx.saved_tensors
+    grad_dy = grad_x = None
+    if ctx.needs_input_grad[0]:
+        part = x @ grad.mT
+        grad_dy = part if ctx.cols else add_into(dy.new_zeros(dy.shape), index, ctx.start, part)
+    if ctx.needs_input_grad[1]:
+        grad_x = (dy if ctx.cols else take(dy, index, ctx.start, ctx.rows_of_delta)) @ grad
+    return grad_dy, grad_x, None, None, None, None
+
+
+sparse_delta_grad.register_autograd(_delta_grad_backward, setup_context=_delta_grad_setup_context)
+
+
+def check_index(name: str, sel, size: int, device: torch.device
+                ) -> tuple[torch.Tensor | None, int, int]:
+    """Normalise a selection of ``size`` positions to (index tensor or None, start, count).
+
+    ``sel``: a 1-D int64 tensor on ``device``, sorted, unique and in [0, size) (returned
+    contiguous: the kernels read index k at ``idx_ptr + k``); or a slice/range with step 1
+    inside [0, size] (the contiguous case: None and its start).
+    Value checks need the indices on the host: skipped while torch.compile traces.
+    """
+    if isinstance(sel, (slice, range)):
+        step = 1 if sel.step is None else sel.step
+        start = 0 if sel.start is None else sel.start
+        stop = size if sel.stop is None else sel.stop
+        if step != 1:
+            raise ValueError(f"{name} must have step 1, got {sel}")
+        if not 0 <= start < stop <= size:
+            raise ValueError(f"{name} must satisfy 0 <= start < stop <= {size}, got {sel}")
+        return None, start, stop - start
+    if not isinstance(sel, torch.Tensor):
+        raise TypeError(f"{name} must be an int64 tensor, a slice or a range, "
+                        f"got {type(sel).__name__}")
+    if sel.dtype != torch.int64:
+        raise TypeError(f"{name} must have dtype torch.int64, got {sel.dtype}")
+    if sel.dim() != 1 or sel.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor, got shape {tuple(sel.shape)}")
+    if sel.device != device:
+        raise ValueError(f"{name} is on {sel.device} but weight is on {device}")
+    if not torch.compiler.is_compiling():
+        check_sorted_unique(name, sel, size)
+    return sel.contiguous(), 0, sel.numel()
+
+
+def check_sorted_unique(name: str, index: torch.Tensor, size: int) -> None:
+    """``index`` (1-D int64, possibly empty) is strictly increasing and lies in [0, size).
+
+    Reads the values on the host (not for torch.compile tracing).
+    """
+    if index.numel() == 0:
+        return
+    if bool((index[1:] <= index[:-1]).any()):
+        raise ValueError(f"{name} must be sorted and unique (strictly increasing)")
+    if int(index[0]) < 0 or int(index[-1]) >= size:
+        raise ValueError(f"{name} must lie in [0, {size}), got values from "
+                         f"{int(index[0])} to {int(index[-1])}")
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, *,
+                  rows=None, cols=None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, W', bias)`` where W' is ``weight`` with ``delta`` added into rows or cols.
+
+    x: (..., in); weight: (out, in), treated as frozen (it never gets a gradient and is
+    never copied); bias: (out,) or None. Exactly one of:
+      rows: R, output rows of W trained, delta (|R|, in):  y[..., R] += x Δᵀ
+      cols: C, input columns of W trained, delta (out, |C|):  y += x[..., C] Δᵀ
+    R/C: a sorted, unique int64 tensor on weight's device, or a slice/range (contiguous).
+    Returns (..., out) in x's dtype (the autocast dtype inside an autocast region, where,
+    as with F.linear, all operands are cast to it). Differentiable in x, delta and bias; in
+    cols mode only x[..., C] is saved for backward.
+    """
+    check_tensor("x", x)
+    check_tensor("weight", weight, dim=2)
+    check_tensor("delta", delta, dim=2)
+    if bias is not None:
+        check_tensor("bias", bias, dim=1)
+    # like F.linear under autocast: compute in the autocast dtype (this casts W too)
+    x, weight, delta, bias = autocast_operands(x.device.type, x, weight, delta, bias)
+    check_same("x", x, weight=weight, delta=delta, bias=bias)
+    if (rows is None) == (cols is None):
+        raise ValueError("exactly one of rows and cols must be given")
+    out_features, in_features = weight.shape
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have last dim in_features = {in_features} for weight of shape "
+                         f"{tuple(weight.shape)}, got shape {tuple(x.shape)}")
+    if bias is not None and bias.shape[0] != out_features:
+        raise ValueError(f"bias must have length out_features = {out_features}, "
+                         f"got {bias.shape[0]}")
+    is_cols = cols is not None
+    name = "cols" if is_cols else "rows"
+    index, start, count = check_index(name, cols if is_cols else rows,
+                                      in_features if is_cols else out_features, weight.device)
+    expected = (out_features, count) if is_cols else (count, in_features)
+    if tuple(delta.shape) != expected:
+        raise ValueError(f"delta must have shape {expected} for {count} selected {name} of a "
+                         f"weight of shape {tuple(weight.shape)}, got {tuple(delta.shape)}")
+    lead = x.shape[:-1]
+    y = sparse_linear_op(x.reshape(-1, in_features), weight, delta, index, start, bias, is_cols)
+    return y.view(*lead, out_features)
+
+
+def _selection(index, start):
+    """What the kernels take for a selection: the index tensor, or a range's start."""
+    return index if index is not None else start
+
+
+def triton_sparse_linear(x, weight, delta, index, start, bias, cols):
+    """CUDA kernel of ``sparse_linear``: cuBLAS x Wᵀ + b, then the gathered Δ product added."""
+    y = F.linear(x, weight, bias)
+    if cols:
+        return kernels.triton_sparse_matmul_add(y, x, delta, _selection(index, start), 0)
+    return kernels.triton_sparse_matmul_add(y, x, delta, 0, _selection(index, start))
+
+
+def triton_sparse_input_grad(dy, weight, delta, index, start, cols):
+    """CUDA kernel of ``sparse_input_grad``: cuBLAS dY W, then the gathered Δ product added."""
+    dx = dy @ weight
+    if cols:
+        return kernels.triton_sparse_matmul_add(dx, dy, delta.mT, 0, _selection(index, start))
+    return kernels.triton_sparse_matmul_add(dx, dy, delta.mT, _selection(index, start), 0)
+
+
+def triton_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta):
+    """CUDA kernel of ``sparse_delta_grad``: the gathered, split-M reduced GEMM."""
+    if cols:
+        return kernels.triton_sparse_delta_grad(dy, x, 0, dy.shape[1], 0, x.shape[1])
+    return kernels.triton_sparse_delta_grad(dy, x, _selection(index, start), rows_of_delta,
+                                            0, x.shape[1])
+
+
+def triton_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, index, start, cols, lr, beta1, beta2,
+                        eps, weight_decay, step):
+    """CUDA kernel of ``sparse_adamw``: one fused pass over the selected submatrix."""
+    kernels.triton_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, _selection(index, start), cols, lr=lr,
+           beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+
+
+if kernels is not None:
+    backends.register_triton(sparse_linear_op, triton_sparse_linear, default_sparse_linear)
+    backends.register_triton(sparse_input_grad, triton_sparse_input_grad, default_sparse_input_grad)
+    backends.register_triton(sparse_delta_grad, triton_sparse_delta_grad, default_sparse_delta_grad)
+    backends.register_triton(sparse_adamw, triton_sparse_adamw, default_sparse_adamw)
