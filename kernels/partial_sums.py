@@ -20,18 +20,26 @@ def row_groups(m: int, out_tiles: int, rows_per_group: int, device: torch.device
 
 
 def new_partials(groups: int, p: int, q: int, device: torch.device) -> torch.Tensor:
-    """An uninitialised (groups, p, q) fp32 buffer; every program writes its whole tile."""
+    """An uninitialised (groups, p, q) fp32 buffer; every program writes its whole tile.
+
+    The kernels and ``finish`` take any strides with a unit last stride (the tests pass
+    views into guarded buffers)."""
     return torch.empty((groups, p, q), device=device, dtype=torch.float32)
 
 
 @triton.jit
-def finish_kernel(partial_ptr, out_ptr, G, N, scale, BLOCK: tl.constexpr):
-    """partial: (G, N) fp32, contiguous; out[n] = scale * (partial[0, n] + ... + partial[G-1, n])."""
+def finish_kernel(partial_ptr, out_ptr, G, P, Q, stride_pg, stride_pp, scale,
+                  BLOCK: tl.constexpr):
+    """partial: (G, P, Q) fp32, unit last stride; out: (P, Q) contiguous.
+
+    out[p, q] = scale * (partial[0, p, q] + ... + partial[G-1, p, q]). Grid: (cdiv(P*Q, BLOCK),).
+    """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N
+    ok = offs < P * Q
+    ptrs = partial_ptr + (offs // Q) * stride_pp + offs % Q
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for g in range(0, G):
-        acc += tl.load(partial_ptr + g * N + offs, mask=ok, other=0.0)
+        acc += tl.load(ptrs + g * stride_pg, mask=ok, other=0.0)
     tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -51,5 +59,6 @@ def finish(partial: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Ten
     out = torch.empty((p, q), device=partial.device, dtype=dtype)
     if out.numel():
         finish_kernel[(triton.cdiv(p * q, FINISH_BLOCK),)](
-            partial, out, groups, p * q, float(scale), BLOCK=FINISH_BLOCK)
+            partial, out, groups, p, q, partial.stride(0), partial.stride(1), float(scale),
+            BLOCK=FINISH_BLOCK)
     return out

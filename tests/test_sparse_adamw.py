@@ -1,4 +1,5 @@
-"""The fused in-place AdamW kernel on selected rows/columns vs torch.optim.AdamW on them."""
+"""The in-place AdamW op on selected rows/columns (its PyTorch kernel and its Triton kernel)
+vs torch.optim.AdamW on them, weight decay included."""
 import pytest
 import torch
 from conftest import KERNEL_DEVICE, assert_close
@@ -10,9 +11,9 @@ from kronops.kernels import triton_sparse_adamw as sparse_adamw
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape,count", [((37, 29), 5), ((130, 67), 64), ((3, 1100), 2)])
-def test_matches_torch_adamw(cols, gather, dtype, shape, count):
+def test_matches_torch_adamw(cols, gather, dtype, shape, count, backend_device):
     dim = 1 if cols else 0
-    kw = dict(device=KERNEL_DEVICE)
+    kw = dict(device=backend_device)
     weight = torch.randn(shape[1], shape[0], dtype=dtype, **kw).T  # non-contiguous (out, in)
     if gather:
         sel = torch.randperm(shape[dim], **kw)[:count].sort().values
@@ -29,8 +30,9 @@ def test_matches_torch_adamw(cols, gather, dtype, shape, count):
         grad = torch.randn(part.shape, dtype=dtype, **kw)
         part.grad = grad.float()
         reference.step()
-        sparse_adamw(weight, grad, m, v, sel, cols, lr=0.01, beta1=0.8, beta2=0.95, eps=1e-6,
-                     weight_decay=0.1, step=step)
+        index_arg, start = (sel, 0) if gather else (None, sel)
+        torch.ops.kronops.sparse_adamw(weight, grad, m, v, index_arg, start, cols, 0.01, 0.8,
+                                       0.95, 1e-6, 0.1, step)
         if dtype == torch.float16:  # the weight is stored in fp16 each step: follow it
             with torch.no_grad():
                 part.copy_(part.half().float())

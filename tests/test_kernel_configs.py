@@ -1,0 +1,167 @@
+"""Every tuning config of every kernel, one at a time, at sizes that are not multiples of any
+block, with every operand inside a NaN guard region.
+
+The interpreter runs only the first viable config, and a GPU picks its own, so each config
+is forced here (a one-config autotuner runs it as is). Operands are views into padded
+buffers: inputs padded with NaN on every side (and index tensors followed by -1, which
+points into the padding), so a read outside an input makes the result NaN; tensors
+updated in place padded with a finite sentinel, which any write outside them changes.
+Both fail an assertion instead of passing silently or crashing the interpreter.
+"""
+import pytest
+import torch
+from conftest import ON_GPU, assert_close
+
+import kronops.kernels as kernels
+from kronops.kernels.kron import factor_grad, rows
+from kronops.kernels.s2ft import adamw, delta_grad, matmul_add
+
+pytestmark = pytest.mark.skipif(ON_GPU, reason="forces configs through the interpreter")
+
+
+NAN = float("nan")
+SENTINEL = 12345.0  # padding of tensors a kernel writes: any value written over it differs
+
+
+class Guarded:
+    """A (m, n) operand inside a (m + 2, n + 4) buffer padded with ``guard`` (its rows are
+    not contiguous)."""
+
+    def __init__(self, m: int, n: int, guard: float = NAN, dtype=torch.float32):
+        self.guard = guard
+        self.buffer = torch.full((m + 2, n + 4), guard, dtype=dtype)
+        self.view = self.buffer[1:m + 1, 2:n + 2]
+        self.view.copy_(torch.randn(m, n))
+        self.inside = torch.zeros_like(self.buffer, dtype=torch.bool)
+        self.inside[1:m + 1, 2:n + 2] = True
+
+    def guard_intact(self) -> bool:
+        padding = self.buffer[~self.inside]
+        return bool(padding.isnan().all() if self.guard != self.guard else
+                    (padding == self.guard).all())
+
+
+@pytest.fixture(autouse=True)
+def guarded_partials(monkeypatch):
+    """The gradient kernels' fp32 partials, allocated inside sentinel-padded buffers; every
+    one of them is checked after the test."""
+    made = []
+
+    def new_partials(groups, p, q, device):
+        buffer = torch.full((groups, p + 2, q + 4), SENTINEL, device=device)
+        made.append((buffer, (slice(None), slice(1, p + 1), slice(2, q + 2))))
+        return buffer[made[-1][1]]
+
+    for module in (factor_grad, delta_grad):
+        monkeypatch.setattr(module, "new_partials", new_partials)
+    yield
+    for buffer, inside in made:
+        padding = buffer.clone()
+        padding[inside] = SENTINEL
+        assert bool((padding == SENTINEL).all()), "a gradient kernel wrote outside its partial"
+
+
+def guarded_index(values: list[int]) -> torch.Tensor:
+    """An int64 index tensor followed in memory by -1 (a column of the NaN padding)."""
+    return torch.tensor(values + [-1], dtype=torch.int64)[:-1]
+
+
+def one_config_at_a_time(module):
+    tuned = module.tuned
+    return [pytest.param(tuned, config, id=f"{module.__name__.rsplit('.', 1)[1]}-cfg{i}")
+            for i, config in enumerate(module.CONFIGS)]
+
+
+@pytest.mark.parametrize("tuned,config", one_config_at_a_time(rows))
+def test_kron_rows_config(monkeypatch, tuned, config):
+    monkeypatch.setattr(tuned, "configs", [config])
+    m, a1, a2, b1, b2 = 37, 5, 7, 9, 3
+    x = Guarded(m, a2 * b2)
+    a, b = Guarded(a1, a2), Guarded(b1, b2)
+    y = kernels.triton_kron_rows(x.view.view(m, a2, b2), a.view, b.view, None, 0.5)
+    ref = 0.5 * x.view.double() @ torch.kron(a.view.double(), b.view.double()).T
+    assert_close(y, ref, torch.float32, "kron_rows")
+    assert x.guard_intact() and a.guard_intact() and b.guard_intact()
+
+
+@pytest.mark.parametrize("tuned,config", one_config_at_a_time(factor_grad))
+def test_kron_factor_grad_config(monkeypatch, tuned, config):
+    monkeypatch.setattr(tuned, "configs", [config])
+    m, a1, a2, b1, b2 = 37, 5, 7, 9, 3
+    dy, b, x = Guarded(m, a1 * b1), Guarded(b1, b2), Guarded(m, a2 * b2)
+    g = kernels.triton_kron_factor_grad(dy.view.view(m, a1, b1), b.view,
+                                        x.view.view(m, a2, b2), 2.0)
+    ref = 2.0 * torch.einsum("mik,kl,mjl->ij", dy.view.double().view(m, a1, b1),
+                             b.view.double(), x.view.double().view(m, a2, b2))
+    assert_close(g, ref, torch.float32, "kron_factor_grad")
+    assert dy.guard_intact() and b.guard_intact() and x.guard_intact()
+
+
+@pytest.mark.parametrize("gather,scatter", [(True, True), (False, False)])
+@pytest.mark.parametrize("tuned,config", one_config_at_a_time(matmul_add))
+def test_sparse_matmul_add_config(monkeypatch, tuned, config, gather, scatter):
+    monkeypatch.setattr(tuned, "configs", [config])
+    m, a_cols, out_cols, k, n = 37, 61, 30, 29, 13
+    a, out, b = Guarded(m, a_cols), Guarded(m, out_cols, SENTINEL), Guarded(n, k)
+    i = list(range(1, 2 * k, 2))[:k] if gather else 3
+    j = list(range(0, 2 * n, 2)) if scatter else 4
+    a_sel = guarded_index(i) if gather else i
+    out_sel = guarded_index(j) if scatter else j
+    i_idx = torch.tensor(i) if gather else torch.arange(i, i + k)
+    j_idx = torch.tensor(j) if scatter else torch.arange(j, j + n)
+    ref = out.view.double().clone()
+    ref[:, j_idx] += a.view.double()[:, i_idx] @ b.view.double().T
+    kernels.triton_sparse_matmul_add(out.view, a.view, b.view, a_sel, out_sel)
+    assert_close(out.view, ref, torch.float32, "sparse_matmul_add",
+                 magnitude=ref.norm().item() + out.view.double().norm().item())
+    assert a.guard_intact() and out.guard_intact() and b.guard_intact()
+
+
+@pytest.mark.parametrize("gather_d,gather_x", [(True, True), (False, False)])
+@pytest.mark.parametrize("tuned,config", one_config_at_a_time(delta_grad))
+def test_sparse_delta_grad_config(monkeypatch, tuned, config, gather_d, gather_x):
+    monkeypatch.setattr(tuned, "configs", [config])
+    m, d_cols, x_cols, p, q = 70, 40, 35, 17, 11
+    d, x = Guarded(m, d_cols), Guarded(m, x_cols)
+    i = list(range(2, 2 + 2 * p, 2)) if gather_d else 5
+    j = list(range(1, 1 + 3 * q, 3)) if gather_x else 7
+    i_idx = torch.tensor(i) if gather_d else torch.arange(i, i + p)
+    j_idx = torch.tensor(j) if gather_x else torch.arange(j, j + q)
+    g = kernels.triton_sparse_delta_grad(d.view, x.view, guarded_index(i) if gather_d else i, p,
+                                         guarded_index(j) if gather_x else j, q)
+    assert_close(g, d.view.double()[:, i_idx].T @ x.view.double()[:, j_idx], torch.float32,
+                 "sparse_delta_grad")
+    assert d.guard_intact() and x.guard_intact()
+
+
+@pytest.mark.parametrize("cols", [False, True])
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("tuned,config", one_config_at_a_time(adamw))
+def test_sparse_adamw_config(monkeypatch, tuned, config, cols, gather):
+    """One AdamW step from zero state moves each selected entry by lr * g / (|g| + eps) after
+    decay; the rest of the weight, and everything outside it, stays as it was."""
+    monkeypatch.setattr(tuned, "configs", [config])
+    out_features, in_features, count = 23, 97, 11  # 11 * 97 and 23 * 11: odd element counts
+    weight = Guarded(out_features, in_features, SENTINEL)
+    before = weight.view.clone()
+    dim = 1 if cols else 0
+    values = list(range(1, 2 * count, 2))
+    sel = guarded_index(values) if gather else 4
+    index = torch.tensor(values) if gather else torch.arange(4, 4 + count)
+    shape = (out_features, count) if cols else (count, in_features)
+    grad = Guarded(*shape)
+    state = Guarded(2, shape[0] * shape[1], SENTINEL)  # the moments: two contiguous rows of one buffer
+    state.view.zero_()
+    moments = state.buffer[1:3, 2:2 + shape[0] * shape[1]]
+    m, v = (t.view(shape) for t in moments)
+    kernels.triton_sparse_adamw(weight.view, grad.view, m, v, sel, cols, lr=0.1, beta1=0.9,
+                                beta2=0.99, eps=1e-8, weight_decay=0.5, step=1)
+    part = before.index_select(dim, index).double() * (1 - 0.1 * 0.5)
+    g = grad.view.double()
+    expected = part - 0.1 * g / (g.abs() + 1e-8)
+    assert_close(weight.view.index_select(dim, index), expected, torch.float32, "weight")
+    rest = torch.ones(weight.view.shape[dim], dtype=torch.bool)
+    rest[index] = False
+    assert torch.equal(weight.view.index_select(dim, rest.nonzero().flatten()),
+                       before.index_select(dim, rest.nonzero().flatten()))
+    assert weight.guard_intact() and grad.guard_intact() and state.guard_intact()
