@@ -13,6 +13,13 @@ def check_tensor(name: str, t, *, dim: int | None = None) -> torch.Tensor:
     return t
 
 
+def check_features(name: str, x: torch.Tensor, features: int) -> None:
+    """``x`` has a last dimension of ``features`` (a layer's in_features)."""
+    if x.dim() == 0 or x.shape[-1] != features:
+        raise ValueError(f"{name} must have last dim in_features = {features}, "
+                         f"got shape {tuple(x.shape)}")
+
+
 def check_same(reference_name: str, reference: torch.Tensor, **others) -> None:
     """Every tensor in ``others`` (None skipped) shares ``reference``'s device and dtype."""
     for name, t in others.items():

@@ -123,6 +123,8 @@ BAD = [
     (lambda x, a, b: (x.numpy(), a, b, None), TypeError, "x must be a torch.Tensor"),
     (lambda x, a, b: (x, a, b, torch.randn(7)), ValueError, "bias must have length a1\\*b1 = 6"),
     (lambda x, a, b: (x, a, b, torch.randn(2, 3)), ValueError, "bias must be 1-D"),
+    (lambda x, a, b: (x[:, :0], a[:, :0], b, None), ValueError,
+     r"a must have no zero-size dimension, got shape \(2, 0\)"),
 ]
 
 

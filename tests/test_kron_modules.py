@@ -87,6 +87,21 @@ def test_krona_bad_arguments():
         kronops.KronALinear(nn.Linear(4, 4), dropout=1.0)
     with pytest.raises(ValueError, match="a_shape"):
         kronops.KronALinear(nn.Linear(6, 4), a_shape=(3, 3))
+    with pytest.raises(TypeError, match="dropout must be a number"):
+        kronops.KronALinear(nn.Linear(4, 4), dropout="0.1")
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_wrong_input_width_names_in_features(merged):
+    layer = kronops.KronALinear(nn.Linear(8, 6))
+    block = kronops.KronABlock(nn.Linear(8, 6), 8, 6)
+    s2ft = kronops.S2FTLinear(nn.Linear(8, 6), rows=torch.tensor([1, 4]))
+    if merged:
+        layer.merge()
+        s2ft.merge()
+    for module in (layer, block, s2ft):
+        with pytest.raises(ValueError, match=r"x must have last dim in_features = 8.*got shape \(3, 7\)"):
+            module(torch.randn(3, 7))
 
 
 @pytest.mark.parametrize("residual", [False, True])

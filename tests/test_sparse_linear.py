@@ -209,6 +209,16 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("mode", ["rows", "cols"])
+def test_meta_tensors(mode):
+    """Shapes only, as for kron_linear: the index values are not read."""
+    x, weight = torch.empty(4, 5, 16, device="meta"), torch.empty(8, 16, device="meta")
+    sel = torch.empty(3, dtype=torch.int64, device="meta")
+    delta = torch.empty((3, 16) if mode == "rows" else (8, 3), device="meta")
+    y = sparse_linear(x, weight, delta, **{mode: sel})
+    assert y.shape == (4, 5, 8) and y.device.type == "meta"
+
+
 @pytest.mark.parametrize("args,error,match", BAD)
 def test_bad_input(args, error, match):
     x, weight, delta = args.pop("x"), args.pop("weight"), args.pop("delta")

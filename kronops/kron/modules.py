@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from ..checks import check_features
 from ..wrapped_linear import WrapsLinear
 from .ops import kron_linear
 
@@ -138,6 +139,8 @@ class KronALinear(WrapsLinear, _KronAdapter):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.base = base
@@ -148,6 +151,7 @@ class KronALinear(WrapsLinear, _KronAdapter):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_features("x", x, self.in_features)
         y = self.base(x)
         if self.merged:
             return y
@@ -201,6 +205,7 @@ class KronABlock(_KronAdapter):
             if residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_features("x", x, self.in_features)
         y = self.block(x) + self.adapter(x)
         if self.residual_scale is not None:
             y = y + self.residual_scale.to(x.dtype) * x

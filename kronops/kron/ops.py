@@ -113,6 +113,9 @@ def kron_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     x, a, b, bias = autocast_operands(x.device.type, x, a, b, bias)
     check_same("x", x, a=a, b=b, bias=bias)
     (a1, a2), (b1, b2) = a.shape, b.shape
+    for name, f in (("a", a), ("b", b)):
+        if f.numel() == 0:
+            raise ValueError(f"{name} must have no zero-size dimension, got shape {tuple(f.shape)}")
     if x.dim() == 0 or x.shape[-1] != a2 * b2:
         raise ValueError(f"x must have last dim a2*b2 = {a2 * b2} for a of shape {tuple(a.shape)} "
                          f"and b of shape {tuple(b.shape)}, got shape {tuple(x.shape)}")

@@ -2,6 +2,7 @@
 import torch
 from torch import nn
 
+from ..checks import check_features
 from ..wrapped_linear import WrapsLinear
 from .ops import check_index, sparse_linear
 
@@ -85,6 +86,7 @@ class S2FTLinear(WrapsLinear, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
+            check_features("x", x, self.in_features)
             return self.base(x)
         w = self.base.weight
         return sparse_linear(x, w, self.delta.to(w.dtype), bias=self.base.bias,

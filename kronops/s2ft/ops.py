@@ -169,7 +169,8 @@ def check_index(name: str, sel, size: int, device: torch.device
     ``sel``: a 1-D int64 tensor on ``device``, sorted, unique and in [0, size) (returned
     contiguous: the kernels read index k at ``idx_ptr + k``); or a slice/range with step 1
     inside [0, size] (the contiguous case: None and its start).
-    Value checks need the indices on the host: skipped while torch.compile traces.
+    Value checks need the indices on the host: skipped while torch.compile traces and on
+    meta tensors (which have no values).
     """
     if isinstance(sel, (slice, range)):
         step = 1 if sel.step is None else sel.step
@@ -189,7 +190,7 @@ def check_index(name: str, sel, size: int, device: torch.device
         raise ValueError(f"{name} must be a non-empty 1-D tensor, got shape {tuple(sel.shape)}")
     if sel.device != device:
         raise ValueError(f"{name} is on {sel.device} but weight is on {device}")
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and sel.device.type != "meta":
         check_sorted_unique(name, sel, size)
     return sel.contiguous(), 0, sel.numel()
 
