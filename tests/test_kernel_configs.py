@@ -154,7 +154,7 @@ def test_sparse_adamw_config(monkeypatch, tuned, config, cols, gather):
     state.view.zero_()
     moments = state.buffer[1:3, 2:2 + shape[0] * shape[1]]
     m, v = (t.view(shape) for t in moments)
-    kernels.triton_sparse_adamw(weight.view, grad.view, m, v, sel, cols, lr=0.1, beta1=0.9,
+    kernels.triton_sparse_adamw(weight.view, grad.view, m, v, None, sel, cols, lr=0.1, beta1=0.9,
                                 beta2=0.99, eps=1e-8, weight_decay=0.5, step=1)
     part = before.index_select(dim, index).double() * (1 - 0.1 * 0.5)
     g = grad.view.double()

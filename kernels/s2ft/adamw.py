@@ -18,17 +18,18 @@ from .matmul_add import gathered_positions, index_or_start
 
 @triton.jit
 def sparse_adamw_kernel(
-    w_ptr, g_ptr, m_ptr, v_ptr, idx_ptr,
+    w_ptr, g_ptr, m_ptr, v_ptr, master_ptr, idx_ptr,
     P, Q, start,
     stride_wr, stride_wc,
     stride_gp, stride_gq,
     lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt,
-    COLS: tl.constexpr, GATHER: tl.constexpr, BLOCK: tl.constexpr,
+    COLS: tl.constexpr, GATHER: tl.constexpr, HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """w: (out, in) any strides; g: (P, Q) any strides; m, v: (P, Q) contiguous fp32.
+    """w: (out, in) any strides; g: (P, Q) any strides; m, v (and master): (P, Q) contiguous fp32.
 
     Element (p, q) of S is w[I[p], q] (rows) or w[p, I[q]] (COLS), I[k] = idx[k] when
-    GATHER else start + k. Grid: (cdiv(P*Q, BLOCK),).
+    GATHER else start + k. With HAS_MASTER the step starts from the fp32 master values,
+    which it updates, and w receives them rounded. Grid: (cdiv(P*Q, BLOCK),).
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < P * Q
@@ -43,7 +44,10 @@ def sparse_adamw_kernel(
         w_ptrs = w_ptr + p * stride_wr + sel * stride_wc
     else:
         w_ptrs = w_ptr + sel * stride_wr + q * stride_wc
-    w = tl.load(w_ptrs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_MASTER:
+        w = tl.load(master_ptr + offs, mask=ok, other=0.0)
+    else:
+        w = tl.load(w_ptrs, mask=ok, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + p * stride_gp + q * stride_gq, mask=ok, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=ok, other=0.0)
     v = tl.load(v_ptr + offs, mask=ok, other=0.0)
@@ -53,6 +57,8 @@ def sparse_adamw_kernel(
     w = w - step_size * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
     tl.store(m_ptr + offs, m, mask=ok)
     tl.store(v_ptr + offs, v, mask=ok)
+    if HAS_MASTER:
+        tl.store(master_ptr + offs, w, mask=ok)
     tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=ok)
 
 
@@ -61,34 +67,38 @@ CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in [(1024, 4), (204
 
 def footprint(config, constexprs, element_bytes) -> int:
     """Words live per program: w, g, m, v and their addresses, per element."""
-    return live_words(6 * config.kwargs["BLOCK"], 0, element_bytes, "tf32")
+    return live_words(7 * config.kwargs["BLOCK"], 0, element_bytes, "tf32")
 
 
 tuned = autotuned(sparse_adamw_kernel, CONFIGS, key=["P", "Q", "COLS", "GATHER"],
-                  footprint=footprint, restore_value=["w_ptr", "m_ptr", "v_ptr"])
+                  footprint=footprint, restore_value=["w_ptr", "m_ptr", "v_ptr", "master_ptr"])
 
 
 def compile_cases() -> list[CompileCase]:
-    """Rows and columns, gathered and ranged, per weight dtype (no dot)."""
+    """Rows and columns, gathered and ranged, per weight dtype, with fp32 master values for
+    fp16/bf16 weights (no dot)."""
     cases = []
     for element, cols, gather in itertools.product(sorted(ELEMENT_BYTES), [False, True],
                                                    [False, True]):
-        constexprs = dict(COLS=cols, GATHER=gather)
+        constexprs = dict(COLS=cols, GATHER=gather, HAS_MASTER=element != "fp32")
         cases.append(CompileCase(
             f"sparse_adamw-cols{int(cols)}-gather{int(gather)}-{element}-nodot",
             sparse_adamw_kernel, constexprs, element,
             viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]),
-            ("stride_wc", "stride_gq"), {"m_ptr": "*fp32", "v_ptr": "*fp32", "idx_ptr": "*i64"}))
+            ("stride_wc", "stride_gq"),
+            {"m_ptr": "*fp32", "v_ptr": "*fp32", "master_ptr": "*fp32", "idx_ptr": "*i64"}))
     return cases
 
 
 def triton_sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
-                 exp_avg_sq: torch.Tensor, selection, cols: bool, *, lr: float, beta1: float,
-                 beta2: float, eps: float, weight_decay: float, step: int) -> None:
+                        exp_avg_sq: torch.Tensor, master: torch.Tensor | None, selection,
+                        cols: bool, *, lr: float, beta1: float, beta2: float, eps: float,
+                        weight_decay: float, step: int) -> None:
     """One AdamW step on weight[selection] (rows) or weight[:, selection] (cols), in place.
 
-    weight: (out, in); grad: (P, Q), the submatrix's gradient, any strides; exp_avg and
-    exp_avg_sq: contiguous fp32 (P, Q), updated in place. selection: an int64 index
+    weight: (out, in); grad: (P, Q), the submatrix's gradient, any strides; exp_avg,
+    exp_avg_sq and master (or None): contiguous fp32 (P, Q), updated in place; with a
+    master the step runs on it and the weight gets it rounded. selection: an int64 index
     tensor or the int start of a contiguous range. step: the step number, from 1.
     """
     p, q = grad.shape
@@ -102,8 +112,9 @@ def triton_sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch
         return (triton.cdiv(p * q, meta["BLOCK"]),)
 
     tuned[grid](
-        weight, grad, exp_avg, exp_avg_sq, idx if idx is not None else exp_avg,
+        weight, grad, exp_avg, exp_avg_sq, master if master is not None else exp_avg,
+        idx if idx is not None else exp_avg,
         p, q, start, *weight.stride(), *grad.stride(),
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
         float(lr / bias_correction1), float(bias_correction2 ** 0.5),
-        COLS=cols, GATHER=idx is not None)
+        COLS=cols, GATHER=idx is not None, HAS_MASTER=master is not None)

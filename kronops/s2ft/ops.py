@@ -3,7 +3,8 @@
 ``kronops::sparse_linear``      x (M, in) -> (M, out): x Wᵀ + b, Δ added into rows R or cols C
 ``kronops::sparse_input_grad``  dX (M, in) for dY (M, out)
 ``kronops::sparse_delta_grad``  dΔ in dY's dtype: rows dY[:, R]ᵀ X, cols dYᵀ X[:, C] (X[:, C] given)
-``kronops::sparse_adamw``       AdamW on W[R] or W[:, C] in place (mutates weight and moments)
+``kronops::sparse_adamw``       AdamW on W[R] or W[:, C] in place (mutates weight, moments and
+                                the optional fp32 master values)
 
 An index is an int64 tensor, or ``None`` and ``start`` for a contiguous range as long as
 Δ's side; ``cols`` picks the mode. Each op is defined once: its default kernel is the
@@ -49,12 +50,13 @@ def default_sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, index: torch.Te
 
 
 def default_sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
-                         exp_avg_sq: torch.Tensor, index: torch.Tensor | None, start: int,
-                         cols: bool, lr: float, beta1: float, beta2: float, eps: float,
-                         weight_decay: float, step: int) -> None:
+                         exp_avg_sq: torch.Tensor, master: torch.Tensor | None,
+                         index: torch.Tensor | None, start: int, cols: bool, lr: float,
+                         beta1: float, beta2: float, eps: float, weight_decay: float,
+                         step: int) -> None:
     """The default kernel, on every device."""
-    torch_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, index, start, cols, lr, beta1, beta2,
-                       eps, weight_decay, step)
+    torch_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1,
+                       beta2, eps, weight_decay, step)
 
 
 sparse_linear_op = torch.library.custom_op("kronops::sparse_linear", default_sparse_linear,
@@ -64,7 +66,7 @@ sparse_input_grad = torch.library.custom_op("kronops::sparse_input_grad",
 sparse_delta_grad = torch.library.custom_op("kronops::sparse_delta_grad",
                                             default_sparse_delta_grad, mutates_args=())
 sparse_adamw = torch.library.custom_op("kronops::sparse_adamw", default_sparse_adamw,
-                                       mutates_args=("weight", "exp_avg", "exp_avg_sq"))
+                                       mutates_args=("weight", "exp_avg", "exp_avg_sq", "master"))
 
 
 @sparse_linear_op.register_fake
@@ -83,7 +85,7 @@ def _(dy, x, index, start, cols, rows_of_delta):
 
 
 @sparse_adamw.register_fake
-def _(weight, grad, exp_avg, exp_avg_sq, index, start, cols, lr, beta1, beta2, eps,
+def _(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1, beta2, eps,
       weight_decay, step):
     return None
 
@@ -281,11 +283,12 @@ def triton_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta):
                                             0, x.shape[1])
 
 
-def triton_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, index, start, cols, lr, beta1, beta2,
-                        eps, weight_decay, step):
+def triton_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1,
+                        beta2, eps, weight_decay, step):
     """CUDA kernel of ``sparse_adamw``: one fused pass over the selected submatrix."""
-    kernels.triton_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, _selection(index, start), cols, lr=lr,
-           beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    kernels.triton_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master,
+                                _selection(index, start), cols, lr=lr, beta1=beta1,
+                                beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
 
 
 if kernels is not None:

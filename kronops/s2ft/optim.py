@@ -5,6 +5,13 @@ mode="inplace")``): the
 gradient is the compact ``layer.selected.grad`` ((|R|, in) or (out, |C|)), the update goes
 into base.weight's selected part in place, and optimizer state is sized to that part.
 The AdamW step is the op ``kronops::sparse_adamw`` (one fused Triton kernel on CUDA).
+
+fp16/bf16 weights keep fp32 master values of the selected part (``master_weights``, on by
+default for them): each step updates the master and writes it, rounded, into the weight,
+so updates smaller than half the weight's rounding step accumulate instead of vanishing
+(150 AdamW steps of lr 1e-4 on a bf16 weight of 1.0 move it by 0 without). The memory is
+that of the selection, 4 bytes an element. The master is taken from the weight at the
+first step; a weight changed outside the optimizer afterwards is overwritten by it.
 """
 import torch
 from torch import nn
@@ -28,38 +35,53 @@ def _layers(model) -> list[S2FTInPlaceLinear]:
 
 
 class _InPlace(torch.optim.Optimizer):
-    def __init__(self, model, defaults):
+    """What both in-place optimizers share: the layers behind the ``selected`` parameters,
+    and the fp32 master values of fp16/bf16 weights."""
+
+    def __init__(self, model, defaults, master_weights: bool | None):
+        if master_weights is not None and not isinstance(master_weights, bool):
+            raise TypeError(f"master_weights must be a bool or None, got {master_weights!r}")
         layers = _layers(model)
         self._layer_of = {id(m.selected): m for m in layers}
+        self.master_weights = master_weights
         super().__init__([m.selected for m in layers], defaults)
 
-    @staticmethod
-    def _part(layer):
-        """(weight, dim, selection tensor or range) of the layer's trained submatrix."""
-        return layer.base.weight, (1 if layer.mode == "cols" else 0), layer.selection()
+    def _master(self, p) -> torch.Tensor | None:
+        """The fp32 master values of ``p``'s submatrix (made at the first step), or None when
+        the weight is fp32/fp64 or ``master_weights=False``."""
+        weight = self._layer_of[id(p)].base.weight
+        keep = weight.dtype in (torch.float16, torch.bfloat16) if self.master_weights is None \
+            else self.master_weights and weight.dtype != accumulation_dtype(weight.dtype)
+        if not keep:
+            return None
+        state = self.state[p]
+        if "master" not in state:
+            state["master"] = self._layer_of[id(p)].weight_part().to(torch.float32)
+        return state["master"]
 
-    @staticmethod
-    def _write(weight, dim, sel, value):
-        if isinstance(sel, range):
-            weight.narrow(dim, sel.start, len(sel)).copy_(value)
-        else:
-            weight.index_copy_(dim, sel, value.to(weight.dtype))
-
-    @staticmethod
-    def _read(weight, dim, sel):
-        """The submatrix in fp32 (fp64 for fp64 weights); a view of a contiguous fp32 range."""
-        part = weight.narrow(dim, sel.start, len(sel)) if isinstance(sel, range) else \
-            weight.index_select(dim, sel)
-        return part.to(accumulation_dtype(weight.dtype))
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's loader casts floating state to the parameter's dtype (bf16/fp16 for
+        ``selected``); moments and master values are kept in fp32 (fp64), so they are taken
+        again from ``state_dict`` in that dtype, without a lossy round trip."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            for key in ("exp_avg", "exp_avg_sq", "master"):
+                if key in saved:
+                    self.state[p][key] = saved[key].to(
+                        device=p.device, dtype=accumulation_dtype(p.dtype), copy=True)
 
 
 class InPlaceSGD(_InPlace):
-    """Plain SGD (no momentum): W[selection] -= lr * grad, in place."""
+    """Plain SGD (no momentum): W[selection] -= lr * grad, in place (on the fp32 master values
+    of fp16/bf16 weights, see the module docstring)."""
 
-    def __init__(self, model, lr: float = 1e-3):
+    def __init__(self, model, lr: float = 1e-3, *, master_weights: bool | None = None):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
-        super().__init__(model, dict(lr=lr))
+        super().__init__(model, dict(lr=lr), master_weights)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -68,10 +90,16 @@ class InPlaceSGD(_InPlace):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                weight, dim, sel = self._part(self._layer_of[id(p)])
-                grad = p.grad.to(accumulation_dtype(weight.dtype))
-                value = self._read(weight, dim, sel) - group["lr"] * grad
-                self._write(weight, dim, sel, value.to(weight.dtype))
+                layer = self._layer_of[id(p)]
+                weight, dim = layer.base.weight, 1 if layer.mode == "cols" else 0
+                master = self._master(p)
+                value = master if master is not None else \
+                    layer.weight_part().to(accumulation_dtype(weight.dtype))
+                value.sub_(p.grad.to(value.dtype), alpha=group["lr"])
+                if layer.index is None:
+                    weight.narrow(dim, layer.start, value.shape[dim]).copy_(value)
+                else:
+                    weight.index_copy_(dim, layer.index, value.to(weight.dtype))
         return loss
 
 
@@ -79,33 +107,19 @@ class InPlaceAdamW(_InPlace):
     """AdamW (torch.optim.AdamW's update, decoupled weight decay) on the selected submatrices.
 
     State per layer: exp_avg and exp_avg_sq of the submatrix's shape in fp32 (fp64 for
-    fp64 weights), and the step.
+    fp64 weights), the step, and for fp16/bf16 weights the fp32 master values.
     Weight decay applies to the submatrix only; the rest of the weight stays untouched.
     """
 
     def __init__(self, model, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
+                 weight_decay: float = 1e-2, *, master_weights: bool | None = None):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, "
                              f"{weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         super().__init__(model, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                     weight_decay=weight_decay))
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch.optim's loader casts floating state to the parameter's dtype (bf16/fp16 for
-        ``selected``); the moments are kept in fp32 (fp64), so they are taken again from
-        ``state_dict`` in that dtype, without a lossy round trip."""
-        super().load_state_dict(state_dict)
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in saved:
-                    self.state[p][key] = saved[key].to(
-                        device=p.device, dtype=accumulation_dtype(p.dtype), copy=True)
+                                     weight_decay=weight_decay), master_weights)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -118,13 +132,13 @@ class InPlaceAdamW(_InPlace):
                     continue
                 layer = self._layer_of[id(p)]
                 state = self.state[p]
-                if not state:
+                if "step" not in state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros(p.shape, device=p.device,
                                                    dtype=accumulation_dtype(p.dtype))
                     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 state["step"] += 1
                 sparse_adamw(layer.base.weight, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                             layer.index, layer.start, layer.mode == "cols", lr, beta1, beta2,
-                             eps, wd, state["step"])
+                             self._master(p), layer.index, layer.start, layer.mode == "cols",
+                             lr, beta1, beta2, eps, wd, state["step"])
         return loss

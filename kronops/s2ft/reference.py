@@ -65,19 +65,21 @@ def torch_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta):
     return (d.mT.to(acc) @ x.to(acc)).to(dy.dtype)
 
 
-def torch_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, index, start, cols, lr, beta1, beta2,
-                       eps, weight_decay, step):
+def torch_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1,
+                       beta2, eps, weight_decay, step):
     """AdamW (torch.optim.AdamW's arithmetic) on the submatrix S = W[R] or W[:, C], in place.
 
     grad (P, Q) is S's gradient; exp_avg, exp_avg_sq (P, Q) the moments in fp32 (fp64 for
-    fp64), updated in place; ``step`` counts from 1. S is computed in the moments' dtype:
+    fp64), updated in place; ``step`` counts from 1. ``master`` (or None): S's values in the
+    moments' dtype, which the step updates and W receives rounded (fp16/bf16 weights keep
+    updates smaller than their rounding step). S is computed in the moments' dtype:
       S *= 1 - lr*wd;  m = b1 m + (1-b1) G;  v = b2 v + (1-b2) G²;
       S -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
     """
     dim = 1 if cols else 0
     count = grad.shape[dim]
     part = weight.narrow(dim, start, count) if index is None else weight.index_select(dim, index)
-    s = part.to(exp_avg.dtype)
+    s = master if master is not None else part.to(exp_avg.dtype)
     g = grad.to(exp_avg.dtype)
     s.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(g, 1 - beta1)
