@@ -19,7 +19,7 @@ from .matmul_add import gathered_positions, index_or_start
 @triton.jit
 def sparse_adamw_kernel(
     w_ptr, g_ptr, m_ptr, v_ptr, master_ptr, idx_ptr,
-    P, Q, start,
+    P, Q, start, size,
     stride_wr, stride_wc,
     stride_gp, stride_gq,
     lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt,
@@ -28,7 +28,7 @@ def sparse_adamw_kernel(
     """w: (out, in) any strides; g: (P, Q) any strides; m, v (and master): (P, Q) contiguous fp32.
 
     Element (p, q) of S is w[I[p], q] (rows) or w[p, I[q]] (COLS), I[k] = idx[k] when
-    GATHER else start + k. With HAS_MASTER the step starts from the fp32 master values,
+    GATHER else start + k; ``size`` is w's row (column) count. With HAS_MASTER the step starts from the fp32 master values,
     which it updates, and w receives them rounded. Grid: (cdiv(P*Q, BLOCK),).
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -39,7 +39,7 @@ def sparse_adamw_kernel(
         sel = q
     else:
         sel = p
-    sel = gathered_positions(idx_ptr, start, sel, ok, GATHER)
+    sel, w_ok = gathered_positions(idx_ptr, start, sel, ok, size, GATHER)
     if COLS:
         w_ptrs = w_ptr + p * stride_wr + sel * stride_wc
     else:
@@ -47,7 +47,7 @@ def sparse_adamw_kernel(
     if HAS_MASTER:
         w = tl.load(master_ptr + offs, mask=ok, other=0.0)
     else:
-        w = tl.load(w_ptrs, mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=w_ok, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + p * stride_gp + q * stride_gq, mask=ok, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=ok, other=0.0)
     v = tl.load(v_ptr + offs, mask=ok, other=0.0)
@@ -59,7 +59,7 @@ def sparse_adamw_kernel(
     tl.store(v_ptr + offs, v, mask=ok)
     if HAS_MASTER:
         tl.store(master_ptr + offs, w, mask=ok)
-    tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=ok)
+    tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=w_ok)
 
 
 CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in [(1024, 4), (2048, 8), (512, 4)]]
@@ -114,7 +114,8 @@ def triton_sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch
     tuned[grid](
         weight, grad, exp_avg, exp_avg_sq, master if master is not None else exp_avg,
         idx if idx is not None else exp_avg,
-        p, q, start, *weight.stride(), *grad.stride(),
+        p, q, start, weight.shape[1] if cols else weight.shape[0], *weight.stride(),
+        *grad.stride(),
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
         float(lr / bias_correction1), float(bias_correction2 ** 0.5),
         COLS=cols, GATHER=idx is not None, HAS_MASTER=master is not None)

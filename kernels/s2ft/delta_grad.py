@@ -19,14 +19,15 @@ from .matmul_add import gathered_positions, index_or_start
 @triton.jit
 def sparse_delta_grad_kernel(
     d_ptr, x_ptr, partial_ptr, d_idx_ptr, x_idx_ptr,
-    M, P, Q, d_start, x_start,
+    M, P, Q, d_start, x_start, d_size, x_size,
     stride_dm, stride_dp,
     stride_xm, stride_xq,
     stride_pg, stride_pp,
     GATHER_D: tl.constexpr, GATHER_X: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """d: (M, *) with P columns read at I; x: (M, *) with Q columns at J; partial: (G, P, Q) fp32.
+    """d: (M, d_size) with P columns read at I; x: (M, x_size) with Q columns at J;
+    partial: (G, P, Q) fp32.
 
     I[p] = d_idx[p] when GATHER_D else d_start + p; J[q] likewise. Any strides.
     Grid: (G, cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q)); program g sums row blocks g, g+G, ...
@@ -39,8 +40,8 @@ def sparse_delta_grad_kernel(
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     p_ok = offs_p < P
     q_ok = offs_q < Q
-    d_cols = gathered_positions(d_idx_ptr, d_start, offs_p, p_ok, GATHER_D)
-    x_cols = gathered_positions(x_idx_ptr, x_start, offs_q, q_ok, GATHER_X)
+    d_cols, d_ok = gathered_positions(d_idx_ptr, d_start, offs_p, p_ok, d_size, GATHER_D)
+    x_cols, x_ok = gathered_positions(x_idx_ptr, x_start, offs_q, q_ok, x_size, GATHER_X)
     d_base = d_ptr + d_cols[:, None] * stride_dp
     x_base = x_ptr + x_cols[None, :] * stride_xq
 
@@ -49,9 +50,9 @@ def sparse_delta_grad_kernel(
         offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         rows = offs_m.to(tl.int64)
-        d_t = tl.load(d_base + rows[None, :] * stride_dm, mask=p_ok[:, None] & m_ok[None, :],
+        d_t = tl.load(d_base + rows[None, :] * stride_dm, mask=d_ok[:, None] & m_ok[None, :],
                       other=0.0)
-        x = tl.load(x_base + rows[:, None] * stride_xm, mask=m_ok[:, None] & q_ok[None, :],
+        x = tl.load(x_base + rows[:, None] * stride_xm, mask=m_ok[:, None] & x_ok[None, :],
                     other=0.0)
         acc = tl.dot(d_t, x, acc, input_precision=DOT_PRECISION)
 
@@ -119,7 +120,7 @@ def triton_sparse_delta_grad(d: torch.Tensor, x: torch.Tensor, d_cols, p: int, x
     tuned[grid](
         d, x, partial, d_idx if d_idx is not None else partial,
         x_idx if x_idx is not None else partial,
-        m, p, q, d_start, x_start,
+        m, p, q, d_start, x_start, d.shape[1], x.shape[1],
         *d.stride(), *x.stride(), partial.stride(0), partial.stride(1),
         **constexprs)
     return finish(partial, 1.0, d.dtype)

@@ -18,29 +18,34 @@ from ..launch import (ELEMENT_BYTES, PRECISIONS, CompileCase, autotuned, dot_pre
 
 
 @triton.jit
-def gathered_positions(idx_ptr, start, offs, mask, GATHER: tl.constexpr):
-    """Positions I[offs] as int64: idx[offs] (masked loads) when GATHER, else start + offs.
+def gathered_positions(idx_ptr, start, offs, mask, size, GATHER: tl.constexpr):
+    """(positions I[offs] as int64, ``mask`` narrowed to the valid ones).
 
-    The one gather-or-range rule of the S²FT kernels (idx contiguous, see index_or_start).
+    I = idx[offs] (masked loads) when GATHER, else start + offs. Gathered positions outside
+    [0, size) are masked out, so whatever values an index tensor holds (a compiled graph
+    skips the host checks), no load or store leaves the tensor it indexes. The one
+    gather-or-range rule of the S²FT kernels (idx contiguous, see index_or_start).
     """
     if GATHER:
-        positions = tl.load(idx_ptr + offs, mask=mask, other=0)
+        positions = tl.load(idx_ptr + offs, mask=mask, other=0).to(tl.int64)
+        mask = mask & (positions >= 0) & (positions < size)
     else:
-        positions = start + offs
-    return positions.to(tl.int64)
+        positions = (start + offs).to(tl.int64)
+    return positions, mask
 
 
 @triton.jit
 def sparse_matmul_add_kernel(
     a_ptr, b_ptr, out_ptr, a_idx_ptr, out_idx_ptr,
-    M, N, K, a_start, out_start,
+    M, N, K, a_start, out_start, a_size, out_size,
     stride_am, stride_ak,
     stride_bn, stride_bk,
     stride_om, stride_on,
     GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """a: (M, *) with K columns read at I; b: (N, K); out: (M, *) with N columns at J.
+    """a: (M, a_size) with K columns read at I; b: (N, K); out: (M, out_size) with N columns
+    at J.
 
     I[k] = a_idx[k] when GATHER_A else a_start + k; J[n] likewise. Any strides.
     Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)). fp32 accumulation.
@@ -57,16 +62,17 @@ def sparse_matmul_add_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        cols = gathered_positions(a_idx_ptr, a_start, offs_k, k_ok, GATHER_A)
+        cols, cols_ok = gathered_positions(a_idx_ptr, a_start, offs_k, k_ok, a_size, GATHER_A)
         a = tl.load(a_rows + cols[None, :] * stride_ak,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                    mask=m_ok[:, None] & cols_ok[None, :], other=0.0)
         b_t = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                       mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b_t, acc, input_precision=DOT_PRECISION)
 
-    out_cols = gathered_positions(out_idx_ptr, out_start, offs_n, n_ok, SCATTER_OUT)
+    out_cols, out_ok = gathered_positions(out_idx_ptr, out_start, offs_n, n_ok, out_size,
+                                          SCATTER_OUT)
     ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + out_cols[None, :] * stride_on
-    mask = m_ok[:, None] & n_ok[None, :]
+    mask = m_ok[:, None] & out_ok[None, :]
     acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -138,7 +144,7 @@ def triton_sparse_matmul_add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 
     tuned[grid](
         a, b, out, a_idx if a_idx is not None else out, out_idx if out_idx is not None else out,
-        m, n, k, a_start, out_start,
+        m, n, k, a_start, out_start, a.shape[1], out.shape[1],
         *a.stride(), *b.stride(), *out.stride(),
         **constexprs)
     return out

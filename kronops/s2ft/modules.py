@@ -4,7 +4,7 @@ from torch import nn
 
 from ..checks import check_features
 from ..wrapped_linear import WrapsLinear
-from .ops import check_index, sparse_linear
+from .ops import check_index, check_sorted_unique, sparse_linear
 
 
 class S2FTLinear(WrapsLinear, nn.Module):
@@ -56,6 +56,25 @@ class S2FTLinear(WrapsLinear, nn.Module):
         sel = self.selection()
         return sel if isinstance(sel, torch.Tensor) else \
             torch.arange(sel.start, sel.stop, device=self.delta.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """A saved ``index`` must be a selection this layer can use (int64, as many entries,
+        sorted, unique, in range): otherwise the layer loads nothing and the load fails."""
+        key = prefix + "index"
+        saved = state_dict.get(key)
+        if self.index is not None and saved is not None:
+            size = self.in_features if self.mode == "cols" else self.out_features
+            try:
+                if saved.dtype != torch.int64 or saved.shape != self.index.shape:
+                    raise ValueError(f"must be int64 of shape {tuple(self.index.shape)}, got "
+                                     f"{saved.dtype} of shape {tuple(saved.shape)}")
+                check_sorted_unique(key, saved, size)
+            except ValueError as e:
+                error_msgs.append(f"bad S²FT selection {key}: {e}")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def get_extra_state(self) -> dict:
         """The selection beyond the ``index`` buffer: the mode, and a contiguous range's start

@@ -1,0 +1,95 @@
+"""S²FT index safety: whatever an index tensor holds, no kernel reads or writes outside its
+tensors; compiled graphs (which skip the host-side index checks) stay memory-safe; and a
+layer refuses a bad selection when its state is loaded."""
+import pytest
+import torch
+from conftest import ON_GPU, assert_close
+from test_kernel_configs import SENTINEL, Guarded
+
+import kronops
+import kronops.kernels as kernels
+
+BAD = [-7, 2, 5, 10 ** 6]  # two valid positions between out-of-range ones
+
+
+@pytest.mark.skipif(ON_GPU, reason="guard regions are checked through the interpreter")
+@pytest.mark.parametrize("side", ["gather", "scatter"])
+def test_matmul_add_skips_out_of_range_positions(side):
+    m, cols, k, n = 9, 12, 4, 4
+    a, out, b = Guarded(m, cols if side == "gather" else k), \
+        Guarded(m, n if side == "gather" else cols, SENTINEL), Guarded(n, k)
+    index = torch.tensor(BAD)
+    valid = torch.tensor([False, True, True, False])
+    ref = out.view.double().clone()
+    if side == "gather":  # out += a[:, I] bᵀ over the valid I only
+        ref += a.view.double()[:, index[valid]] @ b.view.double()[:, valid].T
+        kernels.triton_sparse_matmul_add(out.view, a.view, b.view, index, 0)
+    else:  # out[:, J] += a bᵀ for the valid J only
+        ref[:, index[valid]] += a.view.double() @ b.view.double()[valid].T
+        kernels.triton_sparse_matmul_add(out.view, a.view, b.view, 0, index)
+    assert_close(out.view, ref, torch.float32, "matmul_add", magnitude=ref.norm().item())
+    assert a.guard_intact() and out.guard_intact() and b.guard_intact()
+
+
+@pytest.mark.skipif(ON_GPU, reason="guard regions are checked through the interpreter")
+def test_delta_grad_and_adamw_skip_out_of_range_positions():
+    d, x = Guarded(20, 9), Guarded(20, 6)
+    index = torch.tensor(BAD)
+    g = kernels.triton_sparse_delta_grad(d.view, x.view, index, 4, 0, 6)
+    assert_close(g[1:3], d.view.double()[:, [2, 5]].T @ x.view.double(), torch.float32, "dΔ")
+    assert torch.equal(g[[0, 3]], torch.zeros(2, 6))
+    assert d.guard_intact() and x.guard_intact()
+    weight = Guarded(9, 5, SENTINEL)
+    before = weight.view.clone()
+    state = torch.zeros(2, 4, 5)
+    kernels.triton_sparse_adamw(weight.view, torch.ones(4, 5), state[0], state[1], None, index,
+                                False, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+                                step=1)
+    moved = (weight.view != before).any(1)
+    assert moved.tolist() == [i in (2, 5) for i in range(9)] and weight.guard_intact()
+
+
+@pytest.mark.parametrize("mode", ["rows", "cols"])
+def test_compiled_graph_with_a_bad_index_is_memory_safe(mode, triton_backend):
+    """torch.compile skips the host checks (they would sync); the op is still safe: Triton
+    kernels skip the out-of-range positions, the PyTorch kernel raises."""
+    torch._dynamo.reset()
+    device = "cuda" if ON_GPU else "cpu"
+    x, weight = torch.randn(5, 8, device=device), torch.randn(6, 8, device=device)
+    index = torch.tensor([1, 3, 99], device=device)
+    delta = torch.randn((3, 8) if mode == "rows" else (6, 3), device=device)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, delta, index):
+        return kronops.sparse_linear(x, weight, delta, **{mode: index})
+
+    y = f(x, delta, index)
+    valid = {mode: index[:2]}
+    part = delta[:2] if mode == "rows" else delta[:, :2]
+    assert_close(y, kronops.s2ft.reference.naive_sparse_linear(x, weight, part, **valid),
+                 torch.float32, "valid positions")
+
+
+def test_pytorch_kernel_refuses_a_bad_index_in_a_compiled_graph():
+    torch._dynamo.reset()
+    x, weight, delta = torch.randn(5, 8), torch.randn(6, 8), torch.randn(3, 8)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, delta, index):
+        return kronops.sparse_linear(x, weight, delta, rows=index)
+
+    with pytest.raises((IndexError, RuntimeError)):
+        f(x, delta, torch.tensor([1, 3, 99]))
+
+
+@pytest.mark.parametrize("bad", [[0, 4, 4], [4, 0, 2], [0, 2, 99], [0, 1]],
+                         ids=["repeated", "unsorted", "out-of-range", "wrong-length"])
+@pytest.mark.parametrize("cls", [kronops.S2FTLinear, kronops.S2FTInPlaceLinear])
+def test_load_state_dict_refuses_a_bad_selection(bad, cls):
+    layer = cls(torch.nn.Linear(8, 6), rows=torch.tensor([0, 2, 4]))
+    state = layer.state_dict()
+    state["index"] = torch.tensor(bad)
+    before = {k: v.clone() for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(RuntimeError, match="bad S²FT selection index"):
+        layer.load_state_dict(state)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
