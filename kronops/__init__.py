@@ -4,18 +4,21 @@ One folder per op family, each read top to bottom (``reference`` -> ``ops`` -> `
 ``kronops.kron`` (``kron_linear``, ``kron_matmul``, ``KronLinear``, ``KronALinear``,
 ``KronABlock``) and ``kronops.s2ft`` (``sparse_linear``, ``S2FTLinear``, ``S2FTInPlaceLinear``,
 ``InPlaceAdamW``, ``InPlaceSGD``). Whole models, both methods: ``kronops.adapters``
-(``apply_adapters``, ``merge_adapters``, ``unmerge_adapters``, ``save_adapters``,
-``load_adapters``, S²FT ``select``, PEFT interop). Backends: ``kronops.backends``.
+(``apply_adapters``, ``merge_adapters``, ``unmerge_adapters``, ``trainable_parameters``,
+``disable_adapters``, ``save_adapters``, ``load_adapters``, S²FT ``select``, PEFT interop).
+Backends: ``kronops.backends``.
 """
 from . import adapters, backends, kron, s2ft
-from .adapters import (AdapterFileError, apply_adapters, load_adapters, merge_adapters,
-                       save_adapters, unmerge_adapters)
+from .adapters import (AdapterFileError, AdapterSummary, apply_adapters, disable_adapters,
+                       load_adapters, merge_adapters, save_adapters, trainable_parameters,
+                       unmerge_adapters)
 from .kron import KronABlock, KronALinear, KronLinear, kron_linear, kron_matmul
 from .s2ft import InPlaceAdamW, InPlaceSGD, S2FTInPlaceLinear, S2FTLinear, sparse_linear
 from .version import __version__
 
 __all__ = ["kron_linear", "kron_matmul", "KronLinear", "KronALinear", "KronABlock",
            "sparse_linear", "S2FTLinear", "S2FTInPlaceLinear", "InPlaceAdamW", "InPlaceSGD",
-           "apply_adapters", "merge_adapters", "unmerge_adapters", "save_adapters",
-           "load_adapters", "AdapterFileError", "adapters", "backends", "kron", "s2ft",
+           "apply_adapters", "merge_adapters", "unmerge_adapters", "trainable_parameters",
+           "disable_adapters", "AdapterSummary", "save_adapters", "load_adapters",
+           "AdapterFileError", "adapters", "backends", "kron", "s2ft",
            "__version__"]

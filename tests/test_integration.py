@@ -6,9 +6,11 @@ import torch
 import transformers
 from conftest import assert_close, rel_err
 
+import kronops
 from kronops import KronALinear
-from kronops.adapters import AdapterState, adapter_modules
-from kronops.adapters.apply import apply_adapters, merge_adapters, unmerge_adapters
+from kronops.adapters import AdapterState, AdapterSummary, adapter_modules
+from kronops.adapters.apply import (apply_adapters, merge_adapters, trainable_parameters,
+                                    unmerge_adapters)
 from kronops.s2ft.modules import S2FTLinear
 
 LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,7 +52,8 @@ def test_llama_defaults_wrap_every_projection_and_freeze_the_rest():
     model = tiny_llama()
     x = ids()
     before = model(input_ids=x).logits
-    _, summary = apply_adapters(model, rank=2, alpha=4)
+    assert apply_adapters(model, rank=2, alpha=4) is model  # the model, as PEFT returns it
+    summary = trainable_parameters(model)
     wrapped = {n for n, m in model.named_modules() if isinstance(m, KronALinear)}
     assert wrapped == {f"model.layers.{i}.{part}.{p}" for i in range(2) for p in LLAMA_PROJ
                        for part in (("self_attn",) if p in LLAMA_PROJ[:4] else ("mlp",))}
@@ -66,7 +69,8 @@ def test_llama_defaults_wrap_every_projection_and_freeze_the_rest():
 
 def test_bert_defaults_skip_pooler_and_train_modules_stay_trainable():
     model = tiny_bert()
-    _, summary = apply_adapters(model, train_modules=["classifier"], verbose=False)
+    apply_adapters(model, train_modules=["classifier"])
+    summary = trainable_parameters(model)
     assert len(summary.modules) == 12 and summary.train_modules == ["classifier"]
     assert not any("pooler" in n for n in summary.modules)
     assert isinstance(model.bert.encoder.layer[1].output.dense, KronALinear)
@@ -87,10 +91,20 @@ def test_regex_and_names_select_modules():
          "model.layers.1.mlp.down_proj"]
 
 
-def test_printed_summary(capsys):
-    apply_adapters(tiny_bert())
+def test_summary_printed_on_request_only(capsys):
+    model = tiny_bert()
+    model = apply_adapters(model)  # PEFT's idiom: the result is the model
+    assert capsys.readouterr().out == ""  # nothing printed unless verbose=True
+    summary = trainable_parameters(model)
+    assert isinstance(summary, AdapterSummary) and summary.method == "krona"
+    assert str(summary).startswith("kronops krona: 12 adapter module(s); trainable params")
+    assert str(summary) == str(kronops.trainable_parameters(model))
+    apply_adapters(tiny_bert(), verbose=True)
     out = capsys.readouterr().out
     assert "kronops krona: 12 adapter module(s)" in out and "trainable params" in out
+    with pytest.raises(ValueError, match="BertForSequenceClassification has no kronops "
+                                         "adapters"):
+        trainable_parameters(tiny_bert())
 
 
 def test_merge_unmerge_and_unload_keep_outputs():
@@ -183,7 +197,7 @@ def test_s2ft_method_wraps_selected_parts_and_merges():
     model = tiny_llama(torch.float64)
     x = ids()
     before = model(input_ids=x).logits
-    _, summary = apply_adapters(model, "s2ft", heads=2, channels=5, seed=1, verbose=False)
+    summary = trainable_parameters(apply_adapters(model, "s2ft", heads=2, channels=5, seed=1))
     layers = [m for m in model.modules() if isinstance(m, S2FTLinear)]
     assert len(layers) == 14 and summary.method == "s2ft"
     assert summary.trainable == sum(m.delta.numel() for m in layers)
@@ -263,8 +277,8 @@ def test_s2ft_on_bert_trains_selected_heads_and_channels():
     model = tiny_bert()
     x = ids(50)
     before = model(input_ids=x).logits
-    _, summary = apply_adapters(model, "s2ft", heads=1, channels=12, seed=2,
-                                train_modules=["classifier"], verbose=False)
+    summary = trainable_parameters(apply_adapters(model, "s2ft", heads=1, channels=12, seed=2,
+                                                  train_modules=["classifier"]))
     plan = model._kronops.plan.blocks
     assert all(len(b["heads"]) == 1 and len(b["channels"]) == 12 for b in plan.values())
     layer = model.bert.encoder.layer[0]
@@ -277,8 +291,8 @@ def test_s2ft_on_bert_trains_selected_heads_and_channels():
     assert summary.trainable == 2 * (4 * 8 * 32 + 12 * 32 + 32 * 12) + (3 * 32 + 3)
     assert torch.equal(model(input_ids=x).logits, before)
     # BERT-style blocks take every selection strategy (it was random only)
-    _, summary = apply_adapters(tiny_bert(), "s2ft", heads=1, channels=4, strategy="weight",
-                                verbose=False)
+    summary = trainable_parameters(apply_adapters(tiny_bert(), "s2ft", heads=1, channels=4,
+                                                  strategy="weight"))
     assert summary.method == "s2ft" and len(summary.modules) == 12
 
 

@@ -9,7 +9,7 @@ from conftest import assert_close
 from test_s2ft_select import batch, tiny_llama
 
 from kronops import adapters, s2ft
-from kronops.adapters.files import _digest
+from kronops.adapters.files import checksum
 from kronops.s2ft.modules import S2FTInPlaceLinear, S2FTLinear
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,7 +34,9 @@ def rewrite(path, tensors):
     """Write ``tensors`` to the adapter file ``path`` under its config (checksum updated)."""
     from safetensors.torch import save_file
     _, config = adapters.read_adapters(path)
-    config["sha256"] = _digest(tensors)
+    config["tensors"] = {k: dict(shape=list(t.shape), dtype=str(t.dtype).replace("torch.", ""))
+                         for k, t in tensors.items()}
+    config["sha256"] = checksum(config, tensors)
     save_file(tensors, path, metadata={"kronops": json.dumps(config)})
 
 
@@ -289,3 +291,52 @@ def test_permute_with_biases_keeps_outputs_and_undoes_exactly():
         key = name.replace(".base.", ".")
         if key in original:
             assert torch.equal(value, original[key]), name
+
+
+def test_permute_and_unpermute_with_four_kv_heads_a_later_group_selected(tmp_path):
+    """12 query heads on 4 K/V heads (groups of 3): selecting heads of K/V groups 1 and 3
+    orders the K/V heads [1, 3, 0, 2], whose inverse [2, 0, 3, 1] differs from it (every
+    2-K/V-head model's order is its own inverse, hiding an unpermute that used the forward
+    order). unpermute must restore every weight bit for bit; outputs stay equal throughout."""
+    from test_s2ft_select import llama_12_heads
+    torch.manual_seed(0)
+    model = llama_12_heads(2, torch.float64)
+    fresh = copy.deepcopy(model)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = batch()["input_ids"]
+    before = logits(model, ids)
+    plan = adapters.select(model, heads=3, channels=4, seed=0)
+    plan.blocks["model.layers.0"]["heads"] = [4, 9, 11]  # groups 1 and 3
+    plan.blocks["model.layers.1"]["heads"] = [10]        # group 3 alone
+    apply_s2ft(model, plan, permute=True)
+    perms = model._kronops.permutations
+    assert perms["model.layers.0"]["kv_heads"] == [1, 3, 0, 2]
+    assert perms["model.layers.1"]["kv_heads"] == [3, 0, 1, 2]
+    assert perms["model.layers.0"]["heads"][:6] == [4, 3, 5, 9, 11, 10]
+    assert_close(logits(model, ids), before, torch.float64, "permuted logits")
+    k = model.model.layers[0].self_attn.k_proj
+    assert k.selection() == range(0, 8)  # K/V heads 1 and 3 now first
+    k_weight = original["model.layers.0.self_attn.k_proj.weight"]
+    assert torch.equal(k.base.weight[4:8], k_weight[12:16])
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, S2FTLinear):
+                layer.delta.normal_(std=0.1)
+    adapted = logits(model, ids)
+    adapters.save_adapters(model, tmp_path / "gqa.safetensors")
+    adapters.load_adapters(fresh, tmp_path / "gqa.safetensors")  # original layout
+    assert_close(logits(fresh, ids), adapted, torch.float64, "loaded into an unpermuted model")
+    adapters.unpermute(model)
+    assert model._kronops.permutations == {}
+    for name, value in model.state_dict().items():
+        key = name.replace(".base.", ".")
+        if key in original:
+            assert torch.equal(value, original[key]), name
+    assert_close(logits(model, ids), adapted, torch.float64, "unpermuted logits")
+    for name, layer in model.named_modules():  # the same layers as the unpermuted load made
+        if isinstance(layer, S2FTLinear):
+            other = fresh.get_submodule(name)
+            assert torch.equal(layer.indices(), other.indices()), name
+            assert torch.equal(layer.delta, other.delta), name
+    adapters.merge_adapters(model, unload=True)
+    assert_close(logits(model, ids), adapted, torch.float64, "unloaded")

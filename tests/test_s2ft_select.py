@@ -116,3 +116,36 @@ def test_weight_strategies_on_a_wrapped_model(strategy):
 def test_model_without_blocks():
     with pytest.raises(ValueError, match="no LLaMA-style blocks"):
         adapters.select(torch.nn.Linear(3, 3), heads=1)
+
+
+def llama_12_heads(layers, dtype=torch.float32):
+    """12 query heads on 4 K/V heads of size 4 per block, 40 FFN channels, ``layers`` blocks."""
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=layers,
+        num_attention_heads=12, num_key_value_heads=4, head_dim=4, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.mark.parametrize("layers, heads, channels, want_heads, want_channels", [
+    (1, 0.05, 0.05, 1, 2),     # 12 heads: 0.6 -> 1; 40 channels: 2.0 -> 2
+    (2, 0.05, 0.0125, 1, 1),   # 24 heads: 1.2 -> 1; 80 channels: 1.0 -> 1
+    (3, 0.05, 0.0125, 2, 2),   # 36 heads: 1.8 -> 2; 120 channels: 1.5 -> 2 (halves up)
+    (5, 0.05, 0.01, 3, 2),     # 60 heads: 3.0 -> 3 (not 2.9999...: 0.05 as written); 2.0 -> 2
+    (3, 0.125, 0.0, 5, 0),     # 36 heads: 4.5 -> 5 (halves up, not to even); 0.0 -> none
+    (1, 0.01, 0.001, 1, 1),    # 0.12 -> 1 and 0.04 -> 1: a positive fraction trains something
+    (2, 1.0, 1.0, 24, 80),     # everything
+])
+def test_fractions_round_as_documented(layers, heads, channels, want_heads, want_channels):
+    """A fraction of the model total is rounded to the nearest count, halves up, at least
+    one when positive (the module docstring of kronops.adapters.selection): 0.05 of 12 heads
+    is 1, not 0 (a truncation bug gave 0)."""
+    from kronops.adapters.selection import fraction_count
+    torch.manual_seed(0)
+    model = llama_12_heads(layers)
+    plan = adapters.select(model, heads=heads, channels=channels, seed=2)
+    assert sum(len(e["heads"]) for e in plan.blocks.values()) == want_heads
+    assert sum(len(e["channels"]) for e in plan.blocks.values()) == want_channels
+    assert fraction_count(heads, 12 * layers) == want_heads
+    assert fraction_count(channels, 40 * layers) == want_channels
+    applied = adapters.apply_adapters(model, "s2ft", heads=heads, channels=channels, seed=2)
+    assert applied._kronops.plan == plan

@@ -197,3 +197,16 @@ def test_inplace_state_dict_round_trip():
     with pytest.raises(RuntimeError, match='Missing key.*"selected"'):
         other.load_state_dict(state)
     other.load_state_dict(state, strict=False)
+
+
+def test_inplace_layer_deepcopy_keeps_an_expanded_selection():
+    """A deep copy's ``selected`` is an expanded zero again (not a full tensor that a torch
+    optimizer would train unseen), and a torch optimizer is refused for it too."""
+    import copy
+    layer = S2FTInPlaceLinear(torch.nn.Linear(8, 6), rows=torch.tensor([1, 4]))
+    twin = copy.deepcopy(layer)
+    assert twin.selected.stride() == (0, 0) and twin.selected is not layer.selected
+    assert torch.equal(twin.base.weight, layer.base.weight)
+    twin(torch.randn(3, 8)).sum().backward()
+    with pytest.raises(ValueError, match="S²FT in-place parameter"):
+        torch.optim.SGD([twin.selected], lr=0.1).step()

@@ -1,20 +1,25 @@
 """Adapters on whole models, both methods (KronA/LoKr and S²FT), LLaMA-style and BERT-style.
 
-``apply_adapters``/``merge_adapters``/``unmerge_adapters`` (``apply``): wrap, merge, unload;
+``apply_adapters``/``merge_adapters``/``unmerge_adapters``/``trainable_parameters``/
+``disable_adapters`` (``apply``): wrap, merge, unload, summarise, switch off for a while;
 ``save_adapters``/``load_adapters``/``read_adapters`` (``files``): one adapter file format;
 ``select`` and its ``Plan`` (``selection``): which S²FT heads and channels to train;
 ``find_blocks``/``Block`` (``blocks``): the transformer blocks and the weight parts of a head
 or channel; ``unpermute`` (``permutation``): undo S²FT co-permutation; ``AdapterState``
 (``state``): what a model records in ``model._kronops``; ``targets``: module matching;
-``lokr``: KronA-family layer settings; ``peft``: PEFT LoKr interop (imports peft lazily).
+``lokr``: KronA-family layer settings; ``peft``: PEFT LoKr interop (imports peft lazily);
+``AdapterFileError`` (``errors``): a malformed adapter file or plan.
 """
-from .apply import AdapterSummary, apply_adapters, merge_adapters, unmerge_adapters
+from .apply import (DEFAULT_S2FT_RATIO, AdapterSummary, apply_adapters, disable_adapters,
+                    merge_adapters, trainable_parameters, unmerge_adapters)
 from .blocks import Block, find_blocks
-from .files import AdapterFileError, load_adapters, read_adapters, save_adapters
+from .errors import AdapterFileError
+from .files import load_adapters, read_adapters, save_adapters
 from .permutation import unpermute
 from .selection import Plan, select
 from .state import AdapterState, adapter_modules
 
-__all__ = ["apply_adapters", "merge_adapters", "unmerge_adapters", "AdapterSummary",
-           "save_adapters", "load_adapters", "read_adapters", "AdapterFileError", "select",
-           "Plan", "Block", "find_blocks", "unpermute", "AdapterState", "adapter_modules"]
+__all__ = ["apply_adapters", "merge_adapters", "unmerge_adapters", "trainable_parameters",
+           "disable_adapters", "AdapterSummary", "DEFAULT_S2FT_RATIO", "save_adapters",
+           "load_adapters", "read_adapters", "AdapterFileError", "select", "Plan", "Block",
+           "find_blocks", "unpermute", "AdapterState", "adapter_modules"]

@@ -1,9 +1,11 @@
 """Whole models, both methods, one call each: ``apply_adapters``, ``merge_adapters``,
-``unmerge_adapters``.
+``unmerge_adapters``; ``trainable_parameters`` (what is trained) and ``disable_adapters``
+(the base model's outputs, for a while).
 
 ``apply_adapters(model, method="krona", target_modules=None, **config)`` wraps Linears of
-``model`` in place, freezes every other parameter and records what it did in
-``model._kronops`` (an ``AdapterState``):
+``model`` in place, freezes every other parameter, records what it did in ``model._kronops``
+(an ``AdapterState``) and returns ``model`` (as PEFT's ``get_peft_model`` returns its model;
+``trainable_parameters(model)`` gives the summary, ``verbose=True`` prints it):
   method="krona"  each target module (``targets``; None: the architecture's defaults)
                   becomes a ``KronALinear``, base(x) + s * x @ kron(A, B).T.
                   config: a_shape (None, a pair, or {module suffix: pair}), rank, alpha, dropout.
@@ -12,22 +14,32 @@
                   config: plan (a ``Plan`` from ``select``) or the selection itself: ratio
                   (fraction of heads and of channels, in (0, 1]) or heads/channels (an int
                   per block, or a fraction of the model total), strategy, seed, calibration,
-                  loss_fn (see ``selection``); and
+                  loss_fn (see ``selection``; how a fraction is rounded is documented there).
+                  With none of plan, ratio, heads, channels: ratio=DEFAULT_S2FT_RATIO (0.05,
+                  5% of the model's query heads and of its FFN channels, chosen at random
+                  across blocks, at least one of each), the fraction the S²FT paper trains.
+                  Given heads but not channels (or the reverse), the other is 0. And:
                   mode     "adapter" (default): ``S2FTLinear``, a trainable Δ (dtype
                            ``delta_dtype``, fp32 default) over the frozen weight, mergeable;
                            "inplace": ``S2FTInPlaceLinear``, the selected rows/columns of the
-                           weight trained in place (``kronops.s2ft.InPlaceAdamW``/``InPlaceSGD``);
+                           weight trained in place (``kronops.s2ft.InPlaceAdamW``/``InPlaceSGD``;
+                           a torch.optim optimizer given those parameters raises a ValueError
+                           saying so at its first step, before it changes anything);
                   permute  co-permute each block first so selections are contiguous
                            (``permutation``; ``unpermute`` restores the original layout).
                   A K/V head is trained when any query head of its group is selected (it is
                   shared: its update is seen by the whole group).
 ``train_modules``: names (matched as ``target_modules``) of further modules left trainable,
 e.g. a classifier head; ``save_adapters`` stores them with the adapters.
+New adapter layers take the training mode of the Linear they wrap: adapters added to (or
+loaded into) a model in ``eval()`` mode are in eval mode too (no dropout at inference).
 
 GPT-2-style ``transformers.pytorch_utils.Conv1D`` layers (weight stored (in, out)) are refused
 with a clear message; wrap nn.Linear models, or convert Conv1D to nn.Linear first.
 """
+import contextlib
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -46,11 +58,13 @@ KRONA_KEYS = ("a_shape", "rank", "alpha", "dropout")
 SELECTION_KEYS = ("ratio", "heads", "channels", "strategy", "seed", "calibration", "loss_fn")
 S2FT_OPTIONS = ("mode", "permute", "delta_dtype")
 S2FT_KEYS = ("plan",) + SELECTION_KEYS + S2FT_OPTIONS
+DEFAULT_S2FT_RATIO = 0.05  # apply_adapters(model, "s2ft") with no selection: 5% of heads/channels
 
 
 @dataclass
 class AdapterSummary:
-    """What ``apply_adapters`` did: method, wrapped module names and parameter counts."""
+    """A model's adapters (``trainable_parameters(model)``): method, adapter module names,
+    trainable and total parameter counts, further trainable modules. ``print`` it."""
     method: str
     modules: list[str]
     trainable: int
@@ -91,6 +105,8 @@ def krona_layer_configs(model: nn.Module, names: list[str], *, a_shape=None, ran
         raise ValueError(f"rank must be a positive int or None, got {rank!r}")
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
         raise TypeError(f"alpha must be a number, got {alpha!r}")
+    if alpha is not None and not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or \
             not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
@@ -109,11 +125,32 @@ def krona_layer_configs(model: nn.Module, names: list[str], *, a_shape=None, ran
             raise ValueError(f"{name}: {e}") from None
         if rank is not None and rank > min(a1, a2):
             raise ValueError(f"{name}: rank {rank} exceeds min(a1, a2) = {min(a1, a2)} "
-                             f"for a_shape ({a1}, {a2})")
+                             f"for a_shape ({a1}, {a2}) ({module.out_features}x"
+                             f"{module.in_features} weight); "
+                             f"{_rank_hint(module.out_features, module.in_features, rank, a1, a2)}")
         configs[name] = dict(kind=KIND_KRONA, in_features=module.in_features,
                              out_features=module.out_features, a_shape=[a1, a2], rank=rank,
                              alpha=alpha, dropout=float(dropout))
     return configs
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _rank_hint(out_features: int, in_features: int, rank: int, a1: int, a2: int) -> str:
+    """What would work instead of ``rank`` with a_shape (a1, a2): a smaller rank, or an
+    a_shape (a1 | out_features, a2 | in_features) with both sides >= rank."""
+    shapes = [(x, y) for x in _divisors(out_features) for y in _divisors(in_features)]
+    fits = [s for s in shapes if min(s) >= rank]
+    if not fits:
+        return (f"use rank <= {min(a1, a2)} (no a_shape of this weight allows rank {rank}: "
+                f"the largest possible is {max(min(s) for s in shapes)})")
+    best = min(fits, key=lambda s: (abs(math.log(s[0] / math.sqrt(out_features))) +
+                                    abs(math.log(s[1] / math.sqrt(in_features))), s))
+    return (f"use rank <= {min(a1, a2)}, or an a_shape (a1, a2) with a1 dividing "
+            f"{out_features}, a2 dividing {in_features} and both >= {rank}, e.g. "
+            f"a_shape={best}")
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -123,9 +160,11 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def wrap_krona(model: nn.Module, configs: dict[str, dict]) -> None:
-    """Replace each named nn.Linear by the KronA (or LoKr) layer its (validated) config gives."""
+    """Replace each named nn.Linear by the KronA (or LoKr) layer its (validated) config gives,
+    in the Linear's training mode."""
     for name, cfg in configs.items():
-        set_module(model, name, build_layer(model.get_submodule(name), cfg))
+        base = model.get_submodule(name)
+        set_module(model, name, build_layer(base, cfg).train(base.training))
 
 
 def _s2ft_options(config: dict) -> tuple[str, bool, torch.dtype]:
@@ -163,7 +202,7 @@ def _s2ft_plan(model: nn.Module, blocks: list[Block], plan=None, ratio=None, hea
         heads = float(ratio) if heads is None else heads
         channels = float(ratio) if channels is None else channels
     if heads is None and channels is None:
-        raise ValueError("method='s2ft' needs plan, ratio, heads or channels")
+        heads = channels = DEFAULT_S2FT_RATIO
     return select(model, heads=heads or 0, channels=channels or 0, **selection)
 
 
@@ -195,8 +234,9 @@ def wrap_s2ft(model: nn.Module, blocks: list[Block], plan: Plan, mode: str,
         for name, (side, indices) in b.parts(heads, channels).items():
             base = model.get_submodule(name)
             sel = {side: _selection(indices.to(base.weight.device))}
-            set_module(model, name, S2FTLinear(base, **sel, delta_dtype=delta_dtype)
-                       if mode == "adapter" else S2FTInPlaceLinear(base, **sel))
+            layer = S2FTLinear(base, **sel, delta_dtype=delta_dtype) if mode == "adapter" \
+                else S2FTInPlaceLinear(base, **sel)
+            set_module(model, name, layer.train(base.training))
     return permutations
 
 
@@ -245,11 +285,13 @@ def check_not_applied(model: nn.Module) -> None:
 
 
 def apply_adapters(model: nn.Module, method: str = "krona", target_modules=None, *,
-                   train_modules=None, verbose: bool = True, **config):
-    """Wrap ``model``'s target modules in adapters in place; returns (model, AdapterSummary).
+                   train_modules=None, verbose: bool = False, **config) -> nn.Module:
+    """Wrap ``model``'s target modules in adapters in place and return ``model``.
 
-    Everything but the adapters (and ``train_modules``) is frozen. See the module docstring
-    for methods, config and target matching. Nothing is changed when an argument is invalid.
+    Everything but the adapters (and ``train_modules``) is frozen; the new layers take the
+    mode (train/eval) of the Linears they wrap. ``trainable_parameters(model)`` gives the
+    summary; ``verbose=True`` prints it. See the module docstring for methods, config and
+    target matching. Nothing is changed when an argument is invalid.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -262,7 +304,8 @@ def apply_adapters(model: nn.Module, method: str = "krona", target_modules=None,
         match_modules(all_names, train_modules, "train_modules")
     if method == "krona":
         targets = default_targets(model) if target_modules is None else target_modules
-        chosen = match_modules(linear_names(model), targets)
+        chosen = match_modules(linear_names(model), targets,
+                               modules=dict(model.named_modules()))
         _check_overlap(train, chosen)
         configs = krona_layer_configs(model, chosen, **config)
         wrap_krona(model, configs)
@@ -280,10 +323,73 @@ def apply_adapters(model: nn.Module, method: str = "krona", target_modules=None,
         state = AdapterState(method, train, plan=plan, mode=mode, permutations=permutations)
     setattr(model, STATE, state)
     freeze_except(model, train)
-    summary = summarize(model)
     if verbose:
-        print(summary)
-    return model, summary
+        print(summarize(model))
+    return model
+
+
+def _adapted(model: nn.Module) -> nn.Module:
+    """``model``, or the module inside it (e.g. under DDP) that kronops adapted."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if adapter_state(model) is not None:
+        return model
+    inner = next((m for m in model.modules() if adapter_state(m) is not None), None)
+    if inner is None:
+        raise ValueError(f"{type(model).__name__} has no kronops adapters: apply_adapters, "
+                         "load_adapters or from_peft first")
+    return inner
+
+
+def trainable_parameters(model: nn.Module) -> AdapterSummary:
+    """What trains in an adapted model (``apply_adapters``, ``load_adapters``, ``from_peft``):
+    an ``AdapterSummary`` with the method, adapter module names, trainable and total
+    parameter counts (``print`` it: "kronops krona: 14 adapter module(s); trainable params
+    ...")."""
+    return summarize(_adapted(model))
+
+
+_NO_FORWARD = object()
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """``with disable_adapters(model):`` forward gives the base model's outputs: every KronA
+    and S²FT adapter layer runs its frozen base Linear alone. Nothing is unmerged or
+    copied; the adapters come back on exit, also when the block raises. Modules in
+    ``train_modules`` stay as trained (they are the model's own).
+
+    Raises ValueError for a model without adapter layers, with merged adapters
+    (``unmerge_adapters`` first: merged weights hold the update), or with in-place S²FT
+    layers (they train the weights themselves: there is no separate update to switch off).
+    Do not merge, unmerge or load adapters inside the block.
+    """
+    layers = adapter_modules(model) if isinstance(model, nn.Module) else None
+    if not layers:
+        raise ValueError("model has no kronops adapter layers to disable (apply_adapters first)")
+    inplace = [n for n, m in layers.items() if isinstance(m, S2FTInPlaceLinear)]
+    if inplace:
+        raise ValueError(f"in-place S²FT layers (e.g. {inplace[0]}) train the weights "
+                         "themselves: there is no adapter to disable (keep a copy of the base "
+                         "model, or use mode='adapter')")
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise ValueError(f"{len(merged)} adapter layer(s) are merged into their base weights "
+                         f"(e.g. {merged[0]}): unmerge_adapters(model) before "
+                         "disable_adapters (it does not unmerge)")
+    saved = {}
+    try:
+        for name, layer in layers.items():
+            saved[name] = layer.__dict__.get("forward", _NO_FORWARD)
+            layer.forward = layer.base.__call__  # an instance attribute: the base alone
+        yield model
+    finally:
+        for name, previous in saved.items():
+            layer = layers[name]
+            if previous is _NO_FORWARD:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = previous
 
 
 def _mergeable(model: nn.Module, merged: bool) -> list[nn.Module]:

@@ -2,7 +2,7 @@
 
 One safetensors file: the tensors, and in the header metadata under "kronops" a JSON config:
 format, format_version, kronops_version, method, train_modules, tensors ({name: shape,
-dtype}), sha256 of the tensor bytes, and per method
+dtype}), sha256 (see below) and per method
   krona  layers: per adapter module its settings (``lokr.layer_config``)
   s2ft   plan (the ``Plan``, JSON) and mode ("adapter" | "inplace")
 Tensors, by module name in the model:
@@ -13,20 +13,37 @@ Tensors, by module name in the model:
          all in the original layout (a co-permuted model is saved unpermuted)
   train modules: ``<module>.<parameter>``
 
-Saving is atomic: the file is written to a temporary name in the same directory, flushed
-to disk and moved over ``path`` with ``os.replace``, so a crash mid-save leaves any
-previous file intact. Loading checks everything (file integrity, checksum, module names,
-shapes, config, plan) before it changes the model: on any error it raises
+Integrity: ``sha256`` (``checksum``) covers every byte that affects results: the config
+(every key but sha256 itself, as canonical JSON: sorted keys, no spaces, ASCII) and every
+tensor (name, dtype, shape, bytes), each length-prefixed. A changed digit anywhere in the
+config or the data fails the check.
+
+Saving is atomic: the file is written to a temporary file in the same directory
+(``.<name>.<host>.<pid>.<random>.kronops-tmp``), flushed to disk and moved over ``path``
+with ``os.replace``, so a crash mid-save leaves any previous file intact; on any error the
+temporary file is removed. A process killed mid-save (SIGKILL) cannot clean up: the next
+save to the same path removes such leftovers (those of a process that is no longer running
+on this host, or older than ``STALE_TMP_S``). The file is created with the mode the umask
+gives (0666 & ~umask), like any file a program creates. A missing directory, or ``path``
+being a directory, raises before anything is written, naming ``path``.
+
+Loading checks everything (file integrity, checksum, config structure, module names,
+exact shapes, plan) before it changes the model: on any error it raises
 ``AdapterFileError`` (a ValueError) naming the problem, and the model is untouched. A
 plain model gets the saved adapters applied (S²FT: the plan in the saved mode, not
-permuted); a model with adapters must hold exactly the saved ones (S²FT: the same plan and
-mode, co-permuted or not).
+permuted), in the training mode of the Linears they wrap (a model in eval() mode stays
+in eval mode); a model with adapters must hold exactly the saved ones (S²FT: the same plan
+and mode, co-permuted or not).
 """
+import errno
 import hashlib
 import json
+import math
 import os
+import secrets
+import socket
 import struct
-import tempfile
+import time
 
 import torch
 from torch import nn
@@ -34,19 +51,22 @@ from torch import nn
 from ..kron.modules import KronALinear
 from ..s2ft.modules import S2FTInPlaceLinear, S2FTLinear
 from ..version import __version__
-from .apply import freeze_except, plan_parts, summarize, wrap_krona, wrap_s2ft
+from .apply import _check_overlap, freeze_except, plan_parts, summarize, wrap_krona, wrap_s2ft
 from .blocks import find_blocks
-from .lokr import build_layer, layer_config
+from .errors import AdapterFileError
+from .lokr import KIND_KRONA, KIND_LOKR, build_layer, layer_config
 from .permutation import original_orders
-from .selection import Plan, check_plan
-from .state import MODES, STATE, AdapterState, adapter_modules, adapter_state
+from .selection import Plan, _expect_keys, _is_int, check_plan
+from .state import METHODS, MODES, STATE, AdapterState, adapter_modules, adapter_state
 
 FORMAT = "kronops-adapters"
 FORMAT_VERSION = 2  # 2: one layout for every method (S²FT plan + mode, in-place weights)
-
-
-class AdapterFileError(ValueError):
-    """An adapter file that cannot be loaded into this model (the model is left untouched)."""
+COMMON_KEYS = ("format", "format_version", "kronops_version", "method", "train_modules",
+               "tensors", "sha256")
+METHOD_KEYS = {"krona": ("layers",), "s2ft": ("plan", "mode")}
+LAYER_KEYS = ("kind", "in_features", "out_features", "a_shape", "rank", "alpha", "dropout")
+TMP_SUFFIX = ".kronops-tmp"
+STALE_TMP_S = 15 * 60  # a temporary file this old is stale even if its pid is in use
 
 
 def _expect_linear(path: str, name: str, module, cfg: dict) -> None:
@@ -66,15 +86,38 @@ def _adapter_params(layer: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in layer.named_parameters() if not n.startswith("base.")}
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the sorted tensor names, dtypes, shapes and bytes."""
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _canonical(config: dict) -> bytes:
+    """The config without its sha256, as canonical JSON bytes (sorted keys, no spaces,
+    ASCII; NaN/Infinity refused)."""
+    body = {k: v for k, v in config.items() if k != "sha256"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def checksum(config: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of an adapter file's content: the canonical config (every key but
+    sha256) and, by sorted name, each tensor's name, dtype, shape and bytes, every field
+    length-prefixed. ValueError/TypeError if the config is not plain finite JSON."""
     h = hashlib.sha256()
+
+    def field(data: bytes) -> None:
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    field(b"kronops-adapters")
+    field(_canonical(config))
     for key in sorted(tensors):
         t = tensors[key]
-        h.update(key.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        field(key.encode("utf-8"))
+        field(_dtype_name(t).encode())
+        field(json.dumps(list(t.shape)).encode())
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        h.update(data.nbytes.to_bytes(8, "little"))
+        h.update(data.tobytes() if not data.flags.c_contiguous else data)
     return h.hexdigest()
 
 
@@ -140,37 +183,135 @@ def _collect(model: nn.Module) -> tuple[dict, dict]:
         for pname, p in model.get_submodule(name).named_parameters():
             tensors[f"{name}.{pname}"] = p
     tensors = {k: _full(t).detach().to("cpu").contiguous() for k, t in tensors.items()}
-    config["tensors"] = {k: dict(shape=list(t.shape), dtype=str(t.dtype).replace("torch.", ""))
+    config["tensors"] = {k: dict(shape=list(t.shape), dtype=_dtype_name(t))
                          for k, t in tensors.items()}
-    config["sha256"] = _digest(tensors)
+    config["sha256"] = checksum(config, tensors)
     return tensors, config
 
 
-def save_adapters(model: nn.Module, path) -> None:
-    """Write the model's adapters to ``path`` (one safetensors file), atomically.
+def _host() -> str:
+    name = socket.gethostname() or "host"
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
-    Under torch.distributed every rank must call it (FSDP2 shards are gathered, a
-    collective); only rank 0 writes.
-    """
-    from safetensors.torch import save
-    tensors, config = _collect(model)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-            torch.distributed.get_rank() != 0:
-        return
-    data = save(tensors, metadata={"kronops": json.dumps(config, sort_keys=True)})
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+
+def _tmp_prefix(base: str) -> str:
+    return f".{base}."
+
+
+def _tmp_owner(base: str, entry: str):
+    """(host, pid) of a temporary file ``entry`` that a save to ``base`` made, else None."""
+    prefix = _tmp_prefix(base)
+    if not (entry.startswith(prefix) and entry.endswith(TMP_SUFFIX)):
+        return None
+    parts = entry[len(prefix):-len(TMP_SUFFIX)].split(".")
+    if len(parts) != 3 or not parts[1].isdigit() or len(parts[2]) != 16 or \
+            any(c not in "0123456789abcdef" for c in parts[2]):
+        return None
+    return parts[0], int(parts[1])
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (assumed so where it cannot be told)."""
+    if os.name != "posix":  # on Windows os.kill(pid, 0) would terminate the process
+        return True
+    if pid <= 0:
+        return False
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's live process
+        return True
+    return True
+
+
+_WRITING: set[str] = set()  # temporary files this process is writing now
+
+
+def _sweep(directory: str, base: str) -> None:
+    """Remove stale temporary files of earlier saves to ``base`` in ``directory``: those of
+    a process no longer running on this host, or older than STALE_TMP_S (a reused pid,
+    another host). Errors are ignored (it is housekeeping)."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    host, now = _host(), time.time()
+    for entry in entries:
+        owner = _tmp_owner(base, entry)
+        full = os.path.join(directory, entry)
+        if owner is None or full in _WRITING:
+            continue
+        try:
+            age = now - os.lstat(full).st_mtime
+            dead = owner[0] == host and (owner[1] == os.getpid() or not _pid_alive(owner[1]))
+            if dead or age > STALE_TMP_S:
+                os.remove(full)
+        except OSError:
+            pass
+
+
+def _save_error(e: OSError, path: str) -> OSError:
+    """The same kind of error, about the user's ``path`` (not the temporary file)."""
+    reason = e.strerror if e.errno is not None and e.strerror else str(e)
+    message = f"cannot save adapters to {path!r}: {reason}"
+    try:
+        return type(e)(e.errno, message) if e.errno is not None else type(e)(message)
+    except TypeError:
+        return OSError(message)
+
+
+def _check_target(path: str) -> str:
+    """The directory ``path`` goes into; a clear error naming ``path`` if it cannot be a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"cannot save adapters to {path!r}: it is a "
+                                "directory; give a file path, e.g. "
+                                f"{os.path.join(path, 'adapters.safetensors')!r}")
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise FileNotFoundError(errno.ENOENT, f"cannot save adapters to {path!r}: directory "
+                                f"{directory!r} {what} (create it first)")
+    return directory
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see the module docstring): temporary file,
+    fsync, os.replace, fsync of the directory; the temporary file is removed on any error."""
+    path = os.fspath(path)
+    directory = _check_target(path)
+    base = os.path.basename(path)
+    _sweep(directory, base)
+    while True:
+        tmp = os.path.join(directory, f"{_tmp_prefix(base)}{_host()}.{os.getpid()}."
+                                      f"{secrets.token_hex(8)}{TMP_SUFFIX}")
+        _WRITING.add(tmp)  # before it exists: a concurrent sweep in this process skips it
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                         0o666)  # the umask decides the mode, as for any new file
+            break
+        except FileExistsError:
+            _WRITING.discard(tmp)
+        except OSError as e:
+            _WRITING.discard(tmp)
+            raise _save_error(e, path) from e
+    try:
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError as e:
+        raise _save_error(e, path) from e
+    finally:
+        _WRITING.discard(tmp)
     try:  # make the rename itself durable
         dir_fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -183,8 +324,106 @@ def save_adapters(model: nn.Module, path) -> None:
         os.close(dir_fd)
 
 
+def save_adapters(model: nn.Module, path) -> None:
+    """Write the model's adapters to ``path`` (one safetensors file), atomically.
+
+    Under torch.distributed every rank must call it (FSDP2 shards are gathered, a
+    collective); only rank 0 writes. See the module docstring for the format, the
+    checksum, temporary files and errors.
+    """
+    from safetensors.torch import save
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    tensors, config = _collect(model)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_rank() != 0:
+        return
+    data = save(tensors, metadata={"kronops": json.dumps(config, sort_keys=True)})
+    write_atomic(path, data)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def _check_layer_config(name: str, cfg) -> None:
+    """A KronA/LoKr layer config (``lokr.layer_config``) of the right structure and values."""
+    where = f"layer {name!r}"
+    if not isinstance(cfg, dict) or "kind" not in cfg:
+        _expect_keys(where, cfg, LAYER_KEYS)  # names what is missing
+    kind = cfg["kind"]
+    if kind not in (KIND_KRONA, KIND_LOKR):
+        raise AdapterFileError(f"{where}: kind must be {KIND_KRONA!r} or {KIND_LOKR!r}, "
+                               f"got {kind!r}")
+    _expect_keys(where, cfg, LAYER_KEYS + (("rank_b",) if kind == KIND_LOKR else ()))
+    for key in ("in_features", "out_features") + (("rank_b",) if kind == KIND_LOKR else ()):
+        if not _is_int(cfg[key]) or cfg[key] <= 0:
+            raise AdapterFileError(f"{where}: {key} must be a positive int, got {cfg[key]!r}")
+    a_shape = cfg["a_shape"]
+    if not isinstance(a_shape, list) or len(a_shape) != 2 or \
+            not all(_is_int(d) and d > 0 for d in a_shape) or \
+            cfg["out_features"] % a_shape[0] or cfg["in_features"] % a_shape[1]:
+        raise AdapterFileError(f"{where}: a_shape must be [a1, a2] dividing (out_features, "
+                               f"in_features) = ({cfg['out_features']}, {cfg['in_features']}), "
+                               f"got {a_shape!r}")
+    rank = cfg["rank"]
+    if rank is not None and (not _is_int(rank) or rank <= 0):
+        raise AdapterFileError(f"{where}: rank must be null or a positive int, got {rank!r}")
+    if not _is_number(cfg["alpha"]):
+        raise AdapterFileError(f"{where}: alpha must be a finite number, got {cfg['alpha']!r}")
+    if not _is_number(cfg["dropout"]) or not 0.0 <= cfg["dropout"] < 1.0:
+        raise AdapterFileError(f"{where}: dropout must be a number in [0, 1), "
+                               f"got {cfg['dropout']!r}")
+
+
+def _check_config(config: dict, tensors: dict, path: str) -> None:
+    """The config's structure: every key present, of its type, nothing unknown; the tensor
+    list matching the file's tensors exactly. AdapterFileError naming what is wrong."""
+    method = config.get("method")
+    if method not in METHODS:
+        raise AdapterFileError(f"{path!r}: unknown method {method!r} (expected one of "
+                               f"{METHODS})")
+    try:
+        _expect_keys("config", config, COMMON_KEYS + METHOD_KEYS[method])
+    except AdapterFileError as e:
+        raise AdapterFileError(f"{path!r}: {e}") from None
+    if not isinstance(config["kronops_version"], str):
+        raise AdapterFileError(f"{path!r}: kronops_version must be a str, "
+                               f"got {config['kronops_version']!r}")
+    train = config["train_modules"]
+    if not isinstance(train, list) or not all(isinstance(n, str) and n for n in train) or \
+            len(set(train)) != len(train):
+        raise AdapterFileError(f"{path!r}: train_modules must be a list of distinct module "
+                               f"names, got {train!r}")
+    listed = config["tensors"]
+    if not isinstance(listed, dict) or set(listed) != set(tensors):
+        raise AdapterFileError(f"{path!r}: the config's tensor list differs from the tensors "
+                               "in the file")
+    for key, t in tensors.items():
+        if listed[key] != dict(shape=list(t.shape), dtype=_dtype_name(t)):
+            raise AdapterFileError(f"{path!r}: {key} is listed as {listed[key]!r}, the file "
+                                   f"holds shape {list(t.shape)} dtype {_dtype_name(t)}")
+    try:
+        if method == "krona":
+            layers = config["layers"]
+            if not isinstance(layers, dict) or not layers:
+                raise AdapterFileError(f"layers must be a non-empty dict, got {layers!r}")
+            for name, cfg in layers.items():
+                if not name:
+                    raise AdapterFileError("layers names a module with an empty name")
+                _check_layer_config(name, cfg)
+        else:
+            Plan.from_dict(config["plan"])
+            if config["mode"] not in MODES:
+                raise AdapterFileError(f"mode {config['mode']!r}, expected one of {MODES}")
+    except AdapterFileError as e:
+        raise AdapterFileError(f"{path!r}: {e}") from None
+
+
 def read_adapters(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, config) from an adapter file, checked for integrity; AdapterFileError if not."""
+    """(tensors, config) from an adapter file, checked for integrity (checksum over config
+    and tensors) and structure; ``AdapterFileError`` naming the problem if not."""
     from safetensors.torch import load
     path = os.fspath(path)
     try:
@@ -193,23 +432,41 @@ def read_adapters(path) -> tuple[dict[str, torch.Tensor], dict]:
     except OSError as e:
         raise AdapterFileError(f"cannot read adapter file {path!r}: {e}") from e
     try:
+        if len(data) < 8:
+            raise ValueError(f"{len(data)} bytes, shorter than the 8-byte header length")
         (n,) = struct.unpack("<Q", data[:8])
+        if 8 + n > len(data):
+            raise ValueError(f"header of {n} bytes, file of {len(data)}")
         header = json.loads(data[8:8 + n])
         tensors = load(data)
     except Exception as e:  # struct.error, JSON errors, SafetensorError
         raise AdapterFileError(f"{path!r} is not a valid adapter file (truncated or corrupt): "
                                f"{type(e).__name__}: {e}") from None
-    try:
-        config = json.loads(header["__metadata__"]["kronops"])
-    except Exception:
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    text = metadata.get("kronops") if isinstance(metadata, dict) else None
+    if not isinstance(text, str):
         raise AdapterFileError(f"{path!r} is a safetensors file without a kronops adapter "
-                               "config") from None
+                               "config")
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise AdapterFileError(f"{path!r}: the kronops config is not valid JSON (corrupt): "
+                               f"{e}") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{path!r}: the kronops config is not a JSON object (corrupt)")
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise AdapterFileError(f"{path!r}: unsupported format {config.get('format')!r} version "
                                f"{config.get('format_version')!r} (this kronops reads "
                                f"{FORMAT!r} version {FORMAT_VERSION})")
-    if _digest(tensors) != config.get("sha256"):
-        raise AdapterFileError(f"{path!r}: tensor data does not match its checksum (corrupt)")
+    try:
+        digest = checksum(config, tensors)
+    except (TypeError, ValueError) as e:
+        raise AdapterFileError(f"{path!r}: the kronops config is not plain JSON (corrupt): "
+                               f"{e}") from None
+    if digest != config.get("sha256"):
+        raise AdapterFileError(f"{path!r}: config or tensor data does not match its checksum "
+                               "(corrupt)")
+    _check_config(config, tensors, path)
     return tensors, config
 
 
@@ -238,9 +495,7 @@ def _check_tensors(model: nn.Module, tensors: dict, expected: dict[str, torch.Si
 def _check_krona(model: nn.Module, config: dict, path: str):
     """Validate a KronA file against ``model``: (layers to wrap or None, expected shapes)."""
     modules = dict(model.named_modules())
-    layers, existing = config.get("layers"), adapter_modules(model)
-    if not isinstance(layers, dict):
-        raise AdapterFileError(f"{path!r}: a KronA file needs a layers config")
+    layers, existing = config["layers"], adapter_modules(model)
     expected = {}
     if existing:
         if set(existing) != set(layers):
@@ -273,11 +528,10 @@ def _check_krona(model: nn.Module, config: dict, path: str):
 def _check_s2ft(model: nn.Module, config: dict, path: str):
     """Validate an S²FT file against ``model``: (plan, mode, expected shapes, index tensors)."""
     try:
-        plan = Plan(config["plan"]["strategy"], config["plan"]["seed"], config["plan"]["blocks"])
-        mode = config["mode"]
-    except (KeyError, TypeError) as e:
-        raise AdapterFileError(f"{path!r}: an S²FT file needs a plan and a mode ({e!r})") \
-            from None
+        plan = Plan.from_dict(config["plan"])
+    except AdapterFileError as e:
+        raise AdapterFileError(f"{path!r}: {e}") from None
+    mode = config["mode"]
     if mode not in MODES:
         raise AdapterFileError(f"{path!r}: mode {mode!r}, expected one of {MODES}")
     try:
@@ -330,17 +584,10 @@ def _write_s2ft(model: nn.Module, tensors: dict) -> None:
                               tensors[f"{name}.delta"].to(delta.device, delta.dtype))
 
 
-def load_adapters(model: nn.Module, path, *, verbose: bool = False) -> nn.Module:
-    """Load adapters saved by ``save_adapters`` into ``model`` (in place) and return it.
-
-    A plain model gets the saved adapters applied (same module names and shapes needed;
-    S²FT: the saved plan, in the saved mode, in the original layout); a model with adapters
-    must hold exactly the saved ones. Any mismatch, a corrupt or truncated file:
-    ``AdapterFileError`` (a ValueError) and the model is untouched.
-    """
-    path = os.fspath(path)
-    tensors, config = read_adapters(path)
-    method = config.get("method")
+def _prepare_load(model: nn.Module, tensors: dict, config: dict, path: str) -> dict:
+    """Check a read file against ``model`` without changing it; what ``load_adapters``
+    needs to apply it. AdapterFileError naming the first problem."""
+    method = config["method"]
     state = adapter_state(model)
     if state is not None and state.method != method:
         raise AdapterFileError(f"{path!r} holds {method!r} adapters, the model has "
@@ -351,22 +598,28 @@ def load_adapters(model: nn.Module, path, *, verbose: bool = False) -> nn.Module
     if merged:
         raise AdapterFileError(f"the model's adapters are merged (e.g. {merged[0]}): "
                                "unmerge_adapters(model) before loading")
+    plan = mode = new_layers = None
     index_tensors, s2ft_keys = {}, set()
     if method == "krona":
         new_layers, expected = _check_krona(model, config, path)
-    elif method == "s2ft":
+        adapted = list(config["layers"])
+    else:
         plan, mode, expected, index_tensors = _check_s2ft(model, config, path)
         s2ft_keys = set(expected)
-    else:
-        raise AdapterFileError(f"{path!r}: unknown method {method!r}")
+        adapted = list(plan_parts(find_blocks(model), plan))
     modules = dict(model.named_modules())
-    train = config.get("train_modules", [])
-    if state is not None and list(state.train_modules) != list(train):
+    train = list(config["train_modules"])
+    if state is not None and list(state.train_modules) != train:
         raise AdapterFileError(f"{path!r}: train_modules {train} in the file, "
                                f"{state.train_modules} in the model")
     for name in train:
         if name not in modules:
             raise AdapterFileError(f"{path!r}: train module {name!r} is not in the model")
+    try:
+        _check_overlap(train, adapted)
+    except ValueError as e:
+        raise AdapterFileError(f"{path!r}: {e}") from None
+    for name in train:
         expected.update({f"{name}.{n}": p.shape for n, p in modules[name].named_parameters()})
     _check_tensors(model, tensors, expected, path)
     for key, indices in index_tensors.items():
@@ -375,17 +628,45 @@ def load_adapters(model: nn.Module, path, *, verbose: bool = False) -> nn.Module
     for key, t in tensors.items():
         if key not in index_tensors and not t.is_floating_point():
             raise AdapterFileError(f"{path!r}: {key} has dtype {t.dtype}, expected floating point")
+    return dict(method=method, state=state, plan=plan, mode=mode, new_layers=new_layers,
+                train=train, s2ft_keys=s2ft_keys)
+
+
+def load_adapters(model: nn.Module, path, *, verbose: bool = False) -> nn.Module:
+    """Load adapters saved by ``save_adapters`` into ``model`` (in place) and return it.
+
+    A plain model gets the saved adapters applied (same module names and exact shapes
+    needed; S²FT: the saved plan, in the saved mode, in the original layout), in the
+    training mode of the Linears they wrap (loading into an eval() model keeps it in eval
+    mode); a model with adapters must hold exactly the saved ones. Any mismatch, a corrupt,
+    truncated or malformed file: ``AdapterFileError`` (a ValueError) naming the problem,
+    and the model is untouched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    path = os.fspath(path)
+    tensors, config = read_adapters(path)
+    try:
+        todo = _prepare_load(model, tensors, config, path)
+    except AdapterFileError:
+        raise
+    except Exception as e:  # a file malformed in a way no check above names
+        raise AdapterFileError(f"{path!r}: malformed adapter file ({type(e).__name__}: {e})") \
+            from None
+    method, state, train, s2ft_keys = todo["method"], todo["state"], todo["train"], \
+        todo["s2ft_keys"]
 
     # Everything checked: now change the model.
     if state is None and method == "krona":
-        wrap_krona(model, new_layers)
+        wrap_krona(model, todo["new_layers"])
         setattr(model, STATE, AdapterState(method, list(train), layers={
             n: layer_config(m) for n, m in adapter_modules(model).items()}))
     elif state is None:
-        deltas = [tensors[k].dtype for k in s2ft_keys if k.endswith(".delta")]
-        wrap_s2ft(model, find_blocks(model), plan, mode,
+        deltas = [tensors[k].dtype for k in sorted(s2ft_keys) if k.endswith(".delta")]
+        wrap_s2ft(model, find_blocks(model), todo["plan"], todo["mode"],
                   delta_dtype=deltas[0] if deltas else torch.float32)
-        setattr(model, STATE, AdapterState(method, list(train), plan=plan, mode=mode))
+        setattr(model, STATE, AdapterState(method, list(train), plan=todo["plan"],
+                                           mode=todo["mode"]))
     params = {}
     for name, m in model.named_modules():
         params.update({f"{name}.{n}": p for n, p in m.named_parameters(recurse=False)})
@@ -401,4 +682,4 @@ def load_adapters(model: nn.Module, path, *, verbose: bool = False) -> nn.Module
     return model
 
 
-__all__ = ["save_adapters", "load_adapters", "read_adapters", "AdapterFileError"]
+__all__ = ["save_adapters", "load_adapters", "read_adapters", "checksum", "AdapterFileError"]

@@ -84,14 +84,15 @@ def lokr_to_kronops(layer, adapter: str = "default") -> KronALinear:
         (("b",) if kind2 == "full" else ("b_u", "b_v"))
     for pname, w in zip(names, (*w1, *w2)):  # PEFT's tensors, their dtype and device kept
         setattr(new, pname, nn.Parameter(w.detach().clone()))
-    return new
+    return new.train(layer.training)  # the PEFT layer's mode (eval stays eval)
 
 
 def from_peft(peft_model: nn.Module, adapter: str = "default") -> nn.Module:
     """Replace every PEFT LoKr Linear layer of ``adapter`` by its kronops equivalent, in place.
 
-    Returns the underlying (non-PEFT) model with KronALinear/LoKrLinear layers; adapter
-    factors stay trainable, everything else frozen. Raises when the model holds LoKr Conv
+    Returns the underlying (non-PEFT) model with KronALinear/LoKrLinear layers, each in the
+    training mode of the PEFT layer it replaces; adapter factors stay trainable, everything
+    else frozen. Raises when the model holds LoKr Conv
     layers (not convertible), or no LoKr Linear layer for ``adapter``.
     """
     layers, convs = _lokr_layers(peft_model, adapter)

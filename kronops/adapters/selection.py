@@ -12,16 +12,24 @@ keep the highest scores:
   gradient    Fisher-style: squared gradients of the weights "weight" scores, summed over
               the calibration batches (needs a loss: ``loss_fn(output, batch)`` or output.loss)
 ``heads``/``channels``: an int is a count per block; a float in [0, 1] a fraction of the
-model's total, chosen across all blocks by score.
+model's total (heads: query heads of every block together; channels: FFN channels), chosen
+across all blocks by score. The count a fraction f of a total n gives is f·n rounded to the
+nearest whole number, halves rounded up, with f taken as written in decimal (0.05, not the
+binary float just below it), and at least 1 when f > 0:
+  0.05 of 24 heads (2 blocks of 12) -> 1.2 -> 1;  0.05 of 36 -> 1.8 -> 2;
+  0.125 of 36 -> 4.5 -> 5;  0.01 of 12 -> 0.12 -> 1 (f > 0);  0.0 -> 0.
 """
 import json
+import math
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 
 import torch
 from torch import nn
 
 from ..s2ft.ops import check_sorted_unique
 from .blocks import Block, find_blocks
+from .errors import AdapterFileError
 
 STRATEGIES = ("random", "weight", "activation", "gradient")
 
@@ -39,9 +47,76 @@ class Plan:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        data = json.loads(text)
-        return cls(data["strategy"], data["seed"], data["blocks"])
+    def from_json(cls, text) -> "Plan":
+        """The plan ``to_json`` wrote; a malformed one raises ``AdapterFileError`` (a
+        ValueError) naming the problem (``from_dict``)."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise TypeError(f"text must be a JSON str, got {type(text).__name__}")
+        try:
+            data = json.loads(text)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise AdapterFileError(f"plan is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data) -> "Plan":
+        """A plan from its JSON form ({"strategy", "seed", "blocks"}), checked for structure:
+        every key present and of its type, indices sorted, unique and within the block's
+        sizes. Anything else raises ``AdapterFileError`` (a ValueError) naming it. (Whether
+        the plan fits a model is ``check_plan``'s question.)"""
+        _expect_keys("plan", data, PLAN_KEYS)
+        strategy, seed, blocks = data["strategy"], data["seed"], data["blocks"]
+        if not isinstance(strategy, str) or not strategy:
+            raise AdapterFileError(f"plan strategy must be a non-empty str, got {strategy!r}")
+        if not _is_int(seed):
+            raise AdapterFileError(f"plan seed must be an int, got {seed!r}")
+        if not isinstance(blocks, dict):
+            raise AdapterFileError(f"plan blocks must be a dict, got {type(blocks).__name__}")
+        checked = {}
+        for name, entry in blocks.items():
+            where = f"plan block {name!r}"
+            if not name:
+                raise AdapterFileError("plan names a block with an empty name")
+            _expect_keys(where, entry, BLOCK_KEYS)
+            for key in ("num_heads", "num_kv_heads", "head_dim", "num_channels"):
+                if not _is_int(entry[key]) or entry[key] <= 0:
+                    raise AdapterFileError(f"{where} {key} must be a positive int, "
+                                           f"got {entry[key]!r}")
+            if entry["num_heads"] % entry["num_kv_heads"]:
+                raise AdapterFileError(f"{where}: num_heads {entry['num_heads']} is not a "
+                                       f"multiple of num_kv_heads {entry['num_kv_heads']}")
+            for key, limit in (("heads", entry["num_heads"]),
+                               ("channels", entry["num_channels"])):
+                values = entry[key]
+                if not isinstance(values, list) or not all(_is_int(v) for v in values):
+                    raise AdapterFileError(f"{where} {key} must be a list of ints, "
+                                           f"got {values!r}")
+                if any(b <= a for a, b in zip(values, values[1:])) or \
+                        any(not 0 <= v < limit for v in values):
+                    raise AdapterFileError(f"{where} {key} must be sorted, unique and in "
+                                           f"[0, {limit}), got {values}")
+            checked[name] = {k: (list(v) if isinstance(v, list) else v) for k, v in entry.items()}
+        return cls(strategy, seed, checked)
+
+
+PLAN_KEYS = ("blocks", "seed", "strategy")
+BLOCK_KEYS = ("channels", "head_dim", "heads", "num_channels", "num_heads", "num_kv_heads")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _expect_keys(where: str, data, keys) -> None:
+    """``data`` is a dict with exactly ``keys``; else AdapterFileError naming what differs."""
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{where} must be a dict, got {type(data).__name__}")
+    missing = sorted(set(keys) - set(data))
+    unknown = sorted(set(data) - set(keys))
+    if missing or unknown:
+        raise AdapterFileError(f"{where}: " + "; ".join(
+            ([f"missing key(s) {', '.join(map(repr, missing))}"] if missing else []) +
+            ([f"unknown key(s) {', '.join(map(repr, unknown))}"] if unknown else [])))
 
 
 def _count(name: str, value, per_block: list[int]):
@@ -54,7 +129,16 @@ def _count(name: str, value, per_block: list[int]):
         return value, None
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} as a fraction must lie in [0, 1], got {value}")
-    return None, round(value * sum(per_block))
+    return None, fraction_count(value, sum(per_block))
+
+
+def fraction_count(fraction: float, total: int) -> int:
+    """How many of ``total`` a fraction selects (see the module docstring): fraction·total
+    to the nearest whole number, halves up, the fraction read as its decimal repr, and at
+    least 1 when the fraction is positive."""
+    exact = Fraction(repr(float(fraction))) * total
+    count = math.floor(exact + Fraction(1, 2))
+    return min(total, max(count, 1 if fraction > 0 and total > 0 else 0))
 
 
 def _run(model, batch):

@@ -37,11 +37,29 @@ def _candidates(names: list[str]) -> str:
     return f"candidates: {', '.join(leaves) or 'none'}{example}"
 
 
-def match_modules(names: list[str], targets, what: str = "target_modules") -> list[str]:
+def _not_linear(what: str, entry: str, hits: list[str], modules: dict) -> TypeError:
+    """The error for a target entry that names only modules that are not nn.Linear."""
+    name = hits[0]
+    inner = [n for n, m in modules[name].named_modules() if isinstance(m, nn.Linear)]
+    hint = (f"name the nn.Linear modules inside it instead, e.g. "
+            f"{name.rpartition('.')[2] + '.' + inner[0]!r}" if inner else
+            "it holds no nn.Linear")
+    more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
+    return TypeError(f"{what} entry {entry!r} names {name!r}{more}, a "
+                     f"{type(modules[name]).__name__}, not an nn.Linear: kronops wraps "
+                     f"nn.Linear modules only; {hint}")
+
+
+def match_modules(names: list[str], targets, what: str = "target_modules",
+                  modules: dict | None = None) -> list[str]:
     """Names selected by ``targets``: a regex string (full match) or a list of names/suffixes.
 
-    Every list entry must select at least one name; a regex must select one in all.
+    Every list entry must select at least one name; a regex must select one in all. With
+    ``modules`` (all of the model's modules by name) an entry that selects none of ``names``
+    but names other modules raises TypeError saying what they are (not an nn.Linear).
     """
+    known = set(names)
+    others = {n: m for n, m in (modules or {}).items() if n and n not in known}
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)
@@ -49,6 +67,9 @@ def match_modules(names: list[str], targets, what: str = "target_modules") -> li
             raise ValueError(f"{what} {targets!r} is not a valid regular expression: {e}") from e
         chosen = [n for n in names if pattern.fullmatch(n)]
         if not chosen:
+            hits = [n for n in others if pattern.fullmatch(n)]
+            if hits:
+                raise _not_linear(what, targets, hits, others)
             raise ValueError(f"{what} regex {targets!r} matches no candidate module; "
                              f"{_candidates(names)}")
         return chosen
@@ -60,6 +81,9 @@ def match_modules(names: list[str], targets, what: str = "target_modules") -> li
     for t in targets:
         hits = [n for n in names if n == t or n.endswith("." + t)]
         if not hits:
+            wrong = [n for n in others if n == t or n.endswith("." + t)]
+            if wrong:
+                raise _not_linear(what, t, wrong, others)
             raise ValueError(f"{what} entry {t!r} matches no candidate module; "
                              f"{_candidates(names)}")
         chosen.update(hits)
@@ -74,10 +98,23 @@ def default_targets(model: nn.Module) -> list[str]:
                         "Conv1D (weight (in, out)); kronops wraps nn.Linear only")
     if model_type in DEFAULT_TARGETS:
         return DEFAULT_TARGETS[model_type]
-    leaves = {n.rpartition(".")[2] for n in linear_names(model)}
+    linears = linear_names(model)
+    leaves = {n.rpartition(".")[2] for n in linears}
     if {"q_proj", "v_proj"} <= leaves:
         return [t for t in LLAMA_TARGETS if t in leaves]
     if {"query", "value"} <= leaves:
         return BERT_TARGETS
-    raise ValueError(f"no default target modules for model_type {model_type!r}: pass "
-                     f"target_modules; {_candidates(linear_names(model))}")
+    config = getattr(model, "config", None)
+    what = type(model).__name__ + (f" (model_type {model_type!r})" if model_type is not None
+                                   else " (no model.config.model_type)" if config is not None
+                                   else " (no model.config)")
+    if not linears:
+        raise ValueError(f"no default target modules for {what}: it has no nn.Linear modules "
+                         "to adapt")
+    example = sorted(leaves)[:2]
+    raise ValueError(
+        f"no default target modules for {what}: defaults exist for LLaMA-style "
+        f"(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) and BERT-style "
+        f"(query, key, value, ...) models; pass target_modules, a list of nn.Linear module "
+        f"names or name suffixes (e.g. target_modules={example!r}) or one regex matching "
+        f"whole names; {_candidates(linears)}")

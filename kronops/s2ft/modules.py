@@ -1,9 +1,12 @@
 """S²FT layers over a frozen nn.Linear: ``S2FTLinear`` (adapter Δ) and ``S2FTInPlaceLinear``."""
+import copy
+
 import torch
 from torch import nn
 
 from ..checks import check_features
 from ..wrapped_linear import WrapsLinear
+from . import optimizer_guard
 from .ops import check_index, check_sorted_unique, sparse_linear
 
 
@@ -163,8 +166,18 @@ class S2FTInPlaceLinear(S2FTLinear):
         super().__init__(base, rows=rows, cols=cols, delta_dtype=base.weight.dtype)
         shape = self.delta.shape
         del self.delta
-        zero = torch.zeros((), device=base.weight.device, dtype=base.weight.dtype)
-        self.selected = nn.Parameter(zero.expand(shape))
+        self.selected = _expanded_zero(shape, base.weight, requires_grad=True)
+        optimizer_guard.guard()
+
+    def __deepcopy__(self, memo):
+        """A copy whose ``selected`` is again an expanded zero (a Parameter's deepcopy clones
+        it into a full, writable tensor, which a torch optimizer would then train unseen)."""
+        selected = self.selected
+        memo[id(selected)] = _expanded_zero(selected.shape, selected, selected.requires_grad)
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     @property
     def delta(self) -> torch.Tensor:
@@ -208,3 +221,9 @@ class S2FTInPlaceLinear(S2FTLinear):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{self.mode}={self.selected.shape[1 if self.mode == 'cols' else 0]}, "
                 f"contiguous={self.index is None}, inplace=True")
+
+
+def _expanded_zero(shape, like: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+    """A zero Parameter of ``shape`` stored as one expanded scalar (``like``'s device, dtype)."""
+    zero = torch.zeros((), device=like.device, dtype=like.dtype)
+    return nn.Parameter(zero.expand(shape), requires_grad=requires_grad)

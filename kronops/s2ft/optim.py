@@ -38,6 +38,8 @@ class _InPlace(torch.optim.Optimizer):
     """What both in-place optimizers share: the layers behind the ``selected`` parameters,
     and the fp32 master values of fp16/bf16 weights."""
 
+    updates_in_place_selection = True  # let through by kronops.s2ft.optimizer_guard
+
     def __init__(self, model, defaults, master_weights: bool | None):
         if master_weights is not None and not isinstance(master_weights, bool):
             raise TypeError(f"master_weights must be a bool or None, got {master_weights!r}")
