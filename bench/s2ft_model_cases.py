@@ -47,10 +47,9 @@ def llama_step_cases(config: dict, batch: int, seq: int, fraction: float, dtype,
     plan = kronops.adapters.select(base, heads=fraction, channels=fraction, seed=0)
 
     full = copy.deepcopy(base)
-    adapter, _ = kronops.apply_adapters(copy.deepcopy(base), "s2ft", plan=plan, mode="adapter",
-                                        delta_dtype=dtype, verbose=False)
-    inplace, _ = kronops.apply_adapters(copy.deepcopy(base), "s2ft", plan=plan, mode="inplace",
-                                        verbose=False)
+    adapter = kronops.apply_adapters(copy.deepcopy(base), "s2ft", plan=plan, mode="adapter",
+                                     delta_dtype=dtype)
+    inplace = kronops.apply_adapters(copy.deepcopy(base), "s2ft", plan=plan, mode="inplace")
     providers = {
         "kronops S²FT in-place": _stepper(inplace, kronops.s2ft.InPlaceAdamW(inplace, lr=LR),
                                          batches),

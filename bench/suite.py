@@ -1,4 +1,5 @@
-"""The default case sets: CPU (about two minutes on 2 cores) and --full (GPU, real model shapes)."""
+"""The default case sets: CPU (about two minutes on 2 cores) and --full (GPU, real model shapes),
+and the names ``--ops`` accepts (op names as the rows carry them, and families of ops)."""
 from .kron_cases import krona_layer_cases, kron_linear_cases, kron_matmul_cases
 from .s2ft_cases import inplace_adamw_cases
 from .s2ft_model_cases import llama_step_cases
@@ -11,27 +12,79 @@ LLAMA_8B_LAYERS = dict(hidden_size=4096, intermediate_size=14336, num_hidden_lay
 SMALL_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=2, vocab_size=512)
 
+# Every op name a row of the default sets carries (CPU set, --full set).
+OPS = ("kron_linear", "kron_matmul[3]", "kron_matmul[2]", "KronALinear", "sparse_linear[rows]",
+       "sparse_linear[cols]", "InPlaceAdamW", "LLaMA step")
+# Families: a name users type for a group of ops.
+FAMILIES = {
+    "kron": ("kron_linear", "kron_matmul[3]", "kron_matmul[2]", "KronALinear"),
+    "kron_matmul": ("kron_matmul[3]", "kron_matmul[2]"),
+    "krona_layer": ("KronALinear",),
+    "sparse_linear": ("sparse_linear[rows]", "sparse_linear[cols]"),
+    "inplace_adamw": ("InPlaceAdamW",),
+    "llama_step": ("LLaMA step",),
+    "s2ft": ("sparse_linear[rows]", "sparse_linear[cols]", "InPlaceAdamW", "LLaMA step"),
+}
 
-def default_cases(full: bool, dtype, device):
-    """The CPU set (about two minutes on 2 cores) or the GPU set (--full: LLaMA/MiniLM shapes)."""
+
+def _key(name: str) -> str:
+    """Names match whatever their case, with "-" or " " for "_" ("llama-step", "LLaMA step")."""
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def valid_op_names() -> list[str]:
+    """Everything ``--ops`` accepts: the families, then the op names."""
+    return [*FAMILIES, *(op for op in OPS if op not in FAMILIES)]
+
+
+def resolve_ops(names) -> set[str]:
+    """The op names selected by ``names`` (families or op names, see ``valid_op_names``);
+    ValueError naming the unknown ones."""
+    table = {_key(op): (op,) for op in OPS}
+    table.update({_key(family): ops for family, ops in FAMILIES.items()})
+    unknown = [n for n in names if _key(n) not in table]
+    if unknown:
+        raise ValueError(f"unknown op name(s): {', '.join(unknown)}")
+    return {op for n in names for op in table[_key(n)]}
+
+
+def default_cases(full: bool, dtype, device, ops=None):
+    """The CPU set (about two minutes on 2 cores) or the GPU set (--full: LLaMA/MiniLM shapes);
+    with ``ops`` (op names), only those ops' cases are built."""
+    def want(*names):
+        return ops is None or any(n in ops for n in names)
+
     if full:
         rows = 16384
-        for k, n in [(4096, 4096), (4096, 11008), (4096, 14336), (384, 1536)]:
-            yield from kron_linear_cases(rows, k, n, dtype, device)
-        yield from kron_matmul_cases(rows, [(16, 16)] * 3, dtype, device)
-        yield from kron_matmul_cases(rows, [(64, 64), (64, 64)], dtype, device)
-        for k, n in [(4096, 4096), (4096, 14336)]:
-            yield from krona_layer_cases(rows, k, n, dtype, device)
+        if want("kron_linear"):
+            for k, n in [(4096, 4096), (4096, 11008), (4096, 14336), (384, 1536)]:
+                yield from kron_linear_cases(rows, k, n, dtype, device)
+        if want("kron_matmul[3]"):
+            yield from kron_matmul_cases(rows, [(16, 16)] * 3, dtype, device)
+        if want("kron_matmul[2]"):
+            yield from kron_matmul_cases(rows, [(64, 64), (64, 64)], dtype, device)
+        if want("KronALinear"):
+            for k, n in [(4096, 4096), (4096, 14336)]:
+                yield from krona_layer_cases(rows, k, n, dtype, device)
         for k, n, mode in [(4096, 4096, "rows"), (4096, 14336, "rows"), (14336, 4096, "cols")]:
-            yield from sparse_linear_cases(rows, k, n, 0.05, mode, dtype, device)
-        yield from inplace_adamw_cases(4096, 14336, 0.05, dtype, device)
-        yield from llama_step_cases(LLAMA_8B_LAYERS, 4, 2048, 0.05, dtype, device)
+            if want(f"sparse_linear[{mode}]"):
+                yield from sparse_linear_cases(rows, k, n, 0.05, mode, dtype, device)
+        if want("InPlaceAdamW"):
+            yield from inplace_adamw_cases(4096, 14336, 0.05, dtype, device)
+        if want("LLaMA step"):
+            yield from llama_step_cases(LLAMA_8B_LAYERS, 4, 2048, 0.05, dtype, device)
     else:
-        for rows, k, n in [(256, 1024, 1024), (1024, 4096, 4096), (2048, 384, 1536)]:
-            yield from kron_linear_cases(rows, k, n, dtype, device)
-        yield from kron_matmul_cases(512, [(16, 16)] * 3, dtype, device)
-        yield from krona_layer_cases(1024, 1024, 1024, dtype, device)
+        if want("kron_linear"):
+            for rows, k, n in [(256, 1024, 1024), (1024, 4096, 4096), (2048, 384, 1536)]:
+                yield from kron_linear_cases(rows, k, n, dtype, device)
+        if want("kron_matmul[3]"):
+            yield from kron_matmul_cases(512, [(16, 16)] * 3, dtype, device)
+        if want("KronALinear"):
+            yield from krona_layer_cases(1024, 1024, 1024, dtype, device)
         for k, n, mode in [(1024, 1024, "rows"), (2048, 512, "cols")]:
-            yield from sparse_linear_cases(1024, k, n, 0.05, mode, dtype, device)
-        yield from inplace_adamw_cases(1024, 4096, 0.05, dtype, device)
-        yield from llama_step_cases(SMALL_LLAMA, 4, 128, 0.1, dtype, device)
+            if want(f"sparse_linear[{mode}]"):
+                yield from sparse_linear_cases(1024, k, n, 0.05, mode, dtype, device)
+        if want("InPlaceAdamW"):
+            yield from inplace_adamw_cases(1024, 4096, 0.05, dtype, device)
+        if want("LLaMA step"):
+            yield from llama_step_cases(SMALL_LLAMA, 4, 128, 0.1, dtype, device)

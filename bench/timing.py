@@ -1,29 +1,97 @@
-"""Timing and the two hardware ceilings (copy bandwidth, GEMM rate), measured in the same run."""
+"""Timing and the two hardware ceilings (copy bandwidth, GEMM rate), measured in the same run.
+
+On a GPU each provider goes through ``triton.testing.do_bench`` (CUDA events, L2 flushed
+between calls). On a CPU the providers of one case are timed together, in rounds: every
+round calls each provider once, in an order that rotates from round to round, so that a
+change of machine load (other processes, frequency, caches warming) falls on all of them
+alike instead of on whichever provider happened to be timed at that moment. Rounds go on
+until the spread of every provider's times is small or the case's time budget is spent.
+"""
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
-QUANTILES = (0.5, 0.2, 0.8)
+QUANTILES = (0.5, 0.2, 0.8, 0.0)   # median, 20th, 80th percentile, min
+
+# CPU rounds: at least MIN_ROUNDS timed calls per provider; stop once every provider's
+# (p80 - p20) / median is at most TARGET_SPREAD, or once the budget is spent.
+CPU_BUDGET_S = 2.0
+MIN_ROUNDS = 5
+MAX_ROUNDS = 1000
+TARGET_SPREAD = 0.05
+WARMUP_ROUNDS = 1
 
 
-def time_call(fn, device: torch.device, *, repeats: int = 7) -> tuple[float, float, float]:
-    """(median, 20th, 80th percentile) milliseconds of ``fn()``.
+@dataclass
+class Timing:
+    """Milliseconds per call of one provider: median, 20th and 80th percentile, min; and the
+    number of timed calls (None where do_bench chose it)."""
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    min_ms: float
+    calls: int | None = None
 
-    CUDA: triton.testing.do_bench (CUDA events, L2 flushed between calls). CPU: one
-    warm-up call, then ``repeats`` timed calls; ``fn`` rotates its inputs itself.
+
+def _summary(times: list[float]) -> Timing:
+    if len(times) == 1:
+        return Timing(times[0], times[0], times[0], times[0], 1)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return Timing(statistics.median(times), q[1], q[7], min(times), len(times))
+
+
+def _spread(times: list[float]) -> float:
+    t = _summary(times)
+    return (t.p80_ms - t.p20_ms) / t.median_ms if t.median_ms > 0 else 0.0
+
+
+def time_providers(fns: dict, device: torch.device, *, budget_s: float = CPU_BUDGET_S,
+                   min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS,
+                   target_spread: float = TARGET_SPREAD, warmup_rounds: int = WARMUP_ROUNDS,
+                   clock=time.perf_counter) -> dict:
+    """{name: Timing} for the callables ``fns`` (``fn()``, rotating its own inputs).
+
+    CUDA: ``triton.testing.do_bench`` for each in turn. CPU: ``warmup_rounds`` untimed
+    rounds, then timed rounds, each calling every provider once (order rotated by one
+    place per round), until at least ``min_rounds`` rounds are done and either every
+    provider's spread is within ``target_spread`` or ``budget_s`` seconds of ``clock`` have
+    passed since the first timed round; at most ``max_rounds``.
     """
     if device.type == "cuda":
         import triton.testing
-        return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=list(QUANTILES)))
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), q[1], q[7]
+        out = {}
+        for name, fn in fns.items():
+            median, low, high, least = triton.testing.do_bench(fn, warmup=25, rep=100,
+                                                               quantiles=list(QUANTILES))
+            out[name] = Timing(median, low, high, least)
+        return out
+    names = list(fns)
+    for _ in range(warmup_rounds):
+        for name in names:
+            fns[name]()
+    times = {name: [] for name in names}
+    start = clock()
+    for round_ in range(max_rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = clock()
+            fns[name]()
+            times[name].append((clock() - t0) * 1e3)
+        if round_ + 1 < min_rounds:
+            continue
+        if clock() - start >= budget_s:
+            break
+        if all(_spread(t) <= target_spread for t in times.values()):
+            break
+    return {name: _summary(t) for name, t in times.items()}
+
+
+def time_call(fn, device: torch.device, **kwargs) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) milliseconds of ``fn()`` alone (see time_providers)."""
+    t = time_providers({"fn": fn}, device, **kwargs)["fn"]
+    return t.median_ms, t.p20_ms, t.p80_ms
 
 
 def copy_bandwidth(device: torch.device) -> float:
