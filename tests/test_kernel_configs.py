@@ -66,6 +66,14 @@ def guarded_index(values: list[int]) -> torch.Tensor:
     return torch.tensor(values + [-1], dtype=torch.int64)[:-1]
 
 
+def selection(gather: bool, values: list[int], start: int, count: int):
+    """(what a launcher takes, the positions as a tensor): a guarded index tensor of
+    ``values`` when ``gather``, else the start of ``count`` positions."""
+    if gather:
+        return guarded_index(values), torch.tensor(values)
+    return start, torch.arange(start, start + count)
+
+
 def one_config_at_a_time(module):
     tuned = module.tuned
     return [pytest.param(tuned, config, id=f"{module.__name__.rsplit('.', 1)[1]}-cfg{i}")
@@ -103,12 +111,8 @@ def test_sparse_matmul_add_config(monkeypatch, tuned, config, gather, scatter):
     monkeypatch.setattr(tuned, "configs", [config])
     m, a_cols, out_cols, k, n = 37, 61, 30, 29, 13
     a, out, b = Guarded(m, a_cols), Guarded(m, out_cols, SENTINEL), Guarded(n, k)
-    i = list(range(1, 2 * k, 2))[:k] if gather else 3
-    j = list(range(0, 2 * n, 2)) if scatter else 4
-    a_sel = guarded_index(i) if gather else i
-    out_sel = guarded_index(j) if scatter else j
-    i_idx = torch.tensor(i) if gather else torch.arange(i, i + k)
-    j_idx = torch.tensor(j) if scatter else torch.arange(j, j + n)
+    a_sel, i_idx = selection(gather, list(range(1, 2 * k, 2)), 3, k)
+    out_sel, j_idx = selection(scatter, list(range(0, 2 * n, 2)), 4, n)
     ref = out.view.double().clone()
     ref[:, j_idx] += a.view.double()[:, i_idx] @ b.view.double().T
     kernels.triton_sparse_matmul_add(out.view, a.view, b.view, a_sel, out_sel)
@@ -123,12 +127,9 @@ def test_sparse_delta_grad_config(monkeypatch, tuned, config, gather_d, gather_x
     monkeypatch.setattr(tuned, "configs", [config])
     m, d_cols, x_cols, p, q = 70, 40, 35, 17, 11
     d, x = Guarded(m, d_cols), Guarded(m, x_cols)
-    i = list(range(2, 2 + 2 * p, 2)) if gather_d else 5
-    j = list(range(1, 1 + 3 * q, 3)) if gather_x else 7
-    i_idx = torch.tensor(i) if gather_d else torch.arange(i, i + p)
-    j_idx = torch.tensor(j) if gather_x else torch.arange(j, j + q)
-    g = kernels.triton_sparse_delta_grad(d.view, x.view, guarded_index(i) if gather_d else i, p,
-                                         guarded_index(j) if gather_x else j, q)
+    d_sel, i_idx = selection(gather_d, list(range(2, 2 + 2 * p, 2)), 5, p)
+    x_sel, j_idx = selection(gather_x, list(range(1, 1 + 3 * q, 3)), 7, q)
+    g = kernels.triton_sparse_delta_grad(d.view, x.view, d_sel, p, x_sel, q)
     assert_close(g, d.view.double()[:, i_idx].T @ x.view.double()[:, j_idx], torch.float32,
                  "sparse_delta_grad")
     assert d.guard_intact() and x.guard_intact()
@@ -145,12 +146,10 @@ def test_sparse_adamw_config(monkeypatch, tuned, config, cols, gather):
     weight = Guarded(out_features, in_features, SENTINEL)
     before = weight.view.clone()
     dim = 1 if cols else 0
-    values = list(range(1, 2 * count, 2))
-    sel = guarded_index(values) if gather else 4
-    index = torch.tensor(values) if gather else torch.arange(4, 4 + count)
+    sel, index = selection(gather, list(range(1, 2 * count, 2)), 4, count)
     shape = (out_features, count) if cols else (count, in_features)
     grad = Guarded(*shape)
-    state = Guarded(2, shape[0] * shape[1], SENTINEL)  # the moments: two contiguous rows of one buffer
+    state = Guarded(2, shape[0] * shape[1], SENTINEL)  # the moments: two contiguous rows
     state.view.zero_()
     moments = state.buffer[1:3, 2:2 + shape[0] * shape[1]]
     m, v = (t.view(shape) for t in moments)
