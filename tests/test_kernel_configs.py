@@ -74,15 +74,21 @@ def selection(gather: bool, values: list[int], start: int, count: int):
     return start, torch.arange(start, start + count)
 
 
-def one_config_at_a_time(module):
-    tuned = module.tuned
-    return [pytest.param(tuned, config, id=f"{module.__name__.rsplit('.', 1)[1]}-cfg{i}")
-            for i, config in enumerate(module.CONFIGS)]
+def each_config(module):
+    """Parameters for the ``forced`` fixture: (kernel module, config index) for every config."""
+    return [pytest.param((module, i), id=f"{module.__name__.rsplit('.', 1)[1]}-cfg{i}")
+            for i in range(len(module.CONFIGS))]
 
 
-@pytest.mark.parametrize("tuned,config", one_config_at_a_time(rows))
-def test_kron_rows_config(monkeypatch, tuned, config):
-    monkeypatch.setattr(tuned, "configs", [config])
+@pytest.fixture
+def forced(request, monkeypatch):
+    """The autotuner of the kernel module given left with only the config given: it runs it."""
+    module, i = request.param
+    monkeypatch.setattr(module.tuned, "configs", [module.CONFIGS[i]])
+
+
+@pytest.mark.parametrize("forced", each_config(rows), indirect=True)
+def test_kron_rows_config(forced):
     m, a1, a2, b1, b2 = 37, 5, 7, 9, 3
     x = Guarded(m, a2 * b2)
     a, b = Guarded(a1, a2), Guarded(b1, b2)
@@ -92,9 +98,8 @@ def test_kron_rows_config(monkeypatch, tuned, config):
     assert x.guard_intact() and a.guard_intact() and b.guard_intact()
 
 
-@pytest.mark.parametrize("tuned,config", one_config_at_a_time(factor_grad))
-def test_kron_factor_grad_config(monkeypatch, tuned, config):
-    monkeypatch.setattr(tuned, "configs", [config])
+@pytest.mark.parametrize("forced", each_config(factor_grad), indirect=True)
+def test_kron_factor_grad_config(forced):
     m, a1, a2, b1, b2 = 37, 5, 7, 9, 3
     dy, b, x = Guarded(m, a1 * b1), Guarded(b1, b2), Guarded(m, a2 * b2)
     g = kernels.triton_kron_factor_grad(dy.view.view(m, a1, b1), b.view,
@@ -106,9 +111,8 @@ def test_kron_factor_grad_config(monkeypatch, tuned, config):
 
 
 @pytest.mark.parametrize("gather,scatter", [(True, True), (False, False)])
-@pytest.mark.parametrize("tuned,config", one_config_at_a_time(matmul_add))
-def test_sparse_matmul_add_config(monkeypatch, tuned, config, gather, scatter):
-    monkeypatch.setattr(tuned, "configs", [config])
+@pytest.mark.parametrize("forced", each_config(matmul_add), indirect=True)
+def test_sparse_matmul_add_config(forced, gather, scatter):
     m, a_cols, out_cols, k, n = 37, 61, 30, 29, 13
     a, out, b = Guarded(m, a_cols), Guarded(m, out_cols, SENTINEL), Guarded(n, k)
     a_sel, i_idx = selection(gather, list(range(1, 2 * k, 2)), 3, k)
@@ -122,9 +126,8 @@ def test_sparse_matmul_add_config(monkeypatch, tuned, config, gather, scatter):
 
 
 @pytest.mark.parametrize("gather_d,gather_x", [(True, True), (False, False)])
-@pytest.mark.parametrize("tuned,config", one_config_at_a_time(delta_grad))
-def test_sparse_delta_grad_config(monkeypatch, tuned, config, gather_d, gather_x):
-    monkeypatch.setattr(tuned, "configs", [config])
+@pytest.mark.parametrize("forced", each_config(delta_grad), indirect=True)
+def test_sparse_delta_grad_config(forced, gather_d, gather_x):
     m, d_cols, x_cols, p, q = 70, 40, 35, 17, 11
     d, x = Guarded(m, d_cols), Guarded(m, x_cols)
     d_sel, i_idx = selection(gather_d, list(range(2, 2 + 2 * p, 2)), 5, p)
@@ -137,11 +140,10 @@ def test_sparse_delta_grad_config(monkeypatch, tuned, config, gather_d, gather_x
 
 @pytest.mark.parametrize("cols", [False, True])
 @pytest.mark.parametrize("gather", [False, True])
-@pytest.mark.parametrize("tuned,config", one_config_at_a_time(adamw))
-def test_sparse_adamw_config(monkeypatch, tuned, config, cols, gather):
+@pytest.mark.parametrize("forced", each_config(adamw), indirect=True)
+def test_sparse_adamw_config(forced, cols, gather):
     """One AdamW step from zero state moves each selected entry by lr * g / (|g| + eps) after
     decay; the rest of the weight, and everything outside it, stays as it was."""
-    monkeypatch.setattr(tuned, "configs", [config])
     out_features, in_features, count = 23, 97, 11  # 11 * 97 and 23 * 11: odd element counts
     weight = Guarded(out_features, in_features, SENTINEL)
     before = weight.view.clone()
