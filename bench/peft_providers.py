@@ -1,8 +1,9 @@
-"""PEFT's LoKr and LoRA as benchmark providers for the KronALinear layer step (optional).
+"""PEFT's LoKr and LoRA as benchmark providers (optional: without peft, none).
 
 PEFT LoKr gets the same factors as the kronops layer, so it computes the same function
-and is checked against the fp64 reference; LoRA gets the rank whose trainable size is
-closest to the Kronecker adapter's and is timed only.
+and is checked against the fp64 reference; LoRA (beside the KronALinear step and beside
+sparse_linear) gets the rank whose trainable size is closest to the adapter's and is timed
+only.
 """
 import copy
 
@@ -37,17 +38,21 @@ def peft_providers(base: nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: flo
     with torch.no_grad():
         w1.copy_(a)
         w2.copy_(b)
-    trainable = a.numel() + b.numel()
+    lokr.to(base.weight.dtype)
+    name, lora, lora_params = lora_layer(base, a.numel() + b.numel())
+    providers = {"PEFT LoKr": Provider(lokr, [w1, w2]), name: Provider(lora, lora_params)}
+    return providers, {name}
+
+
+def lora_layer(base: nn.Linear, trainable: int):
+    """(provider name, PEFT LoRA over a copy of ``base``, its trainable parameters), with the
+    rank whose trainable size is closest to ``trainable``. Needs peft."""
+    import peft
+
     rank = max(1, round(trainable / (base.in_features + base.out_features)))
     lora = peft.get_peft_model(nn.Sequential(copy.deepcopy(base)),
                                peft.LoraConfig(target_modules=["0"], r=rank, lora_alpha=rank))
-    lora_params = [p for p in lora.parameters() if p.requires_grad]
-    for p in lora_params:  # B starts at zero in LoRA; random values keep the timing honest
+    params = [p for p in lora.parameters() if p.requires_grad]
+    for p in params:  # B starts at zero in LoRA; random values keep the timing honest
         nn.init.normal_(p, std=0.02)
-    lokr.to(base.weight.dtype)
-    lora.to(base.weight.dtype)
-    providers = {
-        "PEFT LoKr": Provider(lokr, [w1, w2]),
-        f"PEFT LoRA r={rank}": Provider(lora, lora_params),
-    }
-    return providers, {f"PEFT LoRA r={rank}"}
+    return f"PEFT LoRA r={rank}", lora.to(base.weight.dtype), params

@@ -2,8 +2,9 @@
 
 Providers: kronops; "composite", the same update written in plain PyTorch autograd
 (a dense GEMM plus an indexed add, saving all of x); "naive", the update applied to a
-materialised W' (dense dW, then only the selection kept); and "full fine-tuning", the
-layer with its whole weight trainable (timed only: the cost S²FT avoids).
+materialised W' (dense dW, then only the selection kept); "full fine-tuning", the layer
+with its whole weight trainable, and PEFT LoRA of a similar trainable size (when peft is
+installed): both timed only, they compute other functions.
 """
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ import kronops
 from kronops.s2ft.reference import naive_sparse_linear
 
 from .cases import MODES, Provider, build_case, element_bytes, input_sets
+from .peft_providers import lora_layer, peft_version
 
 
 def _selection(size: int, fraction: float, device) -> torch.Tensor:
@@ -49,6 +51,15 @@ def sparse_linear_cases(rows, in_features, out_features, fraction, mode_name, dt
         "naive (full FT, masked)": Provider(naive),
         "full fine-tuning": Provider(lambda x, delta: F.linear(x, full, bias), [full]),
     }
+    timed_only = {"full fine-tuning"}
+    if peft_version() is not None:
+        base = torch.nn.Linear(in_features, out_features, device=device, dtype=dtype)
+        with torch.no_grad():
+            base.weight.copy_(weight)
+            base.bias.copy_(bias)
+        name, lora, params = lora_layer(base, delta_shape[0] * delta_shape[1])
+        providers[name] = Provider(lambda x, delta: lora(x), params)
+        timed_only.add(name)
     shape = (f"{rows}x{in_features}->{out_features} {mode_name} "
              f"{sel.numel()}/{in_features if cols else out_features}")
     elt = element_bytes(dtype)
@@ -60,4 +71,4 @@ def sparse_linear_cases(rows, in_features, out_features, fraction, mode_name, dt
     for mode in modes:
         yield build_case(f"sparse_linear[{mode_name}]", mode, shape, rows * in_features, io,
                          gemm + small, providers, reference, sets[0], sets,
-                         unchecked={"full fine-tuning"}, work=work)
+                         unchecked=timed_only, work=work)

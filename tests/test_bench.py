@@ -310,3 +310,13 @@ def test_s2ft_cases_are_checked():
         rows += run_case(case, torch.float32, CPU, budget_s=FAST)
     checked = [r for r in rows if r["rel_error"] is not None]
     assert len(checked) == 3 * 3 * 2 + 3 and all(r["error_ok"] for r in checked)
+
+
+def test_sparse_linear_rows_have_a_lora_baseline_of_similar_size():
+    """Beside sparse_linear: PEFT LoRA with the rank whose trainable size is closest to Δ's."""
+    pytest.importorskip("peft")
+    case = next(iter(sparse_linear_cases(4, 64, 32, 0.25, "rows", torch.float32, CPU,
+                                         modes=("forward",))))
+    (lora,) = [name for name in case.providers if name.startswith("PEFT LoRA")]
+    assert lora == "PEFT LoRA r=5" and lora in case.unchecked  # Δ 8x64 = 512 ~ 5 * (64 + 32)
+    assert case.providers[lora](0).shape == (4, 32)
