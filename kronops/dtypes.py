@@ -17,6 +17,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def composite_dtype(t: torch.Tensor) -> torch.dtype:
+    """What the PyTorch (composite) Kronecker kernels compute in for inputs like ``t``: fp32
+    for fp16 (its intermediate X·Bᵀ can overflow where the whole product does not) and for
+    bf16 on CPU (which has no fast half-precision GEMMs: bf16/fp16 batched products there
+    run 5-70x slower than fp32); the input's own dtype otherwise."""
+    if t.dtype == torch.float16 or (t.dtype == torch.bfloat16 and t.device.type == "cpu"):
+        return torch.float32
+    return t.dtype
+
+
 def autocast_operands(device_type: str, *tensors):
     """``tensors`` (None kept) in the autocast dtype when autocast is on for ``device_type``."""
     if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):

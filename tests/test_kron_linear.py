@@ -153,3 +153,13 @@ def test_autocast_casts_like_linear(dtype):
     assert rel_err(y, naive_kron_linear(x, a, b, bias)) < 2e-2
     y.float().sum().backward()
     assert a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all()
+
+
+def test_pytorch_kernel_does_not_overflow_in_fp16_where_the_product_does_not():
+    """X·Bᵀ of these rows is ~4.5e5, past fp16's 65504, while x @ kron(a, b).T is ~1.4e3: the
+    PyTorch kernel keeps the intermediate in fp32 (the materialised product never forms it)."""
+    x, b = 300 + torch.randn(2, 15), 300 + torch.randn(2, 5)
+    a = 1e-3 * (1 + 0.1 * torch.randn(4, 3))
+    assert (x.view(2, 3, 5) @ b.T).abs().min() > 65504
+    y = kronops.kron_linear(x.half(), a.half(), b.half())
+    assert_close(y, naive_kron_linear(x.double(), a.double(), b.double()), torch.float16, "y")

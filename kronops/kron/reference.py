@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from ..dtypes import accumulation_dtype
+from ..dtypes import accumulation_dtype, composite_dtype
 
 
 def naive_kron_linear(x, a, b, bias=None, scale=1.0):
@@ -27,10 +27,14 @@ def torch_kron_rows(x, a, b, bias=None, scale=1.0):
 
     Contracts the cheaper side first: 2*b1*a2*(b2+a1) flops (B first) or 2*a1*b2*(a2+b1).
     ``a`` multiplies every row-matrix as a broadcast batch (no copies); the scale goes
-    into the smaller factor.
+    into the smaller factor. Computed in ``composite_dtype`` (fp32 for fp16), returned in
+    x's dtype.
     """
     m, a2, b2 = x.shape
     a1, b1 = a.shape[0], b.shape[0]
+    out_dtype, work = x.dtype, composite_dtype(x)
+    x, a, b = x.to(work), a.to(work), b.to(work)
+    bias = None if bias is None else bias.to(work)
     if scale != 1.0:
         a, b = (a * scale, b) if a.numel() <= b.numel() else (a, b * scale)
     if b1 * a2 * (b2 + a1) <= a1 * b2 * (a2 + b1):
@@ -38,7 +42,7 @@ def torch_kron_rows(x, a, b, bias=None, scale=1.0):
     else:
         y = torch.matmul(torch.matmul(a.expand(m, a1, a2), x), b.mT)
     y = y.reshape(m, a1 * b1)
-    return y if bias is None else y + bias
+    return (y if bias is None else y + bias).to(out_dtype)
 
 
 def torch_kron_factor_grad(dy, f, x, scale=1.0):
@@ -46,11 +50,13 @@ def torch_kron_factor_grad(dy, f, x, scale=1.0):
 
     V_m = f x_m^T (a broadcast batch, laid out (m, n, r)), then the sum over (m, n): one
     GEMM when dy's (m, n) axes fold into one (dB's transposed views do), else a batched
-    product summed over m. Accumulated in fp32 (fp64 for fp64); returns dy's dtype.
+    product summed over m. Computed in ``composite_dtype``, accumulated in fp32 (fp64 for
+    fp64); returns dy's dtype.
     """
     m, p, n = dy.shape
     r = x.shape[1]
-    acc = accumulation_dtype(dy.dtype)
+    out_dtype, acc, work = dy.dtype, accumulation_dtype(dy.dtype), composite_dtype(dy)
+    dy, f, x = dy.to(work), f.to(work), x.to(work)
     if scale != 1.0:
         f = f * scale
     v = torch.matmul(f.expand(m, n, f.shape[1]), x.mT).to(acc)
@@ -58,4 +64,4 @@ def torch_kron_factor_grad(dy, f, x, scale=1.0):
         g = dy.as_strided((p, m * n), (dy.stride(1), dy.stride(2))).to(acc) @ v.reshape(m * n, r)
     else:
         g = torch.matmul(dy.to(acc), v).sum(0)
-    return g.to(dy.dtype)
+    return g.to(out_dtype)
