@@ -1,8 +1,10 @@
-"""Benchmark output: the terminal table, the JSON results file and the PNG plot."""
+"""Benchmark output: the terminal table, the JSON results file, the PNG plot, and the
+README's markdown table (``python -m bench.report RESULTS.json``)."""
 import json
 import math
 import os
 import subprocess
+import sys
 
 import torch
 
@@ -197,3 +199,25 @@ def figure(meta: dict, rows: list[dict]):
     fig.suptitle(f"kronops, {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
                  f"{meta['dtype']}", fontsize=9)
     return fig
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as the README's markdown table (median and min ms, speedup, error)."""
+    has_roofline = any("roofline_pct" in r for r in rows)
+    head = ["op", "mode", "shape", "provider", "median ms", "min ms"] + \
+        (["% roofline"] if has_roofline else []) + ["vs naive", "rel err"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["op"], r["mode"], r["shape"], r["provider"], _fmt(r["median_ms"], ".3f"),
+                 _fmt(r.get("min_ms"), ".3f")]
+        if has_roofline:
+            cells.append(_fmt(r.get("roofline_pct"), ".0f"))
+        speedup = r["speedup_vs_naive"]
+        cells += ["-" if speedup is None else f"{speedup:.2f}x", error_cell(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(markdown(json.load(f)["results"]))

@@ -11,7 +11,7 @@ from bench.kron_cases import krona_layer_cases, kron_linear_cases, kron_matmul_c
 from bench.s2ft_cases import inplace_adamw_cases
 from bench.s2ft_model_cases import llama_step_cases, transformers_available
 from bench.sparse_cases import sparse_linear_cases
-from bench.report import figure, table, write_json
+from bench.report import figure, markdown, table, write_json
 from bench.runner import failures, run_case
 from bench.suite import OPS, resolve_ops
 from bench.timing import time_providers
@@ -320,3 +320,12 @@ def test_sparse_linear_rows_have_a_lora_baseline_of_similar_size():
     (lora,) = [name for name in case.providers if name.startswith("PEFT LoRA")]
     assert lora == "PEFT LoRA r=5" and lora in case.unchecked  # Δ 8x64 = 512 ~ 5 * (64 + 32)
     assert case.providers[lora](0).shape == (4, 32)
+
+
+def test_markdown_table_has_a_row_per_result():
+    rows = _rows_of_every_kind(roofline=True)
+    text = markdown(rows)
+    lines = text.splitlines()
+    assert lines[0].startswith("| op | mode | shape | provider | median ms | min ms | % roofline")
+    assert len(lines) == 2 + len(rows) and all(line.count("|") == lines[0].count("|")
+                                               for line in lines)
