@@ -109,6 +109,9 @@ def test_master_weights_keep_small_updates(dtype, optimizer, gather, backend_dev
             opt.step()
     part = {name: layer.weight_part() for name, (layer, _) in layers.items()}
     assert (part["fp32"] - 1.0).abs().max() > 0.004  # the fp32 run moved by whole rounding steps
-    assert torch.equal(part["master"], part["fp32"].to(dtype))
+    if interpreted_bf16:  # the interpreter converts to bf16 by truncation: within one step
+        assert ((part["master"].float() - part["fp32"]).abs() <= 2.0 ** -8).all()
+    else:
+        assert torch.equal(part["master"], part["fp32"].to(dtype))
     if not interpreted_bf16:
         assert torch.equal(part["no master"], torch.ones_like(part["no master"]))
