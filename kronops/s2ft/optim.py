@@ -30,7 +30,8 @@ def _layers(model) -> list[S2FTInPlaceLinear]:
             if not isinstance(m, S2FTInPlaceLinear):
                 raise TypeError(f"expected S2FTInPlaceLinear layers, got {type(m).__name__}")
     if not layers:
-        raise ValueError("no S2FTInPlaceLinear layers: apply a plan with mode='inplace' first")
+        raise ValueError("model has no S2FTInPlaceLinear layers: apply_adapters(model, 's2ft', "
+                         "mode='inplace') first")
     return layers
 
 
