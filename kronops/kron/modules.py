@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..checks import check_features
-from ..wrapped_linear import WrapsLinear
+from ..wrapped_linear import WrapsLinear, check_linear
 from .ops import kron_linear
 
 
@@ -78,7 +78,7 @@ class KronLinear(nn.Module):
                 f"a={tuple(self.a.shape)}, b={tuple(self.b.shape)}, bias={self.bias is not None}")
 
 
-class _KronAdapter(nn.Module):
+class KronFactors(nn.Module):
     """Trainable factors A (optionally A_u @ A_v of rank r) and B, with B zero-initialised."""
 
     def _init_factors(self, in_features, out_features, a_shape, rank, alpha, device, dtype):
@@ -120,13 +120,15 @@ class _KronAdapter(nn.Module):
         return f"{a}, b={tuple(self.b.shape)}, scale={self.scale:g}"
 
 
-def _freeze(module: nn.Module) -> None:
+def freeze(module: nn.Module) -> None:
+    """Make every parameter of ``module`` non-trainable."""
     for p in module.parameters():
         p.requires_grad_(False)
 
 
-class KronALinear(WrapsLinear, _KronAdapter):
-    """KronA / LoKr adapter over a frozen nn.Linear: y = base(x) + s * dropout(x) @ kron(A, B).T.
+class KronALinear(WrapsLinear, KronFactors):
+    """KronA / LoKr adapter over a frozen nn.Linear (or transformers Conv1D):
+    y = base(x) + s * dropout(x) @ kron(A, B).T.
 
     A: a_shape = (a1, a2) (None: near the square roots), or A_u (a1, r) @ A_v (r, a2) with
     ``rank`` r; B: (out/a1, in/a2), zero at start so a fresh adapter changes nothing.
@@ -134,18 +136,17 @@ class KronALinear(WrapsLinear, _KronAdapter):
     ``merge()`` adds s * kron(A, B) into base.weight; ``unmerge()`` takes it out again.
     """
 
-    def __init__(self, base: nn.Linear, *, a_shape=None, rank: int | None = None,
+    def __init__(self, base: nn.Module, *, a_shape=None, rank: int | None = None,
                  alpha: float | None = None, dropout: float = 0.0):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        check_linear("base", base)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
             raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.base = base
-        _freeze(base)
-        self._init_factors(base.in_features, base.out_features, a_shape, rank, alpha,
+        freeze(base)
+        self._init_factors(self.in_features, self.out_features, a_shape, rank, alpha,
                            base.weight.device, base.weight.dtype)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
@@ -162,7 +163,7 @@ class KronALinear(WrapsLinear, _KronAdapter):
         """Add s * kron(A, B) into the base weight; forward then runs the base alone."""
         if self.merged:
             raise RuntimeError("KronALinear is already merged; unmerge() first")
-        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        self.base_weight.add_(self.delta_weight().to(self.base_weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -170,14 +171,14 @@ class KronALinear(WrapsLinear, _KronAdapter):
         """Subtract the merged update from the base weight (exact up to its dtype's rounding)."""
         if not self.merged:
             raise RuntimeError("KronALinear is not merged")
-        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self.base_weight.sub_(self.delta_weight().to(self.base_weight.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
         return f"{self._factor_repr()}, merged={self.merged}"
 
 
-class KronABlock(_KronAdapter):
+class KronABlock(KronFactors):
     """KronA^B / KronA^B_res: an adapter in parallel with a frozen block (e.g. an FFN).
 
     y = block(x) + s * x @ kron(A, B).T  (+ s_res * x when ``residual``; s_res is learnable
@@ -194,7 +195,7 @@ class KronABlock(_KronAdapter):
             raise ValueError(f"residual needs in_features == out_features, got "
                              f"{in_features} and {out_features}")
         self.block = block
-        _freeze(block)
+        freeze(block)
         if device is None or dtype is None:
             ref = next(block.parameters(), None)
             device = device if device is not None or ref is None else ref.device

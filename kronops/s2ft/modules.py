@@ -1,11 +1,12 @@
-"""S²FT layers over a frozen nn.Linear: ``S2FTLinear`` (adapter Δ) and ``S2FTInPlaceLinear``."""
+"""S²FT layers over a frozen linear layer (nn.Linear or transformers Conv1D, see
+``wrapped_linear``): ``S2FTLinear`` (adapter Δ) and ``S2FTInPlaceLinear``."""
 import copy
 
 import torch
 from torch import nn
 
 from ..checks import check_features
-from ..wrapped_linear import WrapsLinear
+from ..wrapped_linear import WrapsLinear, check_linear
 from . import optimizer_guard
 from .ops import check_index, check_sorted_unique, sparse_linear
 
@@ -22,14 +23,14 @@ class S2FTLinear(WrapsLinear, nn.Module):
     takes it over, and a state of the other mode or kind (range vs tensor) raises.
     ``merge()`` adds Δ into base.weight (forward then runs the base alone); ``unmerge()``
     takes it out again (exact when Δ is representable in the weight's dtype). The base
-    never gets a gradient; only ``delta`` is trainable.
+    never gets a gradient; only ``delta`` is trainable. A Conv1D base (weight stored
+    (in, out)) works the same: rows and columns are those of its (out, in) view.
     """
 
-    def __init__(self, base: nn.Linear, *, rows=None, cols=None,
+    def __init__(self, base: nn.Module, *, rows=None, cols=None,
                  delta_dtype: torch.dtype = torch.float32):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        check_linear("base", base)
         if (rows is None) == (cols is None):
             raise ValueError("exactly one of rows and cols must be given")
         if not isinstance(delta_dtype, torch.dtype) or not delta_dtype.is_floating_point:
@@ -39,11 +40,11 @@ class S2FTLinear(WrapsLinear, nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.mode = "cols" if cols is not None else "rows"
-        size = base.in_features if cols is not None else base.out_features
+        size = self.in_features if cols is not None else self.out_features
         index, self.start, count = check_index(self.mode, cols if cols is not None else rows,
                                                size, base.weight.device)
         self.register_buffer("index", index.clone() if index is not None else None)
-        shape = (base.out_features, count) if cols is not None else (count, base.in_features)
+        shape = (self.out_features, count) if cols is not None else (count, self.in_features)
         self.delta = nn.Parameter(torch.zeros(shape, device=base.weight.device, dtype=delta_dtype))
         self.merged = False
 
@@ -110,13 +111,13 @@ class S2FTLinear(WrapsLinear, nn.Module):
         if self.merged:
             check_features("x", x, self.in_features)
             return self.base(x)
-        w = self.base.weight
+        w = self.base_weight
         return sparse_linear(x, w, self.delta.to(w.dtype), bias=self.base.bias,
                              **{self.mode: self.selection()})
 
     def _weight_part(self) -> torch.Tensor:
         """The (view or index) of base.weight that Δ covers, for in-place updates."""
-        w = self.base.weight
+        w = self.base_weight
         sel = self.selection()
         if isinstance(sel, range):
             return w[:, sel.start:sel.stop] if self.mode == "cols" else w[sel.start:sel.stop]
@@ -124,7 +125,7 @@ class S2FTLinear(WrapsLinear, nn.Module):
 
     @torch.no_grad()
     def _add(self, sign: float) -> None:
-        w = self.base.weight
+        w = self.base_weight
         value = (sign * self.delta).to(w.dtype)
         part = self._weight_part()
         if part is not None:
@@ -162,7 +163,7 @@ class S2FTInPlaceLinear(S2FTLinear):
     base.weight in place. Ordinary optimizers cannot update ``selected`` (it is expanded).
     """
 
-    def __init__(self, base: nn.Linear, *, rows=None, cols=None):
+    def __init__(self, base: nn.Module, *, rows=None, cols=None):
         super().__init__(base, rows=rows, cols=cols, delta_dtype=base.weight.dtype)
         shape = self.delta.shape
         del self.delta
@@ -184,7 +185,7 @@ class S2FTInPlaceLinear(S2FTLinear):
         return self.selected
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(x, self.base.weight, self.selected, bias=self.base.bias,
+        return sparse_linear(x, self.base_weight, self.selected, bias=self.base.bias,
                              **{self.mode: self.selection()})
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -210,7 +211,7 @@ class S2FTInPlaceLinear(S2FTLinear):
     def weight_part(self) -> torch.Tensor:
         """A copy of the trained submatrix of base.weight ((|R|, in) or (out, |C|))."""
         sel = self.indices()
-        return self.base.weight.detach().index_select(1 if self.mode == "cols" else 0, sel)
+        return self.base_weight.detach().index_select(1 if self.mode == "cols" else 0, sel)
 
     def merge(self) -> None:
         raise RuntimeError("S2FTInPlaceLinear trains the weight in place: nothing to merge")

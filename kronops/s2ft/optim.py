@@ -52,7 +52,7 @@ class _InPlace(torch.optim.Optimizer):
     def _master(self, p) -> torch.Tensor | None:
         """The fp32 master values of ``p``'s submatrix (made at the first step), or None when
         the weight is fp32/fp64 or ``master_weights=False``."""
-        weight = self._layer_of[id(p)].base.weight
+        weight = self._layer_of[id(p)].base_weight
         keep = weight.dtype in (torch.float16, torch.bfloat16) if self.master_weights is None \
             else self.master_weights and weight.dtype != accumulation_dtype(weight.dtype)
         if not keep:
@@ -94,7 +94,7 @@ class InPlaceSGD(_InPlace):
                 if p.grad is None:
                     continue
                 layer = self._layer_of[id(p)]
-                weight, dim = layer.base.weight, 1 if layer.mode == "cols" else 0
+                weight, dim = layer.base_weight, 1 if layer.mode == "cols" else 0
                 master = self._master(p)
                 value = master if master is not None else \
                     layer.weight_part().to(accumulation_dtype(weight.dtype))
@@ -141,7 +141,7 @@ class InPlaceAdamW(_InPlace):
                                                    dtype=accumulation_dtype(p.dtype))
                     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 state["step"] += 1
-                sparse_adamw(layer.base.weight, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                sparse_adamw(layer.base_weight, p.grad, state["exp_avg"], state["exp_avg_sq"],
                              self._master(p), layer.index, layer.start, layer.mode == "cols",
                              lr, beta1, beta2, eps, wd, state["step"])
         return loss
