@@ -182,17 +182,6 @@ def test_unknown_method():
         apply_adapters(tiny_bert(), "lora")
 
 
-def test_gpt2_conv1d_is_refused_clearly():
-    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50,
-                                     bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(config)
-    with pytest.raises(TypeError, match="Conv1D"):
-        apply_adapters(model)
-    with pytest.raises(TypeError, match="transformer.h.0.attn.c_attn is a transformers Conv1D"):
-        apply_adapters(model, target_modules=["c_attn"])
-    assert not hasattr(model, "_kronops")
-
-
 def test_s2ft_method_wraps_selected_parts_and_merges():
     model = tiny_llama(torch.float64)
     x = ids()

@@ -46,14 +46,15 @@ def test_bert_blocks_are_found_with_their_roles_and_sizes():
     assert [b.name for b in blocks] == [LAYER.format(0), LAYER.format(1)]
     b = blocks[1]
     assert (b.num_heads, b.num_kv_heads, b.head_dim, b.channels) == (4, 4, 8, 48)
-    assert b.query == LAYER.format(1) + ".attention.self.query"
-    assert b.attention_output == LAYER.format(1) + ".attention.output.dense"
-    assert b.ffn_in == (LAYER.format(1) + ".intermediate.dense",)
-    assert b.ffn_out == LAYER.format(1) + ".output.dense"
+    assert b.query.module == LAYER.format(1) + ".attention.self.query"
+    assert b.attention_output.module == LAYER.format(1) + ".attention.output.dense"
+    assert [s.module for s in b.ffn_in] == [LAYER.format(1) + ".intermediate.dense"]
+    assert b.ffn_out.module == LAYER.format(1) + ".output.dense"
     parts = b.parts([1, 3], [5])
-    assert parts[b.key][0] == "rows" and parts[b.key][1].tolist() == \
+    assert parts[b.key.module][0] == "rows" and parts[b.key.module][1].tolist() == \
         list(range(8, 16)) + list(range(24, 32))  # no GQA: K/V heads are the query heads
-    assert parts[b.attention_output][0] == "cols" and parts[b.ffn_out][1].tolist() == [5]
+    assert parts[b.attention_output.module][0] == "cols"
+    assert parts[b.ffn_out.module][1].tolist() == [5]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -114,7 +114,7 @@ def test_weight_strategies_on_a_wrapped_model(strategy):
 
 
 def test_model_without_blocks():
-    with pytest.raises(ValueError, match="no LLaMA-style blocks"):
+    with pytest.raises(ValueError, match="no transformer blocks found"):
         adapters.select(torch.nn.Linear(3, 3), heads=1)
 
 

@@ -1,4 +1,4 @@
-"""Adapters on whole models, both methods (KronA/LoKr and S²FT), LLaMA-style and BERT-style.
+"""Adapters on whole models, every method (KronA/LoKr, KronA^B, S²FT), every supported family.
 
 ``apply_adapters``/``merge_adapters``/``unmerge_adapters``/``trainable_parameters``/
 ``disable_adapters`` (``apply``): wrap, merge, unload, summarise, switch off for a while;
@@ -7,7 +7,8 @@
 ``find_blocks``/``Block`` (``blocks``): the transformer blocks and the weight parts of a head
 or channel; ``unpermute`` (``permutation``): undo S²FT co-permutation; ``AdapterState``
 (``state``): what a model records in ``model._kronops``; ``targets``: module matching;
-``lokr``: KronA-family layer settings; ``peft``: PEFT LoKr interop (imports peft lazily);
+``lokr``: KronA-family layer settings; ``KronASublayer`` (``sublayer``): KronA^B in a model;
+``peft``: PEFT LoKr interop (imports peft lazily);
 ``AdapterFileError`` (``errors``): a malformed adapter file or plan.
 """
 from .apply import (DEFAULT_S2FT_RATIO, AdapterSummary, apply_adapters, disable_adapters,
@@ -18,8 +19,9 @@ from .files import load_adapters, read_adapters, save_adapters
 from .permutation import unpermute
 from .selection import Plan, select
 from .state import AdapterState, adapter_modules
+from .sublayer import KronASublayer
 
 __all__ = ["apply_adapters", "merge_adapters", "unmerge_adapters", "trainable_parameters",
            "disable_adapters", "AdapterSummary", "DEFAULT_S2FT_RATIO", "save_adapters",
            "load_adapters", "read_adapters", "AdapterFileError", "select", "Plan", "Block",
-           "find_blocks", "unpermute", "AdapterState", "adapter_modules"]
+           "find_blocks", "unpermute", "AdapterState", "adapter_modules", "KronASublayer"]

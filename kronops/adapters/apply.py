@@ -1,4 +1,4 @@
-"""Whole models, both methods, one call each: ``apply_adapters``, ``merge_adapters``,
+"""Whole models, every method, one call each: ``apply_adapters``, ``merge_adapters``,
 ``unmerge_adapters``; ``trainable_parameters`` (what is trained) and ``disable_adapters``
 (the base model's outputs, for a while).
 
@@ -9,8 +9,13 @@
   method="krona"  each target module (``targets``; None: the architecture's defaults)
                   becomes a ``KronALinear``, base(x) + s * x @ kron(A, B).T.
                   config: a_shape (None, a pair, or {module suffix: pair}), rank, alpha, dropout.
-  method="s2ft"   every LLaMA-style or BERT-style block (``blocks``) trains the weight parts
-                  of its selected query heads and FFN channels (``Block.parts``).
+  method="krona_block"  KronA^B (``residual=True``: KronA^B_res): a Kronecker adapter in
+                  parallel with every attention and FFN sub-layer of every block
+                  (``sublayer``; cross-attention included), wrapping the sub-layer's output
+                  projection as a ``KronASublayer``. config: a_shape (pair, or {output
+                  module suffix: pair}), rank, alpha, residual. Cannot be merged.
+  method="s2ft"   every transformer block (``blocks``: every supported family) trains the
+                  weight parts of its selected query heads and FFN channels (``Block.parts``).
                   config: plan (a ``Plan`` from ``select``) or the selection itself: ratio
                   (fraction of heads and of channels, in (0, 1]) or heads/channels (an int
                   per block, or a fraction of the model total), strategy, seed, calibration,
@@ -34,8 +39,8 @@ e.g. a classifier head; ``save_adapters`` stores them with the adapters.
 New adapter layers take the training mode of the Linear they wrap: adapters added to (or
 loaded into) a model in ``eval()`` mode are in eval mode too (no dropout at inference).
 
-GPT-2-style ``transformers.pytorch_utils.Conv1D`` layers (weight stored (in, out)) are refused
-with a clear message; wrap nn.Linear models, or convert Conv1D to nn.Linear first.
+Linear layers are nn.Linear or GPT-2-style ``transformers.pytorch_utils.Conv1D`` (weight
+stored (in, out)): adapters take its (out, in) view, no copy (``wrapped_linear``).
 """
 import contextlib
 import copy
@@ -47,14 +52,18 @@ from torch import nn
 
 from ..kron.modules import factor_shapes
 from ..s2ft.modules import S2FTInPlaceLinear, S2FTLinear
+from ..wrapped_linear import features, is_linear
 from .blocks import Block, find_blocks
 from .lokr import KIND_KRONA, build_layer, layer_config
 from .permutation import block_permutation, permute_block, unpermute
 from .selection import Plan, check_plan, select
 from .state import METHODS, MODES, STATE, AdapterState, adapter_modules, adapter_state
-from .targets import default_targets, is_conv1d, linear_names, match_modules
+from .sublayer import (KIND_SUBLAYER, KronASublayer, build_sublayer, sublayer_config,
+                       sublayer_pairs)
+from .targets import default_targets, linear_names, match_modules
 
 KRONA_KEYS = ("a_shape", "rank", "alpha", "dropout")
+KRONA_BLOCK_KEYS = ("a_shape", "rank", "alpha", "residual")
 SELECTION_KEYS = ("ratio", "heads", "channels", "strategy", "seed", "calibration", "loss_fn")
 S2FT_OPTIONS = ("mode", "permute", "delta_dtype")
 S2FT_KEYS = ("plan",) + SELECTION_KEYS + S2FT_OPTIONS
@@ -82,7 +91,7 @@ class AdapterSummary:
 
 
 def _check_config(method: str, config: dict) -> None:
-    allowed = KRONA_KEYS if method == "krona" else S2FT_KEYS
+    allowed = {"krona": KRONA_KEYS, "krona_block": KRONA_BLOCK_KEYS, "s2ft": S2FT_KEYS}[method]
     unknown = sorted(set(config) - set(allowed))
     if unknown:
         raise TypeError(f"unknown config for method={method!r}: {', '.join(unknown)}; "
@@ -97,40 +106,70 @@ def _a_shape_for(name: str, a_shape):
     return a_shape[max(keys, key=len)] if keys else None
 
 
-def krona_layer_configs(model: nn.Module, names: list[str], *, a_shape=None, rank=None,
-                        alpha=None, dropout=0.0) -> dict[str, dict]:
-    """Per target name its KronALinear settings (``lokr.build_layer``'s), validated against
-    the module's shape."""
+def _check_factor_args(rank, alpha) -> None:
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank must be a positive int or None, got {rank!r}")
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
         raise TypeError(f"alpha must be a number, got {alpha!r}")
     if alpha is not None and not math.isfinite(alpha):
         raise ValueError(f"alpha must be finite, got {alpha!r}")
+
+
+def _factor_a_shape(name: str, in_features: int, out_features: int, a_shape, rank) -> list:
+    """[a1, a2] for module ``name`` (``_a_shape_for``), checked against its size and rank."""
+    try:
+        (a1, a2), _ = factor_shapes(in_features, out_features, _a_shape_for(name, a_shape))
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    if rank is not None and rank > min(a1, a2):
+        raise ValueError(f"{name}: rank {rank} exceeds min(a1, a2) = {min(a1, a2)} "
+                         f"for a_shape ({a1}, {a2}) ({out_features}x{in_features} "
+                         f"weight); {_rank_hint(out_features, in_features, rank, a1, a2)}")
+    return [a1, a2]
+
+
+def krona_layer_configs(model: nn.Module, names: list[str], *, a_shape=None, rank=None,
+                        alpha=None, dropout=0.0) -> dict[str, dict]:
+    """Per target name its KronALinear settings (``lokr.build_layer``'s), validated against
+    the module's shape."""
+    _check_factor_args(rank, alpha)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or \
             not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     configs = {}
     for name in names:
         module = model.get_submodule(name)
-        if is_conv1d(module):
-            raise TypeError(f"{name} is a transformers Conv1D (GPT-2 style, weight (in, out)); "
-                            "kronops wraps nn.Linear only")
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"{name} is a {type(module).__name__}, not an nn.Linear")
-        try:
-            (a1, a2), _ = factor_shapes(module.in_features, module.out_features,
-                                        _a_shape_for(name, a_shape))
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-        if rank is not None and rank > min(a1, a2):
-            raise ValueError(f"{name}: rank {rank} exceeds min(a1, a2) = {min(a1, a2)} "
-                             f"for a_shape ({a1}, {a2}) ({module.out_features}x"
-                             f"{module.in_features} weight); "
-                             f"{_rank_hint(module.out_features, module.in_features, rank, a1, a2)}")
-        configs[name] = dict(kind=KIND_KRONA, in_features=module.in_features,
-                             out_features=module.out_features, a_shape=[a1, a2], rank=rank,
-                             alpha=alpha, dropout=float(dropout))
+        if not is_linear(module):
+            raise TypeError(f"{name} is a {type(module).__name__}, not an nn.Linear "
+                            "(or transformers Conv1D)")
+        in_features, out_features = features(module)
+        configs[name] = dict(kind=KIND_KRONA, in_features=in_features,
+                             out_features=out_features,
+                             a_shape=_factor_a_shape(name, in_features, out_features, a_shape,
+                                                     rank),
+                             rank=rank, alpha=alpha, dropout=float(dropout))
+    return configs
+
+
+def sublayer_configs(model: nn.Module, blocks: list[Block], *, a_shape=None, rank=None,
+                     alpha=None, residual=False) -> dict[str, dict]:
+    """Per sub-layer output module its KronASublayer settings (``sublayer.build_sublayer``'s),
+    validated: one per attention and FFN sub-layer of every block."""
+    _check_factor_args(rank, alpha)
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual must be a bool, got {residual!r}")
+    configs = {}
+    for name, source in sublayer_pairs(blocks).items():
+        in_features = features(model.get_submodule(source))[0]
+        out_features = features(model.get_submodule(name))[1]
+        if residual and in_features != out_features:
+            raise ValueError(f"{name}: residual=True needs the sub-layer's input and output "
+                             f"sizes equal, got {in_features} and {out_features}")
+        configs[name] = dict(kind=KIND_SUBLAYER, source=source, in_features=in_features,
+                             out_features=out_features,
+                             a_shape=_factor_a_shape(name, in_features, out_features, a_shape,
+                                                     rank),
+                             rank=rank, alpha=alpha, residual=residual)
     return configs
 
 
@@ -160,11 +199,13 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def wrap_krona(model: nn.Module, configs: dict[str, dict]) -> None:
-    """Replace each named nn.Linear by the KronA (or LoKr) layer its (validated) config gives,
-    in the Linear's training mode."""
+    """Replace each named linear layer by the KronA, LoKr or KronA^B layer its (validated)
+    config gives, in the layer's training mode."""
     for name, cfg in configs.items():
         base = model.get_submodule(name)
-        set_module(model, name, build_layer(base, cfg).train(base.training))
+        layer = build_sublayer(base, model.get_submodule(cfg["source"]), cfg) \
+            if cfg["kind"] == KIND_SUBLAYER else build_layer(base, cfg)
+        set_module(model, name, layer.train(base.training))
 
 
 def _s2ft_options(config: dict) -> tuple[str, bool, torch.dtype]:
@@ -311,6 +352,15 @@ def apply_adapters(model: nn.Module, method: str = "krona", target_modules=None,
         wrap_krona(model, configs)
         state = AdapterState(method, train, layers={
             n: layer_config(model.get_submodule(n)) for n in configs})
+    elif method == "krona_block":
+        if target_modules is not None:
+            raise ValueError("method='krona_block' adapts every attention and FFN sub-layer of "
+                             "the model's blocks; target_modules must be None")
+        configs = sublayer_configs(model, find_blocks(model), **config)
+        _check_overlap(train, list(configs) + [c["source"] for c in configs.values()])
+        wrap_krona(model, configs)
+        state = AdapterState(method, train, layers={
+            n: sublayer_config(model.get_submodule(n), c["source"]) for n, c in configs.items()})
     else:
         if target_modules is not None:
             raise ValueError("method='s2ft' chooses its modules from the selection plan; "
@@ -397,6 +447,12 @@ def _mergeable(model: nn.Module, merged: bool) -> list[nn.Module]:
     layers = adapter_modules(model)
     if not layers:
         raise ValueError("model has no kronops adapter layers (apply_adapters first)")
+    parallel = [n for n, m in layers.items() if isinstance(m, KronASublayer)]
+    if parallel:
+        raise ValueError(f"KronA^B adapters (e.g. {parallel[0]}) run in parallel with a "
+                         "non-linear sub-layer (attention or FFN): their update is not a weight "
+                         "change and cannot be merged; keep them as they are (save_adapters / "
+                         "load_adapters), or use method='krona' for mergeable adapters")
     mergeable = {n: m for n, m in layers.items() if not isinstance(m, S2FTInPlaceLinear)}
     if not mergeable:
         raise ValueError("model has no S²FT adapter layers to merge: in-place S²FT trains the "
@@ -417,6 +473,7 @@ def merge_adapters(model: nn.Module, *, unload: bool = False) -> nn.Module:
     cannot be unmerged after. A co-permuted S²FT model is unpermuted first: the plain model
     has the original weight layout. In-place S²FT has nothing to merge (training changed
     the weights themselves): ``unload=True`` just unwraps it; without unload it is an error.
+    KronA^B adapters (``krona_block``) cannot be merged: a ValueError says so.
     """
     layers = adapter_modules(model)
     inplace = bool(layers) and all(isinstance(m, S2FTInPlaceLinear) for m in layers.values())

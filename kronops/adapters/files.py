@@ -3,10 +3,13 @@
 One safetensors file: the tensors, and in the header metadata under "kronops" a JSON config:
 format, format_version, kronops_version, method, train_modules, tensors ({name: shape,
 dtype}), sha256 (see below) and per method
-  krona  layers: per adapter module its settings (``lokr.layer_config``)
-  s2ft   plan (the ``Plan``, JSON) and mode ("adapter" | "inplace")
+  krona        layers: per adapter module its settings (``lokr.layer_config``)
+  krona_block  layers: per sub-layer output module its settings, with the source module
+               whose input the adapter takes (``sublayer.sublayer_config``)
+  s2ft         plan (the ``Plan``, JSON) and mode ("adapter" | "inplace")
 Tensors, by module name in the model:
-  krona  ``<module>.a`` (or ``.a_u``, ``.a_v``), ``<module>.b`` (or ``.b_u``, ``.b_v``)
+  krona  ``<module>.a`` (or ``.a_u``, ``.a_v``), ``<module>.b`` (or ``.b_u``, ``.b_v``);
+         krona_block also ``<module>.residual_scale`` with residual=True
   s2ft   ``<module>.rows`` or ``<module>.cols``: the sorted int64 indices the plan trains
          ``<module>.delta``   adapter mode: Δ, (|R|, in) or (out, |C|)
          ``<module>.weight``  in-place mode: those rows/columns of the trained weight
@@ -51,10 +54,13 @@ from torch import nn
 from ..kron.modules import KronALinear
 from ..s2ft.modules import S2FTInPlaceLinear, S2FTLinear
 from ..version import __version__
+from ..wrapped_linear import features, is_linear
 from .apply import _check_overlap, freeze_except, plan_parts, summarize, wrap_krona, wrap_s2ft
 from .blocks import find_blocks
 from .errors import AdapterFileError
 from .lokr import KIND_KRONA, KIND_LOKR, build_layer, layer_config
+from .sublayer import (KIND_SUBLAYER, SUBLAYER_KEYS, KronASublayer, build_sublayer,
+                       sublayer_config)
 from .permutation import original_orders
 from .selection import Plan, _expect_keys, _is_int, check_plan
 from .state import METHODS, MODES, STATE, AdapterState, adapter_modules, adapter_state
@@ -63,21 +69,23 @@ FORMAT = "kronops-adapters"
 FORMAT_VERSION = 2  # 2: one layout for every method (S²FT plan + mode, in-place weights)
 COMMON_KEYS = ("format", "format_version", "kronops_version", "method", "train_modules",
                "tensors", "sha256")
-METHOD_KEYS = {"krona": ("layers",), "s2ft": ("plan", "mode")}
+METHOD_KEYS = {"krona": ("layers",), "krona_block": ("layers",), "s2ft": ("plan", "mode")}
 LAYER_KEYS = ("kind", "in_features", "out_features", "a_shape", "rank", "alpha", "dropout")
+LAYER_KINDS = {"krona": (KIND_KRONA, KIND_LOKR), "krona_block": (KIND_SUBLAYER,)}
 TMP_SUFFIX = ".kronops-tmp"
 STALE_TMP_S = 15 * 60  # a temporary file this old is stale even if its pid is in use
 
 
 def _expect_linear(path: str, name: str, module, cfg: dict) -> None:
-    """The model's module ``name`` is an nn.Linear of the size the file's ``cfg`` gives."""
-    if not isinstance(module, nn.Linear):
+    """The model's module ``name`` is a linear layer of the size the file's ``cfg`` gives."""
+    if not is_linear(module):
         what = "missing" if module is None else f"a {type(module).__name__}"
         raise AdapterFileError(f"{path!r}: adapter module {name!r} is {what} in the model, "
-                               "expected an nn.Linear")
-    if (module.in_features, module.out_features) != (cfg["in_features"], cfg["out_features"]):
+                               "expected an nn.Linear (or transformers Conv1D)")
+    in_features, out_features = features(module)
+    if (in_features, out_features) != (cfg["in_features"], cfg["out_features"]):
         raise AdapterFileError(
-            f"{path!r}: {name} is {module.in_features}->{module.out_features} in the model, "
+            f"{path!r}: {name} is {in_features}->{out_features} in the model, "
             f"{cfg['in_features']}->{cfg['out_features']} in the file")
 
 
@@ -121,6 +129,14 @@ def checksum(config: dict, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _layer_config(layer: nn.Module, recorded: dict | None) -> dict:
+    """A KronA-family layer's settings; a KronA^B layer's source from ``recorded`` (the
+    state's entry: the layer itself does not know its source's name)."""
+    if isinstance(layer, KronASublayer):
+        return sublayer_config(layer, recorded["source"])
+    return layer_config(layer)
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A sharded FSDP2 parameter (DTensor) gathered whole (a collective), else ``t``."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -152,7 +168,7 @@ def _s2ft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         dim = 1 if layer.mode == "cols" else 0
         indices, position = _to_original(layer, orders.get(name))
         if isinstance(layer, S2FTInPlaceLinear):
-            key, values = "weight", _full(layer.base.weight).detach().index_select(
+            key, values = "weight", _full(layer.base_weight).detach().index_select(
                 dim, layer.indices())
         else:
             key, values = "delta", _full(layer.delta).detach()
@@ -170,9 +186,10 @@ def _collect(model: nn.Module) -> tuple[dict, dict]:
     config = dict(format=FORMAT, format_version=FORMAT_VERSION, kronops_version=__version__,
                   method=state.method, train_modules=list(state.train_modules))
     tensors = {}
-    if state.method == "krona":
-        layers = {n: m for n, m in adapter_modules(model).items() if isinstance(m, KronALinear)}
-        config["layers"] = {n: layer_config(m) for n, m in layers.items()}
+    if state.method in LAYER_KINDS:
+        layers = {n: m for n, m in adapter_modules(model).items()
+                  if isinstance(m, (KronALinear, KronASublayer))}
+        config["layers"] = {n: _layer_config(m, state.layers.get(n)) for n, m in layers.items()}
         for name, layer in layers.items():
             for pname, p in _adapter_params(layer).items():
                 tensors[f"{name}.{pname}"] = p
@@ -347,16 +364,24 @@ def _is_number(value) -> bool:
         math.isfinite(value)
 
 
-def _check_layer_config(name: str, cfg) -> None:
-    """A KronA/LoKr layer config (``lokr.layer_config``) of the right structure and values."""
+def _check_layer_config(name: str, cfg, method: str) -> None:
+    """A KronA/LoKr (``lokr.layer_config``) or KronA^B (``sublayer.sublayer_config``) layer
+    config of the right structure and values for ``method``."""
     where = f"layer {name!r}"
+    kinds = LAYER_KINDS[method]
     if not isinstance(cfg, dict) or "kind" not in cfg:
         _expect_keys(where, cfg, LAYER_KEYS)  # names what is missing
     kind = cfg["kind"]
-    if kind not in (KIND_KRONA, KIND_LOKR):
-        raise AdapterFileError(f"{where}: kind must be {KIND_KRONA!r} or {KIND_LOKR!r}, "
+    if kind not in kinds:
+        raise AdapterFileError(f"{where}: kind must be one of {kinds} for method {method!r}, "
                                f"got {kind!r}")
-    _expect_keys(where, cfg, LAYER_KEYS + (("rank_b",) if kind == KIND_LOKR else ()))
+    _expect_keys(where, cfg, SUBLAYER_KEYS if kind == KIND_SUBLAYER else
+                 LAYER_KEYS + (("rank_b",) if kind == KIND_LOKR else ()))
+    if kind == KIND_SUBLAYER and (not isinstance(cfg["source"], str) or not cfg["source"]):
+        raise AdapterFileError(f"{where}: source must be a module name, got {cfg['source']!r}")
+    if kind == KIND_SUBLAYER and not isinstance(cfg["residual"], bool):
+        raise AdapterFileError(f"{where}: residual must be true or false, "
+                               f"got {cfg['residual']!r}")
     for key in ("in_features", "out_features") + (("rank_b",) if kind == KIND_LOKR else ()):
         if not _is_int(cfg[key]) or cfg[key] <= 0:
             raise AdapterFileError(f"{where}: {key} must be a positive int, got {cfg[key]!r}")
@@ -372,7 +397,8 @@ def _check_layer_config(name: str, cfg) -> None:
         raise AdapterFileError(f"{where}: rank must be null or a positive int, got {rank!r}")
     if not _is_number(cfg["alpha"]):
         raise AdapterFileError(f"{where}: alpha must be a finite number, got {cfg['alpha']!r}")
-    if not _is_number(cfg["dropout"]) or not 0.0 <= cfg["dropout"] < 1.0:
+    if kind != KIND_SUBLAYER and (not _is_number(cfg["dropout"]) or
+                                  not 0.0 <= cfg["dropout"] < 1.0):
         raise AdapterFileError(f"{where}: dropout must be a number in [0, 1), "
                                f"got {cfg['dropout']!r}")
 
@@ -405,14 +431,14 @@ def _check_config(config: dict, tensors: dict, path: str) -> None:
             raise AdapterFileError(f"{path!r}: {key} is listed as {listed[key]!r}, the file "
                                    f"holds shape {list(t.shape)} dtype {_dtype_name(t)}")
     try:
-        if method == "krona":
+        if method in LAYER_KINDS:
             layers = config["layers"]
             if not isinstance(layers, dict) or not layers:
                 raise AdapterFileError(f"layers must be a non-empty dict, got {layers!r}")
             for name, cfg in layers.items():
                 if not name:
                     raise AdapterFileError("layers names a module with an empty name")
-                _check_layer_config(name, cfg)
+                _check_layer_config(name, cfg, method)
         else:
             Plan.from_dict(config["plan"])
             if config["mode"] not in MODES:
@@ -492,10 +518,45 @@ def _check_tensors(model: nn.Module, tensors: dict, expected: dict[str, torch.Si
                                    "the model")
 
 
+def _expect_sublayer(path: str, name: str, modules: dict, cfg: dict) -> None:
+    """The model has the KronA^B layer's output module ``name`` and its source, linear
+    layers of the file's sizes."""
+    for role, layer_name, key, side in (("output", name, "out_features", 1),
+                                        ("source", cfg["source"], "in_features", 0)):
+        layer = modules.get(layer_name)
+        if not is_linear(layer):
+            what = "missing" if layer is None else f"a {type(layer).__name__}"
+            raise AdapterFileError(f"{path!r}: sub-layer {role} module {layer_name!r} is {what} "
+                                   "in the model, expected a linear layer")
+        if features(layer)[side] != cfg[key]:
+            raise AdapterFileError(f"{path!r}: {layer_name} has {key.replace('_', ' ')} "
+                                   f"{features(layer)[side]} in the model, {cfg[key]} in the file")
+
+
+def _probe(path: str, name: str, modules: dict, cfg: dict) -> nn.Module:
+    """The layer ``cfg`` describes over weightless stand-ins of the model's layers (checked
+    to exist with the file's sizes): its exact parameter shapes."""
+    sublayer = cfg["kind"] == KIND_SUBLAYER
+    if sublayer:
+        _expect_sublayer(path, name, modules, cfg)
+    else:
+        _expect_linear(path, name, modules.get(name), cfg)
+    try:
+        if sublayer:
+            return build_sublayer(nn.Linear(1, cfg["out_features"], bias=False, device="meta"),
+                                  nn.Linear(cfg["in_features"], 1, bias=False, device="meta"), cfg)
+        return build_layer(nn.Linear(cfg["in_features"], cfg["out_features"], bias=False,
+                                     device="meta"), cfg)
+    except (TypeError, ValueError, KeyError) as e:
+        raise AdapterFileError(f"{path!r}: bad config for {name}: {e}") from None
+
+
 def _check_krona(model: nn.Module, config: dict, path: str):
-    """Validate a KronA file against ``model``: (layers to wrap or None, expected shapes)."""
+    """Validate a KronA or KronA^B file against ``model``: (layers to wrap or None, expected
+    shapes)."""
     modules = dict(model.named_modules())
     layers, existing = config["layers"], adapter_modules(model)
+    state = adapter_state(model)
     expected = {}
     if existing:
         if set(existing) != set(layers):
@@ -503,24 +564,18 @@ def _check_krona(model: nn.Module, config: dict, path: str):
                                    f"differ from the file's {sorted(layers)[:3]}...")
         for name, cfg in layers.items():
             layer = existing[name]
-            if not isinstance(layer, KronALinear):
+            if not isinstance(layer, (KronALinear, KronASublayer)):
                 raise AdapterFileError(f"{path!r}: {name} is a {type(layer).__name__}, the file "
                                        f"holds a KronA layer")
-            have = layer_config(layer)
-            for key in ("kind", "in_features", "out_features", "a_shape", "rank", "alpha"):
+            have = _layer_config(layer, state.layers.get(name))
+            for key in [k for k in have if k != "dropout"]:
                 if have[key] != cfg.get(key):
                     raise AdapterFileError(f"{path!r}: {name} has {key} {have[key]!r} in the "
                                            f"model, {cfg.get(key)!r} in the file")
             expected.update({f"{name}.{n}": p.shape for n, p in _adapter_params(layer).items()})
         return None, expected
     for name, cfg in layers.items():
-        module = modules.get(name)
-        _expect_linear(path, name, module, cfg)
-        try:  # the exact parameter shapes, from a layer over a weightless stand-in
-            probe = build_layer(nn.Linear(module.in_features, module.out_features, bias=False,
-                                          device="meta"), cfg)
-        except (TypeError, ValueError, KeyError) as e:
-            raise AdapterFileError(f"{path!r}: bad config for {name}: {e}") from None
+        probe = _probe(path, name, modules, cfg)
         expected.update({f"{name}.{n}": p.shape for n, p in _adapter_params(probe).items()})
     return layers, expected
 
@@ -558,8 +613,7 @@ def _check_s2ft(model: nn.Module, config: dict, path: str):
     expected, index_tensors = {}, {}
     value = "delta" if mode == "adapter" else "weight"
     for name, (side, indices) in parts.items():
-        out_features, in_features = model.get_submodule(name).out_features, \
-            model.get_submodule(name).in_features
+        in_features, out_features = features(model.get_submodule(name))
         expected[f"{name}.{side}"] = torch.Size([indices.numel()])
         expected[f"{name}.{value}"] = torch.Size(
             [indices.numel(), in_features] if side == "rows" else [out_features, indices.numel()])
@@ -575,7 +629,7 @@ def _write_s2ft(model: nn.Module, tensors: dict) -> None:
         _, position = _to_original(layer, orders.get(name))
         dim = 1 if layer.mode == "cols" else 0
         if isinstance(layer, S2FTInPlaceLinear):
-            w = layer.base.weight
+            w = layer.base_weight
             w.index_copy_(dim, layer.indices()[position.to(w.device)],
                           tensors[f"{name}.weight"].to(w.device, w.dtype))
         else:
@@ -600,7 +654,7 @@ def _prepare_load(model: nn.Module, tensors: dict, config: dict, path: str) -> d
                                "unmerge_adapters(model) before loading")
     plan = mode = new_layers = None
     index_tensors, s2ft_keys = {}, set()
-    if method == "krona":
+    if method in LAYER_KINDS:
         new_layers, expected = _check_krona(model, config, path)
         adapted = list(config["layers"])
     else:
@@ -657,10 +711,11 @@ def load_adapters(model: nn.Module, path, *, verbose: bool = False) -> nn.Module
         todo["s2ft_keys"]
 
     # Everything checked: now change the model.
-    if state is None and method == "krona":
+    if state is None and method in LAYER_KINDS:
         wrap_krona(model, todo["new_layers"])
         setattr(model, STATE, AdapterState(method, list(train), layers={
-            n: layer_config(m) for n, m in adapter_modules(model).items()}))
+            n: _layer_config(m, todo["new_layers"][n])
+            for n, m in adapter_modules(model).items()}))
     elif state is None:
         deltas = [tensors[k].dtype for k in sorted(s2ft_keys) if k.endswith(".delta")]
         wrap_s2ft(model, find_blocks(model), todo["plan"], todo["mode"],

@@ -6,8 +6,12 @@ leaves the block's function unchanged:
   heads     with grouped-query attention a query head must stay in its K/V head's group,
             so K/V heads are permuted as groups (rows and biases of key, value) carrying
             their query heads along, and query heads are permuted only within their group
-            (rows and biases of query, columns of attention_output). Per-head state (RoPE,
-            q/k norms, BERT's relative positions) is shared by all heads, so unaffected.
+            (rows and biases of query, columns of attention_output), in whatever layout
+            the block's projections have (fused q/k/v, fused gate/up: ``Block.orders``).
+            RoPE, q/k norms and BERT's relative positions are shared by all heads, so
+            unaffected; where heads carry state of their own (T5's relative position
+            bias, computed once and shared by every layer; ALiBi slopes) heads are not
+            permuted (``Block.permutable_heads`` False): only FFN channels are.
 Selected K/V groups go first, selected query heads first within each group, selected
 channels first. The selected query heads are one contiguous block whenever the selection
 fills all but its last group; otherwise they stay as few runs as the groups allow (the
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from ..s2ft.modules import S2FTInPlaceLinear, S2FTLinear
+from ..wrapped_linear import out_in_weight
 from .blocks import Block, find_blocks
 from .state import adapter_state
 
@@ -25,6 +30,11 @@ from .state import adapter_state
 def block_permutation(block: Block, heads: list[int], channels: list[int]) -> dict:
     """{"heads": new order of query heads, "kv_heads": of K/V heads, "channels": of channels}:
     position i holds the original head (K/V head, channel) perm[key][i]."""
+    picked = set(channels)
+    channel_order = sorted(picked) + [c for c in range(block.channels) if c not in picked]
+    if not block.permutable_heads:
+        return dict(heads=list(range(block.num_heads)),
+                    kv_heads=list(range(block.num_kv_heads)), channels=channel_order)
     group = block.num_heads // block.num_kv_heads
     chosen = set(heads)
     kv_selected = block.kv_heads(heads)
@@ -33,17 +43,10 @@ def block_permutation(block: Block, heads: list[int], channels: list[int]) -> di
     for g in kv_order:
         members = range(g * group, (g + 1) * group)
         head_order += [h for h in members if h in chosen] + [h for h in members if h not in chosen]
-    picked = set(channels)
-    channel_order = sorted(picked) + [c for c in range(block.channels) if c not in picked]
     return dict(heads=head_order, kv_heads=kv_order, channels=channel_order)
 
 
-def block_orders(block: Block, perm: dict) -> dict[str, tuple[str, torch.Tensor]]:
-    """Per module of the block: (side, order) with order[new index] = original index."""
-    return block.parts(perm["heads"], perm["channels"], kv_heads=perm["kv_heads"])
-
-
-def _linear(module: nn.Module) -> nn.Linear:
+def _linear(module: nn.Module) -> nn.Module:
     return module.base if isinstance(module, S2FTLinear) else module
 
 
@@ -51,9 +54,9 @@ def _linear(module: nn.Module) -> nn.Linear:
 def permute_block(model: nn.Module, block: Block, perm: dict) -> None:
     """Reorder the block's weights (and row biases) in place: new position i holds the old
     head/channel perm[key][i]."""
-    for name, (side, order) in block_orders(block, perm).items():
+    for name, (side, order) in block.orders(perm).items():
         linear = _linear(model.get_submodule(name))
-        w = linear.weight
+        w = out_in_weight(linear)
         order = order.to(w.device)
         w.copy_(w.index_select(1 if side == "cols" else 0, order))
         if side == "rows" and linear.bias is not None:
@@ -74,7 +77,7 @@ def original_orders(model: nn.Module) -> dict[str, torch.Tensor]:
     if not perms:
         return {}
     return {name: order for b in find_blocks(model) if b.name in perms
-            for name, (_, order) in block_orders(b, perms[b.name]).items()}
+            for name, (_, order) in b.orders(perms[b.name]).items()}
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """S²FT selection: which attention heads and FFN channels of each block to train.
 
 ``select(model, heads=..., channels=..., strategy=...)`` returns a ``Plan``: per block
-(LLaMA-style or BERT-style, see ``blocks``), sorted query-head and channel indices, with
+(``blocks``: every supported family; a cross-attention block has heads and no channels),
+sorted query-head and channel indices, with
 the strategy and seed, serialisable to JSON. Strategies score every head and channel and
 keep the highest scores:
   random      uniform random scores from ``seed``
@@ -11,7 +12,7 @@ keep the highest scores:
               channel), summed over the calibration batches
   gradient    Fisher-style: squared gradients of the weights "weight" scores, summed over
               the calibration batches (needs a loss: ``loss_fn(output, batch)`` or output.loss)
-``heads``/``channels``: an int is a count per block; a float in [0, 1] a fraction of the
+``heads``/``channels``: an int is a count per block (blocks without channels get none); a float in [0, 1] a fraction of the
 model's total (heads: query heads of every block together; channels: FFN channels), chosen
 across all blocks by score. The count a fraction f of a total n gives is f·n rounded to the
 nearest whole number, halves rounded up, with f taken as written in decimal (0.05, not the
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 
 from ..s2ft.ops import check_sorted_unique
-from .blocks import Block, find_blocks
+from ..wrapped_linear import as_out_in, is_linear, out_in_weight
+from .blocks import Block, Slot, find_blocks
 from .errors import AdapterFileError
 
 STRATEGIES = ("random", "weight", "activation", "gradient")
@@ -79,8 +81,9 @@ class Plan:
                 raise AdapterFileError("plan names a block with an empty name")
             _expect_keys(where, entry, BLOCK_KEYS)
             for key in ("num_heads", "num_kv_heads", "head_dim", "num_channels"):
-                if not _is_int(entry[key]) or entry[key] <= 0:
-                    raise AdapterFileError(f"{where} {key} must be a positive int, "
+                least = 0 if key == "num_channels" else 1  # cross-attention: no channels
+                if not _is_int(entry[key]) or entry[key] < least:
+                    raise AdapterFileError(f"{where} {key} must be an int >= {least}, "
                                            f"got {entry[key]!r}")
             if entry["num_heads"] % entry["num_kv_heads"]:
                 raise AdapterFileError(f"{where}: num_heads {entry['num_heads']} is not a "
@@ -124,8 +127,9 @@ def _count(name: str, value, per_block: list[int]):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be an int (per block) or a float fraction, got {value!r}")
     if isinstance(value, int):
-        if not 0 <= value <= min(per_block):
-            raise ValueError(f"{name} = {value} per block, but blocks have {min(per_block)}")
+        smallest = min([n for n in per_block if n] or [0])
+        if not 0 <= value <= smallest:
+            raise ValueError(f"{name} = {value} per block, but blocks have {smallest}")
         return value, None
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} as a fraction must lie in [0, 1], got {value}")
@@ -161,19 +165,26 @@ def _loss(output, batch, loss_fn):
     return loss
 
 
-def _scored_weights(block: Block):
-    """(head parts, channel parts) that the weight and gradient strategies score, each a
-    list of (module name, dim summed away): query rows + attention_output columns of a
-    head (K/V heads are shared under grouped-query attention); every ffn_in row +
-    the ffn_out column of a channel."""
-    return ([(block.query, 1), (block.attention_output, 0)],
-            [(n, 1) for n in block.ffn_in] + [(block.ffn_out, 0)])
+def _scored_slots(block: Block) -> tuple[list, list]:
+    """(head slots, channel slots) that the weight and gradient strategies score: query
+    rows + attention output columns of a head (K/V heads are shared under grouped-query
+    attention); every ffn_in row + the ffn_out column of a channel."""
+    ffn = list(block.ffn_in) + ([block.ffn_out] if block.ffn_out is not None else [])
+    return [block.query, block.attention_output], ffn
 
 
-def _reduce(block: Block, heads: list, channels: list):
-    """Per-row/column sums -> (head scores (num_heads,), channel scores (channels,)), fp64."""
-    head = sum(heads).view(block.num_heads, block.head_dim).sum(1)
-    return head.double().cpu(), sum(channels).double().cpu()
+def _line_sums(slot: Slot, t: torch.Tensor) -> torch.Tensor:
+    """Squared sums of the (out, in) tensor ``t`` along the slot's side: per row or column."""
+    return t.detach().float().square().sum(1 if slot.side == "rows" else 0)
+
+
+def _unit_scores(slots: list[Slot], sums: list[torch.Tensor], count: int) -> torch.Tensor:
+    """Per unit (head or channel) the sum over ``slots`` of the per-row/column ``sums`` of
+    the lines it owns, fp64 on CPU; (count,) zeros when there are no slots."""
+    total = torch.zeros(count, dtype=torch.float64)
+    for slot, line in zip(slots, sums):
+        total += line.double().cpu()[slot.units].sum(1)
+    return total
 
 
 def _scores(model, blocks, strategy, calibration, loss_fn, generator):
@@ -183,11 +194,16 @@ def _scores(model, blocks, strategy, calibration, loss_fn, generator):
         return [(torch.rand(b.num_heads, generator=generator, dtype=torch.float64),
                  torch.rand(b.channels, generator=generator, dtype=torch.float64))
                 for b in blocks]
-    scored = [_scored_weights(b) for b in blocks]
+    scored = [_scored_slots(b) for b in blocks]
+
+    def per_unit(b, heads, head_sums, channels, channel_sums):
+        return (_unit_scores(heads, head_sums, b.num_heads),
+                _unit_scores(channels, channel_sums, b.channels))
+
     if strategy == "weight":
-        def norms(parts):
-            return [modules[n].weight.detach().float().square().sum(dim) for n, dim in parts]
-        return [_reduce(b, norms(h), norms(c)) for b, (h, c) in zip(blocks, scored)]
+        def norms(slots):
+            return [_line_sums(s, out_in_weight(modules[s.module])) for s in slots]
+        return [per_unit(b, h, norms(h), c, norms(c)) for b, (h, c) in zip(blocks, scored)]
     if calibration is None:
         raise ValueError(f"strategy={strategy!r} needs calibration batches")
     if strategy == "activation":
@@ -198,8 +214,10 @@ def _scores(model, blocks, strategy, calibration, loss_fn, generator):
                 sums[key] = sums.get(key, 0) + args[0].detach().float().square() \
                     .reshape(-1, args[0].shape[-1]).sum(0)
             return fn
-        handles = [modules[name].register_forward_pre_hook(hook(name))
-                   for b in blocks for name in (b.attention_output, b.ffn_out)]
+        outputs = [[b.attention_output] + ([b.ffn_out] if b.ffn_out is not None else [])
+                   for b in blocks]
+        handles = [modules[s.module].register_forward_pre_hook(hook(s.module))
+                   for slots in outputs for s in slots]
         try:
             with torch.no_grad():
                 for batch in calibration:
@@ -209,9 +227,11 @@ def _scores(model, blocks, strategy, calibration, loss_fn, generator):
                 h.remove()
         if not sums:
             raise ValueError("calibration is empty")
-        return [_reduce(b, [sums[b.attention_output]], [sums[b.ffn_out]]) for b in blocks]
+        return [per_unit(b, slots[:1], [sums[slots[0].module]],
+                         slots[1:], [sums[s.module] for s in slots[1:]])
+                for b, slots in zip(blocks, outputs)]
     # gradient: squared weight gradients, reduced to rows/columns after every batch
-    weights = [[(modules[n].weight, dim) for n, dim in h + c] for h, c in scored]
+    weights = [[(modules[s.module], s) for s in h + c] for h, c in scored]
     flags = {id(p): p.requires_grad for p in model.parameters()}
     grads = {id(p): p.grad for p in model.parameters()}  # the caller's, put back after
     sums = [[0] * len(w) for w in weights]
@@ -221,14 +241,16 @@ def _scores(model, blocks, strategy, calibration, loss_fn, generator):
             p.requires_grad_(False)
             p.grad = None
         for block in weights:
-            for w, _ in block:
-                w.requires_grad_(True)
+            for layer, _ in block:
+                layer.weight.requires_grad_(True)
         for batch in calibration:
             _loss(_run(model, batch), batch, loss_fn).backward()
             for i, block in enumerate(weights):
-                for j, (w, dim) in enumerate(block):
-                    sums[i][j] = sums[i][j] + w.grad.float().square().sum(dim)
-                    w.grad = None
+                for j, (layer, slot) in enumerate(block):
+                    sums[i][j] = sums[i][j] + _line_sums(slot, as_out_in(layer, layer.weight.grad))
+            for block in weights:
+                for layer, _ in block:
+                    layer.weight.grad = None
             batches += 1
     finally:
         for p in model.parameters():
@@ -236,16 +258,17 @@ def _scores(model, blocks, strategy, calibration, loss_fn, generator):
             p.grad = grads[id(p)]
     if not batches:
         raise ValueError("calibration is empty")
-    return [_reduce(b, s[:len(h)], s[len(h):]) for b, s, (h, _) in zip(blocks, sums, scored)]
+    return [per_unit(b, h, s[:len(h)], c, s[len(h):])
+            for b, s, (h, c) in zip(blocks, sums, scored)]
 
 
 def _check_unwrapped(model, blocks, strategy: str) -> None:
     """The weight and gradient strategies read projection weights: S²FT layers have none."""
     modules = dict(model.named_modules())
     for b in blocks:
-        heads, channels = _scored_weights(b)
-        for name, _ in heads + channels:
-            if not isinstance(modules[name], nn.Linear):
+        heads, channels = _scored_slots(b)
+        for name in dict.fromkeys(s.module for s in heads + channels):
+            if not is_linear(modules[name]):
                 raise ValueError(f"strategy={strategy!r} scores plain nn.Linear weights, but "
                                  f"{name} is already wrapped in a "
                                  f"{type(modules[name]).__name__}: select before "
@@ -254,8 +277,8 @@ def _check_unwrapped(model, blocks, strategy: str) -> None:
 
 def _top(scores: list[torch.Tensor], per_block, total) -> list[list[int]]:
     """Indices of the highest scores: ``per_block`` in each block, or ``total`` overall."""
-    if per_block is not None:
-        return [sorted(s.topk(per_block).indices.tolist()) for s in scores]
+    if per_block is not None:  # blocks without channels (cross-attention) get none
+        return [sorted(s.topk(min(per_block, len(s))).indices.tolist()) for s in scores]
     flat = torch.cat(scores)
     chosen = torch.zeros(flat.numel(), dtype=torch.bool)
     chosen[flat.topk(total).indices] = True

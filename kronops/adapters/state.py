@@ -10,17 +10,19 @@ from torch import nn
 from ..kron.modules import KronALinear
 from ..s2ft.modules import S2FTLinear
 from .selection import Plan
+from .sublayer import KronASublayer
 
 STATE = "_kronops"  # the model attribute holding the AdapterState
-METHODS = ("krona", "s2ft")
+METHODS = ("krona", "krona_block", "s2ft")
 MODES = ("adapter", "inplace")  # S²FT: a trainable Δ per layer, or the weights trained in place
 
 
 @dataclass
 class AdapterState:
-    """method: "krona" or "s2ft"; train_modules: names of further modules left trainable
-    (saved with the adapters).
-    KronA: ``layers``, per adapter module name its settings (``lokr.layer_config``).
+    """method: "krona", "krona_block" or "s2ft"; train_modules: names of further modules left
+    trainable (saved with the adapters).
+    KronA: ``layers``, per adapter module name its settings (``lokr.layer_config``);
+    KronA^B: the same, per sub-layer output module (``sublayer.sublayer_config``).
     S²FT: ``plan`` (the selection), ``mode`` ("adapter" or "inplace") and ``permutations``:
     per co-permuted block name {"heads", "kv_heads", "channels"}, position i holding the
     original head/channel perm[i] (empty when not permuted, or after ``unpermute``)."""
@@ -38,5 +40,6 @@ def adapter_state(model: nn.Module) -> AdapterState | None:
 
 
 def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's kronops adapter layers (KronA/LoKr, S²FT of both modes) by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (KronALinear, S2FTLinear))}
+    """The model's kronops adapter layers (KronA/LoKr, KronA^B, S²FT of both modes) by name."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (KronALinear, KronASublayer, S2FTLinear))}

@@ -1,34 +1,24 @@
-"""Which modules to adapt: default targets per architecture, and matching module names.
+"""Which modules to adapt: default targets from the model's blocks, and matching module names.
 
 ``target_modules``/``train_modules``: a list of names, each matching every module whose
 name equals it or ends with "." + it, or one string taken as a regular expression that
-must match a whole module name (PEFT's convention). Defaults (``DEFAULT_TARGETS``) by
-``model.config.model_type``, else by the projection names found.
+must match a whole module name (PEFT's convention). The default (``default_targets``) is
+every projection of every transformer block ``blocks.find_blocks`` finds: attention q, k,
+v (or the fused q/k/v projection) and output, FFN in and out; for every family in the
+layout table there (LLaMA-style, BERT-style, T5, BART, OPT, GPT-2, GPT-J, GPT-NeoX, Falcon,
+Phi, Phi-3, ...), encoder and decoder, self- and cross-attention alike.
 """
 import re
 
 from torch import nn
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
-                "output.dense"]
-# model_type -> default target modules (LLaMA-style decoders and BERT-style encoders).
-DEFAULT_TARGETS = {
-    **{t: LLAMA_TARGETS for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
-                                  "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "phi3")},
-    **{t: BERT_TARGETS for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert",
-                                 "mpnet")},
-}
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 Conv1D (weight (in, out)), recognised without importing transformers."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+from ..wrapped_linear import is_linear
+from .blocks import find_blocks
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Names of the model's nn.Linear (and Conv1D, to refuse them by name) modules."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
+    """Names of the model's linear layers (nn.Linear and transformers Conv1D)."""
+    return [n for n, m in model.named_modules() if is_linear(m)]
 
 
 def _candidates(names: list[str]) -> str:
@@ -38,16 +28,16 @@ def _candidates(names: list[str]) -> str:
 
 
 def _not_linear(what: str, entry: str, hits: list[str], modules: dict) -> TypeError:
-    """The error for a target entry that names only modules that are not nn.Linear."""
+    """The error for a target entry that names only modules that are not linear layers."""
     name = hits[0]
-    inner = [n for n, m in modules[name].named_modules() if isinstance(m, nn.Linear)]
-    hint = (f"name the nn.Linear modules inside it instead, e.g. "
+    inner = [n for n, m in modules[name].named_modules() if is_linear(m)]
+    hint = (f"name the linear layers inside it instead, e.g. "
             f"{name.rpartition('.')[2] + '.' + inner[0]!r}" if inner else
-            "it holds no nn.Linear")
+            "it holds no linear layer")
     more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
     return TypeError(f"{what} entry {entry!r} names {name!r}{more}, a "
                      f"{type(modules[name]).__name__}, not an nn.Linear: kronops wraps "
-                     f"nn.Linear modules only; {hint}")
+                     f"nn.Linear (and transformers Conv1D) modules only; {hint}")
 
 
 def match_modules(names: list[str], targets, what: str = "target_modules",
@@ -56,7 +46,7 @@ def match_modules(names: list[str], targets, what: str = "target_modules",
 
     Every list entry must select at least one name; a regex must select one in all. With
     ``modules`` (all of the model's modules by name) an entry that selects none of ``names``
-    but names other modules raises TypeError saying what they are (not an nn.Linear).
+    but names other modules raises TypeError saying what they are (not a linear layer).
     """
     known = set(names)
     others = {n: m for n, m in (modules or {}).items() if n and n not in known}
@@ -91,30 +81,23 @@ def match_modules(names: list[str], targets, what: str = "target_modules",
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """The default target names for ``model``'s architecture (see ``DEFAULT_TARGETS``)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in ("gpt2", "gpt_bigcode", "openai-gpt"):
-        raise TypeError(f"model_type {model_type!r} stores its projections as transformers "
-                        "Conv1D (weight (in, out)); kronops wraps nn.Linear only")
-    if model_type in DEFAULT_TARGETS:
-        return DEFAULT_TARGETS[model_type]
-    linears = linear_names(model)
-    leaves = {n.rpartition(".")[2] for n in linears}
-    if {"q_proj", "v_proj"} <= leaves:
-        return [t for t in LLAMA_TARGETS if t in leaves]
-    if {"query", "value"} <= leaves:
-        return BERT_TARGETS
-    config = getattr(model, "config", None)
-    what = type(model).__name__ + (f" (model_type {model_type!r})" if model_type is not None
-                                   else " (no model.config.model_type)" if config is not None
-                                   else " (no model.config)")
-    if not linears:
-        raise ValueError(f"no default target modules for {what}: it has no nn.Linear modules "
-                         "to adapt")
-    example = sorted(leaves)[:2]
-    raise ValueError(
-        f"no default target modules for {what}: defaults exist for LLaMA-style "
-        f"(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) and BERT-style "
-        f"(query, key, value, ...) models; pass target_modules, a list of nn.Linear module "
-        f"names or name suffixes (e.g. target_modules={example!r}) or one regex matching "
-        f"whole names; {_candidates(linears)}")
+    """Every projection of every block of ``model`` (see the module docstring), full names
+    in model order; a ValueError naming the candidates when no block is found."""
+    try:
+        blocks = find_blocks(model)
+    except ValueError as e:
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        what = type(model).__name__ + (f" (model_type {model_type!r})" if model_type is not None
+                                       else " (no model.config.model_type)" if config is not None
+                                       else " (no model.config)")
+        linears = linear_names(model)
+        if not linears:
+            raise ValueError(f"no default target modules for {what}: it has no nn.Linear "
+                             "modules to adapt") from None
+        example = sorted({n.rpartition(".")[2] for n in linears})[:2]
+        raise ValueError(f"no default target modules for {what}: {e}; pass target_modules, "
+                         f"a list of nn.Linear module names or name suffixes (e.g. "
+                         f"target_modules={example!r}) or one regex matching whole names; "
+                         f"{_candidates(linears)}") from None
+    return list(dict.fromkeys(n for b in blocks for n in b.modules))
