@@ -5,7 +5,8 @@ Each entry: (config class name, model class name, config kwargs, seq2seq). Sizes
 chosen so that every layout kronops handles appears: grouped-query attention (LLaMA, Phi-3,
 Falcon's new decoder architecture), fused q/k/v (Phi-3, GPT-2, GPT-NeoX, Falcon), a fused
 gate/up projection (Phi-3), Conv1D weights (GPT-2), gated T5 FFNs (mT5), cross-attention
-(T5, mT5, BART) and multi-query attention (Falcon).
+(T5, mT5, BART), multi-query attention (Falcon) and per-head position state (T5's relative
+bias, BLOOM's ALiBi).
 """
 import torch
 import transformers
@@ -39,6 +40,8 @@ FAMILIES = {
                        dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                             num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2,
                             **_IDS), False),
+    "bloom": ("BloomConfig", "BloomForCausalLM",
+              dict(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, **_IDS), False),
     "opt": ("OPTConfig", "OPTForCausalLM",
             dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  ffn_dim=40, max_position_embeddings=64, word_embed_proj_dim=32, **_IDS), False),

@@ -275,10 +275,16 @@ def _within(name: str, ancestor: str) -> bool:
     return not ancestor or name == ancestor or name.startswith(ancestor + ".")
 
 
+ALIBI_MODEL_TYPES = ("bloom",)  # always ALiBi; others say so in config.alibi
+
+
 def _heads_permutable(model: nn.Module) -> bool:
     """False when heads carry per-head state: a relative position bias (T5) or ALiBi."""
     config = getattr(model, "config", None)
-    if getattr(config, "alibi", False) or getattr(config, "position_embedding_type", "") == "alibi":
+    alibi = getattr(config, "alibi", False) or \
+        getattr(getattr(config, "attn_config", None), "alibi", False) or \
+        getattr(config, "model_type", None) in ALIBI_MODEL_TYPES
+    if alibi:
         return False
     return not any(isinstance(getattr(m, "relative_attention_bias", None), nn.Embedding)
                    for m in model.modules())
