@@ -172,6 +172,9 @@ def test_krona_block_generates_and_its_input_comes_from_the_sublayer():
     assert out.shape[0] == 2
     with pytest.raises(RuntimeError, match="first projection did not run"):
         layer(torch.randn(2, 32, dtype=F64))
+    with adapters.disable_adapters(model):  # (frozen weights: other kernels, last bits)
+        assert_close(logits(model, "t5"), logits(build("t5"), "t5"), F64, "disabled")
+    assert (logits(model, "t5") - logits(build("t5"), "t5")).abs().max() > 1e-6
 
 
 def test_krona_block_refusals():
