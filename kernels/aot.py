@@ -1,12 +1,15 @@
 """Compile every kernel ahead of time for sm_80 and sm_90, with no GPU, and report usage.
 
-``python -m kronops.kernels.aot`` (with ``TRITON_INTERPRET`` unset) prints one JSON line per
-(case, config, architecture): compile error or None, registers, spills (LOCAL, STACK),
-shared memory, and whether the dots became tensor-core MMA. The cases are declared beside
-each kernel (``compile_cases()``), for every viable tuning config, and compiled as a launch
-on contiguous, 16-byte aligned tensors specialises them. The interpreter accepts kernels a
+``python -m kronops.kernels.aot [--out FILE]`` (with ``TRITON_INTERPRET`` unset) prints a
+table per kernel: for each case, config and architecture its registers, spills (cuobjdump's
+LOCAL bytes, and STACK), shared memory and which tensor-core instruction its dots became
+(wgmma, mma.sync, or none), or the compile error; ``--out`` also writes every result as JSON
+({"<case>-cfg<i>-sm<cc>": {...}}). The cases are declared beside each kernel
+(``compile_cases()``), for every viable tuning config, and specialised as a run-time launch
+with the case's integer values on 16-byte aligned tensors. The interpreter accepts kernels a
 GPU compiler rejects: this is what catches them (tests/test_aot_compile.py runs it).
 """
+import argparse
 import functools
 import json
 import os
@@ -27,6 +30,7 @@ CAPABILITIES = [80, 90]
 KERNEL_MODULES = [rows, factor_grad, matmul_add, delta_grad, adamw, partial_sums]
 FLOAT_ARGS = {"scale", "lr", "beta1", "beta2", "eps", "weight_decay", "step_size",
               "bias_correction2_sqrt"}
+DIVISIBLE = [["tt.divisibility", 16]]
 
 
 @functools.cache
@@ -40,43 +44,74 @@ def compile_jobs() -> dict:
     return jobs
 
 
-def compile_job(job_id: str, capability: int) -> dict:
-    """Compile one job for sm_<capability>; its resource usage, or the error."""
-    case, config = compile_jobs()[job_id]
-    signature, attrs = {}, {}
+def int_specialisation(value: int | None) -> tuple[str, list]:
+    """(type, attributes) of an integer argument as triton's launcher (3.6 to 3.9,
+    ``native_specialize_impl`` with ``BaseBackend.parse_attr``) specialises it: 1 becomes the
+    constant ("constexpr"), a multiple of 16 (0 too) is marked divisible by 16, values beyond
+    int32 are i64. ``None`` (value not declared) gives a plain i32."""
+    if value == 1:
+        return "constexpr", []
+    kind = "i32" if value is None or -2 ** 31 <= value < 2 ** 31 else "i64"
+    return kind, DIVISIBLE if value is not None and value % 16 == 0 else []
+
+
+def launch_signature(case) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ``triton.compiler.ASTSource``: the case's
+    constexprs, its integers specialised by value, pointers divisible by 16 (torch
+    allocations are 16-byte aligned), float arguments fp32."""
+    signature, constexprs, attrs = {}, dict(case.constexprs), {}
     for i, param in enumerate(case.kernel.params):
         arg = param.name
-        if param.is_constexpr or arg in case.unit_strides:
+        if param.is_constexpr:
             signature[arg] = "constexpr"
         elif arg.endswith("_ptr"):
             signature[arg] = case.pointer_types.get(arg, "*" + case.element)
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            attrs[(i,)] = DIVISIBLE
         elif arg in FLOAT_ARGS:
             signature[arg] = "fp32"
         else:
-            signature[arg] = "i32"
-            if arg.startswith("stride"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    constants = {**case.constexprs, **{s: 1 for s in case.unit_strides}, **config.kwargs}
-    try:
-        compiled = triton.compile(
-            triton.compiler.ASTSource(fn=case.kernel, signature=signature, constexprs=constants,
-                                      attrs=attrs),
-            target=triton.backends.compiler.GPUTarget("cuda", capability, 32),
-            options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    except Exception as e:  # reported, and failed, by the test
-        return dict(error=f"{type(e).__name__}: {e}")
+            signature[arg], attr = int_specialisation(case.ints.get(arg))
+            if signature[arg] == "constexpr":
+                constexprs[arg] = 1
+            elif attr:
+                attrs[(i,)] = attr
+    return signature, constexprs, attrs
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, LOCAL and STACK bytes from triton's bundled cuobjdump; None where it is
+    absent (registers are in the compile metadata only once a GPU has loaded the kernel)."""
+    if not os.path.exists(CUOBJDUMP):
+        return dict(registers=None, local=None, stack=None)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
+        f.write(cubin)
         f.flush()
         usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name],
                                capture_output=True, text=True, check=True).stdout
+    return {key: int(re.search(rf"{field}:(\d+)", usage).group(1))
+            for key, field in [("registers", "REG"), ("local", "LOCAL"), ("stack", "STACK")]}
+
+
+def compile_kernel(case, config, capability: int):
+    """``case`` with ``config`` compiled for sm_<capability> as a launch specialises it."""
+    signature, constexprs, attrs = launch_signature(case)
+    return triton.compile(
+        triton.compiler.ASTSource(fn=case.kernel, signature=signature,
+                                  constexprs={**constexprs, **config.kwargs}, attrs=attrs),
+        target=triton.backends.compiler.GPUTarget("cuda", capability, 32),
+        options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+def compile_job(job_id: str, capability: int) -> dict:
+    """Compile one job for sm_<capability>; its resource usage, or the error."""
+    try:
+        compiled = compile_kernel(*compile_jobs()[job_id], capability)
+    except Exception as e:  # reported, and failed, by the test
+        return dict(error=f"{type(e).__name__}: {e}")
     ptx = compiled.asm["ptx"]
-    return dict(error=None, shared=compiled.metadata.shared,
-                stack=int(re.search(r"STACK:(\d+)", usage).group(1)),
-                local=int(re.search(r"LOCAL:(\d+)", usage).group(1)),
-                registers=int(re.search(r"REG:(\d+)", usage).group(1)),
-                tensor_cores="mma.sync" in ptx or "wgmma" in ptx)
+    mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else None
+    return dict(error=None, shared=compiled.metadata.shared, mma=mma,
+                **resource_usage(compiled.asm["cubin"]))
 
 
 def _run(job):
@@ -84,11 +119,40 @@ def _run(job):
     return f"{job_id}-sm{capability}", compile_job(job_id, capability)
 
 
+def table(results: dict) -> str:
+    """One block per kernel: a line per case and config, per architecture registers, LOCAL,
+    STACK, shared bytes and tensor-core instruction (or the error)."""
+    head = "".join(f" | sm{cc}: {'reg':>4} {'local':>5} {'stack':>5} {'shared':>6} {'mma':>8}"
+                   for cc in CAPABILITIES)
+    lines, kernel = [], None
+    for job_id, (case, config) in compile_jobs().items():
+        if case.kernel.__name__ != kernel:
+            kernel = case.kernel.__name__
+            lines += ["", kernel, f"{'case':<48} {'config':<18}{head}"]
+        cells = []
+        for cc in CAPABILITIES:
+            r = results[f"{job_id}-sm{cc}"]
+            cells.append(f"error: {r['error'][:60]}" if r["error"] else
+                         f"{r['registers']!s:>10} {r['local']!s:>5} {r['stack']!s:>5} "
+                         f"{r['shared']:>6} {r['mma'] or '-':>8}")
+        setting = " ".join([f"{k.removeprefix('BLOCK_')}{v}" for k, v in config.kwargs.items()]
+                           + [f"w{config.num_warps}", f"s{config.num_stages}"])
+        lines.append(f"{case.name.split('-', 1)[1]:<48} {setting:<18}"
+                     + "".join(f" | {cell}" for cell in cells))
+    return "\n".join(lines)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m kronops.kernels.aot", description=__doc__)
+    parser.add_argument("--out", help="also write the results as JSON to this file")
+    args = parser.parse_args()
     jobs = [(job_id, cap) for job_id in compile_jobs() for cap in CAPABILITIES]
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        for key, result in pool.map(_run, jobs):
-            print(json.dumps({"key": key, **result}), flush=True)
+        results = dict(pool.map(_run, jobs))
+    print(table(results))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -83,18 +83,23 @@ def autotuned(fn, configs: list, key: list, footprint, restore_value=()):
 # them (fp32 runs as tf32 or, torch's default, ieee), and each element's size.
 PRECISIONS = [("fp16", "tf32"), ("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")]
 ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+# Rows (tokens) of a compiled launch: the benchmark's 16384, a multiple of 16 as batch x
+# sequence usually is.
+TOKENS = 16384
 
 
 @dataclass(frozen=True)
 class CompileCase:
     """One launch for the ahead-of-time compile check (``kronops.kernels.aot``), declared
-    beside its kernel: ``unit_strides`` are the stride arguments a contiguous launch
-    specialises to 1; ``pointer_types`` the pointer arguments not of the element type;
-    ``configs`` the tuning configs viable for these constexprs."""
+    beside its kernel: ``ints`` the values of its integer arguments (sizes, strides), which
+    the compile specialises as the launcher does (1 a constant, multiples of 16 divisible;
+    an integer without a value is compiled unspecialised); ``pointer_types`` the pointer
+    arguments not of the element type; ``configs`` the tuning configs viable for these
+    constexprs."""
     name: str
     kernel: object
     constexprs: dict
     element: str
     configs: list
-    unit_strides: tuple = ()
+    ints: dict = field(default_factory=dict)
     pointer_types: dict = field(default_factory=dict)

@@ -47,9 +47,11 @@ FINISH_BLOCK = 1024
 
 
 def compile_cases() -> list[CompileCase]:
-    """The reduction, per output dtype."""
+    """The reduction, per output dtype, of 64 groups of a 64x64 factor gradient."""
+    groups, p, q = 64, 64, 64
+    ints = dict(G=groups, P=p, Q=q, stride_pg=p * q, stride_pp=q)
     return [CompileCase(f"finish-{element}-nodot", finish_kernel, dict(BLOCK=FINISH_BLOCK), element,
-                        [triton.Config({})], pointer_types={"partial_ptr": "*fp32"})
+                        [triton.Config({})], ints, pointer_types={"partial_ptr": "*fp32"})
             for element in sorted(ELEMENT_BYTES)]
 
 

@@ -64,6 +64,43 @@ def test_kron_factor_grads(shape, dtype):
     assert_close(grad_b, torch.einsum("mik,ij,mjl->kl", dyd, a.double(), xd), dtype, "dB")
 
 
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+def spread(shape, scale):
+    """fp16 values of magnitude ~``scale`` on KERNEL_DEVICE."""
+    return (scale * torch.randn(shape, dtype=torch.float64)).to(KERNEL_DEVICE, torch.float16)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 3, 2, 5), (5, 20, 70, 33, 9)])
+@pytest.mark.parametrize("product", ["forward", "dx", "da", "db"])
+def test_fp16_intermediate_beyond_fp16_range(shape, product):
+    """Two factors of ~300 and one of ~1e-3: the intermediate each kernel forms (X Bᵀ, dY B,
+    X Bᵀ, A X) reaches ~1e5 > 65504 while the product stays ~1e2-1e4. The kernels must
+    give it within fp16's tolerance of the fp64 product, not inf."""
+    m, a1, a2, b1, b2 = shape
+    big, small = 300.0, 1e-3
+    scales = dict(forward=(big, small, big, 1.0), dx=(1.0, small, big, big),
+                  da=(big, 1.0, big, small), db=(big, big, 1.0, small))[product]
+    x, a, b, dy = (spread(s, k) for s, k in
+                   zip([(m, a2, b2), (a1, a2), (b1, b2), (m, a1, b1)], scales))
+    xd, ad, bd, dyd = x.double(), a.double(), b.double(), dy.double()
+    if product == "forward":
+        inner, out = xd @ bd.T, kron_rows(x, a, b)
+        ref = torch.einsum("ij,mjl,kl->mik", ad, xd, bd).reshape(m, -1)
+    elif product == "dx":
+        inner, out = dyd @ bd, kron_rows(dy, a.mT, b.mT)
+        ref = torch.einsum("ij,mik,kl->mjl", ad, dyd, bd).reshape(m, -1)
+    elif product == "da":
+        inner, out = xd @ bd.T, kron_factor_grad(dy, b, x)
+        ref = torch.einsum("mik,kl,mjl->ij", dyd, bd, xd)
+    else:
+        inner, out = ad @ xd, kron_factor_grad(dy.mT, a, x.mT)
+        ref = torch.einsum("mik,ij,mjl->kl", dyd, ad, xd)
+    assert inner.abs().max() > FP16_MAX > ref.abs().max()
+    assert_close(out, ref, torch.float16, product)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the interpreter runs programs one after another")
 def test_factor_grad_is_deterministic():
     x, a, b = make((257, 8, 8, 8, 8), torch.float32)

@@ -11,10 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import (ELEMENT_BYTES, PRECISIONS, CompileCase, autotuned, dot_precision,
-                      live_words, viable_configs)
+from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
+                      dot_precision, live_words, viable_configs)
 from .tiles import (COMPILE_SHAPES, ROW_BLOCK_CONFIGS, int32_rows, rows_times_factor_t,
-                    tile_lengths)
+                    tile_lengths, times_fp32_tile)
 from ..partial_sums import finish, new_partials, row_groups
 
 
@@ -63,7 +63,7 @@ def kron_factor_grad_kernel(
                          + offs_p[:, None] * stride_dyp + col_n[None, :] * stride_dyn,
                          mask=(offs_p[:, None] < P) & (col_m[None, :] < M) & (col_n[None, :] < N),
                          other=0.0)
-            acc = tl.dot(dy, t.to(dy.dtype), acc, input_precision=DOT_PRECISION)
+            acc = times_fp32_tile(dy, t, acc, DOT_PRECISION)
 
     tl.store(partial_ptr + pid_g.to(tl.int64) * stride_pg + offs_p[:, None] * stride_pp
              + offs_r[None, :],
@@ -90,18 +90,29 @@ def tile_shape(p: int, n: int, r: int, q: int, precision: str) -> dict:
     return tile_lengths(precision, P=p, R=r, N=n, Q=q)
 
 
+def launch_ints(p: int, n: int, r: int, q: int, transposed: bool) -> dict:
+    """Integer arguments of a launch over TOKENS rows: dY (TOKENS, p, n) and x (TOKENS, r, q)
+    contiguous, or (``transposed``, dB) the views dY.mT and x.mT of contiguous (TOKENS, n, p)
+    and (TOKENS, q, r); F (n, q) and the (G, p, r) partial contiguous."""
+    dy_strides, x_strides = ((1, p), (1, r)) if transposed else ((n, 1), (q, 1))
+    return dict(M=TOKENS, P=p, N=n, R=r, Q=q,
+                stride_dym=p * n, stride_dyp=dy_strides[0], stride_dyn=dy_strides[1],
+                stride_fn=q, stride_fq=1,
+                stride_xm=r * q, stride_xr=x_strides[0], stride_xq=x_strides[1],
+                stride_pg=p * r, stride_pp=r)
+
+
 def compile_cases() -> list[CompileCase]:
     """What ``kron_linear``'s backward launches: dA, and dB with dY and X per-row transposed."""
     cases = []
     for (a1, a2, b1, b2), (element, precision) in itertools.product(COMPILE_SHAPES, PRECISIONS):
-        for role, tiles, unit in [
-                ("da", tile_shape(a1, b1, a2, b2, precision), ("stride_dyn", "stride_fq", "stride_xq")),
-                ("db", tile_shape(b1, a1, b2, a2, precision), ("stride_dyp", "stride_fq", "stride_xr"))]:
+        for role, dims in [("da", (a1, b1, a2, b2)), ("db", (b1, a1, b2, a2))]:
+            tiles = tile_shape(*dims, precision)
             cases.append(CompileCase(
                 f"kron_factor_grad-{role}-{a1}x{a2}x{b1}x{b2}-{element}-{precision}",
                 kron_factor_grad_kernel, tiles, element,
-                viable_configs(CONFIGS, footprint, tiles, ELEMENT_BYTES[element]), unit,
-                {"partial_ptr": "*fp32"}))
+                viable_configs(CONFIGS, footprint, tiles, ELEMENT_BYTES[element]),
+                launch_ints(*dims, transposed=role == "db"), {"partial_ptr": "*fp32"}))
     return cases
 
 

@@ -10,10 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import (ELEMENT_BYTES, PRECISIONS, CompileCase, autotuned, dot_precision,
-                      live_words, viable_configs)
+from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
+                      dot_precision, live_words, viable_configs)
 from .tiles import (COMPILE_SHAPES, ROW_BLOCK_CONFIGS, int32_rows, rows_times_factor_t,
-                    tile_lengths)
+                    tile_lengths, times_fp32_tile)
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def kron_rows_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_J)
         a = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_j[None, :] * stride_aj,
                     mask=(offs_i[:, None] < A1) & (offs_j[None, :] < A2), other=0.0)
-        acc = tl.dot(a, t.to(a.dtype), acc, input_precision=DOT_PRECISION)
+        acc = times_fp32_tile(a, t, acc, DOT_PRECISION)
 
     acc = acc * scale
     cols = tl.arange(0, BLOCK_M * BLOCK_N)
@@ -91,23 +91,31 @@ def tile_shape(a1: int, a2: int, b1: int, b2: int, precision: str) -> dict:
     return tile_lengths(precision, I=a1, J=a2, N=b1, L=b2)
 
 
+def launch_ints(a1: int, a2: int, b1: int, b2: int, transposed: bool) -> dict:
+    """Integer arguments of a launch on TOKENS contiguous (TOKENS, a2, b2) rows, with factors
+    A (a1, a2) and B (b1, b2), or with the transposed views A.mT and B.mT of contiguous
+    (a2, a1) and (b2, b1) factors (``kron_linear``'s dX)."""
+    a_strides, b_strides = ((1, a1), (1, b1)) if transposed else ((a2, 1), (b2, 1))
+    return dict(M=TOKENS, A1=a1, A2=a2, B1=b1, B2=b2,
+                stride_xm=a2 * b2, stride_xj=b2, stride_xl=1,
+                stride_ai=a_strides[0], stride_aj=a_strides[1],
+                stride_bn=b_strides[0], stride_bl=b_strides[1], stride_ym=a1 * b1)
+
+
 def compile_cases() -> list[CompileCase]:
     """What ``kron_linear`` launches: forward with and without bias, and dX = A^T dY B on
-    transposed factor views (their first strides are 1), per factor shape and precision."""
+    transposed factor views, per factor shape and precision."""
     cases = []
     for (a1, a2, b1, b2), (element, precision) in itertools.product(COMPILE_SHAPES, PRECISIONS):
-        for role, has_bias, tiles, unit in [
-                ("fwd", True, tile_shape(a1, a2, b1, b2, precision),
-                 ("stride_xl", "stride_aj", "stride_bl")),
-                ("fwd", False, tile_shape(a1, a2, b1, b2, precision),
-                 ("stride_xl", "stride_aj", "stride_bl")),
-                ("dx", False, tile_shape(a2, a1, b2, b1, precision),
-                 ("stride_xl", "stride_ai", "stride_bn"))]:
-            constexprs = dict(HAS_BIAS=has_bias, **tiles)
+        for role, has_bias, dims in [("fwd", True, (a1, a2, b1, b2)),
+                                     ("fwd", False, (a1, a2, b1, b2)),
+                                     ("dx", False, (a2, a1, b2, b1))]:
+            constexprs = dict(HAS_BIAS=has_bias, **tile_shape(*dims, precision))
             cases.append(CompileCase(
                 f"kron_rows-{role}-bias{int(has_bias)}-{a1}x{a2}x{b1}x{b2}-{element}-{precision}",
                 kron_rows_kernel, constexprs, element,
-                viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]), unit))
+                viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]),
+                launch_ints(*dims, transposed=role == "dx")))
     return cases
 
 

@@ -1,5 +1,5 @@
-"""What the Kronecker kernels share: their tuning configs and one factor applied to many
-row-matrices."""
+"""What the Kronecker kernels share: their tuning configs, one factor applied to many
+row-matrices, and the second product with that fp32 intermediate."""
 import torch
 import triton
 import triton.language as tl
@@ -60,4 +60,23 @@ def rows_times_factor_t(
         f_t = tl.load(f_ptr + offs_q[:, None] * stride_fq + offs_n[None, :] * stride_fn,
                       mask=(offs_q[:, None] < Q) & (offs_n[None, :] < N), other=0.0)
         acc = tl.dot(x, f_t, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def times_fp32_tile(a, t, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ t, for a (P, K) tile of the input dtype and an fp32 (K, N) tile t (an
+    X F^T from ``rows_times_factor_t``); acc: (P, N) fp32.
+
+    t is rounded to a's dtype, except for fp16, whose range t can exceed where the whole
+    product does not: then a and t go in as fp32 at tf32 precision (fp16's 10-bit mantissa,
+    fp32's range), t rounded to nearest at 10 bits first (the tensor cores would truncate
+    it; NaN kept). bf16 has fp32's range already and keeps its faster dot.
+    """
+    if a.dtype == tl.float16:
+        bits = t.to(tl.int32, bitcast=True)
+        t = tl.where(t == t, ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True), t)
+        acc = tl.dot(a.to(tl.float32), t, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, t.to(a.dtype), acc, input_precision=DOT_PRECISION)
     return acc

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from ..launch import ELEMENT_BYTES, CompileCase, autotuned, live_words, viable_configs
-from .matmul_add import gathered_positions, index_or_start
+from .matmul_add import (FEATURES, RANGE_START, SELECTED_COLS, SELECTED_ROWS,
+                         gathered_positions, index_or_start)
 
 
 @triton.jit
@@ -76,16 +77,18 @@ tuned = autotuned(sparse_adamw_kernel, CONFIGS, key=["P", "Q", "COLS", "GATHER"]
 
 def compile_cases() -> list[CompileCase]:
     """Rows and columns, gathered and ranged, per weight dtype, with fp32 master values for
-    fp16/bf16 weights (no dot)."""
+    fp16/bf16 weights (no dot), on the layer of ``matmul_add.compile_cases``."""
     cases = []
     for element, cols, gather in itertools.product(sorted(ELEMENT_BYTES), [False, True],
                                                    [False, True]):
         constexprs = dict(COLS=cols, GATHER=gather, HAS_MASTER=element != "fp32")
+        p, q = (FEATURES, SELECTED_COLS) if cols else (SELECTED_ROWS, FEATURES)
+        ints = dict(P=p, Q=q, start=0 if gather else RANGE_START, size=FEATURES,
+                    stride_wr=FEATURES, stride_wc=1, stride_gp=q, stride_gq=1)
         cases.append(CompileCase(
             f"sparse_adamw-cols{int(cols)}-gather{int(gather)}-{element}-nodot",
             sparse_adamw_kernel, constexprs, element,
-            viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]),
-            ("stride_wc", "stride_gq"),
+            viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]), ints,
             {"m_ptr": "*fp32", "v_ptr": "*fp32", "master_ptr": "*fp32", "idx_ptr": "*i64"}))
     return cases
 

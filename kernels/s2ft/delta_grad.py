@@ -10,10 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import (ELEMENT_BYTES, PRECISIONS, CompileCase, autotuned, dot_precision,
-                      live_words, viable_configs)
+from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
+                      dot_precision, live_words, viable_configs)
 from ..partial_sums import finish, new_partials, row_groups
-from .matmul_add import gathered_positions, index_or_start
+from .matmul_add import (FEATURES, SELECTED_COLS, SELECTED_ROWS, gathered_positions,
+                         index_or_start)
 
 
 @triton.jit
@@ -78,17 +79,25 @@ tuned = autotuned(sparse_delta_grad_kernel, CONFIGS, key=["P", "Q", "GATHER_D", 
                   footprint=footprint)
 
 def compile_cases() -> list[CompileCase]:
-    """Rows mode (dY gathered), cols mode on the saved X[:, C], and a gathered X."""
+    """Rows mode (dY gathered), cols mode on the saved X[:, C], and a gathered X, on the
+    layer of ``matmul_add.compile_cases``."""
+    f, r, c = FEATURES, SELECTED_ROWS, SELECTED_COLS
+    launches = [  # (GATHER_D, GATHER_X, P, Q, x's row length)
+        (True, False, r, f, f),    # rows mode: dY[:, R]^T X
+        (False, False, f, c, c),   # cols mode on the saved X[:, C]
+        (False, True, f, c, f)]    # cols mode gathering X[:, C]
     cases = []
     for element, precision in PRECISIONS:
-        for gather_d, gather_x in [(True, False), (False, False), (False, True)]:
+        for gather_d, gather_x, p, q, x_size in launches:
             constexprs = dict(GATHER_D=gather_d, GATHER_X=gather_x, DOT_PRECISION=precision)
+            ints = dict(M=TOKENS, P=p, Q=q, d_start=0, x_start=0, d_size=f, x_size=x_size,
+                        stride_dm=f, stride_dp=1, stride_xm=x_size, stride_xq=1,
+                        stride_pg=p * q, stride_pp=q)
             cases.append(CompileCase(
                 f"sparse_delta_grad-gd{int(gather_d)}-gx{int(gather_x)}-{element}-{precision}",
                 sparse_delta_grad_kernel, constexprs, element,
                 viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]),
-                ("stride_dp", "stride_xq"),
-                {"partial_ptr": "*fp32", "d_idx_ptr": "*i64", "x_idx_ptr": "*i64"}))
+                ints, {"partial_ptr": "*fp32", "d_idx_ptr": "*i64", "x_idx_ptr": "*i64"}))
     return cases
 
 

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import (ELEMENT_BYTES, PRECISIONS, CompileCase, autotuned, dot_precision,
-                      live_words, viable_configs)
+from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
+                      dot_precision, live_words, viable_configs)
 
 
 @triton.jit
@@ -97,20 +97,36 @@ tuned = autotuned(sparse_matmul_add_kernel, CONFIGS,
                   restore_value=["out_ptr"])
 
 
+# The S²FT layer of a compiled launch: TOKENS rows through a 4096 x 4096 Linear, 256 rows
+# selected (two 128-wide heads; a range starts at 512) or 205 columns (5%, not a multiple of
+# 16).
+FEATURES, SELECTED_ROWS, SELECTED_COLS, RANGE_START = 4096, 256, 205, 512
+
+
 def compile_cases() -> list[CompileCase]:
     """The four S²FT products: gathered or ranged a, scattered or ranged out, with b = Δ
     (stride_bk = 1, forward) or Δᵀ (stride_bn = 1, dX)."""
+    f, r, c, start = FEATURES, SELECTED_ROWS, SELECTED_COLS, RANGE_START
+    launches = [  # (GATHER_A, SCATTER_OUT, b's unit stride, N, K, a_start, out_start)
+        (False, True, "stride_bk", r, f, 0, 0),        # rows forward, indexed R
+        (True, False, "stride_bk", f, c, 0, 0),        # cols forward, indexed C
+        (False, False, "stride_bk", r, f, 0, start),   # rows forward, a range
+        (True, False, "stride_bn", f, r, 0, 0),        # rows dX, indexed R
+        (False, True, "stride_bn", c, f, 0, 0),        # cols dX, indexed C
+        (False, False, "stride_bn", f, r, start, 0)]   # rows dX, a range
     cases = []
     for element, precision in PRECISIONS:
-        for gather, scatter, b_unit in [(False, True, "stride_bk"), (True, False, "stride_bk"),
-                                        (False, False, "stride_bk"), (True, False, "stride_bn"),
-                                        (False, True, "stride_bn"), (False, False, "stride_bn")]:
+        for gather, scatter, b_unit, n, k, a_start, out_start in launches:
             constexprs = dict(GATHER_A=gather, SCATTER_OUT=scatter, DOT_PRECISION=precision)
+            b_strides = (k, 1) if b_unit == "stride_bk" else (1, n)
+            ints = dict(M=TOKENS, N=n, K=k, a_start=a_start, out_start=out_start, a_size=f,
+                        out_size=f, stride_am=f, stride_ak=1, stride_bn=b_strides[0],
+                        stride_bk=b_strides[1], stride_om=f, stride_on=1)
             cases.append(CompileCase(
                 f"sparse_matmul_add-gather{int(gather)}-scatter{int(scatter)}-{b_unit}-{element}-"
                 f"{precision}", sparse_matmul_add_kernel, constexprs, element,
                 viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]),
-                ("stride_ak", b_unit, "stride_on"), {"a_idx_ptr": "*i64", "out_idx_ptr": "*i64"}))
+                ints, {"a_idx_ptr": "*i64", "out_idx_ptr": "*i64"}))
     return cases
 
 
