@@ -160,6 +160,24 @@ def test_fused_layouts_name_the_rows_of_each_head():
     assert rows == list(range(24, 48))
 
 
+def test_weight_scores_read_fused_and_conv1d_layouts():
+    """A head (channel) whose weights are made large is the one strategy="weight" picks:
+    GPT-2's q columns of the stored (in, out) c_attn, Phi-3's rows inside qkv_proj and the
+    up half of gate_up_proj."""
+    gpt2, phi3 = build("gpt2"), build("phi3")
+    with torch.no_grad():
+        for block in gpt2.transformer.h:
+            block.attn.c_attn.weight[:, 16:24] *= 100      # query head 2 of 4 (8 wide)
+            block.mlp.c_fc.weight[:, 7] *= 100             # channel 7
+        for layer in phi3.model.layers:
+            layer.self_attn.qkv_proj.weight[24:32] *= 100  # query head 3
+            layer.mlp.gate_up_proj.weight[40 + 5] *= 100   # channel 5 (up half)
+    for model, family, head, channel in ((gpt2, "gpt2", 2, 7), (phi3, "phi3", 3, 5)):
+        plan = adapters.select(model, heads=1, channels=1, strategy="weight")
+        assert all(e["heads"] == [head] and e["channels"] == [channel]
+                   for e in plan.blocks.values()), (family, plan.blocks)
+
+
 def test_krona_block_generates_and_its_input_comes_from_the_sublayer():
     model = kronops.apply_adapters(build("t5"), "krona_block", rank=2)
     layer = adapters.adapter_modules(model)["decoder.block.0.layer.1.EncDecAttention.o"]
