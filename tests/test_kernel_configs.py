@@ -113,7 +113,7 @@ def test_kron_factor_grad_config(forced):
 @pytest.mark.parametrize("gather,scatter", [(True, True), (False, False)])
 @pytest.mark.parametrize("forced", each_config(matmul_add), indirect=True)
 def test_sparse_matmul_add_config(forced, gather, scatter):
-    m, a_cols, out_cols, k, n = 37, 61, 30, 29, 13
+    m, a_cols, out_cols, k, n = 37, 61, 150, 29, 70  # several row and column tiles
     a, out, b = Guarded(m, a_cols), Guarded(m, out_cols, SENTINEL), Guarded(n, k)
     a_sel, i_idx = selection(gather, list(range(1, 2 * k, 2)), 3, k)
     out_sel, j_idx = selection(scatter, list(range(0, 2 * n, 2)), 4, n)

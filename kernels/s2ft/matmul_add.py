@@ -48,10 +48,13 @@ def sparse_matmul_add_kernel(
     at J.
 
     I[k] = a_idx[k] when GATHER_A else a_start + k; J[n] likewise. Any strides.
-    Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)). fp32 accumulation.
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), the output-column tile fastest: programs
+    running together share a's row tile (read from DRAM once, then from L2) and sweep b,
+    which is small. fp32 accumulation.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // tiles_n
+    pid_n = tl.program_id(0) % tiles_n
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -156,7 +159,7 @@ def triton_sparse_matmul_add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor
                       DOT_PRECISION=dot_precision(a.dtype))
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     tuned[grid](
         a, b, out, a_idx if a_idx is not None else out, out_idx if out_idx is not None else out,
