@@ -178,6 +178,62 @@ def test_weight_scores_read_fused_and_conv1d_layouts():
                    for e in plan.blocks.values()), (family, plan.blocks)
 
 
+def _conv1d(in_features, out_features):
+    from transformers.pytorch_utils import Conv1D
+    layer = Conv1D(out_features, in_features).to(F64)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    return layer
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_krona_sublayer_matches_the_materialised_formula(residual):
+    """base(h) + s * x @ kron(A, B).T (+ s_res * x), x the input of the source layer, on 3-D
+    inputs, with nonzero factors; a Conv1D output projection as GPT-2 has."""
+    source, base = torch.nn.Linear(12, 20).to(F64), _conv1d(20, 12)
+    layer = KronASublayer(base, source, residual=residual, a_shape=(3, 4), rank=2, alpha=3.0)
+    with torch.no_grad():
+        layer.b.normal_()
+        if residual:
+            layer.residual_scale.fill_(0.7)
+    x = torch.randn(2, 5, 12, dtype=F64)
+    h = torch.relu(source(x))  # the sub-layer's inside: not linear
+    out = layer(h)
+    delta = (3.0 / 2) * torch.kron(layer.a_u @ layer.a_v, layer.b)
+    ref = h @ base.weight + base.bias + x @ delta.T + (0.7 * x if residual else 0)
+    assert_close(out, ref, F64, "KronASublayer")
+    with pytest.raises(RuntimeError, match="first projection did not run"):
+        layer(h)  # the input was consumed: a second call without the source raises
+
+
+@pytest.mark.parametrize("mode", ["rows", "cols"])
+def test_conv1d_adapters_match_the_materialised_weight(mode):
+    """KronALinear and S2FTLinear over a Conv1D (weight stored (in, out)) equal the naive
+    products on its (out, in) view; merging writes the update into the stored weight."""
+    conv = _conv1d(12, 20)
+    weight = conv.weight.detach().T.clone()  # (out, in)
+    x = torch.randn(3, 4, 12, dtype=F64)
+    krona = kronops.KronALinear(conv, a_shape=(4, 3))
+    with torch.no_grad():
+        krona.b.normal_()
+    delta = krona.delta_weight()
+    assert_close(krona(x), x @ (weight + delta).T + conv.bias, F64, "KronALinear(Conv1D)")
+    krona.merge()
+    assert_close(conv.weight.T, weight + delta, F64, "merged Conv1D weight")
+    krona.unmerge()
+    conv = krona.base
+    index = torch.tensor([1, 4, 5, 9])
+    s2ft = kronops.S2FTLinear(conv, **{mode: index}, delta_dtype=F64)
+    with torch.no_grad():
+        s2ft.delta.normal_()
+    full = weight.clone()
+    if mode == "rows":
+        full[index] += s2ft.delta.detach()
+    else:
+        full[:, index] += s2ft.delta.detach()
+    assert_close(s2ft(x), x @ full.T + conv.bias, F64, "S2FTLinear(Conv1D)")
+
+
 def test_krona_block_generates_and_its_input_comes_from_the_sublayer():
     model = kronops.apply_adapters(build("t5"), "krona_block", rank=2)
     layer = adapters.adapter_modules(model)["decoder.block.0.layer.1.EncDecAttention.o"]

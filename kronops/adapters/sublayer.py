@@ -87,13 +87,6 @@ class KronASublayer(WrapsLinear, KronFactors):
 
     unmerge = merge
 
-    def detach_from(self, source: nn.Module) -> None:
-        """Remove this adapter's input hook from ``source`` (when unwrapping the model)."""
-        hooks = source._forward_pre_hooks
-        for key in [k for k, h in hooks.items()
-                    if isinstance(h, _InputTap) and h.adapter is self]:
-            del hooks[key]
-
     def extra_repr(self) -> str:
         return f"{self._factor_repr()}, residual={self.residual_scale is not None}"
 
