@@ -12,8 +12,7 @@ import triton.language as tl
 
 from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
                       dot_precision, live_words, viable_configs)
-from .tiles import (COMPILE_SHAPES, ROW_BLOCK_CONFIGS, int32_rows, rows_times_factor_t,
-                    tile_lengths, times_fp32_tile)
+from .tiles import COMPILE_SHAPES, ROW_BLOCK_CONFIGS, int32_rows, kron_tile, tile_lengths
 
 
 @triton.jit
@@ -37,28 +36,13 @@ def kron_rows_kernel(
     pid_n = tl.program_id(1)
     pid_i = tl.program_id(2)
 
-    # Tile rows of X B^T are (row m, row j of X_m) pairs, m-major.
-    pairs = tl.arange(0, BLOCK_M * BLOCK_J)
-    pair_m = pid_m * BLOCK_M + pairs // BLOCK_J
-    pair_j = pairs % BLOCK_J
+    pair_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M * BLOCK_J) // BLOCK_J
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
 
-    # acc[i, (m, n)] = Y[m, i, n]
-    acc = tl.zeros((BLOCK_I, BLOCK_M * BLOCK_N), dtype=tl.float32)
-    for j0 in range(0, A2, BLOCK_J):
-        t = rows_times_factor_t(
-            x_ptr, b_ptr, pair_m, j0 + pair_j, offs_n, M, A2, B2, B1,
-            stride_xm, stride_xj, stride_xl, stride_bn, stride_bl,
-            BLOCK_M * BLOCK_J, BLOCK_N, BLOCK_L, DOT_PRECISION)
-        # (m, j) x n  ->  j x (m, n)
-        t = tl.reshape(t, (BLOCK_M, BLOCK_J, BLOCK_N))
-        t = tl.reshape(tl.permute(t, (1, 0, 2)), (BLOCK_J, BLOCK_M * BLOCK_N))
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        a = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_j[None, :] * stride_aj,
-                    mask=(offs_i[:, None] < A1) & (offs_j[None, :] < A2), other=0.0)
-        acc = times_fp32_tile(a, t, acc, DOT_PRECISION)
-
+    acc = kron_tile(x_ptr, a_ptr, b_ptr, pair_m, offs_n, offs_i, M, A1, A2, B1, B2,
+                    stride_xm, stride_xj, stride_xl, stride_ai, stride_aj, stride_bn, stride_bl,
+                    BLOCK_M, BLOCK_I, BLOCK_J, BLOCK_N, BLOCK_L, DOT_PRECISION)
     acc = acc * scale
     cols = tl.arange(0, BLOCK_M * BLOCK_N)
     col_m = pid_m * BLOCK_M + cols // BLOCK_N

@@ -1,5 +1,6 @@
 """What the Kronecker kernels share: their tuning configs, one factor applied to many
-row-matrices, and the second product with that fp32 intermediate."""
+row-matrices, the second product with that fp32 intermediate, and the two together on a
+tile of rows (``kron_tile``)."""
 import torch
 import triton
 import triton.language as tl
@@ -79,4 +80,39 @@ def times_fp32_tile(a, t, acc, DOT_PRECISION: tl.constexpr):
         acc = tl.dot(a.to(tl.float32), t, acc, input_precision="tf32")
     else:
         acc = tl.dot(a, t.to(a.dtype), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+
+@triton.jit
+def kron_tile(
+    x_ptr, a_ptr, b_ptr,
+    pair_m, offs_n, offs_i,
+    M, A1, A2, B1, B2,
+    stride_xm, stride_xj, stride_xl,
+    stride_ai, stride_aj,
+    stride_bn, stride_bl,
+    BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """acc[i, (m, n)] = (A X_m B^T)[offs_i[i], offs_n[n]] in fp32 for a tile of BLOCK_M rows.
+
+    x: (M, A2, B2), a: (A1, A2), b: (B1, B2), any strides. The tile's rows of X B^T are
+    (row m, row j of X_m) pairs, m-major: ``pair_m`` (length BLOCK_M * BLOCK_J) is the row
+    of x of each pair (each repeated BLOCK_J times; rows >= M read as zero).
+    """
+    pair_j = tl.arange(0, BLOCK_M * BLOCK_J) % BLOCK_J
+    acc = tl.zeros((BLOCK_I, BLOCK_M * BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, A2, BLOCK_J):
+        t = rows_times_factor_t(
+            x_ptr, b_ptr, pair_m, j0 + pair_j, offs_n, M, A2, B2, B1,
+            stride_xm, stride_xj, stride_xl, stride_bn, stride_bl,
+            BLOCK_M * BLOCK_J, BLOCK_N, BLOCK_L, DOT_PRECISION)
+        # (m, j) x n  ->  j x (m, n)
+        t = tl.reshape(t, (BLOCK_M, BLOCK_J, BLOCK_N))
+        t = tl.reshape(tl.permute(t, (1, 0, 2)), (BLOCK_J, BLOCK_M * BLOCK_N))
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        a = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_j[None, :] * stride_aj,
+                    mask=(offs_i[:, None] < A1) & (offs_j[None, :] < A2), other=0.0)
+        acc = times_fp32_tile(a, t, acc, DOT_PRECISION)
     return acc
