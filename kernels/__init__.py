@@ -1,7 +1,8 @@
 """Triton kernels of kronops, with their launchers (``triton_<op>``) and tuning configs.
 
 Installed as ``kronops.kernels``, one folder per op family like the package:
-``kron/`` (rows, factor_grad) and ``s2ft/`` (matmul_add, delta_grad, adamw); ``launch``
+``kron/`` (rows, factor_grad), ``s2ft/`` (matmul_add, delta_grad, adamw) and ``serving/``
+(routed_kron, routed_sparse: many adapters in one launch); ``launch``
 chooses configs. Every launcher takes CUDA tensors (or CPU tensors under
 ``TRITON_INTERPRET=1``); shapes are checked by the ops in ``kronops``.
 """
@@ -10,6 +11,9 @@ from .kron.rows import triton_kron_rows
 from .s2ft.adamw import triton_sparse_adamw
 from .s2ft.delta_grad import triton_sparse_delta_grad
 from .s2ft.matmul_add import triton_sparse_matmul_add
+from .serving.routed_kron import triton_routed_kron_add
+from .serving.routed_sparse import triton_routed_sparse_add
 
 __all__ = ["triton_kron_rows", "triton_kron_factor_grad", "triton_sparse_matmul_add",
-           "triton_sparse_delta_grad", "triton_sparse_adamw"]
+           "triton_sparse_delta_grad", "triton_sparse_adamw", "triton_routed_kron_add",
+           "triton_routed_sparse_add"]

@@ -6,9 +6,10 @@ One folder per op family, each read top to bottom (``reference`` -> ``ops`` -> `
 ``InPlaceAdamW``, ``InPlaceSGD``). Whole models, both methods: ``kronops.adapters``
 (``apply_adapters``, ``merge_adapters``, ``unmerge_adapters``, ``trainable_parameters``,
 ``disable_adapters``, ``save_adapters``, ``load_adapters``, S²FT ``select``, PEFT interop).
+Serving many adapters on one base model in mixed batches: ``kronops.serving.AdapterBank``.
 Backends: ``kronops.backends``.
 """
-from . import adapters, backends, kron, s2ft
+from . import adapters, backends, kron, s2ft, serving
 from .adapters import (AdapterFileError, AdapterSummary, apply_adapters, disable_adapters,
                        load_adapters, merge_adapters, save_adapters, trainable_parameters,
                        unmerge_adapters)
@@ -20,5 +21,5 @@ __all__ = ["kron_linear", "kron_matmul", "KronLinear", "KronALinear", "KronABloc
            "sparse_linear", "S2FTLinear", "S2FTInPlaceLinear", "InPlaceAdamW", "InPlaceSGD",
            "apply_adapters", "merge_adapters", "unmerge_adapters", "trainable_parameters",
            "disable_adapters", "AdapterSummary", "save_adapters", "load_adapters",
-           "AdapterFileError", "adapters", "backends", "kron", "s2ft",
+           "AdapterFileError", "adapters", "backends", "kron", "s2ft", "serving",
            "__version__"]

@@ -89,7 +89,7 @@ def _expect_linear(path: str, name: str, module, cfg: dict) -> None:
             f"{cfg['in_features']}->{cfg['out_features']} in the file")
 
 
-def _adapter_params(layer: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_params(layer: nn.Module) -> dict[str, torch.Tensor]:
     """A KronA layer's own parameters (factors), by name within the layer."""
     return {n: p for n, p in layer.named_parameters() if not n.startswith("base.")}
 
@@ -191,7 +191,7 @@ def _collect(model: nn.Module) -> tuple[dict, dict]:
                   if isinstance(m, (KronALinear, KronASublayer))}
         config["layers"] = {n: _layer_config(m, state.layers.get(n)) for n, m in layers.items()}
         for name, layer in layers.items():
-            for pname, p in _adapter_params(layer).items():
+            for pname, p in adapter_params(layer).items():
                 tensors[f"{name}.{pname}"] = p
     else:
         config.update(plan=json.loads(state.plan.to_json()), mode=state.mode)
@@ -572,11 +572,11 @@ def _check_krona(model: nn.Module, config: dict, path: str):
                 if have[key] != cfg.get(key):
                     raise AdapterFileError(f"{path!r}: {name} has {key} {have[key]!r} in the "
                                            f"model, {cfg.get(key)!r} in the file")
-            expected.update({f"{name}.{n}": p.shape for n, p in _adapter_params(layer).items()})
+            expected.update({f"{name}.{n}": p.shape for n, p in adapter_params(layer).items()})
         return None, expected
     for name, cfg in layers.items():
         probe = _probe(path, name, modules, cfg)
-        expected.update({f"{name}.{n}": p.shape for n, p in _adapter_params(probe).items()})
+        expected.update({f"{name}.{n}": p.shape for n, p in adapter_params(probe).items()})
     return layers, expected
 
 
@@ -638,7 +638,7 @@ def _write_s2ft(model: nn.Module, tensors: dict) -> None:
                               tensors[f"{name}.delta"].to(delta.device, delta.dtype))
 
 
-def _prepare_load(model: nn.Module, tensors: dict, config: dict, path: str) -> dict:
+def prepare_load(model: nn.Module, tensors: dict, config: dict, path: str) -> dict:
     """Check a read file against ``model`` without changing it; what ``load_adapters``
     needs to apply it. AdapterFileError naming the first problem."""
     method = config["method"]
@@ -686,6 +686,19 @@ def _prepare_load(model: nn.Module, tensors: dict, config: dict, path: str) -> d
                 train=train, s2ft_keys=s2ft_keys)
 
 
+def check_load(model: nn.Module, path: str) -> tuple[dict, dict, dict]:
+    """(tensors, config, what ``prepare_load`` found) for the adapter file at ``path``, read
+    and checked against ``model`` without changing it; AdapterFileError naming the problem."""
+    tensors, config = read_adapters(path)
+    try:
+        return tensors, config, prepare_load(model, tensors, config, path)
+    except AdapterFileError:
+        raise
+    except Exception as e:  # a file malformed in a way no check above names
+        raise AdapterFileError(f"{path!r}: malformed adapter file ({type(e).__name__}: {e})") \
+            from None
+
+
 def load_adapters(model: nn.Module, path, *, verbose: bool = False) -> nn.Module:
     """Load adapters saved by ``save_adapters`` into ``model`` (in place) and return it.
 
@@ -699,14 +712,7 @@ def load_adapters(model: nn.Module, path, *, verbose: bool = False) -> nn.Module
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     path = os.fspath(path)
-    tensors, config = read_adapters(path)
-    try:
-        todo = _prepare_load(model, tensors, config, path)
-    except AdapterFileError:
-        raise
-    except Exception as e:  # a file malformed in a way no check above names
-        raise AdapterFileError(f"{path!r}: malformed adapter file ({type(e).__name__}: {e})") \
-            from None
+    tensors, config, todo = check_load(model, path)
     method, state, train, s2ft_keys = todo["method"], todo["state"], todo["train"], \
         todo["s2ft_keys"]
 

@@ -1,0 +1,248 @@
+"""``AdapterBank``: many fine-tuned adapters served on one base model, in mixed batches.
+
+Any KronA/LoKr or S²FT file written by ``save_adapters`` loads into a bank over the plain
+base model it was trained on; inside ``bank.route(names)`` each batch row runs through its
+own adapter (or the base model) while every layer computes its base GEMM once for the
+whole batch. ``merge``/``unmerge`` fuse one adapter into the base weights and take it out.
+"""
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+from ..adapters.apply import plan_parts
+from ..adapters.blocks import find_blocks
+from ..adapters.errors import AdapterFileError
+from ..adapters.files import adapter_params, check_load
+from ..adapters.lokr import build_layer
+from ..adapters.state import adapter_modules, adapter_state
+from ..dtypes import accumulation_dtype
+from ..wrapped_linear import out_in_weight
+from .layers import LayerAdapters
+from .routes import Route
+
+
+def kron_parts(model: nn.Module, tensors: dict, layers: dict) -> dict:
+    """{module name: (A, s B)} of a KronA/LoKr file, in each layer's weight dtype."""
+    parts = {}
+    for name, cfg in layers.items():
+        w = out_in_weight(model.get_submodule(name))
+        in_features, out_features = cfg["in_features"], cfg["out_features"]
+        layer = build_layer(nn.Linear(in_features, out_features, bias=False, device="meta"), cfg)
+        own = {n: tensors[f"{name}.{n}"] for n in adapter_params(layer)}
+        layer.load_state_dict(own, strict=False, assign=True)
+        with torch.no_grad():
+            b = layer.factor_b() if hasattr(layer, "factor_b") else layer.b
+            parts[name] = (layer.factor_a().to(w), (layer.scale * b).to(w))
+    return parts
+
+
+def sparse_parts(model: nn.Module, tensors: dict, plan, mode: str) -> dict:
+    """{module name: (side, index, Δ)} of an S²FT file, Δ in the layer's weight dtype: the
+    saved Δ (adapter mode), or the saved weights minus the model's (in-place mode; exact
+    when both lie within a factor 2 of each other, Sterbenz)."""
+    parts = {}
+    for name, (side, index) in plan_parts(find_blocks(model), plan).items():
+        w = out_in_weight(model.get_submodule(name))
+        index = index.to(w.device)
+        if mode == "adapter":
+            delta = tensors[f"{name}.delta"].to(w)
+        else:
+            wide = accumulation_dtype(w.dtype)
+            saved = tensors[f"{name}.weight"].to(w.device, wide)
+            delta = (saved - w.index_select(1 if side == "cols" else 0, index).to(wide)).to(w)
+        parts[name] = (side, index, delta)
+    return parts
+
+
+class AdapterBank:
+    """Adapters loaded side by side over one plain base ``model`` (changed only while an
+    adapter is merged), served per batch row.
+
+    ``load(name, path)``, ``unload(name)``, ``names``; ``with bank.route(names):`` runs
+    each batch row through adapter ``names[i]`` (None: the base model); ``merge(name)`` /
+    ``unmerge()``, ``merged``; ``nbytes(name)``: the memory one adapter takes.
+    """
+
+    def __init__(self, model: nn.Module):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if adapter_state(model) is not None or adapter_modules(model):
+            raise ValueError("AdapterBank serves a plain base model, and this one has kronops "
+                             "adapters: merge_adapters(model, unload=True) first, or give the "
+                             "bank the base model")
+        self.model = model
+        self._names = []
+        self._layers = {}      # module name -> LayerAdapters
+        self._route = None
+        self._merged = None    # (name, {module name: undo})
+
+    @property
+    def names(self) -> list[str]:
+        """The loaded adapters, in load order (a route's tensor form indexes this list)."""
+        return list(self._names)
+
+    @property
+    def merged(self) -> str | None:
+        """The adapter merged into the base weights, or None."""
+        return self._merged[0] if self._merged else None
+
+    def _check_loaded(self, name) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if name not in self._names:
+            raise KeyError(f"no adapter {name!r} in the bank (loaded: {self._names})")
+
+    def _check_idle(self, action: str) -> None:
+        if self._route is not None:
+            raise RuntimeError(f"cannot {action} inside bank.route(...)")
+
+    def load(self, name: str, path) -> None:
+        """Load the adapter file at ``path`` (``save_adapters``' format) as ``name``.
+
+        KronA/LoKr and S²FT files (either mode) trained on this base model load; a file
+        for another model (module names, sizes, plan) raises ``AdapterFileError`` and
+        leaves the bank and the model as they were, as do KronA^B files and files that
+        also train whole modules (a bank keeps one copy of every other module).
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
+        if name in self._names:
+            raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
+        self._check_idle("load")
+        if self._merged:
+            raise RuntimeError(f"cannot load while {self.merged!r} is merged (in-place S²FT "
+                               "files are read against the base weights): unmerge() first")
+        path = os.fspath(path)
+        tensors, config, todo = check_load(self.model, path)
+        if config["method"] == "krona_block":
+            raise AdapterFileError(f"{path!r} holds KronA^B sub-layer adapters, which an "
+                                   "AdapterBank does not serve: load_adapters() it into a copy "
+                                   "of the model")
+        if config["train_modules"]:
+            raise AdapterFileError(f"{path!r} also trains whole modules "
+                                   f"{config['train_modules']}, which a bank cannot hold per "
+                                   "adapter (it shares one copy of each): load_adapters() it "
+                                   "into a copy of the model")
+        if config["method"] == "krona":
+            for module, (a, b) in kron_parts(self.model, tensors, todo["new_layers"]).items():
+                self._layer(module).add_kron(name, a, b)
+        else:
+            parts = sparse_parts(self.model, tensors, todo["plan"], todo["mode"])
+            for module, (side, index, delta) in parts.items():
+                self._layer(module).add_sparse(name, side, index, delta)
+        self._names.append(name)
+
+    def _layer(self, module: str) -> LayerAdapters:
+        if module not in self._layers:
+            self._layers[module] = LayerAdapters(self.model.get_submodule(module))
+        return self._layers[module]
+
+    def unload(self, name: str) -> None:
+        """Drop adapter ``name`` (not while it is merged or a route runs)."""
+        self._check_loaded(name)
+        self._check_idle("unload")
+        if self.merged == name:
+            raise RuntimeError(f"{name!r} is merged into the base weights: unmerge() first")
+        for module, layer in list(self._layers.items()):
+            layer.remove(name)
+            if not layer.groups:
+                del self._layers[module]
+        self._names.remove(name)
+
+    def nbytes(self, name: str) -> int:
+        """Bytes the bank holds for adapter ``name`` (factors, or Δ and its indices)."""
+        self._check_loaded(name)
+        return sum(layer.nbytes(name) for layer in self._layers.values())
+
+    def _slots(self, names) -> torch.Tensor:
+        """A route's bank slots (host int64), checked: names or None, or a 1-D integer tensor
+        of slots in [-1, len(names))."""
+        if isinstance(names, torch.Tensor):
+            if names.dim() != 1 or names.numel() == 0 or names.dtype != torch.int64:
+                raise ValueError(f"a route tensor must be a non-empty 1-D int64 tensor of bank "
+                                 f"slots, got {names.dtype} of shape {tuple(names.shape)}")
+            slots = names.cpu()
+            bad = slots[(slots < -1) | (slots >= len(self._names))]
+            if bad.numel():
+                raise ValueError(f"route slots must lie in [-1, {len(self._names)}) (-1: base "
+                                 f"model), got {bad.tolist()[:4]}")
+            return slots
+        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+            raise TypeError("names must be a non-empty list of adapter names (None: base "
+                            f"model), one per batch row, or an int64 tensor; got {names!r}")
+        unknown = sorted({repr(n) for n in names if n is not None and n not in self._names})
+        if unknown:
+            raise ValueError(f"route names {', '.join(unknown)} are not loaded (loaded: "
+                             f"{self._names})")
+        return torch.tensor([-1 if n is None else self._names.index(n) for n in names])
+
+    @contextlib.contextmanager
+    def route(self, names):
+        """Inside, batch row i of every forward pass runs through adapter ``names[i]``
+        (None, or -1 in a tensor of slots: the base model); holds across ``generate()``
+        steps. Each adapted layer computes its base output for the whole batch, then adds
+        each row's adapter (``routed_kron_add``/``routed_sparse_add``: one launch per
+        layer and adapter group on CUDA). For inference: a forward pass that needs
+        gradients raises."""
+        slots = self._slots(names)
+        self._check_idle("start a route")
+        if self._merged:
+            raise RuntimeError(f"{self.merged!r} is merged into the base weights: unmerge() "
+                               "before routing mixed batches")
+        route = Route(slots)
+        slot_of = {n: i for i, n in enumerate(self._names)}
+        handles = [layer.layer.register_forward_hook(_routed_hook(layer, route, slot_of))
+                   for layer in self._layers.values()]
+        self._route = route
+        try:
+            yield self
+        finally:
+            self._route = None
+            for handle in handles:
+                handle.remove()
+
+    def merge(self, name: str) -> None:
+        """Fuse adapter ``name`` into the base weights in place (S²FT: only its selected
+        rows/columns change); an adapter merged before is taken out first. The model then
+        runs as that adapter's fine-tuned model at the base model's cost."""
+        self._check_loaded(name)
+        self._check_idle("merge")
+        if self.merged == name:
+            return
+        if self._merged:
+            self.unmerge()
+        self._merged = (name, {module: layer.merge(name)
+                               for module, layer in self._layers.items()
+                               if layer.holding(name)})
+
+    def unmerge(self) -> None:
+        """Restore the base weights. S²FT rows/columns are restored exactly (their values are
+        kept while merged); a KronA update is subtracted in fp32 and rounded once, so each
+        weight element w comes back within u (|w| + |w'|) of itself (u: the weight dtype's
+        unit roundoff, w' its merged value): exactly in most elements, never drifting by more
+        than that per merge."""
+        self._check_idle("unmerge")
+        if not self._merged:
+            raise RuntimeError("no adapter is merged")
+        for module, undo in self._merged[1].items():
+            self._layers[module].unmerge(undo)
+        self._merged = None
+
+    def __repr__(self) -> str:
+        return (f"AdapterBank({type(self.model).__name__}, adapters={self._names}, "
+                f"layers={len(self._layers)}, merged={self.merged!r})")
+
+
+def _routed_hook(layer: LayerAdapters, route: Route, slot_of: dict):
+    """A forward hook adding ``layer``'s routed adapters into its output."""
+    def hook(module, args, output):
+        x = args[0]
+        if torch.is_grad_enabled() and (x.requires_grad or output.requires_grad):
+            raise RuntimeError("AdapterBank routes serve inference: run the model under "
+                               "torch.no_grad() or torch.inference_mode() (generate() does)")
+        output = output.contiguous()
+        layer.apply(output, x, route, slot_of)
+        return output
+    return hook

@@ -1,0 +1,171 @@
+"""What an ``AdapterBank`` keeps for each adapted layer: its adapters, stacked so that one op
+call serves every adapter of a group on a mixed batch, and their weight updates for merging.
+
+A layer's KronA/LoKr adapters form one ``KronGroup`` per factor shape; its S²FT adapters one
+``SparseGroup`` per mode (rows or cols). Everything is kept in the layer's weight dtype and
+device. Weight updates are given for the (out, in) view of the weight (``out_in_weight``).
+"""
+import torch
+
+from ..dtypes import accumulation_dtype
+from ..wrapped_linear import out_in_weight
+from .ops import routed_kron_add, routed_sparse_add
+from .routes import Route
+
+
+class KronGroup:
+    """KronA/LoKr adapters sharing one factor shape: a (P, a1, a2), b (P, b1, b2) with each
+    adapter's scale folded into its b; ``names[p]`` is member p."""
+
+    def __init__(self):
+        self.names, self.a, self.b = [], None, None
+
+    def add(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.names.append(name)
+        self.a = a[None] if self.a is None else torch.cat([self.a, a[None]])
+        self.b = b[None] if self.b is None else torch.cat([self.b, b[None]])
+
+    def remove(self, name: str) -> None:
+        p = self.names.index(name)
+        del self.names[p]
+        keep = [i for i in range(len(self.names) + 1) if i != p]
+        self.a, self.b = self.a[keep], self.b[keep]
+
+    def nbytes(self, name: str) -> int:
+        p = self.names.index(name)
+        return self.a[p].nbytes + self.b[p].nbytes
+
+    def update(self, name: str) -> torch.Tensor:
+        """The adapter's (out, in) weight update kron(a, s b), in fp32 (fp64 for fp64)."""
+        p = self.names.index(name)
+        wide = accumulation_dtype(self.a.dtype)
+        return torch.kron(self.a[p].to(wide), self.b[p].to(wide))
+
+    def apply(self, y, x, route: Route, rows: int, per_row: int, slots: dict) -> None:
+        groups = route.groups(rows, per_row, tuple(slots[n] for n in self.names), x.device)
+        if groups.offsets[-1]:
+            tiles = route.tiles(groups, tuple((p, 0) for p in range(len(self.names))), x.device)
+            routed_kron_add(y, x, self.a.to(x.dtype), self.b.to(x.dtype), groups.tokens, tiles,
+                            groups.offsets)
+
+
+class SparseGroup:
+    """S²FT adapters in one mode, concatenated: ``index`` (S,) int64, the output rows (rows
+    mode) or input columns (cols) each Δ entry covers; ``delta`` rows (S, in) or cols
+    (out, S); member p owns segment [bounds[p], bounds[p+1])."""
+
+    def __init__(self, mode: str):
+        self.mode, self.names, self.bounds = mode, [], [0]
+        self.index, self.delta = None, None
+
+    @property
+    def dim(self) -> int:
+        """The weight dimension the selection indexes: 0 rows, 1 cols."""
+        return 1 if self.mode == "cols" else 0
+
+    def add(self, name: str, index: torch.Tensor, delta: torch.Tensor) -> None:
+        self.names.append(name)
+        self.bounds.append(self.bounds[-1] + index.numel())
+        self.index = index if self.index is None else torch.cat([self.index, index])
+        self.delta = delta if self.delta is None else torch.cat([self.delta, delta], self.dim)
+
+    def segment(self, name: str) -> slice:
+        p = self.names.index(name)
+        return slice(self.bounds[p], self.bounds[p + 1])
+
+    def remove(self, name: str) -> None:
+        part = self.segment(name)
+        keep = torch.cat([torch.arange(part.start), torch.arange(part.stop, self.bounds[-1])])
+        keep = keep.to(self.index.device)
+        p = self.names.index(name)
+        del self.names[p]
+        width = part.stop - part.start
+        self.bounds = self.bounds[:p + 1] + [b - width for b in self.bounds[p + 2:]]
+        self.index = self.index[keep]
+        self.delta = self.delta.index_select(self.dim, keep)
+
+    def nbytes(self, name: str) -> int:
+        part = self.segment(name)
+        width = part.stop - part.start
+        return width * (self.index.element_size()
+                        + self.delta.shape[1 - self.dim] * self.delta.element_size())
+
+    def selection(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, Δ) of one adapter."""
+        part = self.segment(name)
+        delta = self.delta[:, part] if self.mode == "cols" else self.delta[part]
+        return self.index[part], delta
+
+    def apply(self, y, x, route: Route, rows: int, per_row: int, slots: dict) -> None:
+        groups = route.groups(rows, per_row, tuple(slots[n] for n in self.names), x.device)
+        if groups.offsets[-1]:
+            columns = tuple(zip(self.bounds, self.bounds[1:]))
+            tiles = route.tiles(groups, columns, x.device)
+            routed_sparse_add(y, x, self.delta.to(x.dtype), self.index, groups.tokens, tiles,
+                              groups.offsets, self.bounds, self.mode == "cols")
+
+
+class LayerAdapters:
+    """The adapters of one linear layer (nn.Linear or Conv1D), by group."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.layer = layer
+        self.groups = {}  # ("kron", a shape, b shape) or ("s2ft", mode) -> group
+
+    def add_kron(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        key = ("kron", tuple(a.shape), tuple(b.shape))
+        self.groups.setdefault(key, KronGroup()).add(name, a, b)
+
+    def add_sparse(self, name: str, mode: str, index: torch.Tensor, delta: torch.Tensor) -> None:
+        self.groups.setdefault(("s2ft", mode), SparseGroup(mode)).add(name, index, delta)
+
+    def holding(self, name: str) -> list:
+        return [g for g in self.groups.values() if name in g.names]
+
+    def remove(self, name: str) -> None:
+        for key, group in list(self.groups.items()):
+            if name in group.names:
+                group.remove(name)
+                if not group.names:
+                    del self.groups[key]
+
+    def nbytes(self, name: str) -> int:
+        return sum(g.nbytes(name) for g in self.holding(name))
+
+    def apply(self, y, x, route: Route, slots: dict) -> None:
+        """y (rows, ..., out) += every routed adapter's part for x (rows, ..., in), in place."""
+        rows = x.shape[0] if x.dim() > 1 else 1
+        per_row = x.numel() // max(rows * x.shape[-1], 1)
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        for group in self.groups.values():
+            group.apply(y2, x2, route, rows, per_row, slots)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> list:
+        """Add the adapter into the weight in place; what ``unmerge`` needs to undo it."""
+        w = out_in_weight(self.layer)
+        undo = []
+        for group in self.holding(name):
+            if isinstance(group, KronGroup):  # W + update in fp32 (fp64), rounded once
+                update = group.update(name)
+                w.copy_(w.to(update.dtype) + update)
+                undo.append((group, name))
+            else:
+                index, delta = group.selection(name)
+                undo.append((group.dim, index, w.index_select(group.dim, index)))
+                w.index_add_(group.dim, index, delta.to(w.dtype))
+        return undo
+
+    @torch.no_grad()
+    def unmerge(self, undo: list) -> None:
+        """Take a merge out again: S²FT parts restored from the saved values (exact), KronA
+        updates subtracted in fp32 (see ``AdapterBank.unmerge`` for the bound)."""
+        w = out_in_weight(self.layer)
+        for step in reversed(undo):
+            if isinstance(step[0], KronGroup):
+                group, name = step
+                update = group.update(name)
+                w.copy_(w.to(update.dtype) - update)
+            else:
+                dim, index, saved = step
+                w.index_copy_(dim, index, saved)

@@ -1,0 +1,112 @@
+"""The serving ops (every adapter of a layer on a mixed batch) against fp64 loops over tokens:
+the PyTorch default kernels and the Triton kernels (interpreter on CPU, compiled on a GPU)."""
+import pytest
+import torch
+from conftest import KERNEL_DTYPES, assert_close
+
+from kronops.serving.ops import routed_kron_add, routed_sparse_add
+from kronops.serving.routes import ROUTE_TILE, Route
+
+# Batch rows' bank slots (-1: base) and tokens per row. Slot 1 has no rows; slot 0 has more
+# tokens than one tile, so its run is cut in several.
+SLOTS = [0, 2, -1, 0, 3, 2, 0]
+PER_ROW = 23
+MEMBERS = (0, 1, 2, 3)
+ROWS = len(SLOTS) * PER_ROW
+
+
+def groups(device):
+    route = Route(torch.tensor(SLOTS))
+    found = route.groups(len(SLOTS), PER_ROW, MEMBERS, torch.device(device))
+    assert found.offsets[-1] - found.offsets[0] > ROUTE_TILE  # several tiles for one member
+    return route, found
+
+
+def padded(m: int, n: int, dtype, device):
+    """A non-contiguous (m, n) view."""
+    return torch.randn(m, n + 5, dtype=dtype, device=device)[:, 3:3 + n]
+
+
+def member_of_token():
+    """Which member adapts each token (None: the base model)."""
+    return [MEMBERS.index(s) if s >= 0 else None for s in SLOTS for _ in range(PER_ROW)]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 4, 6), (1, 7, 9, 1), (16, 2, 3, 17)])
+def test_routed_kron_add(backend_device, dtype, shape):
+    a1, a2, b1, b2 = shape
+    route, found = groups(backend_device)
+    x = padded(ROWS, a2 * b2, dtype, backend_device)
+    y = torch.randn(ROWS, a1 * b1, dtype=dtype, device=backend_device)
+    a = torch.randn(len(MEMBERS), a1, a2, dtype=dtype, device=backend_device)
+    b = torch.randn(len(MEMBERS), b2, b1, dtype=dtype, device=backend_device).mT  # strided
+    tiles = route.tiles(found, tuple((p, 0) for p in range(len(MEMBERS))), x.device)
+    ref = y.double().clone()
+    for t, p in enumerate(member_of_token()):
+        if p is not None:
+            ref[t] += x[t].double() @ torch.kron(a[p].double(), b[p].double().contiguous()).T
+    magnitude = ref.norm().item() + y.double().norm().item()  # the sum may cancel
+    routed_kron_add(y, x, a, b, found.tokens, tiles, found.offsets)
+    assert_close(y, ref, dtype, "routed_kron_add", magnitude=magnitude)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("cols", [False, True])
+def test_routed_sparse_add(backend_device, dtype, cols):
+    in_features, out_features = 37, 29
+    size = in_features if cols else out_features
+    widths = [5, 1, 11, 4]  # a segment per member, of different widths
+    index = torch.cat([torch.randperm(size)[:w].sort().values for w in widths])
+    bounds = [0]
+    for w in widths:
+        bounds.append(bounds[-1] + w)
+    route, found = groups(backend_device)
+    x = padded(ROWS, in_features, dtype, backend_device)
+    y = torch.randn(ROWS, out_features, dtype=dtype, device=backend_device)
+    delta = (torch.randn(out_features, bounds[-1], dtype=dtype) if cols else
+             torch.randn(bounds[-1], in_features, dtype=dtype).T.contiguous().T)
+    delta, index = delta.to(backend_device), index.to(backend_device)
+    tiles = route.tiles(found, tuple(zip(bounds, bounds[1:])), x.device)
+    ref = y.double().clone()
+    for t, p in enumerate(member_of_token()):
+        if p is None:
+            continue
+        part, idx = slice(bounds[p], bounds[p + 1]), index[bounds[p]:bounds[p + 1]]
+        if cols:
+            ref[t] += x[t, idx].double() @ delta[:, part].double().T
+        else:
+            ref[t, idx] += x[t].double() @ delta[part].double().T
+    magnitude = ref.norm().item() + y.double().norm().item()
+    routed_sparse_add(y, x, delta, index, found.tokens, tiles, found.offsets, bounds, cols)
+    assert_close(y, ref, dtype, "routed_sparse_add", magnitude=magnitude)
+
+
+def test_kernels_never_leave_their_tensors(triton_backend):
+    """Token and index values out of range (a table the host checks never saw) read and
+    write nothing: rows they name are left alone, nothing crashes."""
+    from kronops.kernels import triton_routed_kron_add, triton_routed_sparse_add
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(6, 12, device=device)
+    tokens = torch.tensor([0, -3, 6, 2, 99], device=device)
+    tiles = torch.tensor([[0, 5, 0, 2]], device=device)
+    y = torch.zeros(6, 12, device=device)
+    triton_routed_kron_add(y, x.view(6, 3, 4), torch.randn(1, 3, 3, device=device),
+                           torch.randn(1, 4, 4, device=device), tokens, tiles)
+    assert y[[1, 3, 4, 5]].abs().sum() == 0 and y[[0, 2]].abs().sum() > 0
+    y.zero_()
+    index = torch.tensor([3, 40], device=device)  # 40 is out of range
+    triton_routed_sparse_add(y, x, torch.randn(2, 12, device=device), index, tokens, tiles, 2,
+                             False)
+    assert y[:, [i for i in range(12) if i != 3]].abs().sum() == 0
+    assert y[[1, 3, 4, 5]].abs().sum() == 0 and y[[0, 2], 3].abs().sum() > 0
+
+
+def test_route_tokens_follow_repeated_rows():
+    """An input with k rows per route entry (beam search) maps row r to entry r // k."""
+    route = Route(torch.tensor([1, -1, 0]))
+    found = route.groups(6, 2, (0, 1), torch.device("cpu"))
+    assert found.offsets == [0, 4, 8]
+    assert found.tokens.tolist() == [8, 9, 10, 11, 0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match="rows"):
+        route.groups(4, 2, (0, 1), torch.device("cpu"))
