@@ -3,6 +3,7 @@ and the names ``--ops`` accepts (op names as the rows carry them, and families o
 from .kron_cases import krona_layer_cases, kron_linear_cases, kron_matmul_cases
 from .s2ft_cases import inplace_adamw_cases
 from .s2ft_model_cases import llama_step_cases
+from .serving_cases import serving_cases
 from .sparse_cases import sparse_linear_cases
 
 
@@ -11,10 +12,14 @@ LLAMA_8B_LAYERS = dict(hidden_size=4096, intermediate_size=14336, num_hidden_lay
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
 SMALL_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=2, vocab_size=512)
+# The serving rows' base model on CPU: big enough that the GEMMs, not the host, set the time.
+SERVING_LLAMA = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=4, vocab_size=1024)
+ADAPTER_COUNTS = (1, 4, 16, 64)
 
 # Every op name a row of the default sets carries (CPU set, --full set).
 OPS = ("kron_linear", "kron_matmul[3]", "kron_matmul[2]", "KronALinear", "sparse_linear[rows]",
-       "sparse_linear[cols]", "InPlaceAdamW", "LLaMA step")
+       "sparse_linear[cols]", "InPlaceAdamW", "LLaMA step", "AdapterBank", "AdapterBank switch")
 # Families: a name users type for a group of ops.
 FAMILIES = {
     "kron": ("kron_linear", "kron_matmul[3]", "kron_matmul[2]", "KronALinear"),
@@ -24,6 +29,7 @@ FAMILIES = {
     "inplace_adamw": ("InPlaceAdamW",),
     "llama_step": ("LLaMA step",),
     "s2ft": ("sparse_linear[rows]", "sparse_linear[cols]", "InPlaceAdamW", "LLaMA step"),
+    "serving": ("AdapterBank", "AdapterBank switch"),
 }
 
 
@@ -73,6 +79,8 @@ def default_cases(full: bool, dtype, device, ops=None):
             yield from inplace_adamw_cases(4096, 14336, 0.05, dtype, device)
         if want("LLaMA step"):
             yield from llama_step_cases(LLAMA_8B_LAYERS, 4, 2048, 0.05, dtype, device)
+        if want("AdapterBank", "AdapterBank switch"):
+            yield from _serving(LLAMA_8B_LAYERS, 64, 128, dtype, device, ops)
     else:
         if want("kron_linear"):
             for rows, k, n in [(256, 1024, 1024), (1024, 4096, 4096), (2048, 384, 1536)]:
@@ -88,3 +96,11 @@ def default_cases(full: bool, dtype, device, ops=None):
             yield from inplace_adamw_cases(1024, 4096, 0.05, dtype, device)
         if want("LLaMA step"):
             yield from llama_step_cases(SMALL_LLAMA, 4, 128, 0.1, dtype, device)
+        if want("AdapterBank", "AdapterBank switch"):
+            yield from _serving(SERVING_LLAMA, 64, 16, dtype, device, ops)
+
+
+def _serving(config, rows, seq, dtype, device, ops):
+    """The serving cases (built together: they share one bank), those ``ops`` asks for."""
+    return [c for c in serving_cases(config, rows, seq, ADAPTER_COUNTS, dtype, device)
+            if ops is None or c.op in ops]

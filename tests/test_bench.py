@@ -13,6 +13,7 @@ from bench.s2ft_model_cases import llama_step_cases, transformers_available
 from bench.sparse_cases import sparse_linear_cases
 from bench.report import figure, markdown, table, write_json
 from bench.runner import failures, run_case
+from bench.serving_cases import serving_cases
 from bench.suite import OPS, resolve_ops
 from bench.timing import time_providers
 
@@ -126,6 +127,7 @@ def test_default_output_is_untracked(tmp_path, monkeypatch, capsys):
     ("sparse_linear[cols]", {"sparse_linear[cols]"}),
     ("s2ft", {"sparse_linear[rows]", "sparse_linear[cols]", "InPlaceAdamW", "LLaMA step"}),
     ("LLaMA step", {"LLaMA step"}),
+    ("serving", {"AdapterBank", "AdapterBank switch"}),
     ("kron_linear,s2ft", {"kron_linear", "sparse_linear[rows]", "sparse_linear[cols]",
                           "InPlaceAdamW", "LLaMA step"}),
 ])
@@ -171,6 +173,7 @@ def test_op_names_cover_every_case():
         tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                     num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
         cases += llama_step_cases(tiny, 1, 4, 0.5, f32, CPU)
+        cases += serving_cases(TINY_SERVING, 4, 3, (2,), f32, CPU)
     assert {c.op for c in cases} <= set(OPS)
     assert resolve_ops(OPS) == set(OPS)
 
@@ -310,6 +313,27 @@ def test_s2ft_cases_are_checked():
         rows += run_case(case, torch.float32, CPU, budget_s=FAST)
     checked = [r for r in rows if r["rel_error"] is not None]
     assert len(checked) == 3 * 3 * 2 + 3 and all(r["error_ok"] for r in checked)
+
+
+TINY_SERVING = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=40)
+
+
+def test_serving_cases_are_checked():
+    """Every mixed-batch provider but the floor is checked against fp64 (PEFT's
+    ``adapter_names=`` included: it is a baseline, marked when wrong); switches are timed."""
+    pytest.importorskip("transformers")
+    rows = []
+    for case in serving_cases(TINY_SERVING, 4, 3, (1, 3), torch.float32, CPU):
+        rows += run_case(case, torch.float32, CPU, budget_s=FAST)
+    mixed = [r for r in rows if r["mode"] == "mixed batch"]
+    kronops_rows = [r for r in mixed if r["kronops"]]
+    assert len(kronops_rows) == 3 and all(r["error_ok"] for r in kronops_rows)
+    naive = [r for r in mixed if r["provider"].startswith("naive")]
+    assert len(naive) == 3 and all(r["error_ok"] for r in naive)
+    assert all(r["rel_error"] is None for r in mixed if "floor" in r["provider"])
+    assert {r["provider"] for r in rows if r["mode"] == "merge"} >= {
+        "kronops bank.merge, S²FT (switch)", "kronops bank.merge, KronA (switch)"}
 
 
 def test_sparse_linear_rows_have_a_lora_baseline_of_similar_size():

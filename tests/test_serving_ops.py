@@ -8,7 +8,8 @@ from kronops.serving.ops import routed_kron_add, routed_sparse_add
 from kronops.serving.routes import ROUTE_TILE, Route
 
 # Batch rows' bank slots (-1: base) and tokens per row. Slot 1 has no rows; slot 0 has more
-# tokens than one tile, so its run is cut in several.
+# tokens than one tile, so its run is cut in several; slot 3's one row is consecutive tokens
+# (a slice in the default kernels), the others' are gathered.
 SLOTS = [0, 2, -1, 0, 3, 2, 0]
 PER_ROW = 23
 MEMBERS = (0, 1, 2, 3)
@@ -18,7 +19,8 @@ ROWS = len(SLOTS) * PER_ROW
 def groups(device):
     route = Route(torch.tensor(SLOTS))
     found = route.groups(len(SLOTS), PER_ROW, MEMBERS, torch.device(device))
-    assert found.offsets[-1] - found.offsets[0] > ROUTE_TILE  # several tiles for one member
+    assert found.offsets[1] - found.offsets[0] > ROUTE_TILE  # several tiles for one member
+    assert found.starts == [-1, -1, -1, 4 * PER_ROW]
     return route, found
 
 
@@ -47,7 +49,7 @@ def test_routed_kron_add(backend_device, dtype, shape):
         if p is not None:
             ref[t] += x[t].double() @ torch.kron(a[p].double(), b[p].double().contiguous()).T
     magnitude = ref.norm().item() + y.double().norm().item()  # the sum may cancel
-    routed_kron_add(y, x, a, b, found.tokens, tiles, found.offsets)
+    routed_kron_add(y, x, a, b, found.tokens, tiles, found.offsets, found.starts)
     assert_close(y, ref, dtype, "routed_kron_add", magnitude=magnitude)
 
 
@@ -78,7 +80,8 @@ def test_routed_sparse_add(backend_device, dtype, cols):
         else:
             ref[t, idx] += x[t].double() @ delta[part].double().T
     magnitude = ref.norm().item() + y.double().norm().item()
-    routed_sparse_add(y, x, delta, index, found.tokens, tiles, found.offsets, bounds, cols)
+    routed_sparse_add(y, x, delta, index, found.tokens, tiles, found.offsets, found.starts, bounds,
+                      cols)
     assert_close(y, ref, dtype, "routed_sparse_add", magnitude=magnitude)
 
 
@@ -106,7 +109,7 @@ def test_route_tokens_follow_repeated_rows():
     """An input with k rows per route entry (beam search) maps row r to entry r // k."""
     route = Route(torch.tensor([1, -1, 0]))
     found = route.groups(6, 2, (0, 1), torch.device("cpu"))
-    assert found.offsets == [0, 4, 8]
+    assert found.offsets == [0, 4, 8] and found.starts == [8, 0]
     assert found.tokens.tolist() == [8, 9, 10, 11, 0, 1, 2, 3]
     with pytest.raises(RuntimeError, match="rows"):
         route.groups(4, 2, (0, 1), torch.device("cpu"))

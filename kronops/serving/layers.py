@@ -46,7 +46,7 @@ class KronGroup:
         if groups.offsets[-1]:
             tiles = route.tiles(groups, tuple((p, 0) for p in range(len(self.names))), x.device)
             routed_kron_add(y, x, self.a.to(x.dtype), self.b.to(x.dtype), groups.tokens, tiles,
-                            groups.offsets)
+                            groups.offsets, groups.starts)
 
 
 class SparseGroup:
@@ -102,7 +102,7 @@ class SparseGroup:
             columns = tuple(zip(self.bounds, self.bounds[1:]))
             tiles = route.tiles(groups, columns, x.device)
             routed_sparse_add(y, x, self.delta.to(x.dtype), self.index, groups.tokens, tiles,
-                              groups.offsets, self.bounds, self.mode == "cols")
+                              groups.offsets, groups.starts, self.bounds, self.mode == "cols")
 
 
 class LayerAdapters:

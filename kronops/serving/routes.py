@@ -18,9 +18,11 @@ ROUTE_TILE = 64  # tokens per run of a tile table: one kernel program's work
 @dataclass(frozen=True)
 class TokenGroups:
     """tokens: (T,) int64 rows of the flattened input, member 0's first; offsets: the
-    (len(members) + 1) boundaries of each member's run in ``tokens`` (host ints)."""
+    (len(members) + 1) boundaries of each member's run in ``tokens``; starts: per member its
+    first row when its rows are consecutive, else -1 (host ints)."""
     tokens: torch.Tensor
     offsets: list[int]
+    starts: list[int]
 
 
 def tile_table(offsets: list[int], columns: list[tuple[int, int]],
@@ -60,11 +62,13 @@ class Route:
             step = torch.arange(per_row)
             runs = [((slots == slot).nonzero().flatten()[:, None] * per_row + step).flatten()
                     for slot in members]
-            offsets = [0]
+            offsets, starts = [0], []
             for run in runs:
                 offsets.append(offsets[-1] + run.numel())
+                consecutive = run.numel() and int(run[-1]) - int(run[0]) == run.numel() - 1
+                starts.append(int(run[0]) if consecutive else -1)
             tokens = torch.cat(runs) if runs else torch.empty(0, dtype=torch.int64)
-            self._groups[key] = TokenGroups(tokens.to(device), offsets)
+            self._groups[key] = TokenGroups(tokens.to(device), offsets, starts)
         return self._groups[key]
 
     def tiles(self, groups: TokenGroups, columns: tuple[tuple[int, int], ...],
