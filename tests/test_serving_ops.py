@@ -4,23 +4,25 @@ import pytest
 import torch
 from conftest import KERNEL_DTYPES, assert_close
 
-from kronops.serving.ops import routed_kron_add, routed_sparse_add
+from kronops.serving.ops import padded_rows, routed_kron_add, routed_sparse_add
 from kronops.serving.routes import ROUTE_TILE, Route
 
-# Batch rows' bank slots (-1: base) and tokens per row. Slot 1 has no rows; slot 0 has more
-# tokens than one tile, so its run is cut in several; slot 3's one row is consecutive tokens
-# (a slice in the default kernels), the others' are gathered.
-SLOTS = [0, 2, -1, 0, 3, 2, 0]
+# Batch rows' bank slots (-1: base), per route. "even": slot 1 has no rows; slot 0 has more
+# tokens than one tile, so its run is cut in several; slot 3's one row is consecutive
+# tokens; the default kernels pad all members to the longest run. "uneven": padding would
+# more than double the tokens, so they take one member at a time (a slice for slots 2 and
+# 3, a gather for slot 0).
+ROUTES = {"even": [0, 2, -1, 0, 3, 2, 0], "uneven": [0, 0, 0, -1, 0, 0, 0, 2, 0, 0, 0, 3, 0]}
 PER_ROW = 23
 MEMBERS = (0, 1, 2, 3)
-ROWS = len(SLOTS) * PER_ROW
 
 
-def groups(device):
-    route = Route(torch.tensor(SLOTS))
-    found = route.groups(len(SLOTS), PER_ROW, MEMBERS, torch.device(device))
+def groups(route_name: str, device):
+    slots = ROUTES[route_name]
+    route = Route(torch.tensor(slots))
+    found = route.groups(len(slots), PER_ROW, MEMBERS, torch.device(device))
     assert found.offsets[1] - found.offsets[0] > ROUTE_TILE  # several tiles for one member
-    assert found.starts == [-1, -1, -1, 4 * PER_ROW]
+    assert (padded_rows(found.tokens, found.offsets) is None) == (route_name == "uneven")
     return route, found
 
 
@@ -29,23 +31,26 @@ def padded(m: int, n: int, dtype, device):
     return torch.randn(m, n + 5, dtype=dtype, device=device)[:, 3:3 + n]
 
 
-def member_of_token():
+def member_of_token(route_name: str):
     """Which member adapts each token (None: the base model)."""
-    return [MEMBERS.index(s) if s >= 0 else None for s in SLOTS for _ in range(PER_ROW)]
+    return [MEMBERS.index(s) if s >= 0 else None for s in ROUTES[route_name]
+            for _ in range(PER_ROW)]
 
 
+@pytest.mark.parametrize("route_name", list(ROUTES))
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("shape", [(3, 5, 4, 6), (1, 7, 9, 1), (16, 2, 3, 17)])
-def test_routed_kron_add(backend_device, dtype, shape):
+def test_routed_kron_add(backend_device, dtype, shape, route_name):
     a1, a2, b1, b2 = shape
-    route, found = groups(backend_device)
-    x = padded(ROWS, a2 * b2, dtype, backend_device)
-    y = torch.randn(ROWS, a1 * b1, dtype=dtype, device=backend_device)
+    route, found = groups(route_name, backend_device)
+    rows = len(ROUTES[route_name]) * PER_ROW
+    x = padded(rows, a2 * b2, dtype, backend_device)
+    y = torch.randn(rows, a1 * b1, dtype=dtype, device=backend_device)
     a = torch.randn(len(MEMBERS), a1, a2, dtype=dtype, device=backend_device)
     b = torch.randn(len(MEMBERS), b2, b1, dtype=dtype, device=backend_device).mT  # strided
     tiles = route.tiles(found, tuple((p, 0) for p in range(len(MEMBERS))), x.device)
     ref = y.double().clone()
-    for t, p in enumerate(member_of_token()):
+    for t, p in enumerate(member_of_token(route_name)):
         if p is not None:
             ref[t] += x[t].double() @ torch.kron(a[p].double(), b[p].double().contiguous()).T
     magnitude = ref.norm().item() + y.double().norm().item()  # the sum may cancel
@@ -53,35 +58,40 @@ def test_routed_kron_add(backend_device, dtype, shape):
     assert_close(y, ref, dtype, "routed_kron_add", magnitude=magnitude)
 
 
+@pytest.mark.parametrize("route_name", list(ROUTES))
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("cols", [False, True])
-def test_routed_sparse_add(backend_device, dtype, cols):
+def test_routed_sparse_add(backend_device, dtype, cols, route_name):
     in_features, out_features = 37, 29
-    size = in_features if cols else out_features
-    widths = [5, 1, 11, 4]  # a segment per member, of different widths
-    index = torch.cat([torch.randperm(size)[:w].sort().values for w in widths])
-    bounds = [0]
-    for w in widths:
-        bounds.append(bounds[-1] + w)
-    route, found = groups(backend_device)
-    x = padded(ROWS, in_features, dtype, backend_device)
-    y = torch.randn(ROWS, out_features, dtype=dtype, device=backend_device)
-    delta = (torch.randn(out_features, bounds[-1], dtype=dtype) if cols else
-             torch.randn(bounds[-1], in_features, dtype=dtype).T.contiguous().T)
-    delta, index = delta.to(backend_device), index.to(backend_device)
-    tiles = route.tiles(found, tuple(zip(bounds, bounds[1:])), x.device)
+    size, other = (in_features, out_features) if cols else (out_features, in_features)
+    widths = [5, 1, 11, 4]  # a block per member, padded to the widest
+    width = max(widths)
+    index = torch.zeros(len(widths) * width, dtype=torch.int64)
+    values = torch.zeros(len(widths) * width, other, dtype=dtype)
+    for p, w in enumerate(widths):
+        index[p * width:p * width + w] = torch.randperm(size)[:w].sort().values
+        values[p * width:p * width + w] = torch.randn(w, other, dtype=dtype)
+    route, found = groups(route_name, backend_device)
+    rows = len(ROUTES[route_name]) * PER_ROW
+    x = padded(rows, in_features, dtype, backend_device)
+    y = torch.randn(rows, out_features, dtype=dtype, device=backend_device)
+    values = values.T.contiguous().T.to(backend_device)  # column-major: any strides
+    index = index.to(backend_device)
+    columns = tuple((p * width, p * width + w) for p, w in enumerate(widths))
+    tiles = route.tiles(found, columns, x.device)
     ref = y.double().clone()
-    for t, p in enumerate(member_of_token()):
+    for t, p in enumerate(member_of_token(route_name)):
         if p is None:
             continue
-        part, idx = slice(bounds[p], bounds[p + 1]), index[bounds[p]:bounds[p + 1]]
+        part = slice(p * width, p * width + widths[p])
+        idx, v = index[part], values[part].double()
         if cols:
-            ref[t] += x[t, idx].double() @ delta[:, part].double().T
+            ref[t] += x[t, idx].double() @ v
         else:
-            ref[t, idx] += x[t].double() @ delta[part].double().T
+            ref[t, idx] += x[t].double() @ v.T
     magnitude = ref.norm().item() + y.double().norm().item()
-    routed_sparse_add(y, x, delta, index, found.tokens, tiles, found.offsets, found.starts, bounds,
-                      cols)
+    routed_sparse_add(y, x, values, index, found.tokens, tiles, found.offsets, found.starts,
+                      widths, cols)
     assert_close(y, ref, dtype, "routed_sparse_add", magnitude=magnitude)
 
 

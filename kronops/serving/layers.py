@@ -50,59 +50,68 @@ class KronGroup:
 
 
 class SparseGroup:
-    """S²FT adapters in one mode, concatenated: ``index`` (S,) int64, the output rows (rows
-    mode) or input columns (cols) each Δ entry covers; ``delta`` rows (S, in) or cols
-    (out, S); member p owns segment [bounds[p], bounds[p+1])."""
+    """S²FT adapters in one mode, each in a block of one width W: ``values`` (P·W, in) holds
+    Δ_p's rows (rows mode) or Δ_pᵀ's rows (cols mode) and ``index`` (P·W,) the output rows or
+    input columns they cover; block p's first widths[p] entries are real, the rest zero."""
 
     def __init__(self, mode: str):
-        self.mode, self.names, self.bounds = mode, [], [0]
-        self.index, self.delta = None, None
+        self.mode, self.names, self.widths = mode, [], []
+        self.values, self.index = None, None
 
     @property
     def dim(self) -> int:
         """The weight dimension the selection indexes: 0 rows, 1 cols."""
         return 1 if self.mode == "cols" else 0
 
-    def add(self, name: str, index: torch.Tensor, delta: torch.Tensor) -> None:
-        self.names.append(name)
-        self.bounds.append(self.bounds[-1] + index.numel())
-        self.index = index if self.index is None else torch.cat([self.index, index])
-        self.delta = delta if self.delta is None else torch.cat([self.delta, delta], self.dim)
+    def _blocks(self):
+        """[(index, values)] per member, without padding."""
+        width = self.values.shape[0] // len(self.names) if self.names else 0
+        return [(self.index[p * width:p * width + w], self.values[p * width:p * width + w])
+                for p, w in enumerate(self.widths)]
 
-    def segment(self, name: str) -> slice:
-        p = self.names.index(name)
-        return slice(self.bounds[p], self.bounds[p + 1])
+    def _pack(self, blocks) -> None:
+        """Lay ``blocks`` [(index, values)] out padded to the widest."""
+        width = max((len(i) for i, _ in blocks), default=0)
+        if not blocks:
+            self.values = self.index = None
+            return
+        index, values = blocks[0]
+        self.index = index.new_zeros(len(blocks) * width)
+        self.values = values.new_zeros((len(blocks) * width, values.shape[1]))
+        for p, (index, values) in enumerate(blocks):
+            self.index[p * width:p * width + len(index)] = index
+            self.values[p * width:p * width + len(index)] = values
+
+    def add(self, name: str, index: torch.Tensor, delta: torch.Tensor) -> None:
+        """Δ: rows mode (|R|, in), cols mode (out, |C|)."""
+        blocks = self._blocks() if self.names else []
+        self._pack(blocks + [(index, delta.T if self.mode == "cols" else delta)])
+        self.names.append(name)
+        self.widths.append(index.numel())
 
     def remove(self, name: str) -> None:
-        part = self.segment(name)
-        keep = torch.cat([torch.arange(part.start), torch.arange(part.stop, self.bounds[-1])])
-        keep = keep.to(self.index.device)
         p = self.names.index(name)
-        del self.names[p]
-        width = part.stop - part.start
-        self.bounds = self.bounds[:p + 1] + [b - width for b in self.bounds[p + 2:]]
-        self.index = self.index[keep]
-        self.delta = self.delta.index_select(self.dim, keep)
+        blocks = self._blocks()
+        del blocks[p], self.names[p], self.widths[p]
+        self._pack(blocks)
 
     def nbytes(self, name: str) -> int:
-        part = self.segment(name)
-        width = part.stop - part.start
-        return width * (self.index.element_size()
-                        + self.delta.shape[1 - self.dim] * self.delta.element_size())
+        width = self.widths[self.names.index(name)]
+        return width * (self.index.element_size() + self.values.shape[1] * self.values.element_size())
 
     def selection(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(index, Δ) of one adapter."""
-        part = self.segment(name)
-        delta = self.delta[:, part] if self.mode == "cols" else self.delta[part]
-        return self.index[part], delta
+        """(index, Δ) of one adapter, Δ as the weight part it updates."""
+        index, values = self._blocks()[self.names.index(name)]
+        return index, values.T if self.mode == "cols" else values
 
     def apply(self, y, x, route: Route, rows: int, per_row: int, slots: dict) -> None:
         groups = route.groups(rows, per_row, tuple(slots[n] for n in self.names), x.device)
         if groups.offsets[-1]:
-            columns = tuple(zip(self.bounds, self.bounds[1:]))
+            width = self.values.shape[0] // len(self.names)
+            columns = tuple((p * width, p * width + w) for p, w in enumerate(self.widths))
             tiles = route.tiles(groups, columns, x.device)
-            routed_sparse_add(y, x, self.delta.to(x.dtype), self.index, groups.tokens, tiles,
-                              groups.offsets, groups.starts, self.bounds, self.mode == "cols")
+            routed_sparse_add(y, x, self.values.to(x.dtype), self.index, groups.tokens, tiles,
+                              groups.offsets, groups.starts, self.widths, self.mode == "cols")
 
 
 class LayerAdapters:

@@ -1,26 +1,33 @@
 """The serving ops: the adapters of one layer applied to a mixed batch, added into its output.
 
 ``kronops::routed_kron_add``    y[t] += x[t] @ kron(a[p], b[p]).T     (KronA/LoKr, scale in b)
-``kronops::routed_sparse_add``  y[t] += x[t] W_pᵀ with W_p member p's S²FT Δ put in place:
-                                rows mode Δ (S, in) into output rows ``index``, cols mode
-                                Δ (out, S) from input columns ``index``; member p owns
-                                Δ's segment [bounds[p], bounds[p+1])
+``kronops::routed_sparse_add``  y[t] += member p's S²FT Δ applied to x[t], in place:
+                                rows mode y[t, R_p] += x[t] Δ_pᵀ, cols mode y[t] += x[t, C_p] Δ_pᵀ
 
 x: (M, in) and y: (M, out) are a layer's flattened input and output. Tokens arrive grouped
 by member: tokens[offsets[p]:offsets[p+1]] are the rows of x that member p adapts (starting
 at row starts[p] and consecutive, or starts[p] = -1), and ``tiles`` is that grouping cut into
-runs for the kernels (``routes.tile_table``). Each op is defined once: its default kernel
-(every device) takes one member's rows at a time (a slice when consecutive, else a gather)
-and adds the product back; on CUDA one Triton launch serves every member
-(``kernels.serving``). Both update y in place and have no autograd: the bank serves.
+runs for the kernels (``routes.tile_table``). S²FT members are stored padded to one width
+W: ``values`` (P·W, in) holds Δ_p's rows (rows mode) or Δ_pᵀ's rows (cols mode) in
+block p, its first widths[p] real and the rest zero, and ``index`` (P·W,) the rows R_p or
+columns C_p (0 in the padding).
+
+Each op is defined once. Its default kernel (every device) pads every member's tokens to
+the longest run and computes all members with a few batched products when that at most
+doubles the tokens (balanced batches, decode steps), and otherwise takes one member at a
+time (a slice when its rows are consecutive, else a gather). On CUDA one Triton launch
+serves every member (``kernels.serving``). Both update y in place and have no autograd:
+the bank serves.
 """
 import torch
 
 from .. import backends
-from ..dtypes import autocast_off
-from ..kron.reference import torch_kron_rows
+from ..dtypes import autocast_off, composite_dtype
 
 kernels = backends.import_kernels()
+
+
+PADDING_LIMIT = 2  # the batched path runs while padding at most doubles the tokens
 
 
 def member_rows(tokens: torch.Tensor, offsets: list[int], starts: list[int]):
@@ -30,44 +37,102 @@ def member_rows(tokens: torch.Tensor, offsets: list[int], starts: list[int]):
             for p, (lo, hi, start) in enumerate(zip(offsets, offsets[1:], starts)) if hi > lo]
 
 
+def padded_rows(tokens: torch.Tensor, offsets: list[int]):
+    """(members, rows, real) for the batched path, or None for one member (no padding
+    needed: a slice when consecutive) or when padding would more than double the tokens:
+    members (Q,) the members with tokens, rows (Q, n) their rows of x
+    padded to the longest run n with row 0, real (Q, n) False in the padding."""
+    counts = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
+    members = [p for p, count in enumerate(counts) if count]
+    longest = max(counts, default=0)
+    if len(members) < 2 or len(members) * longest > PADDING_LIMIT * offsets[-1]:
+        return None
+    device = tokens.device
+    first = torch.tensor([offsets[p] for p in members], device=device)
+    length = torch.tensor([counts[p] for p in members], device=device)
+    step = torch.arange(longest, device=device)
+    real = step < length[:, None]
+    rows = tokens[(first[:, None] + step).clamp(max=tokens.numel() - 1)] * real
+    return torch.tensor(members, device=device), rows, real
+
+
 def take(x: torch.Tensor, rows) -> torch.Tensor:
     return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def add_rows(y: torch.Tensor, rows, part: torch.Tensor) -> None:
+    """y[rows] += part (rows: a slice or an index tensor)."""
+    if isinstance(rows, slice):
+        y[rows] += part
+    else:
+        y.index_add_(0, rows, part)
+
+
+def kron_batches(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """vec(a[q] X b[q]ᵀ) for x (Q, n, a2, b2), a (Q, a1, a2), b (Q, b1, b2) -> (Q, n, a1*b1),
+    the cheaper side contracted first, in ``composite_dtype``."""
+    q, n, a2, b2 = x.shape
+    a1, b1 = a.shape[1], b.shape[1]
+    work = composite_dtype(x)
+    x, a, b = x.to(work), a.to(work), b.to(work)
+    if b1 * a2 * (b2 + a1) <= a1 * b2 * (a2 + b1):
+        y = torch.matmul(a[:, None], torch.matmul(x.reshape(q, n * a2, b2), b.mT).view(q, n, a2, b1))
+    else:
+        y = torch.matmul(torch.matmul(a[:, None], x).view(q, n * a1, b2), b.mT)
+    return y.reshape(q, n, a1 * b1)
 
 
 def default_routed_kron_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                             tokens: torch.Tensor, tiles: torch.Tensor, offsets: list[int],
                             starts: list[int]) -> None:
-    """The default kernel: one composite ``kron_rows`` per member on its rows."""
+    """The default kernel: all members in two batched products, or one member at a time."""
     a2, b2 = a.shape[2], b.shape[2]
     with autocast_off(x.device.type):
+        padded = padded_rows(tokens, offsets)
+        if padded is not None:
+            members, rows, real = padded
+            q, n = rows.shape
+            xs = x.index_select(0, rows.flatten()).view(q, n, a2, b2) * real[:, :, None, None]
+            part = kron_batches(xs, a.index_select(0, members), b.index_select(0, members))
+            y.index_add_(0, rows.flatten(), part.view(q * n, -1).to(y.dtype))
+            return
         for p, rows in member_rows(tokens, offsets, starts):
-            part = torch_kron_rows(take(x, rows).view(-1, a2, b2), a[p], b[p]).to(y.dtype)
-            if isinstance(rows, slice):
-                y[rows] += part
-            else:
-                y.index_add_(0, rows, part)
+            part = kron_batches(take(x, rows).view(1, -1, a2, b2), a[p:p + 1], b[p:p + 1])
+            add_rows(y, rows, part[0].to(y.dtype))
 
 
-def default_routed_sparse_add(y: torch.Tensor, x: torch.Tensor, delta: torch.Tensor,
+def default_routed_sparse_add(y: torch.Tensor, x: torch.Tensor, values: torch.Tensor,
                               index: torch.Tensor, tokens: torch.Tensor, tiles: torch.Tensor,
-                              offsets: list[int], starts: list[int], bounds: list[int],
+                              offsets: list[int], starts: list[int], widths: list[int],
                               cols: bool) -> None:
-    """The default kernel: per member, its rows' product with its Δ segment, added in place."""
+    """The default kernel: all members in one batched product, or one member at a time."""
+    members_count, features = len(widths), values.shape[1]
+    width = values.shape[0] // members_count
+    values, index = values.view(members_count, width, features), index.view(members_count, width)
     with autocast_off(x.device.type):
+        work = composite_dtype(x)
+        padded = padded_rows(tokens, offsets)
+        if padded is not None:
+            members, rows, real = padded
+            q, n = rows.shape
+            xs = x.index_select(0, rows.flatten()).view(q, n, -1).to(work) * real[:, :, None]
+            v, idx = values.index_select(0, members).to(work), index.index_select(0, members)
+            if cols:  # y[t] += x[t, C] Δᵀ: gather the columns, then (n, W) @ (W, out)
+                xs = torch.gather(xs, 2, idx[:, None, :].expand(q, n, width))
+                y.index_add_(0, rows.flatten(), torch.matmul(xs, v).view(q * n, -1).to(y.dtype))
+            else:  # y[t, R] += x[t] Δᵀ
+                y.index_put_((rows[:, :, None], idx[:, None, :]),
+                             torch.matmul(xs, v.mT).to(y.dtype), accumulate=True)
+            return
         for p, rows in member_rows(tokens, offsets, starts):
-            segment = slice(bounds[p], bounds[p + 1])
+            v, idx = values[p, :widths[p]].to(work), index[p, :widths[p]]
             if cols:
-                part = (take(x, rows)[:, index[segment]] @ delta[:, segment].T).to(y.dtype)
-                if isinstance(rows, slice):
-                    y[rows] += part
-                else:
-                    y.index_add_(0, rows, part)
+                add_rows(y, rows, (take(x, rows)[:, idx].to(work) @ v).to(y.dtype))
+            elif isinstance(rows, slice):
+                y[rows].index_add_(1, idx, (take(x, rows).to(work) @ v.T).to(y.dtype))
             else:
-                part = (take(x, rows) @ delta[segment].T).to(y.dtype)
-                if isinstance(rows, slice):
-                    y[rows].index_add_(1, index[segment], part)
-                else:
-                    y.index_put_((rows[:, None], index[segment][None, :]), part, accumulate=True)
+                y.index_put_((rows[:, None], idx[None, :]), (take(x, rows).to(work) @ v.T).to(
+                    y.dtype), accumulate=True)
 
 
 routed_kron_add = torch.library.custom_op("kronops::routed_kron_add", default_routed_kron_add,
@@ -82,7 +147,7 @@ def _(y, x, a, b, tokens, tiles, offsets, starts):
 
 
 @routed_sparse_add.register_fake
-def _(y, x, delta, index, tokens, tiles, offsets, starts, bounds, cols):
+def _(y, x, values, index, tokens, tiles, offsets, starts, widths, cols):
     return None
 
 
@@ -92,10 +157,11 @@ def triton_routed_kron_add(y, x, a, b, tokens, tiles, offsets, starts):
                                    tiles)
 
 
-def triton_routed_sparse_add(y, x, delta, index, tokens, tiles, offsets, starts, bounds, cols):
-    """CUDA kernel of ``routed_sparse_add``: every member in one launch."""
-    widest = max((hi - lo for lo, hi in zip(bounds, bounds[1:])), default=0)
-    kernels.triton_routed_sparse_add(y, x, delta, index, tokens, tiles, widest, cols)
+def triton_routed_sparse_add(y, x, values, index, tokens, tiles, offsets, starts, widths, cols):
+    """CUDA kernel of ``routed_sparse_add``: every member in one launch (Δ of cols mode is
+    the transposed view of ``values``)."""
+    kernels.triton_routed_sparse_add(y, x, values.T if cols else values, index, tokens, tiles,
+                                     max(widths, default=0), cols)
 
 
 if kernels is not None:
