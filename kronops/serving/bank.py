@@ -1,7 +1,7 @@
 """``AdapterBank``: many fine-tuned adapters served on one base model, in mixed batches.
 
-Any KronA/LoKr or S²FT file written by ``save_adapters`` loads into a bank over the plain
-base model it was trained on; inside ``bank.route(names)`` each batch row runs through its
+Any KronA/LoKr, KronA^B or S²FT file written by ``save_adapters`` loads into a bank over the
+plain base model it was trained on; inside ``bank.route(names)`` each batch row runs through its
 own adapter (or the base model) while every layer computes its base GEMM once for the
 whole batch. ``merge``/``unmerge`` fuse one adapter into the base weights and take it out.
 """
@@ -16,6 +16,7 @@ from ..adapters.blocks import find_blocks
 from ..adapters.errors import AdapterFileError
 from ..adapters.files import adapter_params, check_load
 from ..adapters.lokr import build_layer
+from ..adapters.sublayer import KIND_SUBLAYER, build_sublayer
 from ..adapters.state import adapter_modules, adapter_state
 from ..dtypes import accumulation_dtype
 from ..wrapped_linear import out_in_weight
@@ -24,17 +25,26 @@ from .routes import Route
 
 
 def kron_parts(model: nn.Module, tensors: dict, layers: dict) -> dict:
-    """{module name: (A, s B)} of a KronA/LoKr file, in each layer's weight dtype."""
+    """{module name: dict(a, b, source, residual)} of a KronA/LoKr or KronA^B file: A and
+    s B in the layer's weight dtype; KronA^B: the source module and s_res (or None)."""
     parts = {}
     for name, cfg in layers.items():
         w = out_in_weight(model.get_submodule(name))
         in_features, out_features = cfg["in_features"], cfg["out_features"]
-        layer = build_layer(nn.Linear(in_features, out_features, bias=False, device="meta"), cfg)
+        if cfg["kind"] == KIND_SUBLAYER:
+            layer = build_sublayer(nn.Linear(1, out_features, bias=False, device="meta"),
+                                   nn.Linear(in_features, 1, bias=False, device="meta"), cfg)
+        else:
+            layer = build_layer(nn.Linear(in_features, out_features, bias=False, device="meta"),
+                                cfg)
         own = {n: tensors[f"{name}.{n}"] for n in adapter_params(layer)}
         layer.load_state_dict(own, strict=False, assign=True)
         with torch.no_grad():
             b = layer.factor_b() if hasattr(layer, "factor_b") else layer.b
-            parts[name] = (layer.factor_a().to(w), (layer.scale * b).to(w))
+            residual = getattr(layer, "residual_scale", None)
+            parts[name] = dict(a=layer.factor_a().to(w), b=(layer.scale * b).to(w),
+                               source=cfg.get("source"),
+                               residual=None if residual is None else residual.to(w))
     return parts
 
 
@@ -101,10 +111,10 @@ class AdapterBank:
     def load(self, name: str, path) -> None:
         """Load the adapter file at ``path`` (``save_adapters``' format) as ``name``.
 
-        KronA/LoKr and S²FT files (either mode) trained on this base model load; a file
-        for another model (module names, sizes, plan) raises ``AdapterFileError`` and
-        leaves the bank and the model as they were, as do KronA^B files and files that
-        also train whole modules (a bank keeps one copy of every other module).
+        KronA/LoKr, KronA^B and S²FT files (either mode) trained on this base model load;
+        a file for another model (module names, sizes, plan) raises ``AdapterFileError``
+        and leaves the bank and the model as they were, as do files that also train whole
+        modules (a bank keeps one copy of every other module).
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str, got {name!r}")
@@ -116,18 +126,14 @@ class AdapterBank:
                                "files are read against the base weights): unmerge() first")
         path = os.fspath(path)
         tensors, config, todo = check_load(self.model, path)
-        if config["method"] == "krona_block":
-            raise AdapterFileError(f"{path!r} holds KronA^B sub-layer adapters, which an "
-                                   "AdapterBank does not serve: load_adapters() it into a copy "
-                                   "of the model")
         if config["train_modules"]:
             raise AdapterFileError(f"{path!r} also trains whole modules "
                                    f"{config['train_modules']}, which a bank cannot hold per "
                                    "adapter (it shares one copy of each): load_adapters() it "
                                    "into a copy of the model")
-        if config["method"] == "krona":
-            for module, (a, b) in kron_parts(self.model, tensors, todo["new_layers"]).items():
-                self._layer(module).add_kron(name, a, b)
+        if config["method"] in ("krona", "krona_block"):
+            for module, part in kron_parts(self.model, tensors, todo["new_layers"]).items():
+                self._layer(module).add_kron(name, **part)
         else:
             parts = sparse_parts(self.model, tensors, todo["plan"], todo["mode"])
             for module, (side, index, delta) in parts.items():
@@ -193,8 +199,12 @@ class AdapterBank:
                                "before routing mixed batches")
         route = Route(slots)
         slot_of = {n: i for i, n in enumerate(self._names)}
-        handles = [layer.layer.register_forward_hook(_routed_hook(layer, route, slot_of))
+        inputs = {}  # this forward pass's inputs of the KronA^B source modules
+        handles = [layer.layer.register_forward_hook(_routed_hook(layer, route, slot_of, inputs))
                    for layer in self._layers.values()]
+        for source in set().union(*(layer.sources() for layer in self._layers.values())):
+            handles.append(self.model.get_submodule(source).register_forward_pre_hook(
+                _input_tap(source, inputs)))
         self._route = route
         try:
             yield self
@@ -209,6 +219,11 @@ class AdapterBank:
         runs as that adapter's fine-tuned model at the base model's cost."""
         self._check_loaded(name)
         self._check_idle("merge")
+        for layer in self._layers.values():
+            if any(getattr(g, "source", None) for g in layer.holding(name)):
+                raise RuntimeError(f"{name!r} holds KronA^B adapters: they run in parallel "
+                                   "with non-linear sub-layers, so they are not weight changes "
+                                   "and cannot be merged (route them instead)")
         if self.merged == name:
             return
         if self._merged:
@@ -235,7 +250,14 @@ class AdapterBank:
                 f"layers={len(self._layers)}, merged={self.merged!r})")
 
 
-def _routed_hook(layer: LayerAdapters, route: Route, slot_of: dict):
+def _input_tap(name: str, inputs: dict):
+    """A forward pre-hook keeping the input of module ``name`` in ``inputs``."""
+    def tap(module, args):
+        inputs[name] = args[0]
+    return tap
+
+
+def _routed_hook(layer: LayerAdapters, route: Route, slot_of: dict, inputs: dict):
     """A forward hook adding ``layer``'s routed adapters into its output."""
     def hook(module, args, output):
         x = args[0]
@@ -243,6 +265,6 @@ def _routed_hook(layer: LayerAdapters, route: Route, slot_of: dict):
             raise RuntimeError("AdapterBank routes serve inference: run the model under "
                                "torch.no_grad() or torch.inference_mode() (generate() does)")
         output = output.contiguous()
-        layer.apply(output, x, route, slot_of)
+        layer.apply(output, x, route, slot_of, inputs)
         return output
     return hook

@@ -1,8 +1,9 @@
 """What an ``AdapterBank`` keeps for each adapted layer: its adapters, stacked so that one op
 call serves every adapter of a group on a mixed batch, and their weight updates for merging.
 
-A layer's KronA/LoKr adapters form one ``KronGroup`` per factor shape; its S²FT adapters one
-``SparseGroup`` per mode (rows or cols). Everything is kept in the layer's weight dtype and
+A layer's KronA/LoKr adapters form one ``KronGroup`` per factor shape (and per input: KronA^B
+adapters on a sub-layer's output projection take the input of its first projection); its
+S²FT adapters one ``SparseGroup`` per mode (rows or cols). Everything is kept in the layer's weight dtype and
 device. Weight updates are given for the (out, in) view of the weight (``out_in_weight``).
 """
 import torch
@@ -14,39 +15,57 @@ from .routes import Route
 
 
 class KronGroup:
-    """KronA/LoKr adapters sharing one factor shape: a (P, a1, a2), b (P, b1, b2) with each
-    adapter's scale folded into its b; ``names[p]`` is member p."""
+    """KronA/LoKr adapters sharing one factor shape and input: a (P, a1, a2), b (P, b1, b2)
+    with each adapter's scale folded into its b; ``names[p]`` is member p. ``source``: None
+    (the input is the layer's own), or the module whose input the adapters take (KronA^B:
+    the sub-layer's first projection; such a group also holds ``residual`` (P,), each
+    member's s_res of KronA^B_res, 0 without)."""
 
-    def __init__(self):
-        self.names, self.a, self.b = [], None, None
+    def __init__(self, source: str | None = None):
+        self.names, self.a, self.b, self.source, self.residual = [], None, None, source, None
 
-    def add(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    def add(self, name: str, a: torch.Tensor, b: torch.Tensor,
+            residual: torch.Tensor | None = None) -> None:
         self.names.append(name)
         self.a = a[None] if self.a is None else torch.cat([self.a, a[None]])
         self.b = b[None] if self.b is None else torch.cat([self.b, b[None]])
+        if self.source is not None:
+            r = a.new_zeros(1) if residual is None else residual.reshape(1).to(a)
+            self.residual = r if self.residual is None else torch.cat([self.residual, r])
 
     def remove(self, name: str) -> None:
         p = self.names.index(name)
         del self.names[p]
         keep = [i for i in range(len(self.names) + 1) if i != p]
         self.a, self.b = self.a[keep], self.b[keep]
+        if self.residual is not None:
+            self.residual = self.residual[keep]
 
     def nbytes(self, name: str) -> int:
         p = self.names.index(name)
-        return self.a[p].nbytes + self.b[p].nbytes
+        return self.a[p].nbytes + self.b[p].nbytes + (
+            0 if self.residual is None else self.residual.element_size())
 
     def update(self, name: str) -> torch.Tensor:
-        """The adapter's (out, in) weight update kron(a, s b), in fp32 (fp64 for fp64)."""
+        """The adapter's (out, in) weight update kron(a, s b), in fp32 (fp64 for fp64); not
+        for KronA^B groups (no weight update: ``AdapterBank.merge`` refuses them)."""
         p = self.names.index(name)
         wide = accumulation_dtype(self.a.dtype)
         return torch.kron(self.a[p].to(wide), self.b[p].to(wide))
 
     def apply(self, y, x, route: Route, rows: int, per_row: int, slots: dict) -> None:
         groups = route.groups(rows, per_row, tuple(slots[n] for n in self.names), x.device)
-        if groups.offsets[-1]:
-            tiles = route.tiles(groups, tuple((p, 0) for p in range(len(self.names))), x.device)
-            routed_kron_add(y, x, self.a.to(x.dtype), self.b.to(x.dtype), groups.tokens, tiles,
-                            groups.offsets, groups.starts)
+        if not groups.offsets[-1]:
+            return
+        tiles = route.tiles(groups, tuple((p, 0) for p in range(len(self.names))), x.device)
+        routed_kron_add(y, x, self.a.to(x.dtype), self.b.to(x.dtype), groups.tokens, tiles,
+                        groups.offsets, groups.starts)
+        if self.residual is not None:  # + s_res x for each token of a KronA^B_res member
+            counts = torch.tensor([hi - lo for lo, hi in zip(groups.offsets,
+                                                                groups.offsets[1:])])
+            scale = self.residual.repeat_interleave(counts.to(x.device))
+            y.index_add_(0, groups.tokens,
+                         (x.index_select(0, groups.tokens) * scale[:, None].to(x)).to(y.dtype))
 
 
 class SparseGroup:
@@ -119,11 +138,12 @@ class LayerAdapters:
 
     def __init__(self, layer: torch.nn.Module):
         self.layer = layer
-        self.groups = {}  # ("kron", a shape, b shape) or ("s2ft", mode) -> group
+        self.groups = {}  # ("kron", a shape, b shape, source) or ("s2ft", mode) -> group
 
-    def add_kron(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        key = ("kron", tuple(a.shape), tuple(b.shape))
-        self.groups.setdefault(key, KronGroup()).add(name, a, b)
+    def add_kron(self, name: str, a: torch.Tensor, b: torch.Tensor, source: str | None = None,
+                 residual: torch.Tensor | None = None) -> None:
+        key = ("kron", tuple(a.shape), tuple(b.shape), source)
+        self.groups.setdefault(key, KronGroup(source)).add(name, a, b, residual)
 
     def add_sparse(self, name: str, mode: str, index: torch.Tensor, delta: torch.Tensor) -> None:
         self.groups.setdefault(("s2ft", mode), SparseGroup(mode)).add(name, index, delta)
@@ -141,13 +161,28 @@ class LayerAdapters:
     def nbytes(self, name: str) -> int:
         return sum(g.nbytes(name) for g in self.holding(name))
 
-    def apply(self, y, x, route: Route, slots: dict) -> None:
-        """y (rows, ..., out) += every routed adapter's part for x (rows, ..., in), in place."""
-        rows = x.shape[0] if x.dim() > 1 else 1
-        per_row = x.numel() // max(rows * x.shape[-1], 1)
-        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+    def sources(self) -> set[str]:
+        """The modules whose inputs this layer's KronA^B adapters take."""
+        return {g.source for g in self.groups.values()
+                if isinstance(g, KronGroup) and g.source is not None}
+
+    def apply(self, y, x, route: Route, slots: dict, inputs: dict) -> None:
+        """y (rows, ..., out) += every routed adapter's part for x (rows, ..., in), in place;
+        ``inputs``: this forward pass's inputs of the KronA^B source modules, by name."""
+        rows = y.shape[0] if y.dim() > 1 else 1
+        per_row = y.numel() // max(rows * y.shape[-1], 1)
+        y2 = y.view(-1, y.shape[-1])
+        taken = {name: inputs.pop(name, None) for name in self.sources()}  # used once
         for group in self.groups.values():
-            group.apply(y2, x2, route, rows, per_row, slots)
+            source = getattr(group, "source", None)
+            given = x if source is None else taken[source]
+            if given is None:
+                raise RuntimeError(f"the KronA^B source {group.source!r} did not run before "
+                                   "its sub-layer's output projection in this forward pass")
+            if given.shape[:-1] != y.shape[:-1]:
+                raise ValueError(f"sub-layer input of shape {tuple(given.shape)} does not "
+                                 f"match its output of shape {tuple(y.shape)}")
+            group.apply(y2, given.reshape(-1, given.shape[-1]), route, rows, per_row, slots)
 
     @torch.no_grad()
     def merge(self, name: str) -> list:
