@@ -35,6 +35,15 @@ def gathered_positions(idx_ptr, start, offs, mask, size, GATHER: tl.constexpr):
 
 
 @triton.jit
+def add_tile(out_ptr, rows, cols, rows_ok, cols_ok, stride_r, stride_c, acc):
+    """out[rows, cols] += acc (an fp32 tile) in place, where rows_ok and cols_ok."""
+    ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_r + cols[None, :] * stride_c
+    mask = rows_ok[:, None] & cols_ok[None, :]
+    acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def sparse_matmul_add_kernel(
     a_ptr, b_ptr, out_ptr, a_idx_ptr, out_idx_ptr,
     M, N, K, a_start, out_start, a_size, out_size,
@@ -74,10 +83,7 @@ def sparse_matmul_add_kernel(
 
     out_cols, out_ok = gathered_positions(out_idx_ptr, out_start, offs_n, n_ok, out_size,
                                           SCATTER_OUT)
-    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + out_cols[None, :] * stride_on
-    mask = m_ok[:, None] & out_ok[None, :]
-    acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    add_tile(out_ptr, offs_m, out_cols, m_ok, out_ok, stride_om, stride_on, acc)
 
 
 CONFIGS = [

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
-                      dot_precision, live_words, viable_configs)
-from ..s2ft.matmul_add import gathered_positions
+                      dot_precision, viable_configs)
+from ..s2ft.matmul_add import add_tile, footprint, gathered_positions
 from .routed_kron import routed_tokens
 
 
@@ -71,25 +71,16 @@ def routed_sparse_add_kernel(
                               + (row0 + offs_n)[None, :] * stride_dr,
                               mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a, b_t, acc, input_precision=DOT_PRECISION)
-            ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + out_cols[None, :] * stride_yn
-            mask = m_ok[:, None] & out_ok[None, :]
-            acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            add_tile(y_ptr, rows, out_cols, m_ok, out_ok, stride_ym, stride_yn, acc)
 
 
-# Decode steps route a few tokens per adapter: small BLOCK_M first.
+# Decode steps route a few tokens per adapter: small BLOCK_M first. The register model is
+# matmul_add's (the same tiles: accumulator, x and Δ tiles, the output tile added into).
 CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
     for m, n, k, w, s in [(16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (32, 64, 32, 4, 3),
                           (64, 64, 32, 4, 3), (64, 128, 32, 8, 3)]
 ]
-
-
-def footprint(config, constexprs, element_bytes) -> int:
-    """Words live per program: the accumulator; the x and Δ tiles and the output tile added
-    into (as ``kernels.s2ft.matmul_add``)."""
-    m, n, k = (config.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    return live_words(m * n, (m + n) * k + m * n, element_bytes, constexprs["DOT_PRECISION"])
 
 
 tuned = autotuned(routed_sparse_add_kernel, CONFIGS, key=["IN", "OUT", "COLS"],
