@@ -79,7 +79,7 @@ def routed_sparse_add_kernel(
 CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
     for m, n, k, w, s in [(16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (32, 64, 32, 4, 3),
-                          (64, 64, 32, 4, 3), (64, 128, 32, 8, 3)]
+                          (64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (16, 32, 32, 4, 2)]
 ]
 
 
