@@ -9,10 +9,12 @@ from kronops.serving.routes import ROUTE_TILE, Route
 
 # Batch rows' bank slots (-1: base), per route. "even": slot 1 has no rows; slot 0 has more
 # tokens than one tile, so its run is cut in several; slot 3's one row is consecutive
-# tokens; the default kernels pad all members to the longest run. "uneven": padding would
+# tokens; the default kernels pad all members to the longest run. "equal": runs of one
+# length, no padding. "uneven": padding would
 # more than double the tokens, so they take one member at a time (a slice for slots 2 and
 # 3, a gather for slot 0).
-ROUTES = {"even": [0, 2, -1, 0, 3, 2, 0], "uneven": [0, 0, 0, -1, 0, 0, 0, 2, 0, 0, 0, 3, 0]}
+ROUTES = {"even": [0, 2, -1, 0, 3, 2, 0], "equal": [0, 2, 3, 0, 2, 3, 3, 2, 0],
+          "uneven": [0, 0, 0, -1, 0, 0, 0, 2, 0, 0, 0, 3, 0]}
 PER_ROW = 23
 MEMBERS = (0, 1, 2, 3)
 
@@ -75,6 +77,8 @@ def test_routed_sparse_add(backend_device, dtype, cols, route_name):
     rows = len(ROUTES[route_name]) * PER_ROW
     x = padded(rows, in_features, dtype, backend_device)
     y = torch.randn(rows, out_features, dtype=dtype, device=backend_device)
+    if route_name == "equal":  # a strided output too
+        y = padded(rows, out_features, dtype, backend_device)
     values = values.T.contiguous().T.to(backend_device)  # column-major: any strides
     index = index.to(backend_device)
     columns = tuple((p * width, p * width + w) for p, w in enumerate(widths))

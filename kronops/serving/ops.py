@@ -41,19 +41,29 @@ def padded_rows(tokens: torch.Tensor, offsets: list[int]):
     """(members, rows, real) for the batched path, or None for one member (no padding
     needed: a slice when consecutive) or when padding would more than double the tokens:
     members (Q,) the members with tokens, rows (Q, n) their rows of x
-    padded to the longest run n with row 0, real (Q, n) False in the padding."""
+    padded to the longest run n with row 0, real (Q, n) False in the padding (None when
+    every run has the same length: no padding)."""
     counts = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
     members = [p for p, count in enumerate(counts) if count]
     longest = max(counts, default=0)
     if len(members) < 2 or len(members) * longest > PADDING_LIMIT * offsets[-1]:
         return None
     device = tokens.device
+    if len(members) * longest == offsets[-1]:  # equal runs: no padding
+        return torch.tensor(members, device=device), tokens.view(len(members), longest), None
     first = torch.tensor([offsets[p] for p in members], device=device)
     length = torch.tensor([counts[p] for p in members], device=device)
     step = torch.arange(longest, device=device)
     real = step < length[:, None]
     rows = tokens[(first[:, None] + step).clamp(max=tokens.numel() - 1)] * real
     return torch.tensor(members, device=device), rows, real
+
+
+def gather_padded(x: torch.Tensor, rows: torch.Tensor, real) -> torch.Tensor:
+    """x's rows (Q, n, ...) for padded ``rows`` (Q, n), zero in the padding (``real``
+    False; None: no padding)."""
+    xs = x.index_select(0, rows.flatten()).view(*rows.shape, *x.shape[1:])
+    return xs if real is None else xs * real.view(*real.shape, *[1] * (x.dim() - 1))
 
 
 def take(x: torch.Tensor, rows) -> torch.Tensor:
@@ -92,7 +102,7 @@ def default_routed_kron_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b
         if padded is not None:
             members, rows, real = padded
             q, n = rows.shape
-            xs = x.index_select(0, rows.flatten()).view(q, n, a2, b2) * real[:, :, None, None]
+            xs = gather_padded(x.view(-1, a2, b2), rows, real)
             part = kron_batches(xs, a.index_select(0, members), b.index_select(0, members))
             y.index_add_(0, rows.flatten(), part.view(q * n, -1).to(y.dtype))
             return
@@ -115,12 +125,15 @@ def default_routed_sparse_add(y: torch.Tensor, x: torch.Tensor, values: torch.Te
         if padded is not None:
             members, rows, real = padded
             q, n = rows.shape
-            xs = x.index_select(0, rows.flatten()).view(q, n, -1).to(work) * real[:, :, None]
+            xs = gather_padded(x, rows, real).to(work)
             v, idx = values.index_select(0, members).to(work), index.index_select(0, members)
             if cols:  # y[t] += x[t, C] Δᵀ: gather the columns, then (n, W) @ (W, out)
                 xs = torch.gather(xs, 2, idx[:, None, :].expand(q, n, width))
                 y.index_add_(0, rows.flatten(), torch.matmul(xs, v).view(q * n, -1).to(y.dtype))
-            else:  # y[t, R] += x[t] Δᵀ
+            elif y.is_contiguous():  # y[t, R] += x[t] Δᵀ, one index-add on y's elements
+                flat = (rows[:, :, None] * y.shape[1] + idx[:, None, :]).flatten()
+                y.view(-1).index_add_(0, flat, torch.matmul(xs, v.mT).flatten().to(y.dtype))
+            else:
                 y.index_put_((rows[:, :, None], idx[:, None, :]),
                              torch.matmul(xs, v.mT).to(y.dtype), accumulate=True)
             return
