@@ -72,12 +72,13 @@ def _per_adapter(route, forward):
 
 
 def _reference(base, files, route, batches):
-    """fp64 logits of batch 0, each row through its adapter loaded with ``load_adapters``."""
-    base64 = copy.deepcopy(base).to(device="cpu", dtype=torch.float64)
+    """fp64 logits of batch 0, each row through its adapter loaded with ``load_adapters``
+    (on the base model's device)."""
+    base64 = copy.deepcopy(base).to(torch.float64)
 
     def forward(name, ids):
         model = kronops.load_adapters(copy.deepcopy(base64), files[name]).eval()
-        return model(ids.cpu()).logits
+        return model(ids).logits
 
     def reference():
         with torch.no_grad():
