@@ -3,8 +3,8 @@ call serves every adapter of a group on a mixed batch, and their weight updates 
 
 A layer's KronA/LoKr adapters form one ``KronGroup`` per factor shape (and per input: KronA^B
 adapters on a sub-layer's output projection take the input of its first projection); its
-S²FT adapters one ``SparseGroup`` per mode (rows or cols). Everything is kept in the layer's weight dtype and
-device. Weight updates are given for the (out, in) view of the weight (``out_in_weight``).
+S²FT adapters one ``SparseGroup`` per mode (rows or cols). Everything is kept in the
+layer's weight dtype and device. Weight updates are given for the (out, in) view of the weight (``out_in_weight``).
 """
 import torch
 
@@ -90,10 +90,10 @@ class SparseGroup:
 
     def _pack(self, blocks) -> None:
         """Lay ``blocks`` [(index, values)] out padded to the widest."""
-        width = max((len(i) for i, _ in blocks), default=0)
         if not blocks:
             self.values = self.index = None
             return
+        width = max(len(i) for i, _ in blocks)
         index, values = blocks[0]
         self.index = index.new_zeros(len(blocks) * width)
         self.values = values.new_zeros((len(blocks) * width, values.shape[1]))
@@ -116,7 +116,8 @@ class SparseGroup:
 
     def nbytes(self, name: str) -> int:
         width = self.widths[self.names.index(name)]
-        return width * (self.index.element_size() + self.values.shape[1] * self.values.element_size())
+        row = self.values.shape[1] * self.values.element_size()
+        return width * (self.index.element_size() + row)
 
     def selection(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, Δ) of one adapter, Δ as the weight part it updates."""

@@ -2,7 +2,8 @@
 
 ``kronops::routed_kron_add``    y[t] += x[t] @ kron(a[p], b[p]).T     (KronA/LoKr, scale in b)
 ``kronops::routed_sparse_add``  y[t] += member p's S²FT Δ applied to x[t], in place:
-                                rows mode y[t, R_p] += x[t] Δ_pᵀ, cols mode y[t] += x[t, C_p] Δ_pᵀ
+                                rows mode y[t, R_p] += x[t] Δ_pᵀ,
+                                cols mode y[t] += x[t, C_p] Δ_pᵀ
 
 x: (M, in) and y: (M, out) are a layer's flattened input and output. Tokens arrive grouped
 by member: tokens[offsets[p]:offsets[p+1]] are the rows of x that member p adapts (starting
@@ -86,7 +87,8 @@ def kron_batches(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     work = composite_dtype(x)
     x, a, b = x.to(work), a.to(work), b.to(work)
     if b1 * a2 * (b2 + a1) <= a1 * b2 * (a2 + b1):
-        y = torch.matmul(a[:, None], torch.matmul(x.reshape(q, n * a2, b2), b.mT).view(q, n, a2, b1))
+        t = torch.matmul(x.reshape(q, n * a2, b2), b.mT).view(q, n, a2, b1)
+        y = torch.matmul(a[:, None], t)
     else:
         y = torch.matmul(torch.matmul(a[:, None], x).view(q, n * a1, b2), b.mT)
     return y.reshape(q, n, a1 * b1)
