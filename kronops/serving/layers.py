@@ -4,7 +4,8 @@ call serves every adapter of a group on a mixed batch, and their weight updates 
 A layer's KronA/LoKr adapters form one ``KronGroup`` per factor shape (and per input: KronA^B
 adapters on a sub-layer's output projection take the input of its first projection); its
 S²FT adapters one ``SparseGroup`` per mode (rows or cols). Everything is kept in the
-layer's weight dtype and device. Weight updates are given for the (out, in) view of the weight (``out_in_weight``).
+layer's weight dtype and device. Weight updates are given for the (out, in) view of the
+weight (``out_in_weight``).
 """
 import torch
 
