@@ -31,18 +31,23 @@ def error_cell(row: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """A plain-text table, one line per (case, provider); failing numerics marked FAIL."""
+    """A plain-text table, one line per (case, provider); failing numerics marked FAIL. GPU
+    rows add the host-inclusive median beside the CUDA-graph times ("*": the provider could
+    not be captured, its times are host-inclusive)."""
     has_roofline = any("roofline_pct" in r for r in rows)
-    head = ["op", "mode", "shape", "dtype", "provider", "median ms", "min ms", "p20-p80 ms",
-            "GB/s", "TFLOP/s"] + (["% roof"] if has_roofline else []) + \
-        ["x naive", "peak MiB", "rel err"]
+    has_host = any(r.get("host_ms") is not None for r in rows)
+    head = ["op", "mode", "shape", "dtype", "provider", "median ms", "min ms", "p20-p80 ms"] + \
+        (["host ms"] if has_host else []) + ["GB/s", "TFLOP/s"] + \
+        (["% roof"] if has_roofline else []) + ["x naive", "peak MiB", "rel err"]
     lines = []
     for r in rows:
         mem = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2 ** 20
         cells = [r["op"], r["mode"], r["shape"], r["dtype"], r["provider"],
                  _fmt(r["median_ms"], ".3f"), _fmt(r.get("min_ms"), ".3f"),
-                 f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}",
-                 _fmt(r["gbps"], ".1f"), _fmt(r["tflops"], ".2f")]
+                 f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}"]
+        if has_host:  # the host-inclusive median; "*": not a CUDA-graph replay
+            cells.append(_fmt(r.get("host_ms"), ".3f") + ("" if r.get("cuda_graph") else "*"))
+        cells += [_fmt(r["gbps"], ".1f"), _fmt(r["tflops"], ".2f")]
         if has_roofline:
             cells.append(_fmt(r.get("roofline_pct"), ".0f"))
         cells += [_fmt(r["speedup_vs_naive"], ".2f"), _fmt(mem, ".1f"), error_cell(r)]

@@ -1,7 +1,11 @@
 """Timing and the two hardware ceilings (copy bandwidth, GEMM rate), measured in the same run.
 
-On a GPU each provider goes through ``triton.testing.do_bench`` (CUDA events, L2 flushed
-between calls). On a CPU the providers of one case are timed together, in rounds: every
+On a GPU each provider is timed twice: replayed from a CUDA graph
+(``triton.testing.do_bench_cudagraph``: the device's time, host work and launch latency
+gone), which is the reported time, and called from Python (``triton.testing.do_bench``:
+CUDA events, L2 flushed between calls), reported beside it as the host-inclusive time. A
+provider that cannot be captured (a host synchronisation or a pageable copy inside) is
+reported by its host-inclusive time alone, marked as such. On a CPU the providers of one case are timed together, in rounds: every
 round calls each provider once, in an order that rotates from round to round, so that a
 change of machine load (other processes, frequency, caches warming) falls on all of them
 alike instead of on whichever provider happened to be timed at that moment. Rounds go on
@@ -26,13 +30,30 @@ WARMUP_ROUNDS = 1
 
 @dataclass
 class Timing:
-    """Milliseconds per call of one provider: median, 20th and 80th percentile, min; and the
-    number of timed calls (None where do_bench chose it)."""
+    """Milliseconds per call of one provider: median, 20th and 80th percentile, min; the
+    number of timed calls (None where do_bench chose it); on a GPU the host-inclusive
+    median and whether the figures are CUDA-graph replays (None on CPU)."""
     median_ms: float
     p20_ms: float
     p80_ms: float
     min_ms: float
     calls: int | None = None
+    host_ms: float | None = None
+    cuda_graph: bool | None = None
+
+
+def gpu_timing(fn) -> Timing:
+    """``fn`` on a GPU: CUDA-graph replay figures, and do_bench's median beside them (the
+    do_bench figures alone when ``fn`` cannot be captured in a graph)."""
+    import triton.testing
+    median, low, high, least = triton.testing.do_bench(fn, warmup=25, rep=100,
+                                                       quantiles=list(QUANTILES))
+    try:
+        graph = triton.testing.do_bench_cudagraph(fn, rep=100, quantiles=list(QUANTILES))
+    except RuntimeError:  # capture refused: a host sync or pageable copy inside fn
+        torch.cuda.synchronize()
+        return Timing(median, low, high, least, host_ms=median, cuda_graph=False)
+    return Timing(*graph, host_ms=median, cuda_graph=True)
 
 
 def _summary(times: list[float]) -> Timing:
@@ -53,20 +74,14 @@ def time_providers(fns: dict, device: torch.device, *, budget_s: float = CPU_BUD
                    clock=time.perf_counter) -> dict:
     """{name: Timing} for the callables ``fns`` (``fn()``, rotating its own inputs).
 
-    CUDA: ``triton.testing.do_bench`` for each in turn. CPU: ``warmup_rounds`` untimed
+    CUDA: ``gpu_timing`` for each in turn. CPU: ``warmup_rounds`` untimed
     rounds, then timed rounds, each calling every provider once (order rotated by one
     place per round), until at least ``min_rounds`` rounds are done and either every
     provider's spread is within ``target_spread`` or ``budget_s`` seconds of ``clock`` have
     passed since the first timed round; at most ``max_rounds``.
     """
     if device.type == "cuda":
-        import triton.testing
-        out = {}
-        for name, fn in fns.items():
-            median, low, high, least = triton.testing.do_bench(fn, warmup=25, rep=100,
-                                                               quantiles=list(QUANTILES))
-            out[name] = Timing(median, low, high, least)
-        return out
+        return {name: gpu_timing(fn) for name, fn in fns.items()}
     names = list(fns)
     for _ in range(warmup_rounds):
         for name in names:

@@ -15,7 +15,7 @@ from bench.report import figure, markdown, table, write_json
 from bench.runner import failures, run_case
 from bench.serving_cases import serving_cases
 from bench.suite import OPS, resolve_ops
-from bench.timing import time_providers
+from bench.timing import gpu_timing, time_providers
 
 CPU = torch.device("cpu")
 FAST = 0.02  # timing budget per case (s): the tests check plumbing, not speed
@@ -244,6 +244,36 @@ class FakeMachine:
         self.calls += 1
         cost = 0.003 * (1 + self.now / 0.2)
         self.now += cost * (20 if self.calls <= 2 else 1)
+
+
+def test_gpu_timing_reports_graph_replays_with_host_time_beside(monkeypatch):
+    """GPU rows: the CUDA-graph replay figures, do_bench's host-inclusive median beside them;
+    a provider whose capture is refused keeps its do_bench figures, marked."""
+    import triton.testing
+
+    def do_bench(fn, warmup, rep, quantiles):
+        return [2.0, 1.9, 2.2, 1.8]
+
+    def do_bench_cudagraph(fn, rep, quantiles):
+        if fn() == "syncs":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return [1.5, 1.4, 1.6, 1.3]
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", do_bench_cudagraph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    t = gpu_timing(lambda: "captures")
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.min_ms, t.host_ms, t.cuda_graph) == \
+        (1.5, 1.4, 1.6, 1.3, 2.0, True)
+    t = gpu_timing(lambda: "syncs")
+    assert (t.median_ms, t.min_ms, t.host_ms, t.cuda_graph) == (2.0, 1.8, 2.0, False)
+    times = time_providers({"a": lambda: "captures"}, torch.device("cuda"))
+    assert times["a"].cuda_graph and times["a"].host_ms == 2.0
+    case = next(iter(kron_linear_cases(4, 16, 12, torch.float32, CPU, modes=("forward",))))
+    row = run_case(case, torch.float32, CPU, budget_s=FAST)[0]
+    text = table([dict(row, host_ms=2.0, cuda_graph=True), dict(row, host_ms=2.0,
+                                                                 cuda_graph=False)])
+    assert "host ms" in text and "2.000*" in text.splitlines()[3]
 
 
 def test_cpu_timing_interleaves_providers_under_drifting_load():
