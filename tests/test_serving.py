@@ -63,8 +63,8 @@ def files(tmp_path_factory):
     return made
 
 
-def bank_of(family: str, files, dtype=torch.float64):
-    base = build(family, dtype)
+def bank_of(family: str, files, dtype=torch.float64, device="cpu"):
+    base = build(family, dtype).to(device)
     bank = AdapterBank(base)
     for name, path in files[family].items():
         bank.load(name, path)
@@ -102,8 +102,7 @@ def test_mixed_batch_rows_equal_each_adapter_alone(family, files):
 def test_mixed_batch_through_the_triton_kernels(files, triton_backend):
     """fp32 through the routed kernels (interpreter on CPU) against fp64 adapters alone."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base, bank = bank_of("llama", files, torch.float32)
-    base.to(device)
+    base, bank = bank_of("llama", files, torch.float32, device)
     base64 = build("llama")
     batch = ids(len(ROUTE))
     with torch.no_grad():
@@ -333,3 +332,11 @@ def test_bank_takes_only_a_plain_model():
         AdapterBank(model)
     with pytest.raises(TypeError, match="nn.Module"):
         AdapterBank("llama")
+
+
+def test_a_model_moved_after_loading_is_named(files):
+    base, bank = bank_of("llama", files)
+    base.to(torch.float32)
+    with pytest.raises(RuntimeError, match="moved after loading"), torch.no_grad():
+        with bank.route(["krona", None]):
+            base(ids(2))

@@ -171,6 +171,13 @@ class LayerAdapters:
     def apply(self, y, x, route: Route, slots: dict, inputs: dict) -> None:
         """y (rows, ..., out) += every routed adapter's part for x (rows, ..., in), in place;
         ``inputs``: this forward pass's inputs of the KronA^B source modules, by name."""
+        stored = next(iter(self.groups.values()))
+        held = stored.a if isinstance(stored, KronGroup) else stored.values
+        if held.device != x.device or held.dtype != out_in_weight(self.layer).dtype:
+            raise RuntimeError(f"the bank holds this layer's adapters as {held.dtype} on "
+                               f"{held.device}, the layer is now {out_in_weight(self.layer).dtype}"
+                               f" on {x.device}: the model was moved after loading; create "
+                               "the bank (or load the files) after moving the model")
         rows = y.shape[0] if y.dim() > 1 else 1
         per_row = y.numel() // max(rows * y.shape[-1], 1)
         y2 = y.view(-1, y.shape[-1])
