@@ -59,8 +59,9 @@ def triton_launches_marked():
         interpreter.GridExecutor.__call__ = call
 
 
-def count_launches(fn, device: torch.device) -> int:
-    """Kernel launches of one ``fn()`` (see the module docstring for what counts)."""
+def launches(fn, device: torch.device) -> list:
+    """The profiler events of one ``fn()`` that are kernel launches (see the module
+    docstring for what counts)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -70,7 +71,7 @@ def count_launches(fn, device: torch.device) -> int:
             torch.cuda.synchronize(device)
     events = prof.events()
     if device.type == "cuda":
-        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     inside = set()
 
     def mark_inside(event):
@@ -78,10 +79,10 @@ def count_launches(fn, device: torch.device) -> int:
             inside.add(id(child))
             mark_inside(child)
 
-    count = 0
+    found = []
     for e in events:
         if e.name == TRITON_MARK:
-            count += 1
+            found.append(e)
             mark_inside(e)
     for e in events:
         if id(e) in inside or not e.name.startswith("aten::") or e.name in NO_LAUNCH:
@@ -90,8 +91,13 @@ def count_launches(fn, device: torch.device) -> int:
             continue  # on 0-dim tensors only: wrapping a Python scalar, no launch on a GPU
         if any(c.name.startswith("aten::") and c.name not in NO_LAUNCH for c in e.cpu_children):
             continue  # a composite op: its children are counted
-        count += 1
-    return count
+        found.append(e)
+    return found
+
+
+def count_launches(fn, device: torch.device) -> int:
+    """Kernel launches of one ``fn()``."""
+    return len(launches(fn, device))
 
 
 def microseconds(fn, device: torch.device, *, calls: int = 200, repeats: int = 5) -> float:

@@ -246,6 +246,14 @@ class FakeMachine:
         self.now += cost * (20 if self.calls <= 2 else 1)
 
 
+def test_kernel_totals_name_what_a_provider_launches():
+    from bench.kernel_totals import totals
+    case = next(iter(kron_linear_cases(8, 16, 12, torch.float32, CPU, modes=("forward",))))
+    t = totals(case.providers["naive (torch.kron)"], CPU)
+    assert t["kernels"] >= 2 and t["ms"] > 0
+    assert "aten::mm" in dict(t["top"]) and len(t["top"]) <= 3
+
+
 def test_gpu_timing_reports_graph_replays_with_host_time_beside(monkeypatch):
     """GPU rows: the CUDA-graph replay figures, do_bench's host-inclusive median beside them;
     a provider whose capture is refused keeps its do_bench figures, marked."""
