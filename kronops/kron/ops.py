@@ -3,12 +3,17 @@
 ``kronops::kron_rows``        y[m] = scale * vec(a @ x[m] @ b.T) + bias;  x (M, a2, b2) -> (M, a1*b1)
 ``kronops::kron_factor_grad`` scale * sum_m dy[m] @ f @ x[m].T;  dy (M, P, N), f (N, Q),
                               x (M, R, Q) -> (P, R) in dy's dtype (fp32 accumulation)
+``kronops::kron_rows_grads``  (dX, dA, dB) of ``kron_rows`` for dy (M, a1, b1) in one call
+                              (a gradient not asked for: an empty tensor)
 
 Each is defined once: its default kernel is the PyTorch implementation (``reference.py``)
 on every device, and the Triton launcher is registered for CUDA (``kronops.backends``).
 One autograd formula serves every backend: dX_m = A^T dY_m B is ``kron_rows`` with
-transposed factors, dA and dB are ``kron_factor_grad``; both ops are twice differentiable.
-Tensors of any strides are taken.
+transposed factors, dA and dB are ``kron_factor_grad``. A backward that builds no graph
+runs them as one ``kron_rows_grads`` call: the PyTorch kernel shares A^T dY between dX and
+dB and folds each factor gradient into one GEMM, as autograd does on the composite forward;
+on CUDA it launches the same three Triton kernels. With ``create_graph`` the differentiable
+ops run instead: both ops are twice differentiable. Tensors of any strides are taken.
 """
 import math
 from collections.abc import Sequence
@@ -19,7 +24,7 @@ import torch.nn.functional as F
 from .. import backends
 from ..checks import check_same, check_scale, check_tensor
 from ..dtypes import autocast_off, autocast_operands
-from .reference import torch_kron_factor_grad, torch_kron_rows
+from .reference import torch_kron_factor_grad, torch_kron_rows, torch_kron_rows_grads
 
 kernels = backends.import_kernels()
 
@@ -55,6 +60,34 @@ def _(dy, f, x, scale):
     return dy.new_empty((dy.shape[1], x.shape[1]))
 
 
+def default_kron_rows_grads(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
+                            b: torch.Tensor, scale: float, need_x: bool, need_a: bool,
+                            need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The default kernel, on every device (autocast off)."""
+    with autocast_off(dy.device.type):
+        return torch_kron_rows_grads(dy, x, a, b, scale, need_x, need_a, need_b)
+
+
+kron_rows_grads = torch.library.custom_op("kronops::kron_rows_grads", default_kron_rows_grads,
+                                          mutates_args=())
+
+
+@kron_rows_grads.register_fake
+def _(dy, x, a, b, scale, need_x, need_a, need_b):
+    def grad(needed, shape):
+        return dy.new_empty(shape if needed else (0,))
+    return (grad(need_x, (x.shape[0], a.shape[1], b.shape[1])), grad(need_a, a.shape),
+            grad(need_b, b.shape))
+
+
+def triton_kron_rows_grads(dy, x, a, b, scale, need_x, need_a, need_b):
+    """CUDA kernel of ``kron_rows_grads``: the dX, dA and dB Triton kernels."""
+    dx = kernels.triton_kron_rows(dy, a.mT, b.mT, None, scale) if need_x else dy.new_empty(0)
+    da = kernels.triton_kron_factor_grad(dy, b, x, scale) if need_a else dy.new_empty(0)
+    db = kernels.triton_kron_factor_grad(dy.mT, a, x.mT, scale) if need_b else dy.new_empty(0)
+    return dx, da, db
+
+
 def _setup_context(ctx, inputs, output):
     x, a, b, bias, scale = inputs
     ctx.save_for_backward(x, a, b)
@@ -66,9 +99,15 @@ def _backward(ctx, grad):
     x, a, b = ctx.saved_tensors
     need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
     grad3 = grad.reshape(x.shape[0], a.shape[0], b.shape[0])
-    grad_x = kron_rows(grad3, a.mT, b.mT, None, ctx.scale).view(x.shape) if need_x else None
-    grad_a = kron_factor_grad(grad3, b, x, ctx.scale) if need_a else None
-    grad_b = kron_factor_grad(grad3.mT, a, x.mT, ctx.scale) if need_b else None
+    if torch.is_grad_enabled():  # create_graph: ops that are differentiable themselves
+        grad_x = kron_rows(grad3, a.mT, b.mT, None, ctx.scale).view(x.shape) if need_x else None
+        grad_a = kron_factor_grad(grad3, b, x, ctx.scale) if need_a else None
+        grad_b = kron_factor_grad(grad3.mT, a, x.mT, ctx.scale) if need_b else None
+    else:
+        grad_x, grad_a, grad_b = kron_rows_grads(grad3, x, a, b, ctx.scale, need_x, need_a,
+                                                 need_b)
+        grad_x = grad_x.view(x.shape) if need_x else None
+        grad_a, grad_b = (grad_a if need_a else None), (grad_b if need_b else None)
     grad_bias = grad.sum(0) if need_bias else None
     return grad_x, grad_a, grad_b, grad_bias, None
 
@@ -163,3 +202,4 @@ if kernels is not None:
     backends.register_triton(kron_rows, kernels.triton_kron_rows, default_kron_rows)
     backends.register_triton(kron_factor_grad, kernels.triton_kron_factor_grad,
                              default_kron_factor_grad)
+    backends.register_triton(kron_rows_grads, triton_kron_rows_grads, default_kron_rows_grads)

@@ -65,3 +65,40 @@ def torch_kron_factor_grad(dy, f, x, scale=1.0):
     else:
         g = torch.matmul(dy.to(acc), v).sum(0)
     return g.to(out_dtype)
+
+
+def torch_kron_rows_grads(dy, x, a, b, scale=1.0, need_x=True, need_a=True, need_b=True):
+    """(dX, dA, dB) of y[m] = scale * vec(a @ x[m] @ b.T), for dy (M, a1, b1) and x
+    (M, a2, b2); a gradient not needed is an empty tensor. Returned in dy's dtype.
+
+    The intermediates are shared as autograd shares them on the composite forward:
+    U = s Aᵀ dY_m serves dX = U B and dB = Σ_m U_mᵀ X_m (one GEMM, the rows folded into
+    its inner dimension); dA = s Σ_m dY_m B X_mᵀ goes through X Bᵀ or dY B, whichever is
+    cheaper (X Bᵀ is recomputed: the forward does not keep it). Factor gradients
+    accumulate in fp32 (fp64 for fp64); products in ``composite_dtype``; the scale goes
+    into a factor.
+    """
+    m, a2, b2 = x.shape
+    a1, b1 = a.shape[0], b.shape[0]
+    out_dtype, acc, work = dy.dtype, accumulation_dtype(dy.dtype), composite_dtype(dy)
+    dy, x, a, b = dy.to(work), x.to(work), a.to(work), b.to(work)
+    dx, da, db = (dy.new_empty(0, dtype=out_dtype) for _ in range(3))
+    if need_x or need_b:
+        a_s = a * scale if scale != 1.0 else a
+        u = torch.matmul(a_s.mT.expand(m, a2, a1), dy)                   # (M, a2, b1)
+        if need_x:
+            dx = torch.matmul(u, b).to(out_dtype)                         # (M, a2, b2)
+        if need_b:
+            db = (u.reshape(m * a2, b1).mT.to(acc) @ x.reshape(m * a2, b2).to(acc)).to(out_dtype)
+    if need_a:
+        b_s = b * scale if scale != 1.0 else b
+        # the sum over (m, k): dY_m (a1, b1) against X_m B_sᵀ (a2, b1), or dY_m B_s (a1, b2)
+        # against X_m (a2, b2), whichever product is cheaper
+        if a2 * b2 * b1 <= a1 * b1 * b2:
+            left, right = dy, torch.matmul(x, b_s.mT)
+        else:
+            left, right = torch.matmul(dy, b_s), x
+        # a batched product summed over m: on these CPUs ~2x faster than folding (m, k)
+        # into one GEMM, whose operands would need transposed copies
+        da = torch.matmul(left.to(acc), right.mT.to(acc)).sum(0).to(out_dtype)
+    return dx, da, db
