@@ -1,4 +1,4 @@
-"""The default case sets: CPU (about two minutes on 2 cores) and --full (GPU, real model shapes),
+"""The default case sets: CPU (about three minutes on 2 cores) and --full (GPU, real model shapes),
 and the names ``--ops`` accepts (op names as the rows carry them, and families of ops)."""
 from .kron_cases import krona_layer_cases, kron_linear_cases, kron_matmul_cases
 from .s2ft_cases import inplace_adamw_cases
@@ -56,7 +56,7 @@ def resolve_ops(names) -> set[str]:
 
 
 def default_cases(full: bool, dtype, device, ops=None):
-    """The CPU set (about two minutes on 2 cores) or the GPU set (--full: LLaMA/MiniLM shapes);
+    """The CPU set (about three minutes on 2 cores) or the GPU set (--full: LLaMA/MiniLM shapes);
     with ``ops`` (op names), only those ops' cases are built."""
     def want(*names):
         return ops is None or any(n in ops for n in names)
