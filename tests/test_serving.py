@@ -340,3 +340,19 @@ def test_a_model_moved_after_loading_is_named(files):
     with pytest.raises(RuntimeError, match="moved after loading"), torch.no_grad():
         with bank.route(["krona", None]):
             base(ids(2))
+
+
+def test_route_under_inference_mode_and_autocast(files):
+    """inference_mode gives the no_grad result bit for bit; under bf16 autocast the
+    adapters run in bf16 beside the base (relative error of bf16's order, 2^-8 per
+    rounding over a few layers)."""
+    base, bank = bank_of("llama", files, torch.float32)
+    route = ["krona", "s2ft", None, "s2ft_inplace"]
+    batch = ids(len(route))
+    with torch.no_grad(), bank.route(route):
+        plain = base(batch).logits
+    with torch.inference_mode(), bank.route(route):
+        assert torch.equal(base(batch).logits, plain)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), bank.route(route):
+        low = base(batch).logits
+    assert ((low.float() - plain).norm() / plain.norm()).item() < 2 ** -8 * 8
