@@ -334,6 +334,14 @@ def test_bank_takes_only_a_plain_model():
         AdapterBank("llama")
 
 
+def test_a_model_adapted_after_loading_is_refused(files):
+    base, bank = bank_of("llama", files)
+    kronops.apply_adapters(base, "krona")
+    with pytest.raises(RuntimeError, match="layers changed"), torch.no_grad():
+        with bank.route(["krona", None]):
+            pass
+
+
 def test_a_model_moved_after_loading_is_named(files):
     base, bank = bank_of("llama", files)
     base.to(torch.float32)

@@ -194,6 +194,12 @@ class AdapterBank:
         gradients raises."""
         slots = self._slots(names)
         self._check_idle("start a route")
+        replaced = [m for m, layer in self._layers.items()
+                    if self.model.get_submodule(m) is not layer.layer]
+        if replaced or adapter_state(self.model) is not None:
+            raise RuntimeError(f"the model's layers changed since the adapters were loaded "
+                               f"(e.g. {(replaced or ['adapters applied'])[0]}): a bank serves "
+                               "the plain base model it was given")
         if self._merged:
             raise RuntimeError(f"{self.merged!r} is merged into the base weights: unmerge() "
                                "before routing mixed batches")
