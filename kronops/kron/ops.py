@@ -1,19 +1,25 @@
 """The Kronecker ops: ``kron_linear`` and ``kron_matmul``, and the custom ops under them.
 
 ``kronops::kron_rows``        y[m] = scale * vec(a @ x[m] @ b.T) + bias;  x (M, a2, b2) -> (M, a1*b1)
+``kronops::kron_rows_keep``   the same y, and the intermediate it formed (X Bᵀ or A X, unscaled)
 ``kronops::kron_factor_grad`` scale * sum_m dy[m] @ f @ x[m].T;  dy (M, P, N), f (N, Q),
                               x (M, R, Q) -> (P, R) in dy's dtype (fp32 accumulation)
 ``kronops::kron_rows_grads``  (dX, dA, dB) of ``kron_rows`` for dy (M, a1, b1) in one call
-                              (a gradient not asked for: an empty tensor)
+                              (a gradient not asked for: an empty tensor); ``inner``: the
+                              intermediate ``kron_rows_keep`` kept, or None
 
-Each is defined once: its default kernel is the PyTorch implementation (``reference.py``)
-on every device, and the Triton launcher is registered for CUDA (``kronops.backends``).
-One autograd formula serves every backend: dX_m = A^T dY_m B is ``kron_rows`` with
-transposed factors, dA and dB are ``kron_factor_grad``. A backward that builds no graph
-runs them as one ``kron_rows_grads`` call: the PyTorch kernel shares A^T dY between dX and
-dB and folds each factor gradient into one GEMM, as autograd does on the composite forward;
-on CUDA it launches the same three Triton kernels. With ``create_graph`` the differentiable
-ops run instead: both ops are twice differentiable. Tensors of any strides are taken.
+Each is defined once (schemas: ``kronops.native.schemas``): its default kernel is the
+PyTorch implementation (``reference.py``) on every device, the Triton launcher is
+registered for CUDA and the native kernel for CPU (``kronops.backends``). One autograd
+formula serves every backend: dX_m = A^T dY_m B is ``kron_rows`` with transposed factors,
+dA and dB are ``kron_factor_grad``. A backward that builds no graph runs them as one
+``kron_rows_grads`` call: the PyTorch kernel shares A^T dY between dX and dB and uses the
+intermediate the forward kept, as autograd does on the composite forward; the native
+kernel recomputes X Bᵀ per block of rows in cache, and on CUDA the three Triton kernels
+run. Where the PyTorch kernels run, a forward whose factors need gradients is
+``kron_rows_keep`` (``backends.recomputes_intermediate``). With ``create_graph`` the
+differentiable ops run instead: the ops are twice differentiable. Tensors of any strides
+are taken.
 """
 import math
 from collections.abc import Sequence
@@ -23,8 +29,8 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..checks import check_same, check_scale, check_tensor
-from ..dtypes import autocast_off, autocast_operands
-from .reference import torch_kron_factor_grad, torch_kron_rows, torch_kron_rows_grads
+from ..dtypes import autocast_off, autocast_operands, composite_dtype
+from .reference import b_first, torch_kron_factor_grad, torch_kron_rows, torch_kron_rows_grads
 
 kernels = backends.import_kernels()
 
@@ -36,12 +42,36 @@ def default_kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         return torch_kron_rows(x, a, b, bias, scale).contiguous()
 
 
-kron_rows = torch.library.custom_op("kronops::kron_rows", default_kron_rows, mutates_args=())
+kron_rows = backends.custom_op("kron_rows", default_kron_rows)
 
 
 @kron_rows.register_fake
 def _(x, a, b, bias, scale):
     return x.new_empty((x.shape[0], a.shape[0] * b.shape[0]))
+
+
+def default_kron_rows_keep(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                           bias: torch.Tensor | None, scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default kernel, on every device (autocast off)."""
+    with autocast_off(x.device.type):
+        y, inner = torch_kron_rows(x, a, b, bias, scale, keep=True)
+        return y.contiguous(), inner.contiguous()
+
+
+kron_rows_keep = backends.custom_op("kron_rows_keep", default_kron_rows_keep)
+
+
+def inner_shape(m, a, b):
+    """The shape of the intermediate ``kron_rows_keep`` keeps: X Bᵀ or A X (``b_first``)."""
+    (a1, a2), (b1, b2) = a.shape, b.shape
+    return (m, a2, b1) if b_first(a1, a2, b1, b2) else (m, a1, b2)
+
+
+@kron_rows_keep.register_fake
+def _(x, a, b, bias, scale):
+    return (x.new_empty((x.shape[0], a.shape[0] * b.shape[0])),
+            x.new_empty(inner_shape(x.shape[0], a, b), dtype=composite_dtype(x)))
 
 
 def default_kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor,
@@ -51,8 +81,7 @@ def default_kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor,
         return torch_kron_factor_grad(dy, f, x, scale)
 
 
-kron_factor_grad = torch.library.custom_op("kronops::kron_factor_grad", default_kron_factor_grad,
-                                           mutates_args=())
+kron_factor_grad = backends.custom_op("kron_factor_grad", default_kron_factor_grad)
 
 
 @kron_factor_grad.register_fake
@@ -62,26 +91,27 @@ def _(dy, f, x, scale):
 
 def default_kron_rows_grads(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
                             b: torch.Tensor, scale: float, need_x: bool, need_a: bool,
-                            need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            need_b: bool, inner: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The default kernel, on every device (autocast off)."""
     with autocast_off(dy.device.type):
-        return torch_kron_rows_grads(dy, x, a, b, scale, need_x, need_a, need_b)
+        return torch_kron_rows_grads(dy, x, a, b, scale, need_x, need_a, need_b, inner)
 
 
-kron_rows_grads = torch.library.custom_op("kronops::kron_rows_grads", default_kron_rows_grads,
-                                          mutates_args=())
+kron_rows_grads = backends.custom_op("kron_rows_grads", default_kron_rows_grads)
 
 
 @kron_rows_grads.register_fake
-def _(dy, x, a, b, scale, need_x, need_a, need_b):
+def _(dy, x, a, b, scale, need_x, need_a, need_b, inner=None):
     def grad(needed, shape):
         return dy.new_empty(shape if needed else (0,))
     return (grad(need_x, (x.shape[0], a.shape[1], b.shape[1])), grad(need_a, a.shape),
             grad(need_b, b.shape))
 
 
-def triton_kron_rows_grads(dy, x, a, b, scale, need_x, need_a, need_b):
-    """CUDA kernel of ``kron_rows_grads``: the dX, dA and dB Triton kernels."""
+def triton_kron_rows_grads(dy, x, a, b, scale, need_x, need_a, need_b, inner=None):
+    """CUDA kernel of ``kron_rows_grads``: the dX, dA and dB Triton kernels (``inner`` is
+    not used: they recompute X Bᵀ on chip)."""
     dx = kernels.triton_kron_rows(dy, a.mT, b.mT, None, scale) if need_x else dy.new_empty(0)
     da = kernels.triton_kron_factor_grad(dy, b, x, scale) if need_a else dy.new_empty(0)
     db = kernels.triton_kron_factor_grad(dy.mT, a, x.mT, scale) if need_b else dy.new_empty(0)
@@ -90,13 +120,24 @@ def triton_kron_rows_grads(dy, x, a, b, scale, need_x, need_a, need_b):
 
 def _setup_context(ctx, inputs, output):
     x, a, b, bias, scale = inputs
-    ctx.save_for_backward(x, a, b)
+    ctx.save_for_backward(x, a, b, None)
     ctx.scale = scale
+
+
+def _keep_setup_context(ctx, inputs, output):
+    x, a, b, bias, scale = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, a, b, output[1])
+    ctx.scale = scale
+
+
+def _keep_backward(ctx, grad, _):
+    return _backward(ctx, grad)
 
 
 def _backward(ctx, grad):
     """dX_m = s A^T dY_m B, dA = s sum_m dY_m B X_m^T, dB = s sum_m dY_m^T A X_m, dbias = sum dY."""
-    x, a, b = ctx.saved_tensors
+    x, a, b, inner = ctx.saved_tensors
     need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
     grad3 = grad.reshape(x.shape[0], a.shape[0], b.shape[0])
     if torch.is_grad_enabled():  # create_graph: ops that are differentiable themselves
@@ -105,7 +146,7 @@ def _backward(ctx, grad):
         grad_b = kron_factor_grad(grad3.mT, a, x.mT, ctx.scale) if need_b else None
     else:
         grad_x, grad_a, grad_b = kron_rows_grads(grad3, x, a, b, ctx.scale, need_x, need_a,
-                                                 need_b)
+                                                 need_b, inner)
         grad_x = grad_x.view(x.shape) if need_x else None
         grad_a, grad_b = (grad_a if need_a else None), (grad_b if need_b else None)
     grad_bias = grad.sum(0) if need_bias else None
@@ -113,6 +154,7 @@ def _backward(ctx, grad):
 
 
 kron_rows.register_autograd(_backward, setup_context=_setup_context)
+kron_rows_keep.register_autograd(_keep_backward, setup_context=_keep_setup_context)
 
 
 def _factor_grad_setup_context(ctx, inputs, output):
@@ -161,7 +203,12 @@ def kron_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     if bias is not None and bias.shape[0] != a1 * b1:
         raise ValueError(f"bias must have length a1*b1 = {a1 * b1}, got {bias.shape[0]}")
     lead = x.shape[:-1]
-    y = kron_rows(x.reshape(-1, a2, b2), a, b, bias, scale)
+    rows = x.reshape(-1, a2, b2)
+    if (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+            and not backends.recomputes_intermediate(x.device.type, x.dtype)):
+        y = kron_rows_keep(rows, a, b, bias, scale)[0]
+    else:
+        y = kron_rows(rows, a, b, bias, scale)
     return y.view(*lead, a1 * b1)
 
 
@@ -198,6 +245,7 @@ def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], *,
     return y.reshape(*lead, math.prod(p))
 
 
+backends.defined(kron_rows, kron_rows_keep, kron_factor_grad, kron_rows_grads)
 if kernels is not None:
     backends.register_triton(kron_rows, kernels.triton_kron_rows, default_kron_rows)
     backends.register_triton(kron_factor_grad, kernels.triton_kron_factor_grad,

@@ -22,27 +22,35 @@ def naive_kron_matmul(x, factors, scale=1.0):
     return scale * (x @ functools.reduce(torch.kron, factors).T)
 
 
-def torch_kron_rows(x, a, b, bias=None, scale=1.0):
-    """y[m] = scale * vec(a @ x[m] @ b.T) + bias for x (M, a2, b2); returns (M, a1*b1).
+def b_first(a1, a2, b1, b2) -> bool:
+    """Whether y_m = A X_m Bᵀ is cheaper with X_m Bᵀ first (2*b1*a2*(b2+a1) flops a row) than
+    with A X_m first (2*a1*b2*(a2+b1)); the native kernels follow the same rule."""
+    return b1 * a2 * (b2 + a1) <= a1 * b2 * (a2 + b1)
 
-    Contracts the cheaper side first: 2*b1*a2*(b2+a1) flops (B first) or 2*a1*b2*(a2+b1).
-    ``a`` multiplies every row-matrix as a broadcast batch (no copies); the scale goes
-    into the smaller factor. Computed in ``composite_dtype`` (fp32 for fp16), returned in
-    x's dtype.
+
+def torch_kron_rows(x, a, b, bias=None, scale=1.0, keep=False):
+    """y[m] = scale * vec(a @ x[m] @ b.T) + bias for x (M, a2, b2); returns (M, a1*b1), and
+    with ``keep`` also the intermediate the product formed, unscaled: X_m Bᵀ (M, a2, b1) or
+    A X_m (M, a1, b2), whichever side is cheaper first (``b_first``).
+
+    ``a`` multiplies every row-matrix as a broadcast batch (no copies); the scale goes into
+    the factor of the second product. Computed in ``composite_dtype`` (fp32 for fp16),
+    returned in x's dtype (the intermediate stays in ``composite_dtype``).
     """
     m, a2, b2 = x.shape
     a1, b1 = a.shape[0], b.shape[0]
     out_dtype, work = x.dtype, composite_dtype(x)
     x, a, b = x.to(work), a.to(work), b.to(work)
     bias = None if bias is None else bias.to(work)
-    if scale != 1.0:
-        a, b = (a * scale, b) if a.numel() <= b.numel() else (a, b * scale)
-    if b1 * a2 * (b2 + a1) <= a1 * b2 * (a2 + b1):
-        y = torch.matmul(a.expand(m, a1, a2), torch.matmul(x, b.mT))
+    if b_first(a1, a2, b1, b2):
+        inner = torch.matmul(x, b.mT)
+        y = torch.matmul((a * scale if scale != 1.0 else a).expand(m, a1, a2), inner)
     else:
-        y = torch.matmul(torch.matmul(a.expand(m, a1, a2), x), b.mT)
+        inner = torch.matmul(a.expand(m, a1, a2), x)
+        y = torch.matmul(inner, (b * scale if scale != 1.0 else b).mT)
     y = y.reshape(m, a1 * b1)
-    return (y if bias is None else y + bias).to(out_dtype)
+    y = (y if bias is None else y + bias).to(out_dtype)
+    return (y, inner) if keep else y
 
 
 def torch_kron_factor_grad(dy, f, x, scale=1.0):
@@ -67,22 +75,55 @@ def torch_kron_factor_grad(dy, f, x, scale=1.0):
     return g.to(out_dtype)
 
 
-def torch_kron_rows_grads(dy, x, a, b, scale=1.0, need_x=True, need_a=True, need_b=True):
+# Rows per chunk of a batched product summed over rows: its (chunk, P, R) result stays near
+# 1M elements (4 MiB in fp32), a size caches and the allocator reuse.
+SUM_CHUNK_ELEMENTS = 1 << 20
+
+
+def batched_sum(left, right_t):
+    """sum_m left[m] @ right_t[m].T for left (M, P, N), right_t (M, R, N) -> (P, R), by chunks
+    of rows: the (M, P, R) products are never all in memory (one batched product summed
+    over m wrote and read them all, ~2x slower at 2048 rows of 64x64)."""
+    m, p, _ = left.shape
+    r = right_t.shape[1]
+    step = max(1, SUM_CHUNK_ELEMENTS // max(1, p * r))
+    total = left.new_zeros(p, r)
+    for i in range(0, m, step):
+        total += torch.matmul(left[i:i + step], right_t[i:i + step].mT).sum(0)
+    return total
+
+
+def torch_kron_rows_grads(dy, x, a, b, scale=1.0, need_x=True, need_a=True, need_b=True,
+                          inner=None):
     """(dX, dA, dB) of y[m] = scale * vec(a @ x[m] @ b.T), for dy (M, a1, b1) and x
     (M, a2, b2); a gradient not needed is an empty tensor. Returned in dy's dtype.
 
-    The intermediates are shared as autograd shares them on the composite forward:
-    U = s Aᵀ dY_m serves dX = U B and dB = Σ_m U_mᵀ X_m (one GEMM, the rows folded into
-    its inner dimension); dA = s Σ_m dY_m B X_mᵀ goes through X Bᵀ or dY B, whichever is
-    cheaper (X Bᵀ is recomputed: the forward does not keep it). Factor gradients
-    accumulate in fp32 (fp64 for fp64); products in ``composite_dtype``; the scale goes
-    into a factor.
+    ``inner``: the intermediate ``torch_kron_rows(..., keep=True)`` kept, or None. The work
+    is shared as autograd shares it on the composite forward. With X_m Bᵀ kept or none kept:
+    U = s Aᵀ dY_m serves dX = U B and dB = Σ_m U_mᵀ X_m (one GEMM, the rows folded into its
+    inner dimension), and dA = s Σ_m dY_m T_mᵀ with T = X Bᵀ kept (else recomputed, or dY B
+    against X, whichever is cheaper). With A X_m kept: dZ = s dY B (one folded GEMM) serves
+    dX = Aᵀ dZ_m and dA = Σ_m dZ_m X_mᵀ, and dB = s Σ_m dY_mᵀ Z_m is one folded GEMM. Sums
+    over rows of batched products go by chunks (``batched_sum``). Factor gradients
+    accumulate in fp32 (fp64 for fp64); products in ``composite_dtype``.
     """
     m, a2, b2 = x.shape
     a1, b1 = a.shape[0], b.shape[0]
     out_dtype, acc, work = dy.dtype, accumulation_dtype(dy.dtype), composite_dtype(dy)
     dy, x, a, b = dy.to(work), x.to(work), a.to(work), b.to(work)
+    kept_t = inner is not None and b_first(a1, a2, b1, b2)
     dx, da, db = (dy.new_empty(0, dtype=out_dtype) for _ in range(3))
+    if inner is not None and not kept_t:  # A X_m kept
+        if need_x or need_a:
+            dz = torch.matmul(dy, b * scale if scale != 1.0 else b)       # (M, a1, b2)
+            if need_x:
+                dx = torch.matmul(a.mT.expand(m, a2, a1), dz).to(out_dtype)
+            if need_a:
+                da = batched_sum(dz.to(acc), x.to(acc)).to(out_dtype)
+        if need_b:
+            db = dy.reshape(m * a1, b1).mT.to(acc) @ inner.reshape(m * a1, b2).to(acc)
+            db = (db * scale if scale != 1.0 else db).to(out_dtype)
+        return dx, da, db
     if need_x or need_b:
         a_s = a * scale if scale != 1.0 else a
         u = torch.matmul(a_s.mT.expand(m, a2, a1), dy)                   # (M, a2, b1)
@@ -92,13 +133,14 @@ def torch_kron_rows_grads(dy, x, a, b, scale=1.0, need_x=True, need_a=True, need
             db = (u.reshape(m * a2, b1).mT.to(acc) @ x.reshape(m * a2, b2).to(acc)).to(out_dtype)
     if need_a:
         b_s = b * scale if scale != 1.0 else b
+        if kept_t:  # Σ_m dY_m T_mᵀ, scaled as a whole
+            left, right = dy, inner
         # the sum over (m, k): dY_m (a1, b1) against X_m B_sᵀ (a2, b1), or dY_m B_s (a1, b2)
         # against X_m (a2, b2), whichever product is cheaper
-        if a2 * b2 * b1 <= a1 * b1 * b2:
+        elif a2 * b2 * b1 <= a1 * b1 * b2:
             left, right = dy, torch.matmul(x, b_s.mT)
         else:
             left, right = torch.matmul(dy, b_s), x
-        # a batched product summed over m: on these CPUs ~2x faster than folding (m, k)
-        # into one GEMM, whose operands would need transposed copies
-        da = torch.matmul(left.to(acc), right.mT.to(acc)).sum(0).to(out_dtype)
+        da = batched_sum(left.to(acc), right.to(acc))
+        da = (da * scale if kept_t and scale != 1.0 else da).to(out_dtype)
     return dx, da, db

@@ -8,8 +8,9 @@
 
 An index is an int64 tensor, or ``None`` and ``start`` for a contiguous range as long as
 Δ's side; ``cols`` picks the mode. Each op is defined once: its default kernel is the
-PyTorch implementation (``reference.py``) on every device, and on CUDA the Δ products run
-the gathered Triton kernels (the dense x Wᵀ and dY W stay torch matmuls). Gradients go to
+PyTorch implementation (``reference.py``) on every device, on CUDA the Δ products run
+the gathered Triton kernels (the dense x Wᵀ and dY W stay torch matmuls), and on CPU the
+native kernels when built (``kronops.native``; schemas: ``kronops.native.schemas``). Gradients go to
 x, delta and bias, never to weight: no (out, in) gradient or copy of W is made, and cols
 mode saves only X[:, C] (not X) for backward. The three linear ops are twice
 differentiable, except that cols mode raises on a double backward that needs d(dΔ)/dx
@@ -59,14 +60,11 @@ def default_sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torc
                        beta2, eps, weight_decay, step)
 
 
-sparse_linear_op = torch.library.custom_op("kronops::sparse_linear", default_sparse_linear,
-                                           mutates_args=())
-sparse_input_grad = torch.library.custom_op("kronops::sparse_input_grad",
-                                            default_sparse_input_grad, mutates_args=())
-sparse_delta_grad = torch.library.custom_op("kronops::sparse_delta_grad",
-                                            default_sparse_delta_grad, mutates_args=())
-sparse_adamw = torch.library.custom_op("kronops::sparse_adamw", default_sparse_adamw,
-                                       mutates_args=("weight", "exp_avg", "exp_avg_sq", "master"))
+sparse_linear_op = backends.custom_op("sparse_linear", default_sparse_linear)
+sparse_input_grad = backends.custom_op("sparse_input_grad", default_sparse_input_grad)
+sparse_delta_grad = backends.custom_op("sparse_delta_grad", default_sparse_delta_grad)
+sparse_adamw = backends.custom_op("sparse_adamw", default_sparse_adamw,
+                   mutates_args=("weight", "exp_avg", "exp_avg_sq", "master"))
 
 
 @sparse_linear_op.register_fake
@@ -291,6 +289,7 @@ def triton_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start,
                                 beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
 
 
+backends.defined(sparse_linear_op, sparse_input_grad, sparse_delta_grad, sparse_adamw)
 if kernels is not None:
     backends.register_triton(sparse_linear_op, triton_sparse_linear, default_sparse_linear)
     backends.register_triton(sparse_input_grad, triton_sparse_input_grad, default_sparse_input_grad)

@@ -1,0 +1,319 @@
+// CPU kernels of the S²FT ops: the frozen GEMM (x W^T, dY W) as one ATen call on the whole
+// tensors, then the Δ product on selected rows or columns without a gathered copy of the
+// activations: per block of rows (about half a core's L2), the selected columns are gathered
+// into a buffer that feeds the GEMM, or the GEMM's result is added into the selected
+// columns, while the block is in cache. A contiguous selection (a range) needs no gather:
+// the GEMM reads and writes a strided view. The in-place AdamW is one fused pass over the
+// selected elements. fp32 and fp64 take these kernels; fp16 and bf16 take the ATen
+// composition of the PyTorch kernels (same dtypes, same results). Index values are checked
+// on every call (IndexError), also inside compiled graphs, where the host skips the check.
+#include "kernels.h"
+
+#include <cmath>
+
+#include "common.h"
+
+namespace kronops::native {
+namespace {
+
+constexpr const char* kLinear = "kronops::sparse_linear";
+constexpr const char* kInputGrad = "kronops::sparse_input_grad";
+constexpr const char* kDeltaGrad = "kronops::sparse_delta_grad";
+constexpr const char* kAdamW = "kronops::sparse_adamw";
+
+bool blas_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
+
+template <class T>
+Mat<T> sub(Mat<T> m, int64_t r0, int64_t c0) {
+  return {m.trans ? m.p + c0 * m.ld + r0 : m.p + r0 * m.ld + c0, m.ld, m.trans};
+}
+
+// A selection: `count` positions along a dimension of `size`, index values or a range at start.
+struct Selection {
+  at::Tensor index;  // contiguous int64, or undefined for a range
+  int64_t start, count;
+  int64_t at(int64_t j) const { return index.defined() ? index.const_data_ptr<int64_t>()[j] : start + j; }
+};
+
+Selection selection(const char* op, const char* name, const std::optional<at::Tensor>& index,
+                    int64_t start, int64_t count, int64_t size) {
+  if (index) {
+    TORCH_CHECK_VALUE(index->numel() == count, op, ": ", name, " has ", index->numel(),
+                      " positions but delta has ", count);
+    return {checked_index(op, name, *index, size), 0, count};
+  }
+  TORCH_CHECK_VALUE(start >= 0 && start + count <= size, op, ": the range [", start, ", ",
+                    start + count, ") of ", name, " must lie in [0, ", size, "]");
+  return {at::Tensor(), start, count};
+}
+
+int64_t block_rows(int64_t row_elements, int64_t element_bytes) {
+  return rows_per_block(row_elements * element_bytes);
+}
+
+// out[:, :] += G W for each block of rows, G[r, j] = src[r, sel(j)] gathered into a buffer:
+// src (M, *), W (k, n), out (M, n) contiguous.
+template <class T>
+void gather_gemm(const at::Tensor& src, const Selection& sel, Mat<T> w, int64_t n, T* out) {
+  const int64_t m = src.size(0), k = sel.count, s0 = src.stride(0), s1 = src.stride(1);
+  const T* p = src.const_data_ptr<T>();
+  const int64_t block = block_rows(k + n, sizeof(T));
+  at::parallel_for(0, at::divup(m, block), 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> g(block * k);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t m0 = b * block, rows = std::min(block, m - m0);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < k; ++j) g[r * k + j] = p[(m0 + r) * s0 + sel.at(j) * s1];
+      gemm<T>(rows, n, k, 1, {g.data(), k, false}, w, 1, out + m0 * n, n);
+    }
+  });
+}
+
+// out[:, sel(j)] += (src W)[:, j] for each block of rows: src (M, kk), W (kk, k), out (M, n)
+// contiguous; the block's product is formed in a buffer and added into the selected columns.
+template <class T>
+void gemm_scatter(const at::Tensor& src_in, Mat<T> w, const Selection& sel, int64_t n, T* out) {
+  at::Tensor src = src_in;
+  const Mat<T> s = as_mat<T>(src);
+  const int64_t m = src.size(0), kk = src.size(1), k = sel.count;
+  const int64_t block = block_rows(kk + k + n, sizeof(T));
+  at::parallel_for(0, at::divup(m, block), 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> buf(block * k);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t m0 = b * block, rows = std::min(block, m - m0);
+      gemm<T>(rows, k, kk, 1, sub(s, m0, 0), w, 0, buf.data(), k);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < k; ++j) out[(m0 + r) * n + sel.at(j)] += buf[r * k + j];
+    }
+  });
+}
+
+// dΔ (k, q) = src[:, sel]^T X for src (M, *), x (M, q): parallel over column chunks of X
+// (no partial sums); each thread gathers the selected columns of a block of rows, then
+// accumulates one GEMM into its columns of the result.
+template <class T>
+void gathered_t_gemm(const at::Tensor& src, const Selection& sel, const at::Tensor& x_in, T* out) {
+  at::Tensor x = x_in;
+  const Mat<T> X = as_mat<T>(x);
+  const int64_t m = src.size(0), k = sel.count, q = x.size(1), s0 = src.stride(0), s1 = src.stride(1);
+  const T* p = src.const_data_ptr<T>();
+  std::fill(out, out + k * q, T(0));
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), q / 64));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t q0 = q * c / chunks, width = q * (c + 1) / chunks - q0;
+      const int64_t block = block_rows(k + width, sizeof(T));
+      std::vector<T> g(block * k);
+      for (int64_t m0 = 0; m0 < m; m0 += block) {
+        const int64_t rows = std::min(block, m - m0);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < k; ++j) g[r * k + j] = p[(m0 + r) * s0 + sel.at(j) * s1];
+        gemm<T>(k, width, rows, 1, {g.data(), k, true}, sub(X, m0, q0), 1, out + q0, q);
+      }
+    }
+  });
+}
+
+void check_2d(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+}
+
+void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+}
+
+// Checks x/dy (M, k_in), weight (out, in) and delta against the mode; returns the selection.
+Selection linear_args(const char* op, const char* first, const at::Tensor& t, int64_t t_width,
+                      const at::Tensor& weight, const at::Tensor& delta,
+                      const std::optional<at::Tensor>& index, int64_t start, bool cols) {
+  check_floating(op, first, t);
+  check_like(op, "weight", weight, t.scalar_type());
+  check_like(op, "delta", delta, t.scalar_type());
+  check_2d(op, first, t);
+  check_2d(op, "weight", weight);
+  check_2d(op, "delta", delta);
+  const int64_t out = weight.size(0), in = weight.size(1);
+  TORCH_CHECK_VALUE(t.size(1) == t_width, op, ": ", first, " must have ", t_width,
+                    " columns for weight of shape ", weight.sizes(), ", got ", t.sizes());
+  if (cols) {
+    TORCH_CHECK_VALUE(delta.size(0) == out, op, ": delta must have shape (out, |C|) with out = ",
+                      out, ", got ", delta.sizes());
+    return selection(op, "index", index, start, delta.size(1), in);
+  }
+  TORCH_CHECK_VALUE(delta.size(1) == in, op, ": delta must have shape (|R|, in) with in = ", in,
+                    ", got ", delta.sizes());
+  return selection(op, "index", index, start, delta.size(0), out);
+}
+
+template <class W, class S>
+void adamw_loop(const at::Tensor& weight, const at::Tensor& grad, const at::Tensor& m,
+                const at::Tensor& v,
+                S* master, const Selection& sel, bool cols, double lr, double beta1,
+                double beta2, double eps, double weight_decay, int64_t step) {
+  const int64_t p = grad.size(0), q = grad.size(1), ws0 = weight.stride(0), ws1 = weight.stride(1);
+  W* w = weight.mutable_data_ptr<W>();
+  const S* g = grad.const_data_ptr<S>();
+  S* mp = m.mutable_data_ptr<S>();
+  S* vp = v.mutable_data_ptr<S>();
+  // torch.optim.AdamW's arithmetic, as the PyTorch kernel does it (kronops/s2ft/reference.py)
+  const S decay = S(1 - lr * weight_decay), w1 = S(1 - beta1), w2 = S(1 - beta2);
+  const S b2 = S(beta2), root_bc2 = S(std::sqrt(1 - std::pow(beta2, double(step))));
+  const S step_size = S(-lr / (1 - std::pow(beta1, double(step)))), e = S(eps);
+  at::parallel_for(0, p, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = 0; j < q; ++j) {
+        const int64_t e_ij = i * q + j;
+        W& wij = w[(cols ? i : sel.at(i)) * ws0 + (cols ? sel.at(j) : j) * ws1];
+        S s = master ? master[e_ij] : static_cast<S>(wij);
+        const S gij = g[e_ij];
+        s *= decay;
+        S mij = mp[e_ij];
+        const S diff = gij - mij;  // torch.lerp: start + w * (end - start) for w < 0.5
+        mij = w1 < S(0.5) ? mij + w1 * diff : gij - diff * (S(1) - w1);
+        const S vij = vp[e_ij] * b2 + w2 * gij * gij;
+        const S denom = std::sqrt(vij) / root_bc2 + e;
+        s += step_size * (mij / denom);
+        mp[e_ij] = mij;
+        vp[e_ij] = vij;
+        if (master) master[e_ij] = s;
+        wij = static_cast<W>(s);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta,
+                         const std::optional<at::Tensor>& index, int64_t start,
+                         const std::optional<at::Tensor>& bias, bool cols) {
+  const Selection sel = linear_args(kLinear, "x", x, weight.dim() == 2 ? weight.size(1) : -1,
+                                    weight, delta, index, start, cols);
+  if (bias) {
+    check_like(kLinear, "bias", *bias, x.scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), kLinear,
+                      ": bias must have shape (out,) = (", weight.size(0), ",), got ", bias->sizes());
+  }
+  at::Tensor y = at::linear(x, weight, bias).contiguous();
+  const int64_t out = weight.size(0);
+  if (!sel.index.defined()) {  // a range: the GEMM reads or writes a strided view
+    if (cols) return y.addmm_(x.narrow(1, sel.start, sel.count), delta.t());
+    y.narrow(1, sel.start, sel.count).addmm_(x, delta.t());
+    return y;
+  }
+  if (!blas_dtype(x)) {
+    if (cols) return y.addmm_(x.index_select(1, sel.index), delta.t());
+    return y.index_add_(1, sel.index, at::matmul(x, delta.t()));
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear", [&] {
+    at::Tensor d = delta;
+    const Mat<scalar_t> dm = as_mat<scalar_t>(d), dt{dm.p, dm.ld, !dm.trans};
+    if (cols)  // y += x[:, C] Δ^T
+      gather_gemm<scalar_t>(x, sel, dt, out, y.mutable_data_ptr<scalar_t>());
+    else  // y[:, R] += x Δ^T
+      gemm_scatter<scalar_t>(x, dt, sel, out, y.mutable_data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+at::Tensor sparse_input_grad(const at::Tensor& dy, const at::Tensor& weight,
+                             const at::Tensor& delta, const std::optional<at::Tensor>& index,
+                             int64_t start, bool cols) {
+  const Selection sel = linear_args(kInputGrad, "dy", dy, weight.dim() == 2 ? weight.size(0) : -1,
+                                    weight, delta, index, start, cols);
+  at::Tensor dx = at::mm(dy, weight).contiguous();
+  const int64_t in = weight.size(1);
+  if (!sel.index.defined()) {
+    if (cols) {
+      dx.narrow(1, sel.start, sel.count).addmm_(dy, delta);
+      return dx;
+    }
+    return dx.addmm_(dy.narrow(1, sel.start, sel.count), delta);
+  }
+  if (!blas_dtype(dy)) {
+    if (cols) return dx.index_add_(1, sel.index, at::mm(dy, delta));
+    return dx.addmm_(dy.index_select(1, sel.index), delta);
+  }
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparse_input_grad", [&] {
+    at::Tensor d = delta;
+    const Mat<scalar_t> dm = as_mat<scalar_t>(d);
+    if (cols)  // dX[:, C] += dY Δ
+      gemm_scatter<scalar_t>(dy, dm, sel, in, dx.mutable_data_ptr<scalar_t>());
+    else  // dX += dY[:, R] Δ
+      gather_gemm<scalar_t>(dy, sel, dm, in, dx.mutable_data_ptr<scalar_t>());
+  });
+  return dx;
+}
+
+at::Tensor sparse_delta_grad(const at::Tensor& dy, const at::Tensor& x,
+                             const std::optional<at::Tensor>& index, int64_t start, bool cols,
+                             int64_t rows_of_delta) {
+  check_floating(kDeltaGrad, "dy", dy);
+  check_like(kDeltaGrad, "x", x, dy.scalar_type());
+  check_2d(kDeltaGrad, "dy", dy);
+  check_2d(kDeltaGrad, "x", x);
+  TORCH_CHECK_VALUE(x.size(0) == dy.size(0), kDeltaGrad, ": x and dy must have the same rows, got ",
+                    x.sizes(), " and ", dy.sizes());
+  const at::ScalarType acc = dy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (cols)  // dΔ = dY^T X[:, C], X[:, C] given: one GEMM
+    return at::mm(dy.t().to(acc), x.to(acc)).to(dy.scalar_type());
+  const Selection sel = selection(kDeltaGrad, "index", index, start, rows_of_delta, dy.size(1));
+  if (!sel.index.defined())
+    return at::mm(dy.narrow(1, sel.start, sel.count).t().to(acc), x.to(acc)).to(dy.scalar_type());
+  if (!blas_dtype(dy))
+    return at::mm(dy.index_select(1, sel.index).t().to(acc), x.to(acc)).to(dy.scalar_type());
+  at::Tensor out = at::empty({sel.count, x.size(1)}, dy.options());
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparse_delta_grad", [&] {
+    gathered_t_gemm<scalar_t>(dy, sel, x, out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+void sparse_adamw(const at::Tensor& weight, const at::Tensor& grad, const at::Tensor& exp_avg,
+                  const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& master,
+                  const std::optional<at::Tensor>& index, int64_t start, bool cols, double lr,
+                  double beta1, double beta2, double eps, double weight_decay, int64_t step) {
+  check_floating(kAdamW, "weight", weight);
+  check_floating(kAdamW, "grad", grad);
+  check_2d(kAdamW, "weight", weight);
+  check_2d(kAdamW, "grad", grad);
+  const at::ScalarType state = exp_avg.scalar_type();
+  TORCH_CHECK_TYPE(state == at::kFloat || state == at::kDouble, kAdamW,
+                   ": exp_avg must be float32 or float64, got ", state);
+  check_like(kAdamW, "exp_avg_sq", exp_avg_sq, state);
+  TORCH_CHECK_VALUE(exp_avg.sizes() == grad.sizes() && exp_avg_sq.sizes() == grad.sizes(), kAdamW,
+                    ": exp_avg and exp_avg_sq must have grad's shape ", grad.sizes());
+  TORCH_CHECK_VALUE(step >= 1, kAdamW, ": step counts from 1, got ", step);
+  const int64_t dim = cols ? 1 : 0;
+  TORCH_CHECK_VALUE(grad.size(1 - dim) == weight.size(1 - dim), kAdamW, ": grad must have shape ",
+                    cols ? "(out, |C|)" : "(|R|, in)", " for weight of shape ", weight.sizes(),
+                    ", got ", grad.sizes());
+  const Selection sel = selection(kAdamW, "index", index, start, grad.size(dim), weight.size(dim));
+  if (master) {
+    check_like(kAdamW, "master", *master, state);
+    TORCH_CHECK_VALUE(master->sizes() == grad.sizes(), kAdamW, ": master must have grad's shape ",
+                      grad.sizes());
+  }
+  // The state is updated in place: work on contiguous tensors, copied back if they were not.
+  at::Tensor m = exp_avg.contiguous(), v = exp_avg_sq.contiguous(), g = grad.to(state).contiguous();
+  at::Tensor s = master ? master->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_adamw", [&] {
+    using W = scalar_t;
+    if (state == at::kDouble) {
+      adamw_loop<W, double>(weight, g, m, v, s.defined() ? s.mutable_data_ptr<double>() : nullptr,
+                            sel, cols, lr, beta1, beta2, eps, weight_decay, step);
+    } else {
+      adamw_loop<W, float>(weight, g, m, v, s.defined() ? s.mutable_data_ptr<float>() : nullptr,
+                           sel, cols, lr, beta1, beta2, eps, weight_decay, step);
+    }
+  });
+  if (!m.is_same(exp_avg)) exp_avg.copy_(m);
+  if (!v.is_same(exp_avg_sq)) exp_avg_sq.copy_(v);
+  if (master && !s.is_same(*master)) master->copy_(s);
+}
+
+}  // namespace kronops::native
