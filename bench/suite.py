@@ -1,6 +1,7 @@
 """The default case sets: CPU (about three minutes on 2 cores) and --full (GPU, real model shapes),
 and the names ``--ops`` accepts (op names as the rows carry them, and families of ops)."""
 from .kron_cases import krona_layer_cases, kron_linear_cases, kron_matmul_cases
+from .native_cases import kron_cpu_cases, sparse_cpu_cases
 from .s2ft_cases import inplace_adamw_cases
 from .s2ft_model_cases import llama_step_cases
 from .serving_cases import serving_cases
@@ -20,7 +21,9 @@ ADAPTER_COUNTS = (1, 4, 16, 64)
 
 # Every op name a row of the default sets carries (CPU set, --full set).
 OPS = ("kron_linear", "kron_matmul[3]", "kron_matmul[2]", "KronALinear", "sparse_linear[rows]",
-       "sparse_linear[cols]", "InPlaceAdamW", "LLaMA step", "AdapterBank", "AdapterBank switch")
+       "sparse_linear[cols]", "InPlaceAdamW", "LLaMA step", "AdapterBank", "AdapterBank switch",
+       "kron (CPU backends)", "sparse_linear[rows] (CPU backends)",
+       "sparse_linear[cols] (CPU backends)")
 # Families: a name users type for a group of ops.
 FAMILIES = {
     "kron": ("kron_linear", "kron_matmul[3]", "kron_matmul[2]", "KronALinear"),
@@ -31,6 +34,8 @@ FAMILIES = {
     "llama_step": ("LLaMA step",),
     "s2ft": ("sparse_linear[rows]", "sparse_linear[cols]", "InPlaceAdamW", "LLaMA step"),
     "serving": ("AdapterBank", "AdapterBank switch"),
+    "cpu_backends": ("kron (CPU backends)", "sparse_linear[rows] (CPU backends)",
+                     "sparse_linear[cols] (CPU backends)"),
 }
 
 
@@ -99,6 +104,12 @@ def default_cases(full: bool, dtype, device, ops=None):
             yield from llama_step_cases(SMALL_LLAMA, 4, 128, 0.1, dtype, device)
         if want("AdapterBank", "AdapterBank switch"):
             yield from _serving(SERVING_LLAMA, 64, 16, dtype, device, ops)
+        if want("kron (CPU backends)"):  # native, PyTorch kernels, autograd, FastKron
+            for factors in ([(64, 64)] * 2, [(32, 32)] * 2, [(16, 16)] * 3, [(16, 24), (24, 16)]):
+                yield from kron_cpu_cases(2048, factors, dtype, device)
+        for k, n, mode in [(1024, 1024, "rows"), (2048, 512, "cols")]:
+            if want(f"sparse_linear[{mode}] (CPU backends)"):
+                yield from sparse_cpu_cases(1024, k, n, 0.05, mode, dtype, device)
 
 
 def _serving(config, rows, seq, dtype, device, ops):
