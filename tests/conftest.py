@@ -50,6 +50,18 @@ def backend_device(request):
             yield "cpu"
 
 
+@pytest.fixture(autouse=True)
+def _fused_paths(request):
+    """Every test runs the fused Kronecker kernels at every size: the rules that build small
+    products, merge the adapter into the weight or group factors (``kronops.kron.dispatch``)
+    are pinned off, except in tests marked ``dispatch_rules``, which test them and their paths."""
+    if request.node.get_closest_marker("dispatch_rules"):
+        yield
+        return
+    with kronops.kron.dispatch.override(materialise=False, merge=False, group=False):
+        yield
+
+
 _current_test = [""]
 
 

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from ..kron.modules import KronALinear
-from ..kron.ops import kron_linear
 
 KIND_KRONA, KIND_LOKR = "krona", "lokr"
 
@@ -38,13 +37,6 @@ class LoKrLinear(KronALinear):
     def factor_b(self) -> torch.Tensor:
         """B (b1, b2) = B_u @ B_v."""
         return self.b_u @ self.b_v
-
-    def adapter(self, x: torch.Tensor) -> torch.Tensor:
-        return kron_linear(x, self.factor_a().to(x.dtype), self.factor_b().to(x.dtype),
-                           scale=self.scale)
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.scale * torch.kron(self.factor_a(), self.factor_b())
 
     def _factor_repr(self) -> str:
         a = f"a={tuple(self.a.shape)}" if self.rank is None else \

@@ -1,7 +1,9 @@
 """The Kronecker family: ``reference`` (PyTorch), ``ops`` (custom ops and the functional
-``kron_linear``/``kron_matmul``), ``modules`` (``KronLinear``, ``KronALinear``, ``KronABlock``)."""
+``kron_linear``/``kron_matmul``), ``dispatch`` (when products are built), ``merged``
+(``kron_linear_merged``), ``modules`` (``KronLinear``, ``KronALinear``, ``KronABlock``)."""
 from .modules import KronABlock, KronALinear, KronLinear, factor_shapes
+from .merged import kron_linear_merged
 from .ops import kron_linear, kron_matmul
 
-__all__ = ["kron_linear", "kron_matmul", "KronLinear", "KronALinear", "KronABlock",
-           "factor_shapes"]
+__all__ = ["kron_linear", "kron_matmul", "kron_linear_merged", "KronLinear", "KronALinear",
+           "KronABlock", "factor_shapes"]

@@ -8,6 +8,8 @@ from torch import nn
 
 from ..checks import check_features
 from ..wrapped_linear import WrapsLinear, check_linear
+from .dispatch import merge_weight_pays
+from .merged import kron_linear_merged
 from .ops import kron_linear
 
 
@@ -106,13 +108,18 @@ class KronFactors(nn.Module):
         """A (a1, a2): the parameter itself, or A_u @ A_v when low-rank."""
         return self.a if self.rank is None else self.a_u @ self.a_v
 
+    def factor_b(self) -> torch.Tensor:
+        """B (b1, b2)."""
+        return self.b
+
     def adapter(self, x: torch.Tensor) -> torch.Tensor:
         """scale * x @ kron(A, B).T, factors cast to x's dtype."""
-        return kron_linear(x, self.factor_a().to(x.dtype), self.b.to(x.dtype), scale=self.scale)
+        return kron_linear(x, self.factor_a().to(x.dtype), self.factor_b().to(x.dtype),
+                           scale=self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * kron(A, B): the (out, in) update, materialised (for merging and export)."""
-        return self.scale * torch.kron(self.factor_a(), self.b)
+        return self.scale * torch.kron(self.factor_a(), self.factor_b())
 
     def _factor_repr(self) -> str:
         a = f"a={tuple(self.a.shape)}" if self.rank is None else \
@@ -153,10 +160,24 @@ class KronALinear(WrapsLinear, KronFactors):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_features("x", x, self.in_features)
+        if not self.merged and self._merge_weight_pays(x):
+            return kron_linear_merged(x, self.base_weight, self.factor_a().to(x.dtype),
+                                      self.factor_b().to(x.dtype), self.base.bias,
+                                      scale=self.scale)
         y = self.base(x)
         if self.merged:
             return y
         return y + self.adapter(self.dropout(x))
+
+    def _merge_weight_pays(self, x: torch.Tensor) -> bool:
+        """Whether this call runs as one GEMM on W + s·A⊗B (``kron_linear_merged``): the base
+        is frozen and unhooked, dropout is off, and ``dispatch.merge_weight_pays`` says so."""
+        base = self.base
+        if (base.weight.requires_grad or base._forward_hooks or base._forward_pre_hooks
+                or (self.training and isinstance(self.dropout, nn.Dropout))):
+            return False
+        return merge_weight_pays(x.device.type, x.numel() // max(x.shape[-1], 1),
+                                 self.in_features, self.out_features)
 
     @torch.no_grad()
     def merge(self) -> None:

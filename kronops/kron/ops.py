@@ -21,6 +21,7 @@ run. Where the PyTorch kernels run, a forward whose factors need gradients is
 differentiable ops run instead: the ops are twice differentiable. Tensors of any strides
 are taken.
 """
+import functools
 import math
 from collections.abc import Sequence
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
+from . import dispatch
 from ..checks import check_same, check_scale, check_tensor
 from ..dtypes import autocast_off, autocast_operands, composite_dtype
 from .reference import b_first, torch_kron_factor_grad, torch_kron_rows, torch_kron_rows_grads
@@ -135,20 +137,28 @@ def _keep_backward(ctx, grad, _):
     return _backward(ctx, grad)
 
 
+def kron_grads(grad3, x, a, b, scale, need_x, need_a, need_b, inner=None):
+    """(dX, dA, dB) of y_m = s A X_m Bᵀ for grad3 (M, a1, b1), x (M, a2, b2); None where not
+    needed. dX_m = s Aᵀ dY_m B, dA = s Σ_m dY_m B X_mᵀ, dB = s Σ_m dY_mᵀ A X_m. Under
+    ``create_graph`` (grad mode on) through the ops that are differentiable themselves,
+    otherwise as one ``kron_rows_grads`` call (``inner``: the intermediate the forward kept)."""
+    if torch.is_grad_enabled():
+        grad_x = kron_rows(grad3, a.mT, b.mT, None, scale).view(x.shape) if need_x else None
+        grad_a = kron_factor_grad(grad3, b, x, scale) if need_a else None
+        grad_b = kron_factor_grad(grad3.mT, a, x.mT, scale) if need_b else None
+        return grad_x, grad_a, grad_b
+    grad_x, grad_a, grad_b = kron_rows_grads(grad3, x, a, b, scale, need_x, need_a, need_b,
+                                             inner)
+    return (grad_x.view(x.shape) if need_x else None, grad_a if need_a else None,
+            grad_b if need_b else None)
+
+
 def _backward(ctx, grad):
-    """dX_m = s A^T dY_m B, dA = s sum_m dY_m B X_m^T, dB = s sum_m dY_m^T A X_m, dbias = sum dY."""
+    """dX, dA, dB (``kron_grads``) and dbias = Σ dY."""
     x, a, b, inner = ctx.saved_tensors
     need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
     grad3 = grad.reshape(x.shape[0], a.shape[0], b.shape[0])
-    if torch.is_grad_enabled():  # create_graph: ops that are differentiable themselves
-        grad_x = kron_rows(grad3, a.mT, b.mT, None, ctx.scale).view(x.shape) if need_x else None
-        grad_a = kron_factor_grad(grad3, b, x, ctx.scale) if need_a else None
-        grad_b = kron_factor_grad(grad3.mT, a, x.mT, ctx.scale) if need_b else None
-    else:
-        grad_x, grad_a, grad_b = kron_rows_grads(grad3, x, a, b, ctx.scale, need_x, need_a,
-                                                 need_b, inner)
-        grad_x = grad_x.view(x.shape) if need_x else None
-        grad_a, grad_b = (grad_a if need_a else None), (grad_b if need_b else None)
+    grad_x, grad_a, grad_b = kron_grads(grad3, x, a, b, ctx.scale, need_x, need_a, need_b, inner)
     grad_bias = grad.sum(0) if need_bias else None
     return grad_x, grad_a, grad_b, grad_bias, None
 
@@ -177,14 +187,9 @@ def _factor_grad_backward(ctx, grad):
 kron_factor_grad.register_autograd(_factor_grad_backward, setup_context=_factor_grad_setup_context)
 
 
-def kron_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                bias: torch.Tensor | None = None, *, scale: float = 1.0) -> torch.Tensor:
-    """``scale * x @ torch.kron(a, b).T + bias`` without ever forming ``kron(a, b)``.
-
-    x: (..., a2*b2); a: (a1, a2); b: (b1, b2); bias: (a1*b1,) or None.
-    Returns (..., a1*b1) in x's dtype (inside an autocast region, all operands are cast to
-    the autocast dtype, as for F.linear). Differentiable in x, a, b and bias.
-    """
+def check_kron_operands(x, a, b, bias, scale):
+    """Validate kron_linear's operands (errors name the argument); returns (x, a, b, bias,
+    scale) cast to the autocast dtype when autocast is on, scale as a float."""
     check_tensor("x", x)
     check_tensor("a", a, dim=2)
     check_tensor("b", b, dim=2)
@@ -202,6 +207,23 @@ def kron_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                          f"and b of shape {tuple(b.shape)}, got shape {tuple(x.shape)}")
     if bias is not None and bias.shape[0] != a1 * b1:
         raise ValueError(f"bias must have length a1*b1 = {a1 * b1}, got {bias.shape[0]}")
+    return x, a, b, bias, scale
+
+
+def kron_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                bias: torch.Tensor | None = None, *, scale: float = 1.0) -> torch.Tensor:
+    """``scale * x @ torch.kron(a, b).T + bias``, fused: ``kron(a, b)`` is not formed, except
+    for small products where one GEMM on it is cheaper (``dispatch.materialise_pays``).
+
+    x: (..., a2*b2); a: (a1, a2); b: (b1, b2); bias: (a1*b1,) or None.
+    Returns (..., a1*b1) in x's dtype (inside an autocast region, all operands are cast to
+    the autocast dtype, as for F.linear). Differentiable in x, a, b and bias.
+    """
+    x, a, b, bias, scale = check_kron_operands(x, a, b, bias, scale)
+    (a1, a2), (b1, b2) = a.shape, b.shape
+    if dispatch.materialise_pays(x.device.type, a2 * b2, a1 * b1):
+        with autocast_off(x.device.type):
+            return F.linear(x, torch.kron(a, b) * scale, bias)
     lead = x.shape[:-1]
     rows = x.reshape(-1, a2, b2)
     if (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
@@ -217,8 +239,10 @@ def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], *,
     """``scale * x @ kron(f1, ..., fN).T`` for N >= 1 factors fi of shape (pi, qi).
 
     x: (..., q1*...*qN). Returns (..., p1*...*pN), in the autocast dtype inside an
-    autocast region. The leading factors are applied one mode at a time (batched
-    matmuls); the last two run fused in ``kron_linear``. Differentiable in x and every factor.
+    autocast region. With three or more factors, small groups of them are multiplied out into
+    two factors for one ``kron_linear`` where that pays (``dispatch.factor_split``); otherwise
+    the leading factors are applied one mode at a time (batched matmuls) and the last two run
+    fused in ``kron_linear``. Differentiable in x and every factor.
     """
     check_tensor("x", x)
     if isinstance(factors, torch.Tensor) or not isinstance(factors, Sequence) or not factors:
@@ -234,6 +258,10 @@ def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], *,
                          f"counts {q}, got shape {tuple(x.shape)}")
     lead = x.shape[:-1]
     p = [f.shape[0] for f in factors]
+    split = dispatch.factor_split(x.device.type, [tuple(f.shape) for f in factors])
+    if split is not None:
+        a, b = (functools.reduce(torch.kron, fs) for fs in (factors[:split], factors[split:]))
+        return kron_linear(x, a, b, scale=scale)
     if len(factors) == 1:
         y = F.linear(x, factors[0])
         return y * scale if scale != 1.0 else y

@@ -1,0 +1,103 @@
+"""When building a Kronecker product pays: the dispatch rules of ``kron_linear`` and of the
+adapter layers, one threshold per device kind.
+
+``materialise_pays(device_type, in_features, out_features)``: build s·kron(A, B) once per
+call and run one GEMM instead of the fused Kronecker kernels. The score is the weight's
+arithmetic intensity in·out/(in+out), the FLOPs per activation element of the dense GEMM:
+while it stays under about twice the machine's ridge the GEMM costs about what the fused
+path's memory traffic does, and the product is small to build. CUDA: intensity ≤ 384 and
+in·out ≤ 4M (predicted from an H100's ridge of ~240 FLOP/byte in bf16; 384→1536 scores 307,
+1024² scores 512 and stays fused). CPU: intensity ≤ 32 (measured on 2 cores, fp32,
+forward+backward at 16 and 2048 rows: materialised 0.3-0.7× the fused time at 32,
+1.2-3× at 64 and above).
+
+``merge_weight_pays(device_type, tokens, in_features, out_features)``: the adapter step as
+one GEMM on W + s·A⊗B (``kron_linear_merged``) instead of the base GEMM plus the adapter's
+own passes. Building W' twice a step is a fixed cost in in·out while the adapter's passes
+cost tokens·(in+out), so it pays from tokens ≥ factor·in·out/(in+out). CUDA: factor 0.6
+(predicted: four passes over the weight against about seven over the activations; 4096²
+merges from ~1230 tokens). CPU: factor 1.0 (measured on 2 cores, fp32, 1024² and 2048²
+training steps at 64-4096 tokens: equal near 0.25-0.5, the merged step 1.16-1.24× the frozen
+base against 1.19-1.49× for the separate adapter from 1.0 on; bench/NOTES.md).
+
+``factor_split(device_type, shapes)``: ``kron_matmul`` with N >= 3 factors as one fused
+two-factor product of kron(f1..fk) and kron(fk+1..fN), both built per call, instead of the
+leading factors one mode at a time (a pass over the activations each). The split has the
+fewest fused FLOPs among those whose two products stay small (≤ 64K elements). CPU: on
+(measured on 2 cores, fp32, 2048 rows of three 16×16 factors: 5.7× the FLOPs of the
+mode-by-mode passes in one pass, forward ~1.8× faster, forward+backward ~1.1×). CUDA: off
+until measured (the fused kernel's tiles were tuned for factors up to 64×64).
+
+``override(materialise=..., merge=..., group=...)``: a context in which the rules give fixed answers
+(tests and benchmarks pin a path; process-wide, not per thread).
+"""
+import contextlib
+import math
+
+MATERIALISE_MAX_INTENSITY = {"cuda": 384.0, "cpu": 32.0}
+MATERIALISE_MAX_ELEMENTS = {"cuda": 1 << 22, "cpu": 1 << 22}
+MERGE_TOKEN_FACTOR = {"cuda": 0.6, "cpu": 1.0}
+GROUP_MAX_ELEMENTS = {"cpu": 1 << 16}
+
+
+_pinned = {"materialise": None, "merge": None, "group": None}
+
+
+@contextlib.contextmanager
+def override(*, materialise: bool | None = None, merge: bool | None = None,
+             group: bool | None = None):
+    """Inside, ``materialise_pays`` returns ``materialise``, ``merge_weight_pays`` returns
+    ``merge``, and ``factor_split`` groups always (at the cheapest split, whatever the
+    products' size) or never, per ``group`` (None: the rule decides)."""
+    saved = dict(_pinned)
+    _pinned.update(materialise=materialise, merge=merge, group=group)
+    try:
+        yield
+    finally:
+        _pinned.update(saved)
+
+
+def intensity(in_features: int, out_features: int) -> float:
+    """in·out/(in+out): the dense GEMM's FLOPs per activation element read or written."""
+    return in_features * out_features / (in_features + out_features)
+
+
+def materialise_pays(device_type: str, in_features: int, out_features: int) -> bool:
+    """Whether s·kron(A, B) (out, in) built per call and one GEMM beats the fused kernels."""
+    if _pinned["materialise"] is not None:
+        return _pinned["materialise"]
+    limit = MATERIALISE_MAX_INTENSITY.get(device_type)
+    return (limit is not None and intensity(in_features, out_features) <= limit
+            and in_features * out_features <= MATERIALISE_MAX_ELEMENTS[device_type])
+
+
+def merge_weight_pays(device_type: str, tokens: int, in_features: int, out_features: int) -> bool:
+    """Whether the adapter step is cheaper as one GEMM on the merged weight, for ``tokens``
+    rows of activations (the product of x's leading dimensions)."""
+    if _pinned["merge"] is not None:
+        return _pinned["merge"]
+    factor = MERGE_TOKEN_FACTOR.get(device_type, math.inf)
+    return tokens >= factor * intensity(in_features, out_features)
+
+
+def fused_flops(a_shape, b_shape) -> int:
+    """Multiply-adds per row of the fused y_m = A X_m Bᵀ, cheaper side first."""
+    (a1, a2), (b1, b2) = a_shape, b_shape
+    return min(b1 * a2 * (b2 + a1), a1 * b2 * (a2 + b1))
+
+
+def factor_split(device_type: str, shapes) -> int | None:
+    """For factor shapes [(p1, q1), ..., (pN, qN)], N >= 3: the k (1 <= k < N) at which
+    ``kron_matmul`` groups them into kron(f1..fk) and kron(fk+1..fN), or None (mode by mode)."""
+    if len(shapes) < 3 or _pinned["group"] is False:
+        return None
+    limit = math.inf if _pinned["group"] else GROUP_MAX_ELEMENTS.get(device_type, 0)
+    best = None
+    for k in range(1, len(shapes)):
+        a = (math.prod(p for p, _ in shapes[:k]), math.prod(q for _, q in shapes[:k]))
+        b = (math.prod(p for p, _ in shapes[k:]), math.prod(q for _, q in shapes[k:]))
+        if max(a[0] * a[1], b[0] * b[1]) <= limit:
+            cost = fused_flops(a, b)
+            if best is None or cost < best[0]:
+                best = (cost, k)
+    return None if best is None else best[1]
