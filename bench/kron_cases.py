@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kronops
+from kronops.kron import dispatch
 from kronops.kron.modules import factor_shapes
 from kronops.kron.reference import naive_kron_linear, naive_kron_matmul, torch_kron_rows
 
@@ -79,8 +80,16 @@ def krona_layer_cases(rows, in_features, out_features, dtype, device, modes=("fo
     def reference(x, a, b):
         return F.linear(x, w.double(), bias.double()) + layer.scale * naive_kron_linear(x, a, b)
 
+    def pinned(merge):  # the layer with its merged-weight rule pinned (dispatch.override)
+        def step(x):
+            with dispatch.override(merge=merge):
+                return layer(x)
+        return step
+
     providers = {
         "kronops": Provider(layer, params),
+        "kronops (merged weight)": Provider(pinned(True), params),
+        "kronops (separate adapter)": Provider(pinned(False), params),
         "naive (torch.kron)": Provider(materialised, params),
         "nn.Linear (base only)": Provider(base),
     }
