@@ -112,8 +112,12 @@ def _(dy, x, a, b, scale, need_x, need_a, need_b, inner=None):
 
 
 def triton_kron_rows_grads(dy, x, a, b, scale, need_x, need_a, need_b, inner=None):
-    """CUDA kernel of ``kron_rows_grads``: the dX, dA and dB Triton kernels (``inner`` is
-    not used: they recompute X Bᵀ on chip)."""
+    """CUDA kernel of ``kron_rows_grads``: one pass over x and dY where every factor fits a
+    tile, else the dX, dA and dB Triton kernels (``inner`` is not used: they recompute
+    X Bᵀ on chip)."""
+    if kernels.kron_rows_grads_fits(*a.shape, *b.shape, dy.dtype):
+        return kernels.triton_kron_rows_grads_one_pass(dy, x, a, b, scale, need_x, need_a,
+                                                       need_b)
     dx = kernels.triton_kron_rows(dy, a.mT, b.mT, None, scale) if need_x else dy.new_empty(0)
     da = kernels.triton_kron_factor_grad(dy, b, x, scale) if need_a else dy.new_empty(0)
     db = kernels.triton_kron_factor_grad(dy.mT, a, x.mT, scale) if need_b else dy.new_empty(0)

@@ -1,0 +1,186 @@
+"""The Kronecker backward in one pass: dX, dA and dB of Y_m = scale * A X_m B^T from one
+persistent kernel that reads each x_m and dY_m once.
+
+Per row: dT = A^T dY_m feeds dX_m = dT B and dB += dT^T X_m; T = X_m B^T feeds
+dA += dY_m T^T (five products). A and B are loaded once per program; every factor fits one
+tile, so dA and dB stay in registers across the program's rows and are written once as fp32
+partials, summed in program order (``partial_sums.finish``): bitwise reproducible for a
+given grid. ``fits``: each side at most 64 (32 for ieee fp32) and the live tiles within the
+register budget at up to 8 warps: factors up to about 32×32 (1024-wide layers). At 64⁴ the
+two accumulators and a row's intermediates need ~112 registers a thread at 8 warps, and
+16 warps spilled on sm_80 (all dtypes) and for fp16/fp32 on sm_90, so there (and wherever
+the factors do not fit) ``kron_rows_grads`` runs the three-kernel path (``rows.py``,
+``factor_grad.py``).
+"""
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..launch import (ELEMENT_BYTES, PRECISIONS, REGISTER_BUDGET, TOKENS, CompileCase,
+                      autotuned, dot_precision, live_words, num_programs_cap, viable_configs)
+from ..partial_sums import finish, new_partials
+from .tiles import int32_rows, tile_lengths, times_fp32_tile
+
+
+@triton.jit
+def kron_rows_grads_kernel(
+    dy_ptr, x_ptr, a_ptr, b_ptr, dx_ptr, da_ptr, db_ptr,
+    M, A1, A2, B1, B2,
+    stride_dym, stride_dyi, stride_dyn,
+    stride_xm, stride_xj, stride_xl,
+    stride_ai, stride_aj,
+    stride_bn, stride_bl,
+    stride_dxm, stride_dag, stride_dbg,
+    scale,
+    NEED_X: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """dy: (M, A1, B1), x: (M, A2, B2), a: (A1, A2), b: (B1, B2), any strides; dx: (M, A2*B2)
+    rows of unit inner stride; da: (G, A1, A2) and db: (G, B1, B2) fp32 partials, unscaled.
+
+    Grid: (G,); program g takes rows g, g+G, g+2G, ...
+    """
+    g = tl.program_id(0)
+    programs = tl.num_programs(0)
+    offs_i = tl.arange(0, BLOCK_I)
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    a = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_j[None, :] * stride_aj,
+                mask=(offs_i[:, None] < A1) & (offs_j[None, :] < A2), other=0.0)
+    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_l[None, :] * stride_bl,
+                mask=(offs_n[:, None] < B1) & (offs_l[None, :] < B2), other=0.0)
+    dy_mask = (offs_i[:, None] < A1) & (offs_n[None, :] < B1)
+    x_mask = (offs_j[:, None] < A2) & (offs_l[None, :] < B2)
+    da = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    db_t = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)   # dB^T, as times_fp32_tile forms it
+    row = g.to(tl.int64)
+    for _ in range(g, M, programs):
+        dy = tl.load(dy_ptr + row * stride_dym + offs_i[:, None] * stride_dyi
+                     + offs_n[None, :] * stride_dyn, mask=dy_mask, other=0.0)
+        x = tl.load(x_ptr + row * stride_xm + offs_j[:, None] * stride_xj
+                    + offs_l[None, :] * stride_xl, mask=x_mask, other=0.0)
+        if NEED_X or NEED_B:
+            dt = tl.dot(tl.trans(a), dy, input_precision=DOT_PRECISION)      # (J, N) fp32
+            if NEED_X:   # dX_m^T = B^T dT^T
+                dx_t = times_fp32_tile(tl.trans(b), tl.trans(dt),
+                                       tl.zeros((BLOCK_L, BLOCK_J), dtype=tl.float32),
+                                       DOT_PRECISION)
+                dx = tl.trans(dx_t) * scale
+                tl.store(dx_ptr + row * stride_dxm + offs_j[:, None] * B2 + offs_l[None, :],
+                         dx.to(dx_ptr.dtype.element_ty), mask=x_mask)
+            if NEED_B:   # dB^T += X_m^T dT
+                db_t = times_fp32_tile(tl.trans(x), dt, db_t, DOT_PRECISION)
+        if NEED_A:       # dA += dY_m (X_m B^T)^T
+            t = tl.dot(x, tl.trans(b), input_precision=DOT_PRECISION)        # (J, N) fp32
+            da = times_fp32_tile(dy, tl.trans(t), da, DOT_PRECISION)
+        row += programs
+    if NEED_A:
+        tl.store(da_ptr + g.to(tl.int64) * stride_dag + offs_i[:, None] * A2 + offs_j[None, :],
+                 da, mask=(offs_i[:, None] < A1) & (offs_j[None, :] < A2))
+    if NEED_B:
+        db = tl.trans(db_t)
+        tl.store(db_ptr + g.to(tl.int64) * stride_dbg + offs_n[:, None] * B2 + offs_l[None, :],
+                 db, mask=(offs_n[:, None] < B1) & (offs_l[None, :] < B2))
+
+
+# Warps x pipeline stages (the row loop's loads of x_m and dY_m are what the stages overlap).
+CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (8, 2), (8, 3)]]
+# Factor shapes compiled ahead of time: all-16, all-32 (1024-wide layers) and MiniLM's
+# 32×16 ⊗ 48×24 (tiles padded to 64 and 32).
+COMPILE_SHAPES = [(16, 16, 16, 16), (32, 32, 32, 32), (32, 16, 48, 24)]
+
+
+def footprint(config, tiles, element_bytes) -> int:
+    """Words live per program: the dA and dB^T accumulators and one row's fp32 dT, T and
+    dX^T; the A, B, x_m and dY_m tiles."""
+    i, j, n, l = tiles["BLOCK_I"], tiles["BLOCK_J"], tiles["BLOCK_N"], tiles["BLOCK_L"]
+    return live_words(i * j + l * n + 2 * j * n + l * j, i * j + n * l + i * n + j * l,
+                      element_bytes, tiles["DOT_PRECISION"])
+
+
+tuned = autotuned(kron_rows_grads_kernel, CONFIGS,
+                  key=["A1", "A2", "B1", "B2", "NEED_X", "NEED_A", "NEED_B"],
+                  footprint=footprint)
+
+
+def tile_shape(a1: int, a2: int, b1: int, b2: int, precision: str) -> dict:
+    """The kernel's tile constexprs: one tile per factor side."""
+    return tile_lengths(precision, I=a1, J=a2, N=b1, L=b2)
+
+
+def covers(tiles: dict, a1: int, a2: int, b1: int, b2: int) -> bool:
+    """Whether ``tiles`` hold each factor whole."""
+    return all(tiles[f"BLOCK_{k}"] >= n for k, n in zip("IJNL", (a1, a2, b1, b2)))
+
+
+def fits(a1: int, a2: int, b1: int, b2: int, dtype: torch.dtype) -> bool:
+    """Whether this kernel runs the whole backward: each factor fits one tile and a config
+    keeps the live tiles within the register budget."""
+    tiles = tile_shape(a1, a2, b1, b2, dot_precision(dtype))
+    element_bytes = torch.empty(0, dtype=dtype).element_size()
+    return covers(tiles, a1, a2, b1, b2) and any(
+        footprint(c, tiles, element_bytes) <= REGISTER_BUDGET * 32 * c.num_warps for c in CONFIGS)
+
+
+def launch_ints(a1: int, a2: int, b1: int, b2: int) -> dict:
+    """Integer arguments of a launch on TOKENS contiguous rows and contiguous factors."""
+    return dict(M=TOKENS, A1=a1, A2=a2, B1=b1, B2=b2,
+                stride_dym=a1 * b1, stride_dyi=b1, stride_dyn=1,
+                stride_xm=a2 * b2, stride_xj=b2, stride_xl=1,
+                stride_ai=a2, stride_aj=1, stride_bn=b2, stride_bl=1,
+                stride_dxm=a2 * b2, stride_dag=a1 * a2, stride_dbg=b1 * b2)
+
+
+def compile_cases() -> list[CompileCase]:
+    """What ``kron_linear``'s backward launches where the factors fit: all three gradients,
+    and the factor gradients alone (a frozen input), per factor shape and precision."""
+    cases = []
+    for (a1, a2, b1, b2), (element, precision) in itertools.product(COMPILE_SHAPES, PRECISIONS):
+        tiles = tile_shape(a1, a2, b1, b2, precision)
+        if not covers(tiles, a1, a2, b1, b2):
+            continue  # ieee fp32 tiles stop at 32
+        for need_x in (True, False):
+            constexprs = dict(NEED_X=need_x, NEED_A=True, NEED_B=True, **tiles)
+            cases.append(CompileCase(
+                f"kron_rows_grads-x{int(need_x)}-{a1}x{a2}x{b1}x{b2}-{element}-{precision}",
+                kron_rows_grads_kernel, constexprs, element,
+                viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]),
+                launch_ints(a1, a2, b1, b2),
+                {"da_ptr": "*fp32", "db_ptr": "*fp32"}))
+    return cases
+
+
+def triton_kron_rows_grads_one_pass(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
+                                    b: torch.Tensor, scale: float, need_x: bool, need_a: bool,
+                                    need_b: bool):
+    """(dX, dA, dB) of y[m] = scale * vec(a @ x[m] @ b.T) in one pass; a gradient not needed
+    is an empty tensor. dy: (M, a1, b1), x: (M, a2, b2), a: (a1, a2), b: (b1, b2), any
+    strides, one dtype, factors that ``fits``. Returns dX (M, a2, b2) contiguous, dA and dB
+    in dy's dtype (each a tensor of its own: custom ops may not return aliases)."""
+    m, a1, b1 = dy.shape
+    a2, b2 = x.shape[1], x.shape[2]
+    dx = torch.empty((m, a2, b2), device=dy.device, dtype=dy.dtype) if need_x else dy.new_empty(0)
+    if m == 0:
+        return (dx, dy.new_zeros(a1, a2) if need_a else dy.new_empty(0),
+                dy.new_zeros(b1, b2) if need_b else dy.new_empty(0))
+    dy, x = int32_rows(dy), int32_rows(x)
+    # A persistent grid: about two programs per SM (each holds dA and dB for its rows).
+    groups = max(1, min(m, num_programs_cap(dy.device) // 2))
+    da_partial = new_partials(groups, a1, a2, dy.device) if need_a else None
+    db_partial = new_partials(groups, b1, b2, dy.device) if need_b else None
+    tuned[(groups,)](
+        dy, x, a, b, dx if need_x else dy, da_partial if need_a else dy,
+        db_partial if need_b else dy,
+        m, a1, a2, b1, b2,
+        *dy.stride(), *x.stride(), *a.stride(), *b.stride(),
+        dx.stride(0) if need_x else 0, da_partial.stride(0) if need_a else 0,
+        db_partial.stride(0) if need_b else 0,
+        float(scale),
+        NEED_X=need_x, NEED_A=need_a, NEED_B=need_b,
+        **tile_shape(a1, a2, b1, b2, dot_precision(dy.dtype)))
+    return (dx, finish(da_partial, scale, dy.dtype) if need_a else dy.new_empty(0),
+            finish(db_partial, scale, dy.dtype) if need_b else dy.new_empty(0))
