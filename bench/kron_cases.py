@@ -6,12 +6,21 @@ import torch.nn.functional as F
 from torch import nn
 
 import kronops
+from kronops.kernels.kron.rows_grads import fits as rows_grads_fits
 from kronops.kron import dispatch
 from kronops.kron.modules import factor_shapes
 from kronops.kron.reference import naive_kron_linear, naive_kron_matmul, torch_kron_rows
 
 from .cases import MODES, Provider, build_case, element_bytes, input_sets
 from .peft_providers import peft_providers
+
+
+def pinned(fn, **rules):
+    """``fn`` run with the dispatch rules pinned (``kronops.kron.dispatch.override``)."""
+    def run(*args):
+        with dispatch.override(**rules):
+            return fn(*args)
+    return run
 
 
 def kron_flops(rows, a1, a2, b1, b2):
@@ -31,6 +40,13 @@ def kron_linear_cases(rows, in_features, out_features, dtype, device, modes=MODE
             x.view(-1, a2, b2), a, b).view(-1, out_features)),
         "naive (torch.kron)": Provider(naive_kron_linear),
     }
+    # The paths the rules did not pick, beside the one they did (dispatch.override).
+    device_type = torch.device(device).type
+    if dispatch.materialise_pays(device_type, in_features, out_features):
+        providers["kronops (fused)"] = Provider(pinned(kronops.kron_linear, materialise=False))
+    if device_type == "cuda" and rows_grads_fits(a1, a2, b1, b2, dtype):
+        providers["kronops (three-kernel backward)"] = Provider(
+            pinned(kronops.kron_linear, one_pass=False))
     io_bytes = rows * (in_features + out_features) * elt
     for mode in modes:
         yield build_case("kron_linear", mode, shape, rows * in_features, io_bytes,
@@ -80,16 +96,10 @@ def krona_layer_cases(rows, in_features, out_features, dtype, device, modes=("fo
     def reference(x, a, b):
         return F.linear(x, w.double(), bias.double()) + layer.scale * naive_kron_linear(x, a, b)
 
-    def pinned(merge):  # the layer with its merged-weight rule pinned (dispatch.override)
-        def step(x):
-            with dispatch.override(merge=merge):
-                return layer(x)
-        return step
-
     providers = {
         "kronops": Provider(layer, params),
-        "kronops (merged weight)": Provider(pinned(True), params),
-        "kronops (separate adapter)": Provider(pinned(False), params),
+        "kronops (merged weight)": Provider(pinned(layer, merge=True), params),
+        "kronops (separate adapter)": Provider(pinned(layer, merge=False), params),
         "naive (torch.kron)": Provider(materialised, params),
         "nn.Linear (base only)": Provider(base),
     }

@@ -28,7 +28,11 @@ fewest fused FLOPs among those whose two products stay small (≤ 64K elements).
 mode-by-mode passes in one pass, forward ~1.8× faster, forward+backward ~1.1×). CUDA: off
 until measured (the fused kernel's tiles were tuned for factors up to 64×64).
 
-``override(materialise=..., merge=..., group=...)``: a context in which the rules give fixed answers
+``one_pass_backward(fits)``: on CUDA, the Kronecker backward in one pass over x and dY
+(``kernels/kron/rows_grads.py``) where the factors fit it (``fits``, from the kernel), else
+the three kernels. Unmeasured on a GPU; predicted 1.5-3× faster where it fits (NOTES).
+
+``override(materialise=..., merge=..., group=..., one_pass=...)``: a context in which the rules give fixed answers
 (tests and benchmarks pin a path; process-wide, not per thread).
 """
 import contextlib
@@ -40,17 +44,18 @@ MERGE_TOKEN_FACTOR = {"cuda": 0.6, "cpu": 1.0}
 GROUP_MAX_ELEMENTS = {"cpu": 1 << 16}
 
 
-_pinned = {"materialise": None, "merge": None, "group": None}
+_pinned = {"materialise": None, "merge": None, "group": None, "one_pass": None}
 
 
 @contextlib.contextmanager
 def override(*, materialise: bool | None = None, merge: bool | None = None,
-             group: bool | None = None):
+             group: bool | None = None, one_pass: bool | None = None):
     """Inside, ``materialise_pays`` returns ``materialise``, ``merge_weight_pays`` returns
-    ``merge``, and ``factor_split`` groups always (at the cheapest split, whatever the
-    products' size) or never, per ``group`` (None: the rule decides)."""
+    ``merge``, ``factor_split`` groups always (at the cheapest split, whatever the
+    products' size) or never, per ``group``, and ``one_pass_backward`` is off with
+    ``one_pass=False`` (None: the rule decides)."""
     saved = dict(_pinned)
-    _pinned.update(materialise=materialise, merge=merge, group=group)
+    _pinned.update(materialise=materialise, merge=merge, group=group, one_pass=one_pass)
     try:
         yield
     finally:
@@ -101,3 +106,9 @@ def factor_split(device_type: str, shapes) -> int | None:
             if best is None or cost < best[0]:
                 best = (cost, k)
     return None if best is None else best[1]
+
+
+def one_pass_backward(fits: bool) -> bool:
+    """Whether the CUDA backward runs in one pass, for factors that do (``fits``) or do not
+    fit the one-pass kernel."""
+    return fits and _pinned["one_pass"] is not False

@@ -115,7 +115,7 @@ def triton_kron_rows_grads(dy, x, a, b, scale, need_x, need_a, need_b, inner=Non
     """CUDA kernel of ``kron_rows_grads``: one pass over x and dY where every factor fits a
     tile, else the dX, dA and dB Triton kernels (``inner`` is not used: they recompute
     X Bᵀ on chip)."""
-    if kernels.kron_rows_grads_fits(*a.shape, *b.shape, dy.dtype):
+    if dispatch.one_pass_backward(kernels.kron_rows_grads_fits(*a.shape, *b.shape, dy.dtype)):
         return kernels.triton_kron_rows_grads_one_pass(dy, x, a, b, scale, need_x, need_a,
                                                        need_b)
     dx = kernels.triton_kron_rows(dy, a.mT, b.mT, None, scale) if need_x else dy.new_empty(0)
