@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, assert_close
 
-from kronops.kernels.kron.rows_grads import fits, triton_kron_rows_grads_one_pass
+from kronops.kernels.kron.rows_grads import fits, launches, triton_kron_rows_grads_one_pass
 from kronops.kron.ops import kron_rows_grads
 from kronops.kron.reference import torch_kron_rows_grads
 
@@ -50,6 +50,20 @@ def test_each_subset(need):
             assert_close(g, r, torch.float32, name)
         else:
             assert g.numel() == 0
+
+
+@pytest.mark.parametrize("need_x", [True, False])
+def test_two_passes_where_one_exceeds_the_register_budget(need_x):
+    """64⁴ in 16-bit: dX with dB, then dA, each pass reading x and dY once."""
+    plan = launches(64, 64, 64, 64, 2, "tf32", need_x, True, True)
+    assert len(plan) == (2 if need_x else 1)
+    assert launches(32, 32, 32, 32, 2, "tf32", True, True, True) == [
+        dict(NEED_X=True, NEED_A=True, NEED_B=True)]
+    dy, x, a, b = operands(5, 64, 64, 64, 64, torch.float16)
+    got = triton_kron_rows_grads_one_pass(dy, x, a, b, 0.25, need_x, True, True)
+    for name, g, r in zip("xab", got, reference(dy, x, a, b, 0.25)):
+        if name != "x" or need_x:
+            assert_close(g, r, torch.float16, name)
 
 
 def test_transposed_factors_and_few_rows():

@@ -89,17 +89,21 @@ def kron_rows_grads_kernel(
 
 # Warps x pipeline stages (the row loop's loads of x_m and dY_m are what the stages overlap).
 CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 2), (8, 2), (8, 3)]]
-# Factor shapes compiled ahead of time: all-16, all-32 (1024-wide layers) and MiniLM's
-# 32×16 ⊗ 48×24 (tiles padded to 64 and 32).
-COMPILE_SHAPES = [(16, 16, 16, 16), (32, 32, 32, 32), (32, 16, 48, 24)]
+# Factor shapes compiled ahead of time: all-16, all-32 (1024-wide layers, one launch),
+# all-64 (4096-wide: two launches) and MiniLM's 32×16 ⊗ 48×24 (tiles padded to 64 and 32).
+COMPILE_SHAPES = [(16, 16, 16, 16), (32, 32, 32, 32), (64, 64, 64, 64), (32, 16, 48, 24)]
 
 
-def footprint(config, tiles, element_bytes) -> int:
-    """Words live per program: the dA and dB^T accumulators and one row's fp32 dT, T and
-    dX^T; the A, B, x_m and dY_m tiles."""
-    i, j, n, l = tiles["BLOCK_I"], tiles["BLOCK_J"], tiles["BLOCK_N"], tiles["BLOCK_L"]
-    return live_words(i * j + l * n + 2 * j * n + l * j, i * j + n * l + i * n + j * l,
-                      element_bytes, tiles["DOT_PRECISION"])
+def footprint(config, constexprs, element_bytes) -> int:
+    """Words live per program for the gradients a launch computes: the fp32 accumulators
+    (dA, dB^T) and one row's fp32 intermediates (dT, T, dX^T); the A, B, x_m and dY_m tiles
+    only for 4-byte elements: 16-bit tensor-core dots stage their operands in shared memory
+    (compiled at 64⁴: 76-104 registers on sm_90 where this model counts 48-80 words)."""
+    i, j, n, l = (constexprs[f"BLOCK_{k}"] for k in "IJNL")
+    x, a, b = constexprs["NEED_X"], constexprs["NEED_A"], constexprs["NEED_B"]
+    accumulators = (x or b) * j * n + x * l * j + b * l * n + a * (i * j + j * n)
+    operands = (i * j + n * l + i * n + j * l) if element_bytes == 4 else 0
+    return live_words(accumulators, operands, element_bytes, constexprs["DOT_PRECISION"])
 
 
 tuned = autotuned(kron_rows_grads_kernel, CONFIGS,
@@ -112,18 +116,30 @@ def tile_shape(a1: int, a2: int, b1: int, b2: int, precision: str) -> dict:
     return tile_lengths(precision, I=a1, J=a2, N=b1, L=b2)
 
 
-def covers(tiles: dict, a1: int, a2: int, b1: int, b2: int) -> bool:
-    """Whether ``tiles`` hold each factor whole."""
-    return all(tiles[f"BLOCK_{k}"] >= n for k, n in zip("IJNL", (a1, a2, b1, b2)))
+def launches(a1: int, a2: int, b1: int, b2: int, element_bytes: int, precision: str,
+             need_x: bool, need_a: bool, need_b: bool) -> list[dict] | None:
+    """The launches (their NEED_* flags) that compute the asked gradients: one where its live
+    tiles fit the register budget, else dX with dB and then dA (each pass reads x and dY
+    once); None where a factor does not fit one tile or neither plan fits the budget."""
+    tiles = tile_shape(a1, a2, b1, b2, precision)
+    if any(tiles[f"BLOCK_{k}"] < n for k, n in zip("IJNL", (a1, a2, b1, b2))):
+        return None
+    together = [dict(NEED_X=need_x, NEED_A=need_a, NEED_B=need_b)]
+    apart = [dict(NEED_X=need_x, NEED_A=False, NEED_B=need_b),
+             dict(NEED_X=False, NEED_A=need_a, NEED_B=False)]
+    for plan in (together, apart):
+        plan = [flags for flags in plan if any(flags.values())]
+        if all(any(footprint(c, {**tiles, **flags}, element_bytes)
+                   <= REGISTER_BUDGET * 32 * c.num_warps for c in CONFIGS) for flags in plan):
+            return plan
+    return None
 
 
 def fits(a1: int, a2: int, b1: int, b2: int, dtype: torch.dtype) -> bool:
-    """Whether this kernel runs the whole backward: each factor fits one tile and a config
-    keeps the live tiles within the register budget."""
-    tiles = tile_shape(a1, a2, b1, b2, dot_precision(dtype))
+    """Whether this kernel computes the backward of these factors (``launches``)."""
     element_bytes = torch.empty(0, dtype=dtype).element_size()
-    return covers(tiles, a1, a2, b1, b2) and any(
-        footprint(c, tiles, element_bytes) <= REGISTER_BUDGET * 32 * c.num_warps for c in CONFIGS)
+    return launches(a1, a2, b1, b2, element_bytes, dot_precision(dtype), True, True,
+                    True) is not None
 
 
 def launch_ints(a1: int, a2: int, b1: int, b2: int) -> dict:
@@ -141,26 +157,27 @@ def compile_cases() -> list[CompileCase]:
     cases = []
     for (a1, a2, b1, b2), (element, precision) in itertools.product(COMPILE_SHAPES, PRECISIONS):
         tiles = tile_shape(a1, a2, b1, b2, precision)
-        if not covers(tiles, a1, a2, b1, b2):
-            continue  # ieee fp32 tiles stop at 32
         for need_x in (True, False):
-            constexprs = dict(NEED_X=need_x, NEED_A=True, NEED_B=True, **tiles)
-            cases.append(CompileCase(
-                f"kron_rows_grads-x{int(need_x)}-{a1}x{a2}x{b1}x{b2}-{element}-{precision}",
-                kron_rows_grads_kernel, constexprs, element,
-                viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]),
-                launch_ints(a1, a2, b1, b2),
-                {"da_ptr": "*fp32", "db_ptr": "*fp32"}))
-    return cases
+            for flags in launches(a1, a2, b1, b2, ELEMENT_BYTES[element], precision, need_x,
+                                  True, True) or []:
+                constexprs = {**flags, **tiles}
+                which = "".join(k[-1].lower() for k, v in flags.items() if v)
+                cases.append(CompileCase(
+                    f"kron_rows_grads-{which}-{a1}x{a2}x{b1}x{b2}-{element}-{precision}",
+                    kron_rows_grads_kernel, constexprs, element,
+                    viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]),
+                    launch_ints(a1, a2, b1, b2), {"da_ptr": "*fp32", "db_ptr": "*fp32"}))
+    return list({case.name: case for case in cases}.values())  # a dA launch serves both
 
 
 def triton_kron_rows_grads_one_pass(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
                                     b: torch.Tensor, scale: float, need_x: bool, need_a: bool,
                                     need_b: bool):
-    """(dX, dA, dB) of y[m] = scale * vec(a @ x[m] @ b.T) in one pass; a gradient not needed
-    is an empty tensor. dy: (M, a1, b1), x: (M, a2, b2), a: (a1, a2), b: (b1, b2), any
-    strides, one dtype, factors that ``fits``. Returns dX (M, a2, b2) contiguous, dA and dB
-    in dy's dtype (each a tensor of its own: custom ops may not return aliases)."""
+    """(dX, dA, dB) of y[m] = scale * vec(a @ x[m] @ b.T), each pass reading x and dY once
+    (``launches``: one pass, or two); a gradient not needed is an empty tensor. dy:
+    (M, a1, b1), x: (M, a2, b2), a: (a1, a2), b: (b1, b2), any strides, one dtype, factors
+    that ``fits``. Returns dX (M, a2, b2) contiguous, dA and dB in dy's dtype (each a tensor
+    of its own: custom ops may not return aliases)."""
     m, a1, b1 = dy.shape
     a2, b2 = x.shape[1], x.shape[2]
     dx = torch.empty((m, a2, b2), device=dy.device, dtype=dy.dtype) if need_x else dy.new_empty(0)
@@ -168,19 +185,19 @@ def triton_kron_rows_grads_one_pass(dy: torch.Tensor, x: torch.Tensor, a: torch.
         return (dx, dy.new_zeros(a1, a2) if need_a else dy.new_empty(0),
                 dy.new_zeros(b1, b2) if need_b else dy.new_empty(0))
     dy, x = int32_rows(dy), int32_rows(x)
-    # A persistent grid: about two programs per SM (each holds dA and dB for its rows).
+    precision = dot_precision(dy.dtype)
+    # A persistent grid: about two programs per SM, each holding its rows' dA and dB.
     groups = max(1, min(m, num_programs_cap(dy.device) // 2))
     da_partial = new_partials(groups, a1, a2, dy.device) if need_a else None
     db_partial = new_partials(groups, b1, b2, dy.device) if need_b else None
-    tuned[(groups,)](
-        dy, x, a, b, dx if need_x else dy, da_partial if need_a else dy,
-        db_partial if need_b else dy,
-        m, a1, a2, b1, b2,
-        *dy.stride(), *x.stride(), *a.stride(), *b.stride(),
-        dx.stride(0) if need_x else 0, da_partial.stride(0) if need_a else 0,
-        db_partial.stride(0) if need_b else 0,
-        float(scale),
-        NEED_X=need_x, NEED_A=need_a, NEED_B=need_b,
-        **tile_shape(a1, a2, b1, b2, dot_precision(dy.dtype)))
+    for flags in launches(a1, a2, b1, b2, dy.element_size(), precision, need_x, need_a, need_b):
+        tuned[(groups,)](
+            dy, x, a, b, dx if need_x else dy, da_partial if need_a else dy,
+            db_partial if need_b else dy,
+            m, a1, a2, b1, b2,
+            *dy.stride(), *x.stride(), *a.stride(), *b.stride(),
+            dx.stride(0) if need_x else 0, da_partial.stride(0) if need_a else 0,
+            db_partial.stride(0) if need_b else 0,
+            float(scale), **flags, **tile_shape(a1, a2, b1, b2, precision))
     return (dx, finish(da_partial, scale, dy.dtype) if need_a else dy.new_empty(0),
             finish(db_partial, scale, dy.dtype) if need_b else dy.new_empty(0))

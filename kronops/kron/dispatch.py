@@ -30,7 +30,8 @@ until measured (the fused kernel's tiles were tuned for factors up to 64×64).
 
 ``one_pass_backward(fits)``: on CUDA, the Kronecker backward in one pass over x and dY
 (``kernels/kron/rows_grads.py``) where the factors fit it (``fits``, from the kernel), else
-the three kernels. Unmeasured on a GPU; predicted 1.5-3× faster where it fits (NOTES).
+the three kernels (in two passes at 64⁴, 16-bit). Unmeasured on a GPU; predicted 1.5-4×
+faster where it runs (bench/NOTES.md).
 
 ``override(materialise=..., merge=..., group=..., one_pass=...)``: a context in which the rules give fixed answers
 (tests and benchmarks pin a path; process-wide, not per thread).
