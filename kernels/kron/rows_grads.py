@@ -1,16 +1,14 @@
-"""The Kronecker backward in one pass: dX, dA and dB of Y_m = scale * A X_m B^T from one
+"""The Kronecker backward in one pass: dX, dA and dB of Y_m = scale * A X_m B^T from a
 persistent kernel that reads each x_m and dY_m once.
 
 Per row: dT = A^T dY_m feeds dX_m = dT B and dB += dT^T X_m; T = X_m B^T feeds
 dA += dY_m T^T (five products). A and B are loaded once per program; every factor fits one
 tile, so dA and dB stay in registers across the program's rows and are written once as fp32
 partials, summed in program order (``partial_sums.finish``): bitwise reproducible for a
-given grid. ``fits``: each side at most 64 (32 for ieee fp32) and the live tiles within the
-register budget at up to 8 warps: factors up to about 32×32 (1024-wide layers). At 64⁴ the
-two accumulators and a row's intermediates need ~112 registers a thread at 8 warps, and
-16 warps spilled on sm_80 (all dtypes) and for fp16/fp32 on sm_90, so there (and wherever
-the factors do not fit) ``kron_rows_grads`` runs the three-kernel path (``rows.py``,
-``factor_grad.py``).
+given grid. ``launches`` plans the passes: one where the live tiles fit the register budget
+(factors up to about 32×32), else dX with dB and then dA (64⁴ in 16-bit: one pass spilled);
+where a factor exceeds a tile (64, or 32 for ieee fp32) or neither plan fits (fp32 at 64⁴),
+``kron_rows_grads`` runs the three-kernel path (``rows.py``, ``factor_grad.py``).
 """
 import itertools
 
