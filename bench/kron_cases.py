@@ -7,6 +7,7 @@ from torch import nn
 
 import kronops
 from kronops.kernels.kron.rows_grads import fits as rows_grads_fits
+from kronops.kernels.kron.rows_persistent import fits as persistent_fits
 from kronops.kron import dispatch
 from kronops.kron.modules import factor_shapes
 from kronops.kron.reference import naive_kron_linear, naive_kron_matmul, torch_kron_rows
@@ -47,6 +48,9 @@ def kron_linear_cases(rows, in_features, out_features, dtype, device, modes=MODE
     if device_type == "cuda" and rows_grads_fits(a1, a2, b1, b2, dtype):
         providers["kronops (three-kernel backward)"] = Provider(
             pinned(kronops.kron_linear, one_pass=False))
+    if device_type == "cuda" and persistent_fits(a1, a2, b1, b2, dtype):
+        providers["kronops (persistent forward)"] = Provider(
+            pinned(kronops.kron_linear, persistent=True))
     io_bytes = rows * (in_features + out_features) * elt
     for mode in modes:
         yield build_case("kron_linear", mode, shape, rows * in_features, io_bytes,

@@ -22,14 +22,14 @@ from concurrent.futures import ProcessPoolExecutor
 import triton
 
 from . import partial_sums
-from .kron import factor_grad, rows, rows_grads
+from .kron import factor_grad, rows, rows_grads, rows_persistent
 from .s2ft import adamw, delta_grad, matmul_add
 from .serving import routed_kron, routed_sparse
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 CAPABILITIES = [80, 90]
-KERNEL_MODULES = [rows, factor_grad, rows_grads, matmul_add, delta_grad, adamw, partial_sums,
-                  routed_kron, routed_sparse]
+KERNEL_MODULES = [rows, rows_persistent, factor_grad, rows_grads, matmul_add, delta_grad, adamw,
+                  partial_sums, routed_kron, routed_sparse]
 FLOAT_ARGS = {"scale", "lr", "beta1", "beta2", "eps", "weight_decay", "step_size",
               "bias_correction2_sqrt"}
 DIVISIBLE = [["tt.divisibility", 16]]

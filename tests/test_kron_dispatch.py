@@ -50,9 +50,10 @@ def test_override_pins_and_restores():
     with dispatch.override(materialise=True, merge=False):
         assert dispatch.materialise_pays("cpu", 4096, 4096)
         assert not dispatch.merge_weight_pays("cuda", 1 << 20, 64, 64)
-        with dispatch.override(merge=True):
+        with dispatch.override(merge=True):                    # nested: adds to the outer
             assert dispatch.merge_weight_pays("cpu", 1, 4096, 4096)
-            assert not dispatch.materialise_pays("cpu", 4096, 4096)
+            assert dispatch.materialise_pays("cpu", 4096, 4096)
+        assert not dispatch.merge_weight_pays("cpu", 1 << 20, 64, 64)
         assert dispatch.materialise_pays("cpu", 4096, 4096)
     assert not dispatch.materialise_pays("cpu", 4096, 4096)
 

@@ -33,7 +33,11 @@ until measured (the fused kernel's tiles were tuned for factors up to 64×64).
 the three kernels (in two passes at 64⁴, 16-bit). Unmeasured on a GPU; predicted 1.5-4×
 faster where it runs (bench/NOTES.md).
 
-``override(materialise=..., merge=..., group=..., one_pass=...)``: a context in which the rules give fixed answers
+``persistent_forward(fits)``: on CUDA, the forward as a persistent kernel with A and B
+loaded once per program (``kernels/kron/rows_persistent.py``) where the factors fit it.
+Opt-in (``override(persistent=True)``) until a GPU measures it against ``rows.py``.
+
+``override(materialise=..., merge=..., group=..., one_pass=..., persistent=...)``: a context in which the rules give fixed answers
 (tests and benchmarks pin a path; process-wide, not per thread).
 """
 import contextlib
@@ -45,18 +49,22 @@ MERGE_TOKEN_FACTOR = {"cuda": 0.6, "cpu": 1.0}
 GROUP_MAX_ELEMENTS = {"cpu": 1 << 16}
 
 
-_pinned = {"materialise": None, "merge": None, "group": None, "one_pass": None}
+_pinned = {"materialise": None, "merge": None, "group": None, "one_pass": None,
+           "persistent": None}
 
 
 @contextlib.contextmanager
 def override(*, materialise: bool | None = None, merge: bool | None = None,
-             group: bool | None = None, one_pass: bool | None = None):
-    """Inside, ``materialise_pays`` returns ``materialise``, ``merge_weight_pays`` returns
-    ``merge``, ``factor_split`` groups always (at the cheapest split, whatever the
-    products' size) or never, per ``group``, and ``one_pass_backward`` is off with
-    ``one_pass=False`` (None: the rule decides)."""
+             group: bool | None = None, one_pass: bool | None = None,
+             persistent: bool | None = None):
+    """Inside, the rules give the answers given here: ``materialise_pays``, ``merge_weight_pays``,
+    ``factor_split`` (True: group at the cheapest split, whatever the products' size),
+    ``one_pass_backward`` and ``persistent_forward``. None leaves a rule as it is outside
+    (nested overrides add to each other)."""
     saved = dict(_pinned)
-    _pinned.update(materialise=materialise, merge=merge, group=group, one_pass=one_pass)
+    given = dict(materialise=materialise, merge=merge, group=group, one_pass=one_pass,
+                 persistent=persistent)
+    _pinned.update({k: v for k, v in given.items() if v is not None})
     try:
         yield
     finally:
@@ -113,3 +121,9 @@ def one_pass_backward(fits: bool) -> bool:
     """Whether the CUDA backward runs in one pass, for factors that do (``fits``) or do not
     fit the one-pass kernel."""
     return fits and _pinned["one_pass"] is not False
+
+
+def persistent_forward(fits: bool) -> bool:
+    """Whether the CUDA forward runs the persistent kernel, for factors that do (``fits``) or
+    do not fit it: only when pinned on, until measured."""
+    return fits and _pinned["persistent"] is True

@@ -111,6 +111,14 @@ def _(dy, x, a, b, scale, need_x, need_a, need_b, inner=None):
             grad(need_b, b.shape))
 
 
+def triton_kron_rows(x, a, b, bias, scale):
+    """CUDA kernel of ``kron_rows``: the persistent kernel where ``dispatch`` picks it, else
+    one program per row block."""
+    if dispatch.persistent_forward(kernels.kron_rows_persistent_fits(*a.shape, *b.shape, x.dtype)):
+        return kernels.triton_kron_rows_persistent(x, a, b, bias, scale)
+    return kernels.triton_kron_rows(x, a, b, bias, scale)
+
+
 def triton_kron_rows_grads(dy, x, a, b, scale, need_x, need_a, need_b, inner=None):
     """CUDA kernel of ``kron_rows_grads``: one pass over x and dY where every factor fits a
     tile, else the dX, dA and dB Triton kernels (``inner`` is not used: they recompute
@@ -279,7 +287,7 @@ def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], *,
 
 backends.defined(kron_rows, kron_rows_keep, kron_factor_grad, kron_rows_grads)
 if kernels is not None:
-    backends.register_triton(kron_rows, kernels.triton_kron_rows, default_kron_rows)
+    backends.register_triton(kron_rows, triton_kron_rows, default_kron_rows)
     backends.register_triton(kron_factor_grad, kernels.triton_kron_factor_grad,
                              default_kron_factor_grad)
     backends.register_triton(kron_rows_grads, triton_kron_rows_grads, default_kron_rows_grads)
