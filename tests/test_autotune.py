@@ -9,8 +9,8 @@ from conftest import ON_GPU
 import kronops
 from kronops.s2ft.modules import S2FTInPlaceLinear
 
-KERNEL_MODULES = ["kron.rows", "kron.factor_grad", "s2ft.matmul_add", "s2ft.delta_grad",
-                  "s2ft.adamw"]
+KERNEL_MODULES = ["kron.rows", "kron.rows_persistent", "kron.factor_grad", "kron.rows_grads",
+                  "s2ft.matmul_add", "s2ft.delta_grad", "s2ft.adamw"]
 
 
 @pytest.fixture
@@ -54,10 +54,12 @@ def test_inplace_adamw_steps_once(autotuning):
 
 
 @pytest.mark.skipif(ON_GPU, reason="fakes the benchmark of the interpreter's autotuning branch")
-def test_kron_linear_under_autotuning(autotuning):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_kron_linear_under_autotuning(autotuning, persistent):
     x = torch.randn(5, 12, requires_grad=True)
     a, b = torch.randn(3, 4, requires_grad=True), torch.randn(2, 3, requires_grad=True)
-    y = kronops.kron_linear(x, a, b)
+    with kronops.kron.dispatch.override(persistent=persistent):
+        y = kronops.kron_linear(x, a, b)
     ref = x @ torch.kron(a, b).T
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
     grads = torch.autograd.grad(y.square().sum(), (x, a, b))

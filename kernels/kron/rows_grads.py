@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 
 from ..launch import (ELEMENT_BYTES, PRECISIONS, REGISTER_BUDGET, TOKENS, CompileCase,
-                      autotuned, dot_precision, live_words, num_programs_cap, viable_configs)
+                      autotuned, dot_precision, num_programs_cap, tile_words, viable_configs)
 from ..partial_sums import finish, new_partials
-from .tiles import int32_rows, tile_lengths, times_fp32_tile
+from .tiles import int32_rows, load_matrix, tile_lengths, times_fp32_tile
 
 
 @triton.jit
@@ -47,20 +47,15 @@ def kron_rows_grads_kernel(
     offs_j = tl.arange(0, BLOCK_J)
     offs_n = tl.arange(0, BLOCK_N)
     offs_l = tl.arange(0, BLOCK_L)
-    a = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_j[None, :] * stride_aj,
-                mask=(offs_i[:, None] < A1) & (offs_j[None, :] < A2), other=0.0)
-    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_l[None, :] * stride_bl,
-                mask=(offs_n[:, None] < B1) & (offs_l[None, :] < B2), other=0.0)
-    dy_mask = (offs_i[:, None] < A1) & (offs_n[None, :] < B1)
-    x_mask = (offs_j[:, None] < A2) & (offs_l[None, :] < B2)
+    a = load_matrix(a_ptr, offs_i, offs_j, A1, A2, stride_ai, stride_aj)
+    b = load_matrix(b_ptr, offs_n, offs_l, B1, B2, stride_bn, stride_bl)
     da = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     db_t = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)   # dB^T, as times_fp32_tile forms it
     row = g.to(tl.int64)
     for _ in range(g, M, programs):
-        dy = tl.load(dy_ptr + row * stride_dym + offs_i[:, None] * stride_dyi
-                     + offs_n[None, :] * stride_dyn, mask=dy_mask, other=0.0)
-        x = tl.load(x_ptr + row * stride_xm + offs_j[:, None] * stride_xj
-                    + offs_l[None, :] * stride_xl, mask=x_mask, other=0.0)
+        dy = load_matrix(dy_ptr + row * stride_dym, offs_i, offs_n, A1, B1, stride_dyi,
+                         stride_dyn)
+        x = load_matrix(x_ptr + row * stride_xm, offs_j, offs_l, A2, B2, stride_xj, stride_xl)
         if NEED_X or NEED_B:
             dt = tl.dot(tl.trans(a), dy, input_precision=DOT_PRECISION)      # (J, N) fp32
             if NEED_X:   # dX_m^T = B^T dT^T
@@ -69,7 +64,8 @@ def kron_rows_grads_kernel(
                                        DOT_PRECISION)
                 dx = tl.trans(dx_t) * scale
                 tl.store(dx_ptr + row * stride_dxm + offs_j[:, None] * B2 + offs_l[None, :],
-                         dx.to(dx_ptr.dtype.element_ty), mask=x_mask)
+                         dx.to(dx_ptr.dtype.element_ty),
+                         mask=(offs_j[:, None] < A2) & (offs_l[None, :] < B2))
             if NEED_B:   # dB^T += X_m^T dT
                 db_t = times_fp32_tile(tl.trans(x), dt, db_t, DOT_PRECISION)
         if NEED_A:       # dA += dY_m (X_m B^T)^T
@@ -100,8 +96,8 @@ def footprint(config, constexprs, element_bytes) -> int:
     i, j, n, l = (constexprs[f"BLOCK_{k}"] for k in "IJNL")
     x, a, b = constexprs["NEED_X"], constexprs["NEED_A"], constexprs["NEED_B"]
     accumulators = (x or b) * j * n + x * l * j + b * l * n + a * (i * j + j * n)
-    operands = (i * j + n * l + i * n + j * l) if element_bytes == 4 else 0
-    return live_words(accumulators, operands, element_bytes, constexprs["DOT_PRECISION"])
+    return tile_words(accumulators, i * j + n * l + i * n + j * l, 0, element_bytes,
+                      constexprs["DOT_PRECISION"])
 
 
 tuned = autotuned(kron_rows_grads_kernel, CONFIGS,

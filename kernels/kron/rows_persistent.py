@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from ..launch import (ELEMENT_BYTES, PRECISIONS, REGISTER_BUDGET, TOKENS, CompileCase,
-                      autotuned, dot_precision, live_words, num_programs_cap, viable_configs)
-from .tiles import int32_rows, tile_lengths, times_fp32_tile
+                      autotuned, dot_precision, num_programs_cap, tile_words, viable_configs)
+from .tiles import int32_rows, load_matrix, tile_lengths, times_fp32_tile
 
 
 @triton.jit
@@ -40,10 +40,8 @@ def kron_rows_persistent_kernel(
     offs_j = tl.arange(0, BLOCK_J)
     offs_n = tl.arange(0, BLOCK_N)
     offs_l = tl.arange(0, BLOCK_L)
-    a = tl.load(a_ptr + offs_i[:, None] * stride_ai + offs_j[None, :] * stride_aj,
-                mask=(offs_i[:, None] < A1) & (offs_j[None, :] < A2), other=0.0)
-    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_l[None, :] * stride_bl,
-                mask=(offs_n[:, None] < B1) & (offs_l[None, :] < B2), other=0.0)
+    a = load_matrix(a_ptr, offs_i, offs_j, A1, A2, stride_ai, stride_aj)
+    b = load_matrix(b_ptr, offs_n, offs_l, B1, B2, stride_bn, stride_bl)
     pairs = tl.arange(0, BLOCK_M * BLOCK_J)          # (m, j) rows of X_blk, m-major
     cols = tl.arange(0, BLOCK_M * BLOCK_N)           # (m, n) columns of Y_blk, m-major
     pair_j = pairs % BLOCK_J
@@ -84,9 +82,9 @@ def footprint(config, constexprs, element_bytes) -> int:
     across blocks; the A, B and x tiles only for 4-byte elements (16-bit tensor-core
     operands sit in shared memory)."""
     m, i, j, n, l = (config.kwargs["BLOCK_M"], *(constexprs[f"BLOCK_{k}"] for k in "IJNL"))
-    operands = (i * j + n * l + m * j * l) if element_bytes == 4 else 0
     accumulators = m * n * (j + i * (2 if constexprs.get("HAS_BIAS", True) else 1))
-    return live_words(accumulators, operands, element_bytes, constexprs["DOT_PRECISION"])
+    return tile_words(accumulators, i * j + n * l + m * j * l, 0, element_bytes,
+                      constexprs["DOT_PRECISION"])
 
 
 tuned = autotuned(kron_rows_persistent_kernel, CONFIGS,

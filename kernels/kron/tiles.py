@@ -36,6 +36,14 @@ def int32_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def load_matrix(ptr, offs_r, offs_c, R, C, stride_r, stride_c):
+    """The (len(offs_r), len(offs_c)) tile of an R x C matrix at ``ptr`` (any strides);
+    rows and columns outside it read as zero."""
+    return tl.load(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
+                   mask=(offs_r[:, None] < R) & (offs_c[None, :] < C), other=0.0)
+
+
+@triton.jit
 def rows_times_factor_t(
     x_ptr, f_ptr,
     row_m, row_r, offs_n,
