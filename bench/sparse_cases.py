@@ -16,21 +16,29 @@ from .cases import MODES, Provider, build_case, element_bytes, input_sets
 from .peft_providers import lora_layer, peft_version
 
 
-def _selection(size: int, fraction: float, device) -> torch.Tensor:
+def _selection(size: int, fraction: float, device, contiguous: bool):
+    """(what kronops takes, the same positions as a tensor): a random sorted selection, or a
+    range starting a quarter in (a co-permuted layer's block)."""
     count = max(1, round(size * fraction))
-    return torch.randperm(size, device=device)[:count].sort().values
+    if contiguous:
+        sel = range(size // 4, size // 4 + count)
+        return sel, torch.arange(sel.start, sel.stop, device=device)
+    index = torch.randperm(size, device=device)[:count].sort().values
+    return index, index
 
 
 def sparse_linear_cases(rows, in_features, out_features, fraction, mode_name, dtype, device,
-                        modes=MODES):
-    """sparse_linear with a random selection of ``fraction`` of the rows (or columns)."""
+                        modes=MODES, contiguous=False):
+    """sparse_linear with a random selection of ``fraction`` of the rows (or columns), or with
+    a contiguous one (``contiguous``: the co-permuted case, a range)."""
     weight = torch.randn(out_features, in_features, device=device, dtype=dtype) / in_features ** 0.5
     bias = torch.randn(out_features, device=device, dtype=dtype)
     cols = mode_name == "cols"
-    sel = _selection(in_features if cols else out_features, fraction, device)
+    given, sel = _selection(in_features if cols else out_features, fraction, device, contiguous)
     delta_shape = (out_features, sel.numel()) if cols else (sel.numel(), in_features)
     sets = input_sets([(rows, in_features), delta_shape], dtype, device, True)
     select = {"cols": sel} if cols else {"rows": sel}
+    given = {"cols": given} if cols else {"rows": given}
 
     def composite(x, delta):
         y = F.linear(x, weight, bias)
@@ -46,7 +54,7 @@ def sparse_linear_cases(rows, in_features, out_features, fraction, mode_name, dt
 
     full = weight.clone().requires_grad_()
     providers = {
-        "kronops": Provider(lambda x, delta: kronops.sparse_linear(x, weight, delta, bias=bias, **select)),
+        "kronops": Provider(lambda x, delta: kronops.sparse_linear(x, weight, delta, bias=bias, **given)),
         "composite": Provider(composite),
         "naive (full FT, masked)": Provider(naive),
         "full fine-tuning": Provider(lambda x, delta: F.linear(x, full, bias), [full]),
@@ -61,7 +69,8 @@ def sparse_linear_cases(rows, in_features, out_features, fraction, mode_name, dt
         providers[name] = Provider(lambda x, delta: lora(x), params)
         timed_only.add(name)
     shape = (f"{rows}x{in_features}->{out_features} {mode_name} "
-             f"{sel.numel()}/{in_features if cols else out_features}")
+             f"{sel.numel()}/{in_features if cols else out_features}"
+             f"{' contiguous' if contiguous else ''}")
     elt = element_bytes(dtype)
     io = (rows * (in_features + out_features) + in_features * out_features) * elt
     gemm, small = 2 * rows * in_features * out_features, 2 * rows * delta_shape[0] * delta_shape[1]

@@ -79,8 +79,10 @@ def default_cases(full: bool, dtype, device, ops=None):
             for k, n in [(4096, 4096), (4096, 14336)]:
                 yield from krona_layer_cases(rows, k, n, dtype, device)
         for k, n, mode in [(4096, 4096, "rows"), (4096, 14336, "rows"), (14336, 4096, "cols")]:
-            if want(f"sparse_linear[{mode}]"):
-                yield from sparse_linear_cases(rows, k, n, 0.05, mode, dtype, device)
+            if want(f"sparse_linear[{mode}]"):  # a random selection, then a co-permuted range
+                for contiguous in (False, True):
+                    yield from sparse_linear_cases(rows, k, n, 0.05, mode, dtype, device,
+                                                   contiguous=contiguous)
         if want("InPlaceAdamW"):
             yield from inplace_adamw_cases(4096, 14336, 0.05, dtype, device)
         if want("LLaMA step"):
@@ -97,7 +99,9 @@ def default_cases(full: bool, dtype, device, ops=None):
             yield from krona_layer_cases(1024, 1024, 1024, dtype, device)
         for k, n, mode in [(1024, 1024, "rows"), (2048, 512, "cols")]:
             if want(f"sparse_linear[{mode}]"):
-                yield from sparse_linear_cases(1024, k, n, 0.05, mode, dtype, device)
+                for contiguous in (False, True):
+                    yield from sparse_linear_cases(1024, k, n, 0.05, mode, dtype, device,
+                                                   contiguous=contiguous)
         if want("InPlaceAdamW"):
             yield from inplace_adamw_cases(1024, 4096, 0.05, dtype, device)
         if want("LLaMA step"):

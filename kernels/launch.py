@@ -50,6 +50,17 @@ def live_words(accumulators: int, operands: int, element_bytes: int, precision: 
     return accumulators + operands * operand_bytes // 4
 
 
+def tile_words(accumulators: int, operands: int, loaded: int, element_bytes: int,
+               precision: str) -> int:
+    """4-byte words one program keeps live in registers: its fp32 ``accumulators``, the
+    ``loaded`` elements it holds beside them (an epilogue's output tile) and, for fp32 dots,
+    the dot ``operands`` (see ``live_words``). fp16/bf16 tensor-core dots stage their
+    operands in shared memory: not counted. fp32 operands are: ieee dots run on the FMA units,
+    and tf32 tiles counted as bf16 ones compiled to 240-255 registers on sm_80/sm_90."""
+    operands = operands if element_bytes == 4 else 0
+    return live_words(accumulators, operands + loaded, element_bytes, precision)
+
+
 def viable_configs(configs: list, footprint, constexprs: dict, element_bytes: int) -> list:
     """The configs whose live tiles fit the register budget (else the one closest to it).
 

@@ -11,10 +11,10 @@ import triton
 import triton.language as tl
 
 from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
-                      dot_precision, live_words, viable_configs)
+                      dot_precision, tile_words, viable_configs)
 from ..partial_sums import finish, new_partials, row_groups
-from .matmul_add import (FEATURES, SELECTED_COLS, SELECTED_ROWS, gathered_positions,
-                         index_or_start)
+from .matmul_add import (FEATURES, RANGE_START, SELECTED_COLS, SELECTED_COLS_STRIDE,
+                         SELECTED_ROWS, gathered_positions, index_or_start)
 
 
 @triton.jit
@@ -61,41 +61,46 @@ def sparse_delta_grad_kernel(
              acc, mask=p_ok[:, None] & q_ok[None, :])
 
 
+# Wide tiles (BLOCK_P or BLOCK_Q 256) cover a 5% selection in one tile, so the other
+# operand (X in rows mode, dY in cols mode) is read once; 3-4 stages of BLOCK_M rows in flight.
 CONFIGS = [
     triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_M": m}, num_warps=w, num_stages=s)
-    for p, q, m, w, s in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-                          (128, 128, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 64, 4, 3),
-                          (32, 32, 32, 4, 2)]
+    for p, q, m, w, s in [(64, 64, 32, 4, 3), (256, 64, 32, 8, 4), (64, 256, 32, 8, 4),
+                          (128, 128, 32, 8, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
+                          (64, 64, 32, 8, 3), (32, 32, 32, 4, 2)]
 ]
 
 
 def footprint(config, constexprs, element_bytes) -> int:
-    """Words live per program: the gradient tile; the dY and x tiles."""
+    """Words live per program: the gradient tile; for fp32 the dY and x tiles."""
     p, q, m = (config.kwargs[b] for b in ("BLOCK_P", "BLOCK_Q", "BLOCK_M"))
-    return live_words(p * q, (p + q) * m, element_bytes, constexprs["DOT_PRECISION"])
+    return tile_words(p * q, (p + q) * m, 0, element_bytes, constexprs["DOT_PRECISION"])
 
 
 tuned = autotuned(sparse_delta_grad_kernel, CONFIGS, key=["P", "Q", "GATHER_D", "GATHER_X"],
                   footprint=footprint)
 
 def compile_cases() -> list[CompileCase]:
-    """Rows mode (dY gathered), cols mode on the saved X[:, C], and a gathered X, on the
-    layer of ``matmul_add.compile_cases``."""
-    f, r, c = FEATURES, SELECTED_ROWS, SELECTED_COLS
-    launches = [  # (GATHER_D, GATHER_X, P, Q, x's row length)
-        (True, False, r, f, f),    # rows mode: dY[:, R]^T X
-        (False, False, f, c, c),   # cols mode on the saved X[:, C]
-        (False, True, f, c, f)]    # cols mode gathering X[:, C]
+    """What ``sparse_delta_grad`` launches on the layer of ``matmul_add.compile_cases``: rows
+    mode (dY gathered, or a range of 205 read as 208 columns), cols mode on the saved X[:, C]
+    (rows 208 apart, read whole), and a gathered X."""
+    f, r, c, padded, start = (FEATURES, SELECTED_ROWS, SELECTED_COLS, SELECTED_COLS_STRIDE,
+                              RANGE_START)
+    launches = [  # (GATHER_D, GATHER_X, P, Q, d_start, x's row stride)
+        (True, False, r, f, 0, f),             # rows mode: dY[:, R]^T X
+        (False, False, padded, f, start, f),   # rows mode, a range
+        (False, False, f, padded, 0, padded),  # cols mode on the saved X[:, C]
+        (False, True, f, c, 0, f)]             # cols mode gathering X[:, C]
     cases = []
     for element, precision in PRECISIONS:
-        for gather_d, gather_x, p, q, x_size in launches:
+        for gather_d, gather_x, p, q, d_start, x_stride in launches:
             constexprs = dict(GATHER_D=gather_d, GATHER_X=gather_x, DOT_PRECISION=precision)
-            ints = dict(M=TOKENS, P=p, Q=q, d_start=0, x_start=0, d_size=f, x_size=x_size,
-                        stride_dm=f, stride_dp=1, stride_xm=x_size, stride_xq=1,
-                        stride_pg=p * q, stride_pp=q)
+            ints = dict(M=TOKENS, P=p, Q=q, d_start=d_start, x_start=0, d_size=f,
+                        x_size=x_stride, stride_dm=f, stride_dp=1, stride_xm=x_stride,
+                        stride_xq=1, stride_pg=p * q, stride_pp=q)
             cases.append(CompileCase(
-                f"sparse_delta_grad-gd{int(gather_d)}-gx{int(gather_x)}-{element}-{precision}",
-                sparse_delta_grad_kernel, constexprs, element,
+                f"sparse_delta_grad-gd{int(gather_d)}-gx{int(gather_x)}-start{d_start}-"
+                f"{element}-{precision}", sparse_delta_grad_kernel, constexprs, element,
                 viable_configs(CONFIGS, footprint, constexprs, ELEMENT_BYTES[element]),
                 ints, {"partial_ptr": "*fp32", "d_idx_ptr": "*i64", "x_idx_ptr": "*i64"}))
     return cases
@@ -105,31 +110,46 @@ def compile_cases() -> list[CompileCase]:
 ROWS_PER_GROUP = 256
 
 
+def readable_width(t: torch.Tensor, start: int, count: int) -> int:
+    """How many columns of ``t`` (M, *) from ``start`` a range read takes: ``count`` rounded
+    up to a multiple of 16 when those columns lie inside t's storage in every row (the extra
+    ones are computed and dropped; a masked edge in the middle of a row stops the compiled
+    loads from using vectors and cp.async), else ``count``."""
+    wide = triton.cdiv(count, 16) * 16
+    last = t.storage_offset() + (t.shape[0] - 1) * t.stride(0) + (start + wide - 1) * t.stride(1)
+    return wide if t.stride(1) == 1 and last < t.untyped_storage().nbytes() // t.element_size() \
+        else count
+
+
 def triton_sparse_delta_grad(d: torch.Tensor, x: torch.Tensor, d_cols, p: int, x_cols, q: int
                       ) -> torch.Tensor:
     """d[:, d_cols].T @ x[:, x_cols] in fp32, summed over the M rows in a fixed order.
 
     d: (M, *), x: (M, *), one dtype, any strides. d_cols: an int64 (p,) index tensor or the
-    int start of p contiguous columns; x_cols: a (q,) tensor or the start of q columns.
-    Returns a new (p, q) tensor of d's dtype, accumulated in fp32.
+    int start of p contiguous columns; x_cols: a (q,) tensor or the start of q columns (a
+    range is read ``readable_width`` wide). Returns a new contiguous (p, q) tensor of d's
+    dtype, accumulated in fp32.
     """
     m = d.shape[0]
     if m == 0 or p * q == 0:
         return torch.zeros((p, q), device=d.device, dtype=d.dtype)
-    groups = row_groups(m, triton.cdiv(p, 64) * triton.cdiv(q, 64), ROWS_PER_GROUP, d.device)
-    partial = new_partials(groups, p, q, d.device)
     d_idx, d_start = index_or_start(d_cols)
     x_idx, x_start = index_or_start(x_cols)
+    p_read = p if d_idx is not None else readable_width(d, d_start, p)
+    q_read = q if x_idx is not None else readable_width(x, x_start, q)
+    groups = row_groups(m, triton.cdiv(p_read, 64) * triton.cdiv(q_read, 64), ROWS_PER_GROUP,
+                        d.device)
+    partial = new_partials(groups, p_read, q_read, d.device)
     constexprs = dict(GATHER_D=d_idx is not None, GATHER_X=x_idx is not None,
                       DOT_PRECISION=dot_precision(d.dtype))
 
     def grid(meta):
-        return (groups, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(q, meta["BLOCK_Q"]))
+        return (groups, triton.cdiv(p_read, meta["BLOCK_P"]), triton.cdiv(q_read, meta["BLOCK_Q"]))
 
     tuned[grid](
         d, x, partial, d_idx if d_idx is not None else partial,
         x_idx if x_idx is not None else partial,
-        m, p, q, d_start, x_start, d.shape[1], x.shape[1],
+        m, p_read, q_read, d_start, x_start, d.shape[1], x.shape[1],
         *d.stride(), *x.stride(), partial.stride(0), partial.stride(1),
         **constexprs)
-    return finish(partial, 1.0, d.dtype)
+    return finish(partial[:, :p, :q], 1.0, d.dtype)

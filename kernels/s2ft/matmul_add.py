@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
-                      dot_precision, live_words, viable_configs)
+                      dot_precision, tile_words, viable_configs)
 
 
 @triton.jit
@@ -88,17 +88,17 @@ def sparse_matmul_add_kernel(
 
 CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-    for m, n, k, w, s in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-                          (128, 128, 32, 8, 3), (64, 64, 32, 8, 3), (128, 128, 64, 8, 3),
-                          (32, 32, 32, 4, 2)]
+    for m, n, k, w, s in [(64, 64, 32, 4, 3), (64, 64, 64, 4, 4), (128, 64, 32, 8, 4),
+                          (64, 128, 32, 8, 4), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
+                          (64, 64, 32, 8, 3), (32, 32, 32, 4, 2)]
 ]
 
 
 def footprint(config, constexprs, element_bytes) -> int:
-    """Words live per program: the accumulator; the a and b tiles, and the output tile the
-    epilogue loads to add into (counted as an operand: with it, 128x128 tiles spill on sm_80)."""
+    """Words live per program: the accumulator and the output tile the epilogue loads to
+    add into (with both, 128x128 tiles spill on sm_80); for fp32 the a and b tiles."""
     m, n, k = (config.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    return live_words(m * n, (m + n) * k + m * n, element_bytes, constexprs["DOT_PRECISION"])
+    return tile_words(m * n, (m + n) * k, m * n, element_bytes, constexprs["DOT_PRECISION"])
 
 
 tuned = autotuned(sparse_matmul_add_kernel, CONFIGS,
@@ -107,30 +107,30 @@ tuned = autotuned(sparse_matmul_add_kernel, CONFIGS,
 
 
 # The S²FT layer of a compiled launch: TOKENS rows through a 4096 x 4096 Linear, 256 rows
-# selected (two 128-wide heads; a range starts at 512) or 205 columns (5%, not a multiple of
-# 16).
+# selected (two 128-wide heads), or 205 columns (5%, not a multiple of 16: compact buffers
+# of that width have rows 208 apart); a range starts at 512.
 FEATURES, SELECTED_ROWS, SELECTED_COLS, RANGE_START = 4096, 256, 205, 512
+SELECTED_COLS_STRIDE = 208
 
 
 def compile_cases() -> list[CompileCase]:
-    """The four S²FT products: gathered or ranged a, scattered or ranged out, with b = Δ
-    (stride_bk = 1, forward) or Δᵀ (stride_bn = 1, dX)."""
-    f, r, c, start = FEATURES, SELECTED_ROWS, SELECTED_COLS, RANGE_START
-    launches = [  # (GATHER_A, SCATTER_OUT, b's unit stride, N, K, a_start, out_start)
-        (False, True, "stride_bk", r, f, 0, 0),        # rows forward, indexed R
-        (True, False, "stride_bk", f, c, 0, 0),        # cols forward, indexed C
-        (False, False, "stride_bk", r, f, 0, start),   # rows forward, a range
-        (True, False, "stride_bn", f, r, 0, 0),        # rows dX, indexed R
-        (False, True, "stride_bn", c, f, 0, 0),        # cols dX, indexed C
-        (False, False, "stride_bn", f, r, start, 0)]   # rows dX, a range
+    """The four gathered S²FT products (ranges run on cuBLAS): gathered a or scattered out,
+    the other side all columns, with b = Δ (stride_bk = 1, forward) or Δᵀ (stride_bn = 1,
+    dX); cols mode's Δ (out, |C|) with rows padded to 208 (``kronops.s2ft.ops.ROW_ALIGN``)."""
+    f, r, c, padded = FEATURES, SELECTED_ROWS, SELECTED_COLS, SELECTED_COLS_STRIDE
+    launches = [  # (GATHER_A, SCATTER_OUT, b's strides (bn, bk), N, K)
+        (False, True, (f, 1), r, f),        # rows forward, indexed R: b = Δ (|R|, in)
+        (True, False, (padded, 1), f, c),   # cols forward, indexed C: b = Δ (out, |C|)
+        (True, False, (1, f), f, r),        # rows dX, indexed R: b = Δᵀ
+        (False, True, (1, padded), c, f)]   # cols dX, indexed C: b = Δᵀ
     cases = []
     for element, precision in PRECISIONS:
-        for gather, scatter, b_unit, n, k, a_start, out_start in launches:
+        for gather, scatter, (stride_bn, stride_bk), n, k in launches:
             constexprs = dict(GATHER_A=gather, SCATTER_OUT=scatter, DOT_PRECISION=precision)
-            b_strides = (k, 1) if b_unit == "stride_bk" else (1, n)
-            ints = dict(M=TOKENS, N=n, K=k, a_start=a_start, out_start=out_start, a_size=f,
-                        out_size=f, stride_am=f, stride_ak=1, stride_bn=b_strides[0],
-                        stride_bk=b_strides[1], stride_om=f, stride_on=1)
+            ints = dict(M=TOKENS, N=n, K=k, a_start=0, out_start=0, a_size=f, out_size=f,
+                        stride_am=f, stride_ak=1, stride_bn=stride_bn, stride_bk=stride_bk,
+                        stride_om=f, stride_on=1)
+            b_unit = "stride_bk" if stride_bk == 1 else "stride_bn"
             cases.append(CompileCase(
                 f"sparse_matmul_add-gather{int(gather)}-scatter{int(scatter)}-{b_unit}-{element}-"
                 f"{precision}", sparse_matmul_add_kernel, constexprs, element,

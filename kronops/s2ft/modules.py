@@ -8,7 +8,7 @@ from torch import nn
 from ..checks import check_features
 from ..wrapped_linear import WrapsLinear, check_linear
 from . import optimizer_guard
-from .ops import check_index, check_sorted_unique, sparse_linear
+from .ops import aligned_as, check_index, check_sorted_unique, sparse_linear
 
 
 class S2FTLinear(WrapsLinear, nn.Module):
@@ -18,7 +18,8 @@ class S2FTLinear(WrapsLinear, nn.Module):
     the selection: rows mode Δ is (|R|, in), cols mode (out, |C|); Δ starts at zero, so a
     fresh adapter changes nothing. ``rows``/``cols`` (exactly one): a sorted, unique int64
     tensor, or a slice/range for a contiguous block (kept as a range: no index loads).
-    Δ is kept in ``delta_dtype`` and cast to the base weight's dtype in forward. The state
+    Δ is kept in ``delta_dtype`` (contiguous, as FSDP requires) and cast in forward to the
+    base weight's dtype with rows padded to a multiple of 16 elements (``aligned_as``). The state
     dict carries the selection (``index``, or a range's start in the extra state): loading
     takes it over, and a state of the other mode or kind (range vs tensor) raises.
     ``merge()`` adds Δ into base.weight (forward then runs the base alone); ``unmerge()``
@@ -112,7 +113,7 @@ class S2FTLinear(WrapsLinear, nn.Module):
             check_features("x", x, self.in_features)
             return self.base(x)
         w = self.base_weight
-        return sparse_linear(x, w, self.delta.to(w.dtype), bias=self.base.bias,
+        return sparse_linear(x, w, aligned_as(self.delta, w.dtype), bias=self.base.bias,
                              **{self.mode: self.selection()})
 
     def _weight_part(self) -> torch.Tensor:

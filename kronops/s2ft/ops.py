@@ -8,13 +8,15 @@
 
 An index is an int64 tensor, or ``None`` and ``start`` for a contiguous range as long as
 Δ's side; ``cols`` picks the mode. Each op is defined once: its default kernel is the
-PyTorch implementation (``reference.py``) on every device, on CUDA the Δ products run
-the gathered Triton kernels (the dense x Wᵀ and dY W stay torch matmuls), and on CPU the
-native kernels when built (``kronops.native``; schemas: ``kronops.native.schemas``). Gradients go to
-x, delta and bias, never to weight: no (out, in) gradient or copy of W is made, and cols
-mode saves only X[:, C] (not X) for backward. The three linear ops are twice
-differentiable, except that cols mode raises on a double backward that needs d(dΔ)/dx
-(X[:, C] is saved detached).
+PyTorch implementation (``reference.py``) on every device; on CUDA an index tensor's Δ
+products run the gathered Triton kernels (the dense x Wᵀ and dY W stay torch matmuls), a
+range's forward and dX run the PyTorch kernel (the dense GEMM and the Δ GEMM on slices, all
+cuBLAS) and its dΔ the Triton kernel; on CPU the native kernels when built
+(``kronops.native``; schemas: ``kronops.native.schemas``). Gradients go to x, delta and
+bias, never to weight: no (out, in) gradient or copy of W is made, and cols mode saves only
+X[:, C] (not X) for backward, in a buffer with aligned rows (``aligned_empty``). The three
+linear ops are twice differentiable, except that cols mode raises on a double backward that
+needs d(dΔ)/dx (X[:, C] is saved detached).
 """
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from .. import backends
 from ..checks import check_same, check_tensor
 from ..dtypes import autocast_off, autocast_operands
-from .reference import (add_into, take, torch_sparse_adamw, torch_sparse_delta_grad,
+from .reference import (addmm_into, take, torch_sparse_adamw, torch_sparse_delta_grad,
                         torch_sparse_input_grad, torch_sparse_linear)
 
 kernels = backends.import_kernels()
@@ -93,7 +95,7 @@ def _setup_context(ctx, inputs, output):
     need_x, _, need_delta = ctx.needs_input_grad[:3]
     saved_x = None
     if need_delta:  # cols mode keeps only X[:, C], as its own (M, |C|) tensor
-        saved_x = take(x, index, start, delta.shape[1]).contiguous() if cols else x
+        saved_x = aligned_columns(x.detach(), index, start, delta.shape[1]) if cols else x
     ctx.save_for_backward(saved_x, weight if need_x else None, delta, index)
     ctx.start, ctx.cols = start, cols
 
@@ -152,8 +154,8 @@ def _delta_grad_backward(ctx, grad):
     dy, x, index = ctx.saved_tensors
     grad_dy = grad_x = None
     if ctx.needs_input_grad[0]:
-        part = x @ grad.mT
-        grad_dy = part if ctx.cols else add_into(dy.new_zeros(dy.shape), index, ctx.start, part)
+        grad_dy = x @ grad.mT if ctx.cols else \
+            addmm_into(dy.new_zeros(dy.shape), index, ctx.start, x, grad.mT)
     if ctx.needs_input_grad[1]:
         grad_x = (dy if ctx.cols else take(dy, index, ctx.start, ctx.rows_of_delta)) @ grad
     return grad_dy, grad_x, None, None, None, None
@@ -252,25 +254,67 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, *,
     return y.view(*lead, out_features)
 
 
+# Rows of the compact (·, |C|) buffers (Δ, the saved X[:, C]) start every ROW_ALIGN elements:
+# 32 bytes or more apart (whole sectors, vector loads, cp.async and TMA need 16), and a row
+# stride Triton's launcher marks divisible by 16, so the compiled loads can use it.
+ROW_ALIGN = 16
+
+
+def aligned_empty(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised (rows, cols) view, row stride ``cols`` rounded up to ROW_ALIGN, of a
+    buffer whose padding columns are zero."""
+    width = -(-cols // ROW_ALIGN) * ROW_ALIGN
+    buffer = torch.empty((rows, width), dtype=dtype, device=device)
+    buffer[:, cols:].zero_()
+    return buffer[:, :cols]
+
+
+def is_aligned(t: torch.Tensor) -> bool:
+    """Whether a 2-D ``t`` has unit column stride and rows ROW_ALIGN-aligned apart."""
+    return t.stride(1) == 1 and t.stride(0) % ROW_ALIGN == 0
+
+
+def aligned_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 2-D ``t`` in ``dtype`` with aligned rows: ``t`` itself when it already is, else a
+    differentiable copy into ``aligned_empty``."""
+    if t.dtype == dtype and is_aligned(t):
+        return t
+    return aligned_empty(*t.shape, dtype, t.device).copy_(t)
+
+
+def aligned_columns(x: torch.Tensor, index: torch.Tensor | None, start: int,
+                    count: int) -> torch.Tensor:
+    """x[:, index] (or x[:, start:start+count]), x (M, *) 2-D, copied into an aligned
+    (M, count) buffer (a gather into a strided ``out=`` takes a slow path on CPU: 2.5x)."""
+    return aligned_empty(x.shape[0], count, x.dtype, x.device).copy_(take(x, index, start, count))
+
+
 def _selection(index, start):
     """What the kernels take for a selection: the index tensor, or a range's start."""
     return index if index is not None else start
 
 
 def triton_sparse_linear(x, weight, delta, index, start, bias, cols):
-    """CUDA kernel of ``sparse_linear``: cuBLAS x Wᵀ + b, then the gathered Δ product added."""
+    """CUDA kernel of ``sparse_linear``. A range runs the PyTorch kernel (cuBLAS: the dense
+    GEMM and the Δ GEMM on slices); an index tensor: cuBLAS x Wᵀ + b, then the gathered Δ
+    product added."""
+    if index is None:
+        return default_sparse_linear(x, weight, delta, index, start, bias, cols)
     y = F.linear(x, weight, bias)
     if cols:
-        return kernels.triton_sparse_matmul_add(y, x, delta, _selection(index, start), 0)
-    return kernels.triton_sparse_matmul_add(y, x, delta, 0, _selection(index, start))
+        return kernels.triton_sparse_matmul_add(y, x, delta, index, 0)
+    return kernels.triton_sparse_matmul_add(y, x, delta, 0, index)
 
 
 def triton_sparse_input_grad(dy, weight, delta, index, start, cols):
-    """CUDA kernel of ``sparse_input_grad``: cuBLAS dY W, then the gathered Δ product added."""
+    """CUDA kernel of ``sparse_input_grad``: as ``triton_sparse_linear``, a range on cuBLAS;
+    an index tensor: cuBLAS dY W, then the gathered Δ product added."""
+    if index is None:
+        return default_sparse_input_grad(dy, weight, delta, index, start, cols)
     dx = dy @ weight
     if cols:
-        return kernels.triton_sparse_matmul_add(dx, dy, delta.mT, 0, _selection(index, start))
-    return kernels.triton_sparse_matmul_add(dx, dy, delta.mT, _selection(index, start), 0)
+        return kernels.triton_sparse_matmul_add(dx, dy, delta.mT, 0, index)
+    return kernels.triton_sparse_matmul_add(dx, dy, delta.mT, index, 0)
 
 
 def triton_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta):

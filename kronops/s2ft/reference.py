@@ -19,15 +19,6 @@ def take(t: torch.Tensor, index: torch.Tensor | None, start: int, count: int) ->
     return t.narrow(1, start, count) if index is None else t.index_select(1, index)
 
 
-def add_into(out: torch.Tensor, index: torch.Tensor | None, start: int,
-             value: torch.Tensor) -> torch.Tensor:
-    """``out[:, index] += value`` (or columns start:start+k) in place; returns out."""
-    if index is None:
-        out.narrow(1, start, value.shape[1]).add_(value)
-        return out
-    return out.index_add_(1, index, value)
-
-
 def naive_sparse_linear(x, weight, delta, rows=None, cols=None, bias=None):
     """F.linear(x, W', bias) with W' = weight plus delta added into ``rows`` or ``cols``.
 
@@ -41,20 +32,34 @@ def naive_sparse_linear(x, weight, delta, rows=None, cols=None, bias=None):
     return F.linear(x, w, bias)
 
 
+def addmm_into(out: torch.Tensor, index: torch.Tensor | None, start: int, a: torch.Tensor,
+               b: torch.Tensor) -> torch.Tensor:
+    """``out[:, index] += a @ b`` in place (a range: one GEMM accumulating into the slice
+    ``out[:, start:start+k]``, no (M, k) temporary); returns out."""
+    if index is None:
+        out.narrow(1, start, b.shape[1]).addmm_(a, b)
+        return out
+    return out.index_add_(1, index, a @ b)
+
+
 def torch_sparse_linear(x, weight, delta, index, start, bias, cols):
-    """x (M, in) -> (M, out): x Wᵀ + b, plus x Δᵀ into columns R, or plus x[:, C] Δᵀ."""
-    y = F.linear(x, weight, bias)
+    """x (M, in) -> (M, out): x Wᵀ + b, plus x Δᵀ into columns R, or plus x[:, C] Δᵀ.
+
+    Rows: the dense GEMM, then the Δ GEMM into columns R. Cols: the small Δ GEMM first (with
+    the bias), then the dense GEMM accumulates onto it, reading y in its epilogue rather
+    than in a second pass over y.
+    """
     if cols:
-        return y.addmm_(take(x, index, start, delta.shape[1]), delta.mT)
-    return add_into(y, index, start, x @ delta.mT)
+        return F.linear(take(x, index, start, delta.shape[1]), delta, bias).addmm_(x, weight.mT)
+    return addmm_into(F.linear(x, weight, bias), index, start, x, delta.mT)
 
 
 def torch_sparse_input_grad(dy, weight, delta, index, start, cols):
-    """dX (M, in) for dY (M, out): rows dY W + dY[:, R] Δ; cols dY W, then dX[:, C] += dY Δ."""
-    dx = dy @ weight
+    """dX (M, in) for dY (M, out): rows dY[:, R] Δ, then the dense dY W accumulated onto it;
+    cols dY W, then dY Δ into columns C (the order of ``torch_sparse_linear``)."""
     if cols:
-        return add_into(dx, index, start, dy @ delta)
-    return dx.addmm_(take(dy, index, start, delta.shape[0]), delta)
+        return addmm_into(dy @ weight, index, start, dy, delta)
+    return (take(dy, index, start, delta.shape[0]) @ delta).addmm_(dy, weight)
 
 
 def torch_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta):
