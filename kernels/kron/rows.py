@@ -30,11 +30,16 @@ def kron_rows_kernel(
 ):
     """x: (M, A2, B2) any strides; a: (A1, A2); b: (B1, B2); bias: (A1*B1,); y: (M, A1*B1).
 
-    Grid: (cdiv(M, BLOCK_M), cdiv(B1, BLOCK_N), cdiv(A1, BLOCK_I)).
+    Grid: (cdiv(M, BLOCK_M) * cdiv(B1, BLOCK_N) * cdiv(A1, BLOCK_I),), the output tile of a
+    row block fastest: the programs that read the same rows of x run together, so wide
+    layers (several output tiles a row) read x from DRAM once, not once per tile.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_i = tl.program_id(2)
+    tiles_n = tl.cdiv(B1, BLOCK_N)
+    tiles_per_row = tiles_n * tl.cdiv(A1, BLOCK_I)
+    pid = tl.program_id(0)
+    pid_m = pid // tiles_per_row
+    pid_n = pid % tiles_n
+    pid_i = (pid % tiles_per_row) // tiles_n
 
     pair_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M * BLOCK_J) // BLOCK_J
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,8 +125,8 @@ def triton_kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     tiles = tile_shape(a1, a2, b1, b2, dot_precision(x.dtype))
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(b1, meta["BLOCK_N"]),
-                triton.cdiv(a1, meta["BLOCK_I"]))
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(b1, meta["BLOCK_N"])
+                * triton.cdiv(a1, meta["BLOCK_I"]),)
 
     tuned[grid](
         x, a, b, bias if bias is not None else y, y,
