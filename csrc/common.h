@@ -17,6 +17,15 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc);
+// MKL's grouped batch GEMM: weak, so null where torch's BLAS has none (then one call a matrix).
+void sgemm_batch_(const char* transa, const char* transb, const int* m, const int* n,
+                  const int* k, const float* alpha, const float** a, const int* lda,
+                  const float** b, const int* ldb, const float* beta, float** c, const int* ldc,
+                  const int* groups, const int* group_size) __attribute__((weak));
+void dgemm_batch_(const char* transa, const char* transb, const int* m, const int* n,
+                  const int* k, const double* alpha, const double** a, const int* lda,
+                  const double** b, const int* ldb, const double* beta, double** c,
+                  const int* ldc, const int* groups, const int* group_size) __attribute__((weak));
 }
 
 namespace kronops::native {
@@ -82,6 +91,46 @@ inline bool blas_layout(int64_t rows, int64_t cols, int64_t s_row, int64_t s_col
     return true;
   }
   return false;
+}
+
+// A GEMM of at most this many multiply-adds costs more in a BLAS call's overhead (argument
+// checks, packing both operands, zeroing C for beta = 0) than in its flops: measured on 2 cores
+// with MKL, one call per 16x24x16 row product loses to a batch call or to one GEMM on a
+// mode-major block (bench/NOTES.md), one per 32x32x32 product does not.
+constexpr int64_t kSmallGemm = 16384;
+
+// C_i (m x n, row-major, at c + i * c_step) = alpha * A_i B_i + beta * C_i for i < count, with
+// A_i = a.at(i), B_i = b.at(i) (a step of 0 repeats one matrix); the C_i must not overlap.
+// Small products go as one batch call where the BLAS has one (MKL), else one GEMM a matrix.
+template <class T>
+void gemm_batch(int64_t count, int64_t m, int64_t n, int64_t k, T alpha, Batch<T> a, Batch<T> b,
+                T beta, T* c, int64_t c_step, int64_t ldc) {
+  constexpr bool is_float = std::is_same_v<T, float>;
+  const bool batched = is_float ? sgemm_batch_ != nullptr : dgemm_batch_ != nullptr;
+  if (!batched || count <= 1 || m * n * k > kSmallGemm || m == 0 || n == 0 || k == 0) {
+    for (int64_t i = 0; i < count; ++i)
+      gemm<T>(m, n, k, alpha, a.at(i), b.at(i), beta, c + i * c_step, ldc);
+    return;
+  }
+  // One group of `count` products; column-major BLAS sees row-major C as C^T = B^T A^T.
+  std::vector<const T*> bp(count), ap(count);
+  std::vector<T*> cp(count);
+  for (int64_t i = 0; i < count; ++i) {
+    bp[i] = b.p + i * b.step;
+    ap[i] = a.p + i * a.step;
+    cp[i] = c + i * c_step;
+  }
+  const char ta = b.trans ? 'T' : 'N', tb = a.trans ? 'T' : 'N';
+  const int M = blas_int(n), N = blas_int(m), K = blas_int(k), groups = 1, size = blas_int(count);
+  const int lda = blas_int(std::max<int64_t>(b.ld, 1)), ldb = blas_int(std::max<int64_t>(a.ld, 1));
+  const int ldcc = blas_int(std::max<int64_t>(ldc, 1));
+  if constexpr (is_float) {
+    sgemm_batch_(&ta, &tb, &M, &N, &K, &alpha, bp.data(), &lda, ap.data(), &ldb, &beta,
+                 cp.data(), &ldcc, &groups, &size);
+  } else {
+    dgemm_batch_(&ta, &tb, &M, &N, &K, &alpha, bp.data(), &lda, ap.data(), &ldb, &beta,
+                 cp.data(), &ldcc, &groups, &size);
+  }
 }
 
 // `t` (3-D) as a Batch; copies it contiguous only when its inner strides are no BLAS layout.

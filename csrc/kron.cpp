@@ -5,8 +5,11 @@
 // (X_m B^T or A X_m) lives in a per-thread buffer and is used while it is in cache, and
 // outputs are written once, in their final layout. Products on a block are BLAS calls on
 // raw pointers: one GEMM over the whole block where its rows fold into one operand, one
-// per row otherwise. Factor gradients sum into one partial per chunk of rows (at most one
-// chunk per thread), added in chunk order. fp32 and fp64 compute in their own dtype; fp16
+// per row otherwise (one batch call for small row products, where the BLAS has one). Where
+// the row products are small (Shape::small_rows), the backward copies each block mode-major
+// in cache instead, so that all of its products, the sums over rows included, are one GEMM
+// a block. Factor gradients sum into one partial per chunk of rows (at most one chunk per
+// thread), added in chunk order. fp32 and fp64 compute in their own dtype; fp16
 // and bf16 are computed in fp32 and rounded once, as the PyTorch kernels do on CPU.
 #include "kernels.h"
 
@@ -26,7 +29,21 @@ struct Shape {
   bool b_first() const { return b1 * a2 * (b2 + a1) <= a1 * b2 * (a2 + b1); }
   // Elements a row of that intermediate has: X_m B^T (a2, b1) or A X_m (a1, b2).
   int64_t inner() const { return b_first() ? a2 * b1 : a1 * b2; }
+  // Whether the product done once per row (A T_m or A X_m) is small (kSmallGemm).
+  bool small_rows() const { return a1 * a2 * (b_first() ? b1 : b2) <= kSmallGemm; }
 };
+
+// One matrix as a batch that repeats it (step 0).
+template <class T>
+Batch<T> repeated(Mat<T> m) {
+  return {m.p, 0, m.ld, m.trans, false};
+}
+
+// The batch from its matrix i on.
+template <class T>
+Batch<T> starting_at(Batch<T> b, int64_t i) {
+  return {b.p + i * b.step, b.step, b.ld, b.trans, b.fold};
+}
 
 template <class T>
 Mat<T> transposed(Mat<T> m) {
@@ -53,6 +70,31 @@ Shape rows_shape(const char* op, const at::Tensor& x, const at::Tensor& a, const
                     ": x must have shape (M, a2, b2) = (M, ", a.size(1), ", ", b.size(1),
                     "), got ", x.sizes());
   return {x.size(0), a.size(0), a.size(1), b.size(0), b.size(1)};
+}
+
+// Rows m0 .. m0+k of a (M, p, q) tensor (element (m, i, j) at src[m*st[0] + i*st[1] + j*st[2]],
+// src pointing at row m0) copied mode-major into dst (p, k, q): dst[i][m] = row m's i-th row.
+// In that layout a factor on either mode of every row is one GEMM: F (f x p) * dst (p x k*q)
+// on the first mode, dst (p*k x q) * F^T on the last.
+template <class T>
+void to_mode_major(const T* src, at::IntArrayRef st, int64_t k, int64_t p, int64_t q, T* dst) {
+  for (int64_t m = 0; m < k; ++m)
+    for (int64_t i = 0; i < p; ++i) {
+      const T* row = src + m * st[0] + i * st[1];
+      T* to = dst + (i * k + m) * q;
+      if (st[2] == 1) {
+        std::copy_n(row, q, to);
+      } else {
+        for (int64_t j = 0; j < q; ++j) to[j] = row[j * st[2]];
+      }
+    }
+}
+
+// The inverse: src (p, k, q) mode-major into k contiguous rows dst (k, p, q).
+template <class T>
+void from_mode_major(const T* src, int64_t k, int64_t p, int64_t q, T* dst) {
+  for (int64_t m = 0; m < k; ++m)
+    for (int64_t i = 0; i < p; ++i) std::copy_n(src + (i * k + m) * q, q, dst + (m * p + i) * q);
 }
 
 // y (M, a1*b1) = s * vec(A X_m B^T) + bias; the intermediate of every row is written to
@@ -82,11 +124,11 @@ void rows_forward(const Shape& s, at::Tensor x, at::Tensor a, at::Tensor b, cons
           for (int64_t r = 0; r < rows; ++r)
             gemm<T>(s.a2, s.b1, s.b2, 1, X.at(m0 + r), Bt, 0, t + r * width, s.b1);
         }
-        for (int64_t r = 0; r < rows; ++r)
-          gemm<T>(s.a1, s.b1, s.a2, scale, A, {t + r * width, s.b1, false}, beta, yb + r * out, s.b1);
+        gemm_batch<T>(rows, s.a1, s.b1, s.a2, scale, repeated(A), {t, width, s.b1, false, true},
+                      beta, yb, out, s.b1);
       } else {  // Z_m = A X_m, then the block's rows at once: y = s * Z B^T
-        for (int64_t r = 0; r < rows; ++r)
-          gemm<T>(s.a1, s.b2, s.a2, 1, A, X.at(m0 + r), 0, t + r * width, s.b2);
+        gemm_batch<T>(rows, s.a1, s.b2, s.a2, 1, repeated(A), starting_at(X, m0), 0, t, width,
+                      s.b2);
         gemm<T>(rows * s.a1, s.b1, s.b2, scale, {t, s.b2, false}, Bt, beta, yb, s.b1);
       }
     }
@@ -200,6 +242,69 @@ void rows_backward(const Shape& s, at::Tensor dy, at::Tensor x, at::Tensor a, at
   if (db) sum_parts(db_part, db, s.b1 * s.b2);
 }
 
+// rows_backward with each block of rows mode-major (dY (a1, k, b1), X (a2, k, b2)): every
+// product, the sums over rows included, is one GEMM on the block, in the forward's order:
+//   X B^T first: U (a2, k, b1) = s A^T dY;  dX = U B;  dB += U^T X;  dA += s dY (X B^T)^T
+//   A X first:   V (a1, k, b2) = s dY B;    dX = A^T V;  dA += V X^T;  dB += s dY^T (A X)
+// (sums over the rows (i, m) of the mode-major layout: one GEMM with the rows folded).
+template <class T>
+void rows_backward_mode_major(const Shape& s, const at::Tensor& dy, const at::Tensor& x,
+                              at::Tensor a, at::Tensor b, T scale, T* dx, T* da, T* db) {
+  const Mat<T> A = as_mat<T>(a), B = as_mat<T>(b), At = transposed(A), Bt = transposed(B);
+  const bool b_first = s.b_first();
+  const int64_t in = s.a2 * s.b2, out = s.a1 * s.b1;
+  const int64_t width = b_first ? s.a2 * s.b1 : s.a1 * s.b2;  // U and X B^T, or V and A X
+  const int64_t block = rows_per_block((in * 2 + out + width * 2) * int64_t(sizeof(T)));
+  const int64_t chunks = chunk_count(s.m, block);
+  std::vector<T> da_part(da ? chunks * s.a1 * s.a2 : 0), db_part(db ? chunks * s.b1 * s.b2 : 0);
+  const T* xp = x.const_data_ptr<T>();
+  const T* dyp = dy.const_data_ptr<T>();
+  for_chunks(s.m, chunks, [&](int64_t c, int64_t begin, int64_t end) {
+    std::vector<T> xb(block * in), gb(block * out), u(block * width), t(block * width);
+    T* dap = da ? da_part.data() + c * s.a1 * s.a2 : nullptr;
+    T* dbp = db ? db_part.data() + c * s.b1 * s.b2 : nullptr;
+    for (int64_t m0 = begin; m0 < end; m0 += block) {
+      const int64_t k = std::min(block, end - m0);
+      const int64_t kb1 = k * s.b1, kb2 = k * s.b2;
+      to_mode_major(dyp + m0 * dy.stride(0), dy.strides(), k, s.a1, s.b1, gb.data());
+      if (da || db) to_mode_major(xp + m0 * x.stride(0), x.strides(), k, s.a2, s.b2, xb.data());
+      if (b_first) {
+        if (dx || db)
+          gemm<T>(s.a2, kb1, s.a1, scale, At, {gb.data(), kb1, false}, 0, u.data(), kb1);
+        if (db)
+          gemm<T>(s.b1, s.b2, s.a2 * k, 1, {u.data(), s.b1, true}, {xb.data(), s.b2, false}, 1,
+                  dbp, s.b2);
+        if (da) {
+          gemm<T>(s.a2 * k, s.b1, s.b2, 1, {xb.data(), s.b2, false}, Bt, 0, t.data(), s.b1);
+          gemm<T>(s.a1, s.a2, kb1, scale, {gb.data(), kb1, false}, {t.data(), kb1, true}, 1, dap,
+                  s.a2);
+        }
+        if (dx)  // dX (a2, k, b2) into X's buffer, which is no longer needed
+          gemm<T>(s.a2 * k, s.b2, s.b1, 1, {u.data(), s.b1, false}, B, 0, xb.data(), s.b2);
+      } else {
+        if (dx || da)
+          gemm<T>(s.a1 * k, s.b2, s.b1, scale, {gb.data(), s.b1, false}, B, 0, u.data(), s.b2);
+        if (da)
+          gemm<T>(s.a1, s.a2, kb2, 1, {u.data(), kb2, false}, {xb.data(), kb2, true}, 1, dap, s.a2);
+        if (db) {
+          gemm<T>(s.a1, kb2, s.a2, 1, A, {xb.data(), kb2, false}, 0, t.data(), kb2);
+          gemm<T>(s.b1, s.b2, s.a1 * k, scale, {gb.data(), s.b1, true}, {t.data(), s.b2, false}, 1,
+                  dbp, s.b2);
+        }
+        if (dx) gemm<T>(s.a2, kb2, s.a1, 1, At, {u.data(), kb2, false}, 0, xb.data(), kb2);
+      }
+      if (dx) from_mode_major(xb.data(), k, s.a2, s.b2, dx + m0 * in);
+    }
+  });
+  const auto sum_parts = [chunks](const std::vector<T>& parts, T* out, int64_t n) {
+    std::fill(out, out + n, T(0));
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t i = 0; i < n; ++i) out[i] += parts[c * n + i];
+  };
+  if (da) sum_parts(da_part, da, s.a1 * s.a2);
+  if (db) sum_parts(db_part, db, s.b1 * s.b2);
+}
+
 // G (P, R) = s * sum_m dy_m f x_m^T for dy (M, P, N), f (N, Q), x (M, R, Q): through
 // V_m = f x_m^T or W_m = dy_m f, whichever is cheaper.
 template <class T>
@@ -270,6 +375,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_rows_grads(
   at::Tensor da = need_a ? at::empty({s.a1, s.a2}, opts) : at::empty({0}, opts);
   at::Tensor db = need_b ? at::empty({s.b1, s.b2}, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(work, "kron_rows_grads", [&] {
+    if (s.small_rows()) {  // recomputes a kept intermediate in cache, mode-major
+      rows_backward_mode_major<scalar_t>(s, dy, x, a, b, static_cast<scalar_t>(scale),
+                                         need_x ? dx.mutable_data_ptr<scalar_t>() : nullptr,
+                                         need_a ? da.mutable_data_ptr<scalar_t>() : nullptr,
+                                         need_b ? db.mutable_data_ptr<scalar_t>() : nullptr);
+      return;
+    }
     rows_backward<scalar_t>(s, dy, x, a, b,
                             inner.defined() ? inner.const_data_ptr<scalar_t>() : nullptr,
                             static_cast<scalar_t>(scale),

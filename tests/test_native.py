@@ -79,7 +79,12 @@ def test_kron_linear_matches_reference(lead, a_shape, b_shape, dtype, backend):
         assert_close(g, r, dtype, f"grad {name}")
 
 
-@pytest.mark.parametrize("lead,a_shape,b_shape", KRON_CASES[:6])
+# Row products over the native kernel's small-GEMM bound (16K multiply-adds), where its
+# backward runs one GEMM a row rather than mode-major blocks: X Bᵀ first, then A X first.
+LARGE_ROW_CASES = [((5,), (32, 32), (32, 32)), ((5,), (24, 48), (48, 24))]
+
+
+@pytest.mark.parametrize("lead,a_shape,b_shape", KRON_CASES[:6] + LARGE_ROW_CASES)
 @pytest.mark.parametrize("wanted", ["x", "a", "b", "ab", "xab"])
 def test_kron_rows_grads_each_subset_with_and_without_the_kept_intermediate(
         lead, a_shape, b_shape, wanted, backend):
@@ -104,6 +109,35 @@ def test_kron_rows_grads_each_subset_with_and_without_the_kept_intermediate(
                 assert_close(g, r, torch.float64, f"grad {name}, kept {kept is not None}")
             else:
                 assert g.numel() == 0
+
+
+# Small row products (the native backward copies blocks of rows mode-major): both
+# contraction orders; one row, and 100 rows (with 2 threads: two chunks of 50 rows, each a
+# block of 39 rows and one of 11 in fp32, 19-row blocks in fp64).
+MODE_MAJOR_CASES = [((16, 24), (24, 16)), ((24, 16), (16, 24))]
+
+
+@pytest.mark.parametrize("a_shape,b_shape", MODE_MAJOR_CASES)
+@pytest.mark.parametrize("rows", [1, 100])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_row_products_strided_and_reproducible(a_shape, b_shape, rows, dtype, backend):
+    """x and dY as transposed views (unit stride across their rows' columns), factors as
+    transposed views; the backward matches the reference and is bitwise reproducible."""
+    (a1, a2), (b1, b2) = a_shape, b_shape
+    assert b_first(a1, a2, b1, b2) == (a_shape == (24, 16))
+    x = torch.randn(rows, b2, a2, dtype=dtype).mT                  # (rows, a2, b2)
+    a, b = torch.randn(a2, a1, dtype=dtype).T, torch.randn(b2, b1, dtype=dtype).T
+    dy = torch.randn(rows, b1, a1, dtype=dtype).mT                 # (rows, a1, b1)
+    y = kron_rows(x, a, b, None, 0.6)
+    ref_leaves = [t.double().requires_grad_() for t in (x, a, b)]
+    ref = naive_kron_linear(ref_leaves[0].reshape(rows, -1), *ref_leaves[1:], scale=0.6)
+    assert_close(y, ref, dtype, "y")
+    want = torch.autograd.grad(ref, ref_leaves, dy.reshape(rows, -1).double())
+    got = kron_rows_grads(dy, x, a, b, 0.6, True, True, True, None)
+    for name, g, r in zip("xab", got, want):
+        assert_close(g, r, dtype, f"grad {name}")
+    again = kron_rows_grads(dy, x, a, b, 0.6, True, True, True, None)
+    assert all(torch.equal(g, h) for g, h in zip(got, again))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
