@@ -209,7 +209,10 @@ def test_composite_keeps_the_intermediate_native_does_not(backend):
 
 # (leading dims of x, out, in, selected count): odd shapes; 1200 rows span several row
 # blocks; 150 input columns give the delta gradient two column chunks.
-SPARSE_CASES = [((), 7, 5, 3), ((2, 5), 67, 33, 17), ((4, 3), 130, 9, 65), ((1200,), 40, 150, 11)]
+# The last case gathers over 1M elements (4100 rows x 260): the blocked kernels that never
+# copy the gathered operand; the others copy it (one GEMM).
+SPARSE_CASES = [((), 7, 5, 3), ((2, 5), 67, 33, 17), ((4, 3), 130, 9, 65), ((1200,), 40, 150, 11),
+                ((4100,), 300, 280, 260)]
 
 
 def sparse_inputs(lead, out, inp, count, mode, kind, dtype):
