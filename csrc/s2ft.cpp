@@ -159,39 +159,72 @@ Selection linear_args(const char* op, const char* first, const at::Tensor& t, in
   return selection(op, "index", index, start, delta.size(0), out);
 }
 
+// torch.optim.AdamW's arithmetic on one row of `q` selected elements, as the PyTorch kernel
+// does it (kronops/s2ft/reference.py): s the values (master or weight), g the gradient, m and
+// v the moments, all contiguous. One loop with no index or branch in it, so it vectorises; an
+// AVX2 clone is picked at run time where the CPU has it (no FMA contraction: AVX2 alone, so
+// every clone rounds as the scalar loop does).
+struct AdamWStep {
+  double decay, w1, w2, beta2, root_bc2, step_size, eps;
+
+  AdamWStep(double lr, double beta1, double beta2_, double eps_, double weight_decay, int64_t step)
+      : decay(1 - lr * weight_decay), w1(1 - beta1), w2(1 - beta2_), beta2(beta2_),
+        root_bc2(std::sqrt(1 - std::pow(beta2_, double(step)))),
+        step_size(-lr / (1 - std::pow(beta1, double(step)))), eps(eps_) {}
+};
+
+template <class S>
+[[gnu::always_inline]] inline void adamw_row_body(S* __restrict s, const S* __restrict g,
+                                                  S* __restrict m, S* __restrict v, int64_t q,
+                                                  const AdamWStep& c) {
+  const S decay = S(c.decay), w1 = S(c.w1), w2 = S(c.w2), b2 = S(c.beta2), e = S(c.eps);
+  const S root_bc2 = S(c.root_bc2), step_size = S(c.step_size);
+  const bool small_weight = w1 < S(0.5);  // torch.lerp: start + w (end - start) for w < 0.5
+  for (int64_t j = 0; j < q; ++j) {
+    const S gj = g[j], mj = m[j], diff = gj - mj;
+    const S mn = small_weight ? mj + w1 * diff : gj - diff * (S(1) - w1);
+    const S vn = v[j] * b2 + w2 * gj * gj;
+    const S denom = std::sqrt(vn) / root_bc2 + e;
+    s[j] = s[j] * decay + step_size * (mn / denom);
+    m[j] = mn;
+    v[j] = vn;
+  }
+}
+
+[[gnu::target_clones("avx2", "default")]] void adamw_row(float* s, const float* g, float* m,
+                                                         float* v, int64_t q,
+                                                         const AdamWStep& c) {
+  adamw_row_body(s, g, m, v, q, c);
+}
+
+[[gnu::target_clones("avx2", "default")]] void adamw_row(double* s, const double* g, double* m,
+                                                         double* v, int64_t q,
+                                                         const AdamWStep& c) {
+  adamw_row_body(s, g, m, v, q, c);
+}
+
+// The update of the selected submatrix of `weight`, row by row of grad (p, q): each row's
+// values are gathered into a buffer (or are the master row), updated, and written back.
 template <class W, class S>
 void adamw_loop(const at::Tensor& weight, const at::Tensor& grad, const at::Tensor& m,
-                const at::Tensor& v,
-                S* master, const Selection& sel, bool cols, double lr, double beta1,
-                double beta2, double eps, double weight_decay, int64_t step) {
+                const at::Tensor& v, S* master, const Selection& sel, bool cols,
+                const AdamWStep& c) {
   const int64_t p = grad.size(0), q = grad.size(1), ws0 = weight.stride(0), ws1 = weight.stride(1);
   W* w = weight.mutable_data_ptr<W>();
   const S* g = grad.const_data_ptr<S>();
   S* mp = m.mutable_data_ptr<S>();
   S* vp = v.mutable_data_ptr<S>();
-  // torch.optim.AdamW's arithmetic, as the PyTorch kernel does it (kronops/s2ft/reference.py)
-  const S decay = S(1 - lr * weight_decay), w1 = S(1 - beta1), w2 = S(1 - beta2);
-  const S b2 = S(beta2), root_bc2 = S(std::sqrt(1 - std::pow(beta2, double(step))));
-  const S step_size = S(-lr / (1 - std::pow(beta1, double(step)))), e = S(eps);
+  std::vector<int64_t> columns(q);  // offsets of a row's selected elements in weight's row
+  for (int64_t j = 0; j < q; ++j) columns[j] = (cols ? sel.at(j) : j) * ws1;
   at::parallel_for(0, p, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<S> buffer(master ? 0 : q);
     for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t j = 0; j < q; ++j) {
-        const int64_t e_ij = i * q + j;
-        W& wij = w[(cols ? i : sel.at(i)) * ws0 + (cols ? sel.at(j) : j) * ws1];
-        S s = master ? master[e_ij] : static_cast<S>(wij);
-        const S gij = g[e_ij];
-        s *= decay;
-        S mij = mp[e_ij];
-        const S diff = gij - mij;  // torch.lerp: start + w * (end - start) for w < 0.5
-        mij = w1 < S(0.5) ? mij + w1 * diff : gij - diff * (S(1) - w1);
-        const S vij = vp[e_ij] * b2 + w2 * gij * gij;
-        const S denom = std::sqrt(vij) / root_bc2 + e;
-        s += step_size * (mij / denom);
-        mp[e_ij] = mij;
-        vp[e_ij] = vij;
-        if (master) master[e_ij] = s;
-        wij = static_cast<W>(s);
-      }
+      W* row = w + (cols ? i : sel.at(i)) * ws0;
+      S* s = master ? master + i * q : buffer.data();
+      if (!master)
+        for (int64_t j = 0; j < q; ++j) s[j] = static_cast<S>(row[columns[j]]);
+      adamw_row(s, g + i * q, mp + i * q, vp + i * q, q, c);
+      for (int64_t j = 0; j < q; ++j) row[columns[j]] = static_cast<W>(s[j]);
     }
   });
 }
@@ -311,14 +344,15 @@ void sparse_adamw(const at::Tensor& weight, const at::Tensor& grad, const at::Te
   // The state is updated in place: work on contiguous tensors, copied back if they were not.
   at::Tensor m = exp_avg.contiguous(), v = exp_avg_sq.contiguous(), g = grad.to(state).contiguous();
   at::Tensor s = master ? master->contiguous() : at::Tensor();
+  const AdamWStep step_constants(lr, beta1, beta2, eps, weight_decay, step);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_adamw", [&] {
     using W = scalar_t;
     if (state == at::kDouble) {
       adamw_loop<W, double>(weight, g, m, v, s.defined() ? s.mutable_data_ptr<double>() : nullptr,
-                            sel, cols, lr, beta1, beta2, eps, weight_decay, step);
+                            sel, cols, step_constants);
     } else {
       adamw_loop<W, float>(weight, g, m, v, s.defined() ? s.mutable_data_ptr<float>() : nullptr,
-                           sel, cols, lr, beta1, beta2, eps, weight_decay, step);
+                           sel, cols, step_constants);
     }
   });
   if (!m.is_same(exp_avg)) exp_avg.copy_(m);
