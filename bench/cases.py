@@ -24,12 +24,16 @@ class Case:
     providers: dict[str, Callable[[int], object]]
     reference: Callable[[], object]
     unchecked: set[str] = field(default_factory=set)  # providers that compute a floor, not the op
+    settings: dict[str, Callable] = field(default_factory=dict)  # Provider.setting by name
 
 
 @dataclass
 class Provider:
     fn: Callable            # fn(*input_set) -> output
     params: list = field(default_factory=list)  # trainable tensors besides the input set
+    # A context that changes process state for the provider's calls (kronops.native.disabled):
+    # the timing enters it outside the timed call, so its cost is not counted as the op's.
+    setting: Callable | None = None
 
 
 def _runner(provider: Provider, sets, mode, grad):
@@ -68,8 +72,9 @@ def build_case(op, mode, shape, size, bytes_fwd, flops_fwd, providers, reference
     factor = {"forward": 1, "backward": 2, "forward+backward": 3}[mode]
     nbytes, flops = (work or {}).get(mode, (bytes_fwd * factor, flops_fwd * factor))
     runners = {name: _runner(p, sets, mode, grad) for name, p in providers.items()}
+    settings = {name: p.setting for name, p in providers.items() if p.setting is not None}
     return Case(op, mode, shape, size, nbytes, flops, runners,
-                _reference(reference_fn, reference_leaves, mode, grad), set(unchecked))
+                _reference(reference_fn, reference_leaves, mode, grad), set(unchecked), settings)
 
 
 def input_sets(shapes, dtype, device, requires_grad):

@@ -3,8 +3,8 @@ PyTorch kernels of the same ops, plain torch autograd on the same expression, Fa
 (``pyfastkron``, when installed: its x86 AVX backend) and the materialised reference.
 
 Every provider is checked against fp64 like every row. "kronops (PyTorch kernels)" sets the
-native kernels aside for each call (``kronops.native.disabled()``: ~36 us of registration
-on these CPUs, included in its time).
+native kernels aside for each call (``kronops.native.disabled()``: ~75 us of unregistering
+and registering again on these CPUs, outside its timed calls: ``Provider.setting``).
 """
 import functools
 import math
@@ -70,7 +70,7 @@ def kron_cpu_cases(rows, factor_shapes, dtype, device, modes=("forward", "forwar
     providers = {}
     if native.available():
         providers["kronops (native)"] = Provider(_kron)
-    providers["kronops (PyTorch kernels)"] = Provider(_composite(_kron))
+    providers["kronops (PyTorch kernels)"] = Provider(_composite(_kron), setting=native.disabled)
     providers["torch autograd, same expression"] = Provider(_autograd)
     if fastkron() is not None and device.type == "cpu" and dtype in (torch.float32, torch.float64):
         providers[FASTKRON] = Provider(_fastkron)
@@ -105,7 +105,7 @@ def sparse_cpu_cases(rows, in_features, out_features, fraction, mode_name, dtype
     providers = {}
     if native.available():
         providers["kronops (native)"] = Provider(op)
-    providers["kronops (PyTorch kernels)"] = Provider(_composite(op))
+    providers["kronops (PyTorch kernels)"] = Provider(_composite(op), setting=native.disabled)
     providers["naive (full FT, masked)"] = Provider(reference)
     shape = f"{rows}x{in_features}->{out_features} {mode_name} {sel.numel()}/{size}"
     io = (rows * (in_features + out_features) + in_features * out_features) * element_bytes(dtype)

@@ -51,7 +51,7 @@ def run_case(case: Case, dtype, device, ceilings: dict | None = None, *,
     for name, run in case.providers.items():
         checks[name] = None if name in case.unchecked else relative_error(run(0), reference)
     timings = time_providers({name: _rotating(run) for name, run in case.providers.items()},
-                             device, budget_s=budget_s)
+                             device, budget_s=budget_s, settings=case.settings)
     rows = []
     for name, run in case.providers.items():
         t, error = timings[name], checks[name]

@@ -11,6 +11,7 @@ change of machine load (other processes, frequency, caches warming) falls on all
 alike instead of on whichever provider happened to be timed at that moment. Rounds go on
 until the spread of every provider's times is small or the case's time budget is spent.
 """
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ def _spread(times: list[float]) -> float:
 def time_providers(fns: dict, device: torch.device, *, budget_s: float = CPU_BUDGET_S,
                    min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS,
                    target_spread: float = TARGET_SPREAD, warmup_rounds: int = WARMUP_ROUNDS,
-                   clock=time.perf_counter) -> dict:
+                   clock=time.perf_counter, settings: dict | None = None) -> dict:
     """{name: Timing} for the callables ``fns`` (``fn()``, rotating its own inputs).
 
     CUDA: ``gpu_timing`` for each in turn. CPU: ``warmup_rounds`` untimed
@@ -79,21 +80,37 @@ def time_providers(fns: dict, device: torch.device, *, budget_s: float = CPU_BUD
     place per round), until at least ``min_rounds`` rounds are done and either every
     provider's spread is within ``target_spread`` or ``budget_s`` seconds of ``clock`` have
     passed since the first timed round; at most ``max_rounds``.
+
+    ``settings``: {name: context factory} for providers that run in another process state
+    (``kronops.native.disabled``). The context is entered and left outside the timed call,
+    and the provider after it is called once untimed first: leaving the context
+    re-registers kernels, and the dispatcher's first call after that is slower (~30-50 us)
+    for reasons that are not the next provider's.
     """
     if device.type == "cuda":
         return {name: gpu_timing(fn) for name, fn in fns.items()}
+    settings = settings or {}
     names = list(fns)
+
+    def timed(name) -> float:
+        with settings[name]() if name in settings else contextlib.nullcontext():
+            t0 = clock()
+            fns[name]()
+            return (clock() - t0) * 1e3
+
     for _ in range(warmup_rounds):
         for name in names:
-            fns[name]()
+            timed(name)
     times = {name: [] for name in names}
+    after_setting = False
     start = clock()
     for round_ in range(max_rounds):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            t0 = clock()
-            fns[name]()
-            times[name].append((clock() - t0) * 1e3)
+            if after_setting:
+                fns[name]()
+            times[name].append(timed(name))
+            after_setting = name in settings
         if round_ + 1 < min_rounds:
             continue
         if clock() - start >= budget_s:

@@ -1,5 +1,6 @@
 """The benchmark runner on CPU with a tiny shape set: table, JSON fields, flagging, --full refusal,
 --ops names, baselines that overflow, where results go, the plot, and the CPU timer's fairness."""
+import contextlib
 import json
 
 import pytest
@@ -312,6 +313,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def test_cpu_timing_keeps_a_settings_cost_out_of_every_provider():
+    """A provider's setting (a context such as kronops.native.disabled) is entered and left
+    outside its timed call, and the call after it is repeated untimed: here entering and
+    leaving cost 5 ms each and leave the next call 2 ms slower, yet every provider is timed
+    at its own 1 ms (2 ms for the slow one). Timing the setting inside the call, as before,
+    gives 11 ms and 3 ms."""
+    now, dirty = [0.0], [False]
+
+    def call(cost):
+        def run():
+            now[0] += cost + (0.002 if dirty[0] else 0.0)
+            dirty[0] = False
+        return run
+
+    @contextlib.contextmanager
+    def setting():
+        now[0] += 0.005
+        yield
+        now[0] += 0.005
+        dirty[0] = True
+
+    fns = {"plain": call(0.001), "set": call(0.001), "slow": call(0.002)}
+    timings = time_providers(fns, CPU, budget_s=1.0, clock=lambda: now[0],
+                             settings={"set": setting})
+    assert {name: round(t.median_ms, 6) for name, t in timings.items()} == \
+        {"plain": 1.0, "set": 1.0, "slow": 2.0}
+
+    def inside():
+        with setting():
+            fns["set"]()
+    naive = time_providers({**fns, "set": inside}, CPU, budget_s=1.0, clock=lambda: now[0])
+    assert naive["set"].median_ms == pytest.approx(11.0) and naive["slow"].median_ms > 2.0
 
 
 def test_cpu_timing_same_function_twice_real_clock(one_thread):
