@@ -179,6 +179,11 @@ inline int64_t chunk_count(int64_t rows, int64_t block) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), at::divup(rows, block)));
 }
 
+// The dtype products are computed in: fp64 for fp64, else fp32 (fp16/bf16 rounded once).
+inline at::ScalarType work_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // Refuses a tensor that is not a CPU tensor of dtype `dtype`.
 void check_like(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype);
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 
 #include <optional>
 #include <tuple>
@@ -34,5 +35,14 @@ void sparse_adamw(const at::Tensor& weight, const at::Tensor& grad, const at::Te
                   const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& master,
                   const std::optional<at::Tensor>& index, int64_t start, bool cols, double lr,
                   double beta1, double beta2, double eps, double weight_decay, int64_t step);
+
+
+void routed_kron_add(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
+                     const at::Tensor& b, const at::Tensor& tokens, const at::Tensor& tiles,
+                     at::IntArrayRef offsets, at::IntArrayRef starts);
+void routed_sparse_add(const at::Tensor& y, const at::Tensor& x, const at::Tensor& values,
+                       const at::Tensor& index, const at::Tensor& tokens, const at::Tensor& tiles,
+                       at::IntArrayRef offsets, at::IntArrayRef starts, at::IntArrayRef widths,
+                       bool cols);
 
 }  // namespace kronops::native

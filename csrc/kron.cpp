@@ -50,10 +50,6 @@ Mat<T> transposed(Mat<T> m) {
   return {m.p, m.ld, !m.trans};
 }
 
-at::ScalarType work_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_floating(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
                    " must be a floating-point tensor, got ", t.scalar_type());

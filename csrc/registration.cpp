@@ -45,6 +45,8 @@ const char* kronops_native_register_cpu() {
     lib->impl("sparse_input_grad", TORCH_FN(n::sparse_input_grad));
     lib->impl("sparse_delta_grad", TORCH_FN(n::sparse_delta_grad));
     lib->impl("sparse_adamw", TORCH_FN(n::sparse_adamw));
+    lib->impl("routed_kron_add", TORCH_FN(n::routed_kron_add));
+    lib->impl("routed_sparse_add", TORCH_FN(n::routed_sparse_add));
     cpu_kernels = std::move(lib);
   });
 }

@@ -363,6 +363,67 @@ def test_native_refuses_bad_arguments():
         sparse_linear_op(torch.randn(5, 7), w, torch.randn(3, 8), None, 0, None, False)
 
 
+# A mixed batch of 9 rows for 3 members: member 0 adapts rows 0, 4, 7 (a gather), member 1
+# none, member 2 the consecutive rows 1-3 (a slice); rows 5, 6, 8 keep the base output.
+ROUTED = dict(tokens=torch.tensor([0, 4, 7, 1, 2, 3]), offsets=[0, 3, 3, 6], starts=[-1, -1, 1])
+
+
+def routed_call(op, y, x, *operands, **changes):
+    route = {**ROUTED, **changes}
+    op(y, x, *operands, route["tokens"], torch.empty(0, 4, dtype=torch.int64), route["offsets"],
+       route["starts"], *route.get("tail", ()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_routed_ops_match_the_pytorch_kernels(dtype):
+    """The serving ops' native kernels (csrc/serving.cpp) against their PyTorch kernels on
+    the same batch: Kronecker members, S²FT members in both modes, a strided x."""
+    if not native.available():
+        pytest.skip(f"native library {native.load_error()}")
+    from kronops.serving.ops import routed_kron_add, routed_sparse_add
+    x = torch.randn(9, 14, dtype=dtype)[:, 1:13]  # strided rows
+    a, b = torch.randn(3, 5, 3, dtype=dtype), torch.randn(3, 2, 4, dtype=dtype)
+    width, widths = 4, [3, 0, 4]
+    cases = [(routed_kron_add, 10, (a, b), ())]
+    for cols in (False, True):
+        out = 7
+        values = torch.zeros(3 * width, out if cols else 12, dtype=dtype)  # zero padding
+        index = torch.zeros(3 * width, dtype=torch.int64)
+        for p, w in enumerate(widths):
+            values[p * width:p * width + w] = torch.randn(w, values.shape[1], dtype=dtype)
+            index[p * width:p * width + w] = torch.randperm(12 if cols else out)[:w].sort().values
+        cases.append((routed_sparse_add, out, (values, index), (widths, cols)))
+    for op, out, operands, tail in cases:
+        y = torch.randn(9, out, dtype=dtype)
+        with native.disabled():
+            expected = y.clone()
+            routed_call(op, expected, x, *operands, tail=tail)
+        routed_call(op, y, x, *operands, tail=tail)
+        assert_close(y, expected, dtype, op._qualname)
+        assert torch.equal(y[[5, 6, 8]], expected[[5, 6, 8]])
+
+
+def test_routed_ops_refuse_bad_routes():
+    """Direct calls of the native serving kernels: a token outside x, routing lists of the
+    wrong length, a width beyond the padded block, an index outside y."""
+    if not native.available():
+        pytest.skip(f"native library {native.load_error()}")
+    from kronops.serving.ops import routed_kron_add, routed_sparse_add
+    x, y = torch.randn(9, 12), torch.randn(9, 10)
+    a, b = torch.randn(3, 5, 3), torch.randn(3, 2, 4)
+    with pytest.raises(IndexError, match=r"kronops::routed_kron_add: tokens\[2\] = 9 is out of range"):
+        routed_call(routed_kron_add, y, x, a, b, tokens=torch.tensor([0, 4, 9, 1, 2, 3]))
+    with pytest.raises(ValueError, match="offsets must have 4 entries and starts 3"):
+        routed_call(routed_kron_add, y, x, a, b, offsets=[0, 3, 6])
+    with pytest.raises(ValueError, match=r"starts\[2\] = 7 must be -1 or a row of x"):
+        routed_call(routed_kron_add, y, x, a, b, starts=[-1, -1, 7])
+    values, index = torch.randn(12, 12), torch.zeros(12, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"widths\[0\] = 5 must lie in \[0, 4\]"):
+        routed_call(routed_sparse_add, y, x, values, index, tail=([5, 0, 4], False))
+    with pytest.raises(IndexError, match="kronops::routed_sparse_add: index"):
+        routed_call(routed_sparse_add, y, x, values, index + 10, tail=([3, 0, 4], False))
+
+
 @pytest.mark.parametrize("op", ["kron_rows_keep", "kron_rows_grads"])
 def test_opcheck_new_ops(op, backend):
     x, a, b = torch.randn(5, 4, 3), torch.randn(2, 4), torch.randn(6, 3)
@@ -387,7 +448,8 @@ def test_suite_without_the_native_library():
     assert probe.stdout.strip() == "False turned off by KRONOPS_NATIVE=0"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
                           "not triton", "tests/test_kron_linear.py", "tests/test_sparse_linear.py",
-                          "tests/test_sparse_adamw.py", "tests/test_index_safety.py"],
+                          "tests/test_sparse_adamw.py", "tests/test_index_safety.py",
+                          "tests/test_serving_ops.py"],
                          env=env, capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout

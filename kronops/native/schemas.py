@@ -14,6 +14,8 @@ SCHEMAS = (
     "kronops::sparse_linear(Tensor x, Tensor weight, Tensor delta, Tensor? index, SymInt start, Tensor? bias, bool cols) -> Tensor",
     "kronops::sparse_input_grad(Tensor dy, Tensor weight, Tensor delta, Tensor? index, SymInt start, bool cols) -> Tensor",
     "kronops::sparse_delta_grad(Tensor dy, Tensor x, Tensor? index, SymInt start, bool cols, SymInt rows_of_delta) -> Tensor",
+    "kronops::routed_kron_add(Tensor(a0!) y, Tensor x, Tensor a, Tensor b, Tensor tokens, Tensor tiles, SymInt[] offsets, SymInt[] starts) -> ()",
+    "kronops::routed_sparse_add(Tensor(a0!) y, Tensor x, Tensor values, Tensor index, Tensor tokens, Tensor tiles, SymInt[] offsets, SymInt[] starts, SymInt[] widths, bool cols) -> ()",
     "kronops::sparse_adamw(Tensor(a0!) weight, Tensor grad, Tensor(a2!) exp_avg, Tensor(a3!) exp_avg_sq, Tensor(a4!)? master, Tensor? index, SymInt start, bool cols, float lr, float beta1, float beta2, float eps, float weight_decay, SymInt step) -> ()",
 )
 

@@ -17,8 +17,9 @@ Each op is defined once. Its default kernel (every device) pads every member's t
 the longest run and computes all members with a few batched products when that at most
 doubles the tokens (balanced batches, decode steps), and otherwise takes one member at a
 time (a slice when its rows are consecutive, else a gather). On CUDA one Triton launch
-serves every member (``kernels.serving``). Both update y in place and have no autograd:
-the bank serves.
+serves every member (``kernels.serving``); on CPU, with the native library, a C++ kernel
+takes one member at a time (``csrc/serving.cpp``). All update y in place and have no
+autograd: the bank serves.
 """
 import torch
 
@@ -150,10 +151,10 @@ def default_routed_sparse_add(y: torch.Tensor, x: torch.Tensor, values: torch.Te
                     y.dtype), accumulate=True)
 
 
-routed_kron_add = torch.library.custom_op("kronops::routed_kron_add", default_routed_kron_add,
-                                          mutates_args=("y",))
-routed_sparse_add = torch.library.custom_op("kronops::routed_sparse_add",
-                                            default_routed_sparse_add, mutates_args=("y",))
+routed_kron_add = backends.custom_op("routed_kron_add", default_routed_kron_add,
+                                     mutates_args=("y",))
+routed_sparse_add = backends.custom_op("routed_sparse_add", default_routed_sparse_add,
+                                       mutates_args=("y",))
 
 
 @routed_kron_add.register_fake
@@ -179,6 +180,7 @@ def triton_routed_sparse_add(y, x, values, index, tokens, tiles, offsets, starts
                                      max(widths, default=0), cols)
 
 
+backends.defined(routed_kron_add, routed_sparse_add)
 if kernels is not None:
     backends.register_triton(routed_kron_add, triton_routed_kron_add, default_routed_kron_add)
     backends.register_triton(routed_sparse_add, triton_routed_sparse_add,
