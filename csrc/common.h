@@ -99,13 +99,27 @@ inline bool blas_layout(int64_t rows, int64_t cols, int64_t s_row, int64_t s_col
 // mode-major block (bench/NOTES.md), one per 32x32x32 product does not.
 constexpr int64_t kSmallGemm = 16384;
 
+// fp32 C_i (m x n at c + i * c_step) = alpha * A B_i + beta * C_i for i < count, one A, B_i
+// row-major (k x n at b + i * b_step): our FMA kernel (repeated_gemm.cpp). Returns false,
+// doing nothing, where it does not apply (no AVX2/FMA, n < 8).
+bool repeated_left_gemm(int64_t count, int64_t m, int64_t n, int64_t k, float alpha, Mat<float> a,
+                        const float* b, int64_t b_step, int64_t ldb, float beta, float* c,
+                        int64_t c_step, int64_t ldc);
+
 // C_i (m x n, row-major, at c + i * c_step) = alpha * A_i B_i + beta * C_i for i < count, with
 // A_i = a.at(i), B_i = b.at(i) (a step of 0 repeats one matrix); the C_i must not overlap.
-// Small products go as one batch call where the BLAS has one (MKL), else one GEMM a matrix.
+// fp32 with one A and row-major B_i: our FMA kernel where the CPU has it; otherwise small
+// products as one batch call where the BLAS has one (MKL), else one GEMM a matrix.
 template <class T>
 void gemm_batch(int64_t count, int64_t m, int64_t n, int64_t k, T alpha, Batch<T> a, Batch<T> b,
                 T beta, T* c, int64_t c_step, int64_t ldc) {
   constexpr bool is_float = std::is_same_v<T, float>;
+  if constexpr (is_float) {
+    if (a.step == 0 && !b.trans && count > 1 && m > 0 && k > 0 &&
+        repeated_left_gemm(count, m, n, k, alpha, a.at(0), b.p, b.step, b.ld, beta, c, c_step,
+                           ldc))
+      return;
+  }
   const bool batched = is_float ? sgemm_batch_ != nullptr : dgemm_batch_ != nullptr;
   if (!batched || count <= 1 || m * n * k > kSmallGemm || m == 0 || n == 0 || k == 0) {
     for (int64_t i = 0; i < count; ++i)

@@ -4,8 +4,9 @@
 // Rows are cut into blocks whose working set fits in a core's L2; a block's intermediate
 // (X_m B^T or A X_m) lives in a per-thread buffer and is used while it is in cache, and
 // outputs are written once, in their final layout. Products on a block are BLAS calls on
-// raw pointers: one GEMM over the whole block where its rows fold into one operand, one
-// per row otherwise (one batch call for small row products, where the BLAS has one). Where
+// raw pointers where its rows fold into one operand; per-row products with one factor go
+// to our FMA kernel (repeated_gemm.cpp), else one BLAS call per row (one batch call for
+// small row products, where the BLAS has one). Where
 // the row products are small (Shape::small_rows), the backward copies each block mode-major
 // in cache instead, so that all of its products, the sums over rows included, are one GEMM
 // a block. Factor gradients sum into one partial per chunk of rows (at most one chunk per
@@ -182,8 +183,8 @@ void rows_backward(const Shape& s, at::Tensor dy, at::Tensor x, at::Tensor a, at
     for (int64_t m0 = begin; m0 < end; m0 += block) {
       const int64_t rows = std::min(block, end - m0);
       if (need_u) {
-        for (int64_t r = 0; r < rows; ++r)
-          gemm<T>(s.a2, s.b1, s.a1, scale, At, DY.at(m0 + r), 0, u.data() + r * u_width, s.b1);
+        gemm_batch<T>(rows, s.a2, s.b1, s.a1, scale, repeated(At), starting_at(DY, m0), 0,
+                      u.data(), u_width, s.b1);
         if (dx)
           gemm<T>(rows * s.a2, s.b2, s.b1, 1, {u.data(), s.b1, false}, B, 0,
                   dx + m0 * s.a2 * s.b2, s.b2);

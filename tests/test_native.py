@@ -47,10 +47,13 @@ def test_built_library_is_loaded():
 
 
 # (leading dims of x, a shape, b shape): both contraction orders, odd and prime sizes,
-# a column or row factor, and enough rows for several blocks and threads.
+# a column or row factor, and enough rows for several blocks and threads. The last three
+# take the FMA kernel of the per-row products (repeated_gemm.cpp) where the CPU has it: a
+# partial 6-row panel, and 16-, 8- and 1-column steps (27 = 16 + 8 + 3 columns of X Bᵀ,
+# 10 = 8 + 2 columns of A X).
 KRON_CASES = [((), (3, 5), (7, 11)), ((2, 5), (4, 6), (5, 3)), ((4, 3), (1, 7), (13, 1)),
               ((6,), (33, 2), (3, 19)), ((5,), (9, 2), (2, 9)), ((7,), (2, 9), (9, 2)),
-              ((3, 41), (32, 32), (32, 32))]
+              ((3, 41), (32, 32), (32, 32)), ((19,), (7, 3), (27, 30)), ((2, 9), (4, 20), (30, 10))]
 
 
 def kron_inputs(lead, a_shape, b_shape, dtype):
