@@ -16,6 +16,7 @@ std::tuple<at::Tensor, at::Tensor> kron_rows_keep(const at::Tensor& x, const at:
                                                   const at::Tensor& b,
                                                   const std::optional<at::Tensor>& bias,
                                                   double scale);
+at::Tensor kron_mode(const at::Tensor& x, const at::Tensor& f);
 at::Tensor kron_factor_grad(const at::Tensor& dy, const at::Tensor& f, const at::Tensor& x,
                             double scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_rows_grads(

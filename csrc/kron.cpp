@@ -1,5 +1,6 @@
 // CPU kernels of the Kronecker ops: y_m = s * A X_m B^T over the rows m of x (M, a2, b2),
-// its backward (dX, dA, dB in one pass), and the factor gradient of the double backward.
+// its backward (dX, dA, dB in one pass), the factor gradient of the double backward, and one
+// factor on one mode (y_m = F X_m, kron_matmul's leading factors).
 //
 // Rows are cut into blocks whose working set fits in a core's L2; a block's intermediate
 // (X_m B^T or A X_m) lives in a per-thread buffer and is used while it is in cache, and
@@ -22,6 +23,7 @@ namespace {
 constexpr const char* kRows = "kronops::kron_rows";
 constexpr const char* kGrads = "kronops::kron_rows_grads";
 constexpr const char* kFactorGrad = "kronops::kron_factor_grad";
+constexpr const char* kMode = "kronops::kron_mode";
 
 struct Shape {
   int64_t m, a1, a2, b1, b2;
@@ -332,6 +334,33 @@ void factor_grad(at::Tensor dy, at::Tensor f, at::Tensor x, T scale, T* g) {
 }
 
 }  // namespace
+
+at::Tensor kron_mode(const at::Tensor& x_in, const at::Tensor& f_in) {
+  check_floating(kMode, "x", x_in);
+  check_like(kMode, "f", f_in, x_in.scalar_type());
+  TORCH_CHECK_VALUE(x_in.dim() == 3 && f_in.dim() == 2 && f_in.size(1) == x_in.size(1), kMode,
+                    ": x must have shape (M, q, r) and f (p, q), got ", x_in.sizes(), " and ",
+                    f_in.sizes());
+  const at::ScalarType dtype = x_in.scalar_type(), work = work_type(dtype);
+  at::Tensor x = x_in.to(work), f = f_in.to(work);
+  const int64_t m = x.size(0), q = x.size(1), r = x.size(2), p = f.size(0);
+  at::Tensor y = at::empty({m, p, r}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(work, "kron_mode", [&] {
+    using T = scalar_t;
+    const Batch<T> X = as_batch<T>(x);
+    const Mat<T> F = as_mat<T>(f);
+    T* out = y.mutable_data_ptr<T>();
+    const int64_t block = rows_per_block((q + p) * r * int64_t(sizeof(T)));
+    at::parallel_for(0, at::divup(m, block), 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t m0 = k * block, rows = std::min(block, m - m0);
+        gemm_batch<T>(rows, p, r, q, 1, repeated(F), starting_at(X, m0), 0, out + m0 * p * r,
+                      p * r, r);
+      }
+    });
+  });
+  return y.to(dtype);
+}
 
 at::Tensor kron_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
                      const std::optional<at::Tensor>& bias, double scale) {

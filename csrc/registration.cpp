@@ -41,6 +41,7 @@ const char* kronops_native_register_cpu() {
     lib->impl("kron_rows_keep", TORCH_FN(n::kron_rows_keep));
     lib->impl("kron_factor_grad", TORCH_FN(n::kron_factor_grad));
     lib->impl("kron_rows_grads", TORCH_FN(n::kron_rows_grads));
+    lib->impl("kron_mode", TORCH_FN(n::kron_mode));
     lib->impl("sparse_linear", TORCH_FN(n::sparse_linear));
     lib->impl("sparse_input_grad", TORCH_FN(n::sparse_input_grad));
     lib->impl("sparse_delta_grad", TORCH_FN(n::sparse_delta_grad));

@@ -258,6 +258,19 @@ def test_kron_a_linear_merged_over_conv1d():
 # ---- kron_matmul: factors grouped into two --------------------------------------------------
 
 def test_factor_split_rule():
+    """On the PyTorch kernels CPU groups small factors; with the native library it never
+    does (its mode products are faster); CUDA does not until measured."""
+    with kronops.native.disabled():
+        check_cpu_factor_split_on_the_pytorch_kernels()
+    if kronops.native.available():
+        assert dispatch.factor_split("cpu", [(16, 16)] * 3) is None
+        with dispatch.override(group=True):
+            assert dispatch.factor_split("cpu", [(16, 16)] * 3) == 1
+    assert dispatch.factor_split("cuda", [(16, 16)] * 3) is None         # not measured: modes
+    assert dispatch.fused_flops((16, 16), (256, 256)) == 16 * 256 * (16 + 256)
+
+
+def check_cpu_factor_split_on_the_pytorch_kernels():
     assert dispatch.factor_split("cpu", [(16, 16)] * 2) is None          # two factors: fused
     assert dispatch.factor_split("cpu", [(16, 16)] * 3) == 1             # 16x16 (x) 256x256
     assert dispatch.factor_split("cpu", [(8, 8)] * 4) == 2               # 64x64 (x) 64x64
@@ -266,8 +279,6 @@ def test_factor_split_rule():
     # the cap: a 256x256 group (65536 elements) is built, a 256x257 one is not
     assert dispatch.factor_split("cpu", [(256, 256), (1, 1), (1, 1)]) is not None
     assert dispatch.factor_split("cpu", [(256, 257), (1, 1), (1, 1)]) is None
-    assert dispatch.factor_split("cuda", [(16, 16)] * 3) is None         # not measured: modes
-    assert dispatch.fused_flops((16, 16), (256, 256)) == 16 * 256 * (16 + 256)
 
 
 @pytest.mark.parametrize("shapes", [[(3, 2), (2, 4), (4, 3)], [(2, 3), (1, 2), (3, 3), (2, 1)]])

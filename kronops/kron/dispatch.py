@@ -23,10 +23,14 @@ base against 1.19-1.49× for the separate adapter from 1.0 on; bench/NOTES.md).
 ``factor_split(device_type, shapes)``: ``kron_matmul`` with N >= 3 factors as one fused
 two-factor product of kron(f1..fk) and kron(fk+1..fN), both built per call, instead of the
 leading factors one mode at a time (a pass over the activations each). The split has the
-fewest fused FLOPs among those whose two products stay small (≤ 64K elements). CPU: on
-(measured on 2 cores, fp32, 2048 rows of three 16×16 factors: 5.7× the FLOPs of the
-mode-by-mode passes in one pass, forward ~1.8× faster, forward+backward ~1.1×). CUDA: off
-until measured (the fused kernel's tiles were tuned for factors up to 64×64).
+fewest fused FLOPs among those whose two products stay small (≤ 64K elements). CPU on the
+PyTorch kernels: on (measured on 2 cores, fp32, three 16×16 factors: 5.7× the FLOPs of the
+mode-by-mode passes in one pass; at 2048 rows forward 54 against 59 ms and forward+backward
+147 against 218, though at 512 rows 14 against 5.4 and 29 against 24). CPU with the native
+library: off (its mode products and row products in the FMA kernel: mode by mode is
+faster at every size measured, 16-2048 rows: at 2048 forward 34 against 42 ms,
+forward+backward 117 against 143; at 512 rows 2.3 against 8.0 and 14 against 32). CUDA:
+off until measured (the fused kernel's tiles were tuned for factors up to 64×64).
 
 ``one_pass_backward(fits)``: on CUDA, the Kronecker backward in one pass over x and dY
 (``kernels/kron/rows_grads.py``) where the factors fit it (``fits``, from the kernel), else
@@ -43,10 +47,12 @@ Opt-in (``override(persistent=True)``) until a GPU measures it against ``rows.py
 import contextlib
 import math
 
+from .. import native
+
 MATERIALISE_MAX_INTENSITY = {"cuda": 384.0, "cpu": 32.0}
 MATERIALISE_MAX_ELEMENTS = {"cuda": 1 << 22, "cpu": 1 << 22}
 MERGE_TOKEN_FACTOR = {"cuda": 0.6, "cpu": 1.0}
-GROUP_MAX_ELEMENTS = {"cpu": 1 << 16}
+GROUP_MAX_ELEMENTS = {"cpu": 1 << 16}  # CPU on the PyTorch kernels (not with the native library)
 
 
 _pinned = {"materialise": None, "merge": None, "group": None, "one_pass": None,
@@ -105,7 +111,12 @@ def factor_split(device_type: str, shapes) -> int | None:
     ``kron_matmul`` groups them into kron(f1..fk) and kron(fk+1..fN), or None (mode by mode)."""
     if len(shapes) < 3 or _pinned["group"] is False:
         return None
-    limit = math.inf if _pinned["group"] else GROUP_MAX_ELEMENTS.get(device_type, 0)
+    if _pinned["group"]:
+        limit = math.inf
+    elif device_type == "cpu" and native.active():
+        return None
+    else:
+        limit = GROUP_MAX_ELEMENTS.get(device_type, 0)
     best = None
     for k in range(1, len(shapes)):
         a = (math.prod(p for p, _ in shapes[:k]), math.prod(q for _, q in shapes[:k]))

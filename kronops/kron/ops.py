@@ -7,6 +7,9 @@
 ``kronops::kron_rows_grads``  (dX, dA, dB) of ``kron_rows`` for dy (M, a1, b1) in one call
                               (a gradient not asked for: an empty tensor); ``inner``: the
                               intermediate ``kron_rows_keep`` kept, or None
+``kronops::kron_mode``        y[m] = f @ x[m];  x (M, q, r), f (p, q) -> (M, p, r): one factor
+                              on one mode, ``kron_matmul``'s leading factors (no Triton
+                              kernel: the default kernel's batched GEMM runs on CUDA)
 
 Each is defined once (schemas: ``kronops.native.schemas``): its default kernel is the
 PyTorch implementation (``reference.py``) on every device, the Triton launcher is
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from .. import backends
 from . import dispatch
 from ..checks import check_same, check_scale, check_tensor
-from ..dtypes import autocast_off, autocast_operands, composite_dtype
+from ..dtypes import accumulation_dtype, autocast_off, autocast_operands, composite_dtype
 from .reference import b_first, torch_kron_factor_grad, torch_kron_rows, torch_kron_rows_grads
 
 kernels = backends.import_kernels()
@@ -109,6 +112,39 @@ def _(dy, x, a, b, scale, need_x, need_a, need_b, inner=None):
         return dy.new_empty(shape if needed else (0,))
     return (grad(need_x, (x.shape[0], a.shape[1], b.shape[1])), grad(need_a, a.shape),
             grad(need_b, b.shape))
+
+
+def default_kron_mode(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """The default kernel, on every device: one batched product in ``composite_dtype``."""
+    with autocast_off(x.device.type):
+        work = composite_dtype(x)
+        return torch.matmul(f.to(work), x.to(work)).to(x.dtype).contiguous()
+
+
+kron_mode = backends.custom_op("kron_mode", default_kron_mode)
+
+
+@kron_mode.register_fake
+def _(x, f):
+    return x.new_empty((x.shape[0], f.shape[0], x.shape[2]))
+
+
+def _mode_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _mode_backward(ctx, grad):
+    """dX_m = fᵀ dY_m (the op again), df = Σ_m dY_m X_mᵀ (accumulated in fp32, fp64 for fp64)."""
+    x, f = ctx.saved_tensors
+    grad_x = kron_mode(grad, f.mT) if ctx.needs_input_grad[0] else None
+    grad_f = None
+    if ctx.needs_input_grad[1]:
+        acc = accumulation_dtype(grad.dtype)
+        grad_f = torch.einsum("mpr,mqr->pq", grad.to(acc), x.to(acc)).to(f.dtype)
+    return grad_x, grad_f
+
+
+kron_mode.register_autograd(_mode_backward, setup_context=_mode_setup_context)
 
 
 def triton_kron_rows(x, a, b, bias, scale):
@@ -253,7 +289,7 @@ def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], *,
     x: (..., q1*...*qN). Returns (..., p1*...*pN), in the autocast dtype inside an
     autocast region. With three or more factors, small groups of them are multiplied out into
     two factors for one ``kron_linear`` where that pays (``dispatch.factor_split``); otherwise
-    the leading factors are applied one mode at a time (batched matmuls) and the last two run
+    the leading factors are applied one mode at a time (``kron_mode``) and the last two run
     fused in ``kron_linear``. Differentiable in x and every factor.
     """
     check_tensor("x", x)
@@ -280,12 +316,12 @@ def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], *,
     # Mode k: (rows * p1..p(k-1), qk, q(k+1)..qN) -> (rows * p1..p(k-1), pk, q(k+1)..qN).
     t = x.reshape(-1, math.prod(q))
     for k, f in enumerate(factors[:-2]):
-        t = torch.matmul(f, t.reshape(-1, q[k], math.prod(q[k + 1:])))
+        t = kron_mode(t.reshape(-1, q[k], math.prod(q[k + 1:])), f)
     y = kron_linear(t.reshape(-1, q[-2] * q[-1]), factors[-2], factors[-1], scale=scale)
     return y.reshape(*lead, math.prod(p))
 
 
-backends.defined(kron_rows, kron_rows_keep, kron_factor_grad, kron_rows_grads)
+backends.defined(kron_rows, kron_rows_keep, kron_factor_grad, kron_rows_grads, kron_mode)
 if kernels is not None:
     backends.register_triton(kron_rows, triton_kron_rows, default_kron_rows)
     backends.register_triton(kron_factor_grad, kernels.triton_kron_factor_grad,

@@ -11,6 +11,7 @@ SCHEMAS = (
     "kronops::kron_rows_keep(Tensor x, Tensor a, Tensor b, Tensor? bias, float scale) -> (Tensor, Tensor)",
     "kronops::kron_factor_grad(Tensor dy, Tensor f, Tensor x, float scale) -> Tensor",
     "kronops::kron_rows_grads(Tensor dy, Tensor x, Tensor a, Tensor b, float scale, bool need_x, bool need_a, bool need_b, Tensor? inner=None) -> (Tensor, Tensor, Tensor)",
+    "kronops::kron_mode(Tensor x, Tensor f) -> Tensor",
     "kronops::sparse_linear(Tensor x, Tensor weight, Tensor delta, Tensor? index, SymInt start, Tensor? bias, bool cols) -> Tensor",
     "kronops::sparse_input_grad(Tensor dy, Tensor weight, Tensor delta, Tensor? index, SymInt start, bool cols) -> Tensor",
     "kronops::sparse_delta_grad(Tensor dy, Tensor x, Tensor? index, SymInt start, bool cols, SymInt rows_of_delta) -> Tensor",
