@@ -177,12 +177,13 @@ def _setup_context(ctx, inputs, output):
 def _keep_setup_context(ctx, inputs, output):
     x, a, b, bias, scale = inputs
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the kept intermediate
     ctx.save_for_backward(x, a, b, output[1])
     ctx.scale = scale
 
 
 def _keep_backward(ctx, grad, _):
-    return _backward(ctx, grad)
+    return _backward(ctx, grad)  # reached through y only: the intermediate is non-differentiable
 
 
 def kron_grads(grad3, x, a, b, scale, need_x, need_a, need_b, inner=None):
