@@ -193,10 +193,22 @@ inline int64_t chunk_count(int64_t rows, int64_t block) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), at::divup(rows, block)));
 }
 
+// out (n) = the sum of `chunks` partials of n elements each (parts, chunk-major), added in
+// chunk order, so the result does not depend on which thread ran which chunk.
+template <class T>
+void sum_chunks(const std::vector<T>& parts, int64_t chunks, T* out, int64_t n) {
+  std::fill(out, out + n, T(0));
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t i = 0; i < n; ++i) out[i] += parts[c * n + i];
+}
+
 // The dtype products are computed in: fp64 for fp64, else fp32 (fp16/bf16 rounded once).
 inline at::ScalarType work_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+// Refuses a tensor that is not a floating-point CPU tensor.
+void check_floating(const char* op, const char* name, const at::Tensor& t);
 
 // Refuses a tensor that is not a CPU tensor of dtype `dtype`.
 void check_like(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype);

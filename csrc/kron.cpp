@@ -53,12 +53,6 @@ Mat<T> transposed(Mat<T> m) {
   return {m.p, m.ld, !m.trans};
 }
 
-void check_floating(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
-                   " must be a floating-point tensor, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-}
-
 Shape rows_shape(const char* op, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b) {
   check_floating(op, "x", x);
   check_like(op, "a", a, x.scalar_type());
@@ -232,13 +226,8 @@ void rows_backward(const Shape& s, at::Tensor dy, at::Tensor x, at::Tensor a, at
       }
     }
   });
-  const auto sum_parts = [chunks](const std::vector<T>& parts, T* out, int64_t n) {
-    std::fill(out, out + n, T(0));
-    for (int64_t c = 0; c < chunks; ++c)
-      for (int64_t i = 0; i < n; ++i) out[i] += parts[c * n + i];
-  };
-  if (da) sum_parts(da_part, da, s.a1 * s.a2);
-  if (db) sum_parts(db_part, db, s.b1 * s.b2);
+  if (da) sum_chunks(da_part, chunks, da, s.a1 * s.a2);
+  if (db) sum_chunks(db_part, chunks, db, s.b1 * s.b2);
 }
 
 // rows_backward with each block of rows mode-major (dY (a1, k, b1), X (a2, k, b2)): every
@@ -295,13 +284,8 @@ void rows_backward_mode_major(const Shape& s, const at::Tensor& dy, const at::Te
       if (dx) from_mode_major(xb.data(), k, s.a2, s.b2, dx + m0 * in);
     }
   });
-  const auto sum_parts = [chunks](const std::vector<T>& parts, T* out, int64_t n) {
-    std::fill(out, out + n, T(0));
-    for (int64_t c = 0; c < chunks; ++c)
-      for (int64_t i = 0; i < n; ++i) out[i] += parts[c * n + i];
-  };
-  if (da) sum_parts(da_part, da, s.a1 * s.a2);
-  if (db) sum_parts(db_part, db, s.b1 * s.b2);
+  if (da) sum_chunks(da_part, chunks, da, s.a1 * s.a2);
+  if (db) sum_chunks(db_part, chunks, db, s.b1 * s.b2);
 }
 
 // G (P, R) = s * sum_m dy_m f x_m^T for dy (M, P, N), f (N, Q), x (M, R, Q): through
@@ -328,9 +312,7 @@ void factor_grad(at::Tensor dy, at::Tensor f, at::Tensor x, T scale, T* g) {
       }
     }
   });
-  std::fill(g, g + p * r, T(0));
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int64_t i = 0; i < p * r; ++i) g[i] += parts[c * p * r + i];
+  sum_chunks(parts, chunks, g, p * r);
 }
 
 }  // namespace

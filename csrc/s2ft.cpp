@@ -130,12 +130,6 @@ void check_2d(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
 }
 
-void check_floating(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
-                   " must be a floating-point tensor, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-}
-
 // Checks x/dy (M, k_in), weight (out, in) and delta against the mode; returns the selection.
 Selection linear_args(const char* op, const char* first, const at::Tensor& t, int64_t t_width,
                       const at::Tensor& weight, const at::Tensor& delta,

@@ -41,8 +41,8 @@ void for_members(const char* op, const at::Tensor& y, const at::Tensor& x, const
                  at::IntArrayRef offsets, at::IntArrayRef starts, int64_t members, const F& fn) {
   TORCH_CHECK_VALUE(y.dim() == 2 && x.dim() == 2 && y.size(0) == x.size(0), op,
                     ": y and x must be 2-D with the same rows, got ", y.sizes(), " and ", x.sizes());
-  check_like(op, "y", y, y.scalar_type());
-  check_like(op, "x", x, x.scalar_type());
+  check_floating(op, "y", y);
+  check_floating(op, "x", x);
   TORCH_CHECK_VALUE(static_cast<int64_t>(offsets.size()) == members + 1 &&
                         static_cast<int64_t>(starts.size()) == members,
                     op, ": offsets must have ", members + 1, " entries and starts ", members,

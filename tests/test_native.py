@@ -382,6 +382,12 @@ def test_native_refuses_bad_arguments():
         kron_rows(x[:, :2], a, b, None, 1.0)
     with pytest.raises(ValueError, match="kronops::kron_rows: bias must have shape"):
         kron_rows(x, a, b, torch.randn(5), 1.0)
+    with pytest.raises(ValueError, match=r"kronops::kron_mode: x must have shape \(M, q, r\)"):
+        kron_mode(x, torch.randn(2, 5))
+    with pytest.raises(TypeError, match="kronops::kron_mode: f has dtype Double"):
+        kron_mode(x, torch.randn(2, 3).double())
+    with pytest.raises(TypeError, match="kronops::kron_mode: x must be a floating-point tensor"):
+        kron_mode(x.long(), torch.ones(2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="kronops::kron_rows_grads: dy must have shape"):
         kron_rows_grads(torch.randn(4, 2, 5), x, a, b, 1.0, True, True, True)
     with pytest.raises(ValueError, match="kronops::kron_rows_grads: inner must have shape"):
