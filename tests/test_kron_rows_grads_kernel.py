@@ -1,4 +1,4 @@
-"""The one-pass Kronecker backward kernel (kernels/kron/rows_grads.py) against the fp64
+"""The one-pass Kronecker backward kernel (kronops/kernels/kron/rows_grads.py) against the fp64
 reference: every subset of gradients, odd and padded factor shapes, strided dY and x,
 transposed factors, row counts that leave programs idle, an empty batch, fp16 intermediates
 beyond fp16's range; bitwise reproducible; and the three-kernel path where it does not fit."""

@@ -1,4 +1,4 @@
-"""The persistent Kronecker forward kernel (kernels/kron/rows_persistent.py) against the fp64
+"""The persistent Kronecker forward kernel (kronops/kernels/kron/rows_persistent.py) against the fp64
 reference: padded and odd factor shapes, bias, strided rows, transposed factors, row counts
 that leave the last block part-filled or programs idle, an empty batch, fp16 intermediates
 beyond fp16's range; and ``kron_linear`` routed to it when the rule is pinned on."""

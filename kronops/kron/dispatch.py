@@ -33,12 +33,12 @@ forward+backward 117 against 143; at 512 rows 2.3 against 8.0 and 14 against 32)
 off until measured (the fused kernel's tiles were tuned for factors up to 64×64).
 
 ``one_pass_backward(fits)``: on CUDA, the Kronecker backward in one pass over x and dY
-(``kernels/kron/rows_grads.py``) where the factors fit it (``fits``, from the kernel), else
+(``kronops/kernels/kron/rows_grads.py``) where the factors fit it (``fits``, from the kernel), else
 the three kernels (in two passes at 64⁴, 16-bit). Unmeasured on a GPU; predicted 1.5-4×
 faster where it runs (bench/NOTES.md).
 
 ``persistent_forward(fits)``: on CUDA, the forward as a persistent kernel with A and B
-loaded once per program (``kernels/kron/rows_persistent.py``) where the factors fit it.
+loaded once per program (``kronops/kernels/kron/rows_persistent.py``) where the factors fit it.
 Opt-in (``override(persistent=True)``) until a GPU measures it against ``rows.py``.
 
 ``override(materialise=..., merge=..., group=..., one_pass=..., persistent=...)``: a context in which the rules give fixed answers
