@@ -2,9 +2,13 @@
 kronops ops, built by the root CMakeLists.txt against the installed torch.
 
 ``python -m kronops.native build`` builds it from a source checkout and puts
-``libkronops_native.so`` beside this file; ``import kronops`` then loads it once every op of
-the schema table (``kronops.native.schemas``) is defined. Without it (no compiler, a wheel
-install) everything runs as before on the PyTorch kernels.
+``libkronops_native.so`` in ``lib/<build key>/`` beside this file, with ``torch-build.json``
+naming the torch it was built against: one library per torch build (Python, torch version and
+commit, C++ ABI, machine, where that torch is installed), so environments sharing a checkout
+never load each other's. ``import kronops`` then loads the one for this environment's torch
+once every op of the schema table (``kronops.native.schemas``) is defined, and refuses one
+whose ``torch-build.json`` names another torch. Without it (no compiler, a wheel install)
+everything runs as before on the PyTorch kernels.
 
 ``KRONOPS_NATIVE`` (read at import): ``auto`` (default: load it when built), ``0`` (never),
 ``1`` (required: importing kronops raises if it cannot be loaded).
@@ -14,15 +18,19 @@ one process).
 """
 import contextlib
 import ctypes
+import hashlib
+import json
 import os
+import platform
 import sys
 import threading
 import warnings
 
 from .schemas import SCHEMAS, op_names, schema
 
-__all__ = ["SCHEMAS", "op_names", "schema", "library_path", "choice", "load", "available",
-           "active", "load_error", "disabled"]
+__all__ = ["SCHEMAS", "op_names", "schema", "torch_build", "build_key", "library_dir",
+           "library_path", "build_mismatch", "choice", "load", "available", "active",
+           "load_error", "disabled"]
 
 CHOICES = ("auto", "0", "1")
 _lock = threading.Lock()
@@ -31,10 +39,63 @@ _error = None          # why it is not loaded
 _active = False        # its kernels are registered now (not inside disabled())
 
 
+LIBRARY_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib")
+LIBRARY_NAME = "libkronops_native" + (".dylib" if sys.platform == "darwin" else ".so")
+STAMP_NAME = "torch-build.json"
+REBUILD = "rebuild it for this environment with python -m kronops.native build"
+
+
+def torch_build() -> dict:
+    """What a native library must be built against to load here: this Python, this torch
+    (version, commit, C++ ABI, install folder) on this machine."""
+    import torch
+
+    return {"python": f"{sys.version_info.major}.{sys.version_info.minor}",
+            "torch": torch.__version__, "torch_commit": torch.version.git_version,
+            "cxx11_abi": bool(torch.compiled_with_cxx11_abi()), "machine": platform.machine(),
+            "torch_dir": os.path.dirname(os.path.abspath(torch.__file__))}
+
+
+def build_key(build: dict | None = None) -> str:
+    """The folder name of one torch build's library: readable, then a digest of every field
+    of ``torch_build()``, e.g. ``py3.11-torch2.13.0+cpu-1a2b3c4d5e6f``."""
+    build = build or torch_build()
+    digest = hashlib.sha256(json.dumps(build, sort_keys=True).encode()).hexdigest()[:12]
+    return f"py{build['python']}-torch{build['torch']}-{digest}"
+
+
+def library_dir() -> str:
+    """Where ``python -m kronops.native build`` puts this environment's library and stamp."""
+    return os.path.join(LIBRARY_ROOT, build_key())
+
+
 def library_path() -> str:
-    """Where ``python -m kronops.native build`` puts the library and the package looks for it."""
-    suffix = ".dylib" if sys.platform == "darwin" else ".so"
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "libkronops_native" + suffix)
+    """The library this environment builds and loads."""
+    return os.path.join(library_dir(), LIBRARY_NAME)
+
+
+def build_mismatch(directory: str) -> str | None:
+    """Why the library in ``directory`` must not be loaded into this process (its stamp is
+    missing or names another torch build), or None when it was built for this one."""
+    stamp = os.path.join(directory, STAMP_NAME)
+    try:
+        with open(stamp) as f:
+            built = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{stamp} cannot be read ({e}); {REBUILD}"
+    here = torch_build()
+    if built == here:
+        return None
+    differ = ", ".join(f"{k} {built.get(k)!r} (here {v!r})" for k, v in here.items()
+                       if built.get(k) != v)
+    return f"{directory} was built against another torch: {differ}; {REBUILD}"
+
+
+def _not_built() -> str:
+    others = sorted(os.listdir(LIBRARY_ROOT)) if os.path.isdir(LIBRARY_ROOT) else []
+    built = f" (built only for: {', '.join(others)})" if others else ""
+    return (f"not built for this torch ({library_path()} is missing{built}): run "
+            "python -m kronops.native build")
 
 
 def choice() -> str:
@@ -52,14 +113,33 @@ def _register() -> str | None:
     return error.decode(errors="replace").split("\nException raised from")[0]  # no C++ trace
 
 
+def _open(path: str) -> str | None:
+    """Open the library at ``path`` and register its kernels; why it failed, or None."""
+    global _lib, _active
+    try:
+        lib = ctypes.CDLL(path)
+        lib.kronops_native_register_cpu.restype = ctypes.c_char_p
+        lib.kronops_native_unregister_cpu.restype = None
+        _lib = lib
+        error = _register()
+    except OSError as e:
+        error = str(e)
+    if error is None:
+        _active = True
+        return None
+    _lib = None
+    return f"{path} failed to load: {error}; {REBUILD}"
+
+
 def load() -> bool:
     """Load the library and register its kernels (once; the ops must be defined already).
 
     Returns whether it is loaded. ``KRONOPS_NATIVE=0`` skips it; a library that is not built
-    is not an error unless ``KRONOPS_NATIVE=1``; one that is built but fails to load (built
-    for another torch, say) warns with the reason and the command that rebuilds it.
+    for this torch is not an error unless ``KRONOPS_NATIVE=1``; one that is refused (its stamp
+    names another torch build: it is never opened) or fails to load warns with the reason and
+    the command that rebuilds it.
     """
-    global _lib, _error, _active
+    global _error
     with _lock:
         if _lib is not None or _error is not None:
             return _lib is not None
@@ -67,25 +147,11 @@ def load() -> bool:
         if wanted == "0":
             _error = "turned off by KRONOPS_NATIVE=0"
         elif not os.path.exists(path):
-            _error = f"not built ({path} is missing): run python -m kronops.native build"
+            _error = _not_built()
         else:
-            try:
-                lib = ctypes.CDLL(path)
-                lib.kronops_native_register_cpu.restype = ctypes.c_char_p
-                lib.kronops_native_unregister_cpu.restype = None
-                _lib = lib
-                error = _register()
-            except OSError as e:
-                error = str(e)
-            if error is None:
-                _active = True
-            else:
-                _lib = None
-                _error = (f"{path} failed to load: {error}; rebuild it for this torch with "
-                          "python -m kronops.native build")
-                if wanted == "auto":
-                    warnings.warn(f"kronops native library: {_error}", RuntimeWarning,
-                                  stacklevel=2)
+            _error = build_mismatch(os.path.dirname(path)) or _open(path)
+            if _error is not None and wanted == "auto":
+                warnings.warn(f"kronops native library: {_error}", RuntimeWarning, stacklevel=2)
         if _error is not None and wanted == "1":
             raise RuntimeError(f"KRONOPS_NATIVE=1 but the native library is {_error}")
         return _lib is not None

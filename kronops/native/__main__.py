@@ -1,6 +1,7 @@
 """``python -m kronops.native build``: build the native library and install it into the
 package; ``python -m kronops.native status``: whether it is loaded, and why not."""
 import argparse
+import os
 import sys
 
 
@@ -11,7 +12,7 @@ def main(argv=None) -> int:
     b = sub.add_parser("build", help="build it with CMake against the installed torch and "
                                      "install it into the package")
     b.add_argument("--build-dir", default=None, help="CMake build directory "
-                                                     "(default: build/native in the checkout)")
+                                                     "(default: build/native/<build key> in the checkout)")
     b.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (default: all cores)")
     sub.add_parser("status", help="whether the library is loaded, and why not")
     args = p.parse_args(argv)
@@ -25,7 +26,10 @@ def main(argv=None) -> int:
         return 0
     import kronops  # noqa: F401  (loads the library once the ops are defined)
     from . import available, library_path, load_error
+    from .build import runner_path
     print(f"loaded: {library_path()}" if available() else f"not loaded: {load_error()}")
+    if available() and os.path.exists(runner_path()):
+        print(f"C++ runner: {runner_path()}")
     return 0
 
 

@@ -6,16 +6,19 @@ torch is downloaded), from a source checkout: CMakeLists.txt and csrc/ beside th
 package. It needs a C++20 compiler and cmake (ninja when present): the environment's own
 (``pip install -e '.[native]'``) before those on PATH. The fresh library is
 then loaded in a new process, so a build that cannot be loaded fails here, not at import.
+Both the build folder (``build/native/<build key>``) and the installed library
+(``kronops/native/lib/<build key>/``, with ``torch-build.json``) are per torch build, so
+environments sharing a checkout each build and load their own.
 """
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 
-from . import library_path
+from . import LIBRARY_NAME, STAMP_NAME, build_key, library_dir, library_path, torch_build
 
-LIBRARY = os.path.basename(library_path())
 RUNNER = "kronops_aoti_runner"
 
 
@@ -30,7 +33,8 @@ def source_root() -> str:
 
 
 def default_build_dir() -> str:
-    return os.path.join(source_root(), "build", "native")
+    """``build/native/<build key>`` in the checkout: one CMake tree per torch build."""
+    return os.path.join(source_root(), "build", "native", build_key())
 
 
 def runner_path(build_dir: str | None = None) -> str:
@@ -46,8 +50,21 @@ def _run(command, log):
         raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode})")
 
 
+def install(built: str) -> str:
+    """Copy the library ``built`` into this torch build's folder of the package with its stamp
+    (``torch-build.json``, written first); returns the installed path."""
+    os.makedirs(library_dir(), exist_ok=True)
+    with open(os.path.join(library_dir(), STAMP_NAME), "w") as f:
+        json.dump(torch_build(), f, indent=1)
+    target = library_path()
+    staged = target + ".tmp"
+    shutil.copy2(built, staged)
+    os.replace(staged, target)  # a process that has the old one loaded keeps it
+    return target
+
+
 def build(build_dir: str | None = None, jobs: int | None = None, quiet: bool = False) -> str:
-    """Configure and build with CMake, copy the library into the package, check that it loads.
+    """Configure and build with CMake, install the library into the package, check that it loads.
 
     Returns the installed library's path. On failure raises RuntimeError, with the build
     log's tail in the message.
@@ -76,10 +93,7 @@ def build(build_dir: str | None = None, jobs: int | None = None, quiet: bool = F
             with open(log_path) as f:
                 tail = "".join(f.readlines()[-40:])
             raise RuntimeError(f"{e}; the last lines of {log_path}:\n{tail}") from None
-    target = library_path()
-    staged = target + ".tmp"
-    shutil.copy2(os.path.join(build_dir, LIBRARY), staged)
-    os.replace(staged, target)  # a process that has the old one loaded keeps it
+    target = install(os.path.join(build_dir, LIBRARY_NAME))
     check = subprocess.run(
         [sys.executable, "-c", "import kronops, kronops.native as n; "
          "assert n.available(), n.load_error()"],
