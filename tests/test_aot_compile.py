@@ -6,10 +6,13 @@ than the few words ptxas reserves even at low register counts), on shared memory
 architecture's limit, and on a tensor-core dot that did not become MMA. The compile must
 specialise arguments as triton's launcher does, or it checks code that never runs.
 """
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -25,15 +28,65 @@ SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block, opt-in maximum
 # ptxas keeps without register pressure. Real spills are hundreds of bytes.
 STACK_LIMIT = 48
 COMPILER_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+# A compile takes 0.2-1 s on one core of the CI machine; 3 s each leaves room for a loaded one.
+SECONDS_PER_COMPILE = 3
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     path = tmp_path_factory.mktemp("aot") / "aot.json"
+    compiles = len(compile_jobs()) * len(CAPABILITIES)
     out = subprocess.run([sys.executable, "-m", "kronops.kernels.aot", "--out", str(path)],
-                         env=COMPILER_ENV, capture_output=True, text=True, timeout=900)
+                         env=COMPILER_ENV, capture_output=True, text=True,
+                         timeout=max(300, SECONDS_PER_COMPILE * compiles / (os.cpu_count() or 1)))
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(path.read_text())
+
+
+def _children(pid: int) -> set[int]:
+    """Live (not zombie) processes whose parent is ``pid``, from /proc."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads processes from /proc")
+def test_compile_workers_do_not_outlive_their_parent(tmp_path):
+    """Killing the compile (as a time limit does: SIGKILL, no cleanup) ends its workers too."""
+    parent = subprocess.Popen([sys.executable, "-m", "kronops.kernels.aot", "--out",
+                               str(tmp_path / "aot.json")], env=COMPILER_ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (workers := _children(parent.pid)) and time.monotonic() < deadline:
+            assert parent.poll() is None, "the compile ended before starting its workers"
+            time.sleep(0.2)
+        assert workers, "no compile worker started"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 60
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_alive, workers)), "compile workers outlived their parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of its group
+            os.killpg(parent.pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)

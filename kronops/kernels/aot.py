@@ -17,6 +17,8 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import triton
@@ -116,6 +118,16 @@ def compile_job(job_id: str, capability: int) -> dict:
                 **resource_usage(compiled.asm["cubin"]))
 
 
+def _exit_with(parent: int) -> None:
+    """Worker initializer: the worker exits as soon as ``parent`` is gone (killed on a time
+    limit or an interrupt), rather than living on orphaned."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _run(job):
     job_id, capability = job
     return f"{job_id}-sm{capability}", compile_job(job_id, capability)
@@ -149,7 +161,8 @@ def main() -> None:
     parser.add_argument("--out", help="also write the results as JSON to this file")
     args = parser.parse_args()
     jobs = [(job_id, cap) for job_id in compile_jobs() for cap in CAPABILITIES]
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+    with ProcessPoolExecutor(max_workers=os.cpu_count(), initializer=_exit_with,
+                             initargs=(os.getpid(),)) as pool:
         results = dict(pool.map(_run, jobs))
     print(table(results))
     if args.out:
