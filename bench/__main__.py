@@ -1,4 +1,4 @@
-"""``python -m bench``: run the benchmark suite, print the table, write JSON and PNG.
+"""``python -m bench``: run the benchmark suite, print the table, write the JSON and one PNG per op family.
 
 Exits 1 when a kronops provider's result is out of tolerance against fp64 (a baseline's
 is only marked), 2 on a usage error.
@@ -12,8 +12,8 @@ import textwrap
 import torch
 
 from . import overhead
+from .optional import skipped
 from .peft_providers import peft_version
-from .s2ft_model_cases import transformers_available
 from .report import environment, plot, table, write_json
 from .runner import failures, run_case
 from .suite import FAMILIES, OPS, default_cases, resolve_ops, valid_op_names
@@ -28,7 +28,7 @@ LOCAL_RESULTS = os.path.join(RESULTS, "local")
 DESCRIPTION = """\
 Run the kronops benchmark suite: each op's providers (kronops, the PyTorch composite path,
 the naive reference, PEFT, full fine-tuning, ...) checked against fp64 and timed. Prints a
-table and writes a JSON results file and a PNG plot.
+table and writes a JSON results file and a PNG figure per op family.
 
 Exit status: 0; 1 if a kronops provider's result is out of tolerance (baselines that
 overflow or are out of tolerance, as in float16, are marked "(baseline)" and do not count);
@@ -58,7 +58,7 @@ def parse_args(argv):
     p.add_argument("--ops", action="append", default=None, metavar="NAMES",
                    help="keep only these ops: families or op names, comma-separated (listed below)")
     p.add_argument("--out", default=None, metavar="PATH",
-                   help="results JSON path, PNG written beside it "
+                   help="results JSON path, the PNG figures written beside it "
                         "(default: bench/results/local/<device>[-full].json)")
     p.add_argument("--budget", type=float, default=CPU_BUDGET_S, metavar="SECONDS",
                    help=f"CPU: timing budget per case (default {CPU_BUDGET_S:g}); the providers "
@@ -91,12 +91,8 @@ def main(argv=None) -> int:
 
     meta = environment(device)
     meta["peft"] = peft_version()
-    if not transformers_available():
-        print("bench: transformers is not installed; the LLaMA training-step rows are skipped",
-              file=sys.stderr)
-    if meta["peft"] is None:
-        print("bench: peft is not installed; the PEFT LoKr/LoRA rows are skipped "
-              "(pip install peft to include them)", file=sys.stderr)
+    for line in skipped():
+        print(f"bench: {line}", file=sys.stderr)
     meta.update(dtype=str(dtype).removeprefix("torch."), full=args.full,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     if device.type == "cpu":
@@ -125,9 +121,8 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(LOCAL_RESULTS, f"{device.type}{'-full' if args.full else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_json(out, meta, rows)
-    png = os.path.splitext(out)[0] + ".png"
-    plot(png, meta, rows)
-    print(f"wrote {out} and {png}"
+    pngs = plot(os.path.splitext(out)[0] + ".png", meta, rows)
+    print(f"wrote {out} and {', '.join(pngs)}"
           + ("" if args.out else " (untracked; --out PATH writes elsewhere)"))
     baselines = [r for r in rows if not r["kronops"] and not r["error_ok"]]
     if baselines:

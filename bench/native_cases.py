@@ -6,7 +6,6 @@ Every provider is checked against fp64 like every row. "kronops (PyTorch kernels
 native kernels aside for each call (``kronops.native.disabled()``: ~75 us of unregistering
 and registering again on these CPUs, outside its timed calls: ``Provider.setting``).
 """
-import functools
 import math
 
 import torch
@@ -17,18 +16,14 @@ from kronops.kron.reference import naive_kron_matmul, torch_kron_rows
 from kronops.s2ft.reference import naive_sparse_linear
 
 from .cases import MODES, Provider, build_case, element_bytes, input_sets
+from .optional import load_fastkron
 
 FASTKRON = "FastKron (pyfastkron)"
 
 
-@functools.cache
 def fastkron():
-    """pyfastkron's torch module, or None when it is not installed (an optional provider)."""
-    try:
-        import pyfastkron.fastkrontorch as fk
-    except ImportError:
-        return None
-    return fk
+    """pyfastkron's torch module, or None when it cannot be used (``bench.optional`` says why)."""
+    return load_fastkron()[0]
 
 
 def _composite(fn):

@@ -11,22 +11,21 @@ import torch
 from torch import nn
 
 from .cases import Provider
+from .optional import load_peft
 
 
 def peft_version() -> str | None:
-    try:
-        import peft
-    except ImportError:
-        return None
-    return peft.__version__
+    """peft's version, or None when it cannot be used (``bench.optional`` says why)."""
+    peft, _ = load_peft()
+    return None if peft is None else peft.__version__
 
 
 def peft_providers(base: nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float):
     """{name: Provider} for PEFT LoKr (factors a, b, scale) and LoRA over copies of ``base``;
     and the names that compute a different function. Empty when peft is not installed."""
-    if peft_version() is None:
+    peft, _ = load_peft()
+    if peft is None:
         return {}, set()
-    import peft
 
     lokr = peft.get_peft_model(nn.Sequential(copy.deepcopy(base)), peft.LoKrConfig(
         target_modules=["0"], r=max(a.shape + b.shape), alpha=scale * max(a.shape + b.shape)))
@@ -47,7 +46,9 @@ def peft_providers(base: nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: flo
 def lora_layer(base: nn.Linear, trainable: int):
     """(provider name, PEFT LoRA over a copy of ``base``, its trainable parameters), with the
     rank whose trainable size is closest to ``trainable``. Needs peft."""
-    import peft
+    peft, why = load_peft()
+    if peft is None:
+        raise RuntimeError(why)
 
     rank = max(1, round(trainable / (base.in_features + base.out_features)))
     lora = peft.get_peft_model(nn.Sequential(copy.deepcopy(base)),

@@ -12,16 +12,9 @@ import torch
 import kronops
 
 from .cases import INPUT_SETS, Case, element_bytes
+from .optional import load_transformers
 
 LR = 1e-4
-
-
-def transformers_available() -> bool:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _stepper(model, optimizer, batches):
@@ -37,11 +30,10 @@ def _stepper(model, optimizer, batches):
 def llama_step_cases(config: dict, batch: int, seq: int, fraction: float, dtype, device):
     """One training step (forward, backward, AdamW) of a LlamaForCausalLM built from ``config``,
     S²FT training ``fraction`` of the heads and of the FFN channels."""
-    if not transformers_available():
+    transformers, _ = load_transformers()
+    if transformers is None:
         return []
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    base = LlamaForCausalLM(LlamaConfig(**config)).to(device=device, dtype=dtype)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).to(device=device, dtype=dtype)
     batches = [torch.randint(0, config["vocab_size"], (batch, seq), device=device)
                for _ in range(INPUT_SETS)]
     plan = kronops.adapters.select(base, heads=fraction, channels=fraction, seed=0)

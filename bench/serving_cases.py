@@ -21,8 +21,8 @@ from kronops.adapters import select
 from kronops.serving import AdapterBank
 
 from .cases import INPUT_SETS, Case, element_bytes
+from .optional import load_peft, load_transformers
 from .peft_providers import peft_version
-from .s2ft_model_cases import transformers_available
 
 FRACTION = 0.05  # S²FT adapters train 5% of the heads and FFN channels
 
@@ -88,9 +88,9 @@ def _reference(base, files, route, batches):
 
 def _peft_lokr(base, files: dict[str, str]):
     """A PEFT LoKr model holding the KronA ``files`` as adapters of the same names."""
-    import peft
-
     from kronops.adapters.peft import to_peft_state_dict
+
+    peft, _ = load_peft()
 
     model = None
     for name, path in files.items():
@@ -114,12 +114,11 @@ def serving_cases(config: dict, rows: int, seq: int, counts, dtype, device):
     """Mixed batches of ``rows`` x ``seq`` tokens with n adapters for n in ``counts``, a
     KronA-only batch with PEFT beside it, and the switch rows, on a LlamaForCausalLM built
     from ``config``."""
-    if not transformers_available():
+    transformers, _ = load_transformers()
+    if transformers is None:
         return []
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(**config)).to(device=device, dtype=dtype).eval()
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).to(device=device, dtype=dtype).eval()
     folder = tempfile.mkdtemp(prefix="kronops-bench-serving-")
     most = max(*counts, 4)  # the switch rows alternate between two adapters of each method
     files = _files(base, [("krona", "s2ft")[i % 2] for i in range(most)], folder)
