@@ -2,7 +2,8 @@
 Python's outputs, for ``kronops_aoti_runner`` (tests/test_native_aoti.py runs both):
 
     python csrc/runner/export_model.py OUT_DIR
-    build/native/kronops_aoti_runner OUT_DIR/model.pt2 OUT_DIR/inputs.krt OUT_DIR/outputs.krt
+    build/native/<build key>/kronops_aoti_runner OUT_DIR/model.pt2 OUT_DIR/inputs.krt OUT_DIR/outputs.krt
+    (``python -m kronops.native status`` prints the runner's path)
 
 The model (fp32, CPU): a KronALinear (rank-decomposed A), a GELU, an S²FTLinear training
 rows given as an index, a GELU, an S²FTLinear training a range of columns. Every adapter is
