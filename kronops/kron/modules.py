@@ -6,11 +6,12 @@ import math
 import torch
 from torch import nn
 
-from ..checks import check_features
+from ..checks import check_features, check_number
 from ..wrapped_linear import WrapsLinear, check_linear
 from .dispatch import merge_weight_pays
 from .merged import kron_linear_merged
 from .ops import kron_linear
+from .reference import kron
 
 
 def near_sqrt_divisor(n: int) -> int:
@@ -39,6 +40,18 @@ def factor_shapes(in_features: int, out_features: int, a_shape=None):
         raise ValueError(f"a_shape {tuple(a_shape)} must divide (out_features, in_features) = "
                          f"({out_features}, {in_features})")
     return (a1, a2), (out_features // a1, in_features // a2)
+
+
+def check_rank(rank) -> None:
+    """``rank`` is None or a positive int: the inner size of A = A_u (a1, rank) @ A_v (rank, a2).
+
+    A layer takes any such rank, above min(a1, a2) too (exact, only larger than a dense A):
+    PEFT's LoKr builds such layers when it decomposes w1, and ``from_peft`` converts them.
+    ``apply_adapters`` refuses those ranks, which cannot lower the parameter count."""
+    if rank is None:
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive int or None, got {rank!r}")
 
 
 class KronLinear(nn.Module):
@@ -70,7 +83,7 @@ class KronLinear(nn.Module):
 
     def weight(self) -> torch.Tensor:
         """The materialised (out, in) weight kron(A, B), for export and inspection."""
-        return torch.kron(self.a, self.b)
+        return kron(self.a, self.b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kron_linear(x, self.a, self.b, self.bias)
@@ -85,13 +98,10 @@ class KronFactors(nn.Module):
 
     def _init_factors(self, in_features, out_features, a_shape, rank, alpha, device, dtype):
         (a1, a2), (b1, b2) = factor_shapes(in_features, out_features, a_shape)
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-            raise ValueError(f"rank must be a positive int or None, got {rank!r}")
+        check_rank(rank)
         if alpha is None:
             alpha = float(rank) if rank is not None else 1.0
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
-        self.rank, self.alpha = rank, float(alpha)
+        self.rank, self.alpha = rank, check_number("alpha", alpha)
         self.scale = self.alpha / rank if rank is not None else self.alpha
         kw = dict(device=device, dtype=dtype)
         if rank is None:
@@ -119,7 +129,7 @@ class KronFactors(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """scale * kron(A, B): the (out, in) update, materialised (for merging and export)."""
-        return self.scale * torch.kron(self.factor_a(), self.factor_b())
+        return self.scale * kron(self.factor_a(), self.factor_b())
 
     def _factor_repr(self) -> str:
         a = f"a={tuple(self.a.shape)}" if self.rank is None else \
@@ -152,9 +162,9 @@ class KronALinear(WrapsLinear, KronFactors):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.base = base
-        freeze(base)
         self._init_factors(self.in_features, self.out_features, a_shape, rank, alpha,
                            base.weight.device, base.weight.dtype)
+        freeze(base)  # after every check: a refused call leaves base as it was
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
@@ -212,16 +222,18 @@ class KronABlock(KronFactors):
         super().__init__()
         if not isinstance(block, nn.Module):
             raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
+        if not isinstance(residual, bool):
+            raise TypeError(f"residual must be a bool, got {residual!r}")
         if residual and in_features != out_features:
             raise ValueError(f"residual needs in_features == out_features, got "
                              f"{in_features} and {out_features}")
-        self.block = block
-        freeze(block)
         if device is None or dtype is None:
             ref = next(block.parameters(), None)
             device = device if device is not None or ref is None else ref.device
             dtype = dtype if dtype is not None or ref is None else ref.dtype
         self._init_factors(in_features, out_features, a_shape, rank, alpha, device, dtype)
+        self.block = block
+        freeze(block)  # after every check: a refused call leaves block as it was
         self.in_features, self.out_features = in_features, out_features
         self.residual_scale = nn.Parameter(torch.zeros((), device=device, dtype=dtype)) \
             if residual else None

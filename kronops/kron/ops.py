@@ -35,7 +35,8 @@ from .. import backends
 from . import dispatch
 from ..checks import check_same, check_scale, check_tensor
 from ..dtypes import accumulation_dtype, autocast_off, autocast_operands, composite_dtype
-from .reference import b_first, torch_kron_factor_grad, torch_kron_rows, torch_kron_rows_grads
+from .reference import (b_first, kron, torch_kron_factor_grad, torch_kron_rows,
+                        torch_kron_rows_grads)
 
 kernels = backends.import_kernels()
 
@@ -242,17 +243,14 @@ def check_kron_operands(x, a, b, bias, scale):
     """Validate kron_linear's operands (errors name the argument); returns (x, a, b, bias,
     scale) cast to the autocast dtype when autocast is on, scale as a float."""
     check_tensor("x", x)
-    check_tensor("a", a, dim=2)
-    check_tensor("b", b, dim=2)
+    check_tensor("a", a, dim=2, nonempty=True)
+    check_tensor("b", b, dim=2, nonempty=True)
     scale = check_scale(scale)
     if bias is not None:
         check_tensor("bias", bias, dim=1)
     x, a, b, bias = autocast_operands(x.device.type, x, a, b, bias)
     check_same("x", x, a=a, b=b, bias=bias)
     (a1, a2), (b1, b2) = a.shape, b.shape
-    for name, f in (("a", a), ("b", b)):
-        if f.numel() == 0:
-            raise ValueError(f"{name} must have no zero-size dimension, got shape {tuple(f.shape)}")
     if x.dim() == 0 or x.shape[-1] != a2 * b2:
         raise ValueError(f"x must have last dim a2*b2 = {a2 * b2} for a of shape {tuple(a.shape)} "
                          f"and b of shape {tuple(b.shape)}, got shape {tuple(x.shape)}")
@@ -266,15 +264,16 @@ def kron_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     """``scale * x @ torch.kron(a, b).T + bias``, fused: ``kron(a, b)`` is not formed, except
     for small products where one GEMM on it is cheaper (``dispatch.materialise_pays``).
 
-    x: (..., a2*b2); a: (a1, a2); b: (b1, b2); bias: (a1*b1,) or None.
-    Returns (..., a1*b1) in x's dtype (inside an autocast region, all operands are cast to
-    the autocast dtype, as for F.linear). Differentiable in x, a, b and bias.
+    x: (..., a2*b2); a: (a1, a2); b: (b1, b2); bias: (a1*b1,) or None; all of any strides.
+    scale: a finite number. Returns (..., a1*b1) in x's dtype (inside an autocast region, all
+    operands are cast to the autocast dtype, as for F.linear). Differentiable in x, a, b and
+    bias.
     """
     x, a, b, bias, scale = check_kron_operands(x, a, b, bias, scale)
     (a1, a2), (b1, b2) = a.shape, b.shape
     if dispatch.materialise_pays(x.device.type, a2 * b2, a1 * b1):
         with autocast_off(x.device.type):
-            return F.linear(x, torch.kron(a, b) * scale, bias)
+            return F.linear(x, kron(a, b) * scale, bias)
     lead = x.shape[:-1]
     rows = x.reshape(-1, a2, b2)
     if (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
@@ -289,20 +288,21 @@ def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], *,
                 scale: float = 1.0) -> torch.Tensor:
     """``scale * x @ kron(f1, ..., fN).T`` for N >= 1 factors fi of shape (pi, qi).
 
-    x: (..., q1*...*qN). Returns (..., p1*...*pN), in the autocast dtype inside an
-    autocast region. With three or more factors, small groups of them are multiplied out into
-    two factors for one ``kron_linear`` where that pays (``dispatch.factor_split``); otherwise
-    the leading factors are applied one mode at a time (``kron_mode``) and the last two run
-    fused in ``kron_linear``. Differentiable in x and every factor.
+    x: (..., q1*...*qN); x and the factors of any strides; scale: a finite number. Returns
+    (..., p1*...*pN), in the autocast dtype inside an autocast region. With three or more
+    factors, small groups of them are multiplied out into two factors for one ``kron_linear``
+    where that pays (``dispatch.factor_split``); otherwise the leading factors are applied one
+    mode at a time (``kron_mode``) and the last two run fused in ``kron_linear``.
+    Differentiable in x and every factor.
     """
     check_tensor("x", x)
     if isinstance(factors, torch.Tensor) or not isinstance(factors, Sequence) or not factors:
         raise TypeError("factors must be a non-empty list or tuple of 2-D tensors")
     for i, f in enumerate(factors):
-        check_tensor(f"factors[{i}]", f, dim=2)
+        check_tensor(f"factors[{i}]", f, dim=2, nonempty=True)
+    scale = check_scale(scale)
     x, *factors = autocast_operands(x.device.type, x, *factors)
     check_same("x", x, **{f"factors[{i}]": f for i, f in enumerate(factors)})
-    scale = check_scale(scale)
     q = [f.shape[1] for f in factors]
     if x.dim() == 0 or x.shape[-1] != math.prod(q):
         raise ValueError(f"x must have last dim q1*...*qN = {math.prod(q)} for factor column "
@@ -311,7 +311,7 @@ def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], *,
     p = [f.shape[0] for f in factors]
     split = dispatch.factor_split(x.device.type, [tuple(f.shape) for f in factors])
     if split is not None:
-        a, b = (functools.reduce(torch.kron, fs) for fs in (factors[:split], factors[split:]))
+        a, b = (functools.reduce(kron, fs) for fs in (factors[:split], factors[split:]))
         return kron_linear(x, a, b, scale=scale)
     if len(factors) == 1:
         y = F.linear(x, factors[0])

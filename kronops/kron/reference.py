@@ -1,8 +1,9 @@
 """The Kronecker ops in plain PyTorch: naive references and the composite implementations.
 
 ``naive_*`` materialise torch.kron (obviously right, O(out*in) memory: tests and benchmarks
-only). ``torch_*`` are the ops' default kernels, on every device: batched matmuls that never
-form the Kronecker product.
+only). ``kron`` is the product the ops build where building it pays (``dispatch``), for
+factors of any strides. ``torch_*`` are the ops' default kernels, on every device: batched
+matmuls that never form the Kronecker product.
 """
 import functools
 
@@ -11,15 +12,28 @@ import torch
 from ..dtypes import accumulation_dtype, composite_dtype
 
 
+def naive_kron(a, b):
+    """torch.kron(a, b) of contiguous copies: torch 2.13's torch.kron refuses some strided
+    operands (a transposed factor beside a contiguous one)."""
+    return torch.kron(a.contiguous(), b.contiguous())
+
+
 def naive_kron_linear(x, a, b, bias=None, scale=1.0):
     """scale * x @ kron(a, b).T + bias, materialising the Kronecker product."""
-    y = scale * (x @ torch.kron(a, b).T)
+    y = scale * (x @ naive_kron(a, b).T)
     return y if bias is None else y + bias
 
 
 def naive_kron_matmul(x, factors, scale=1.0):
     """scale * x @ kron(f1, ..., fN).T, materialising the Kronecker product."""
-    return scale * (x @ functools.reduce(torch.kron, factors).T)
+    return scale * (x @ functools.reduce(naive_kron, factors).T)
+
+
+def kron(a, b):
+    """kron(a, b) (a1*b1, a2*b2) for a (a1, a2) and b (b1, b2) of any strides: one broadcast
+    product, no copy of either factor; differentiable (twice)."""
+    (a1, a2), (b1, b2) = a.shape, b.shape
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(a1 * b1, a2 * b2)
 
 
 def b_first(a1, a2, b1, b2) -> bool:
