@@ -10,9 +10,9 @@ Serving many adapters on one base model in mixed batches: ``kronops.serving.Adap
 Backends: ``kronops.backends``.
 """
 from . import adapters, backends, kron, s2ft, serving
-from .adapters import (AdapterFileError, AdapterSummary, apply_adapters, disable_adapters,
-                       load_adapters, merge_adapters, save_adapters, trainable_parameters,
-                       unmerge_adapters)
+from .adapters import (AdapterFileError, AdapterSummary, BaseMismatchWarning, apply_adapters,
+                       disable_adapters, load_adapters, merge_adapters, save_adapters,
+                       trainable_parameters, unmerge_adapters)
 from .kron import KronABlock, KronALinear, KronLinear, kron_linear, kron_matmul
 from .s2ft import InPlaceAdamW, InPlaceSGD, S2FTInPlaceLinear, S2FTLinear, sparse_linear
 from .version import __version__
@@ -21,5 +21,5 @@ __all__ = ["kron_linear", "kron_matmul", "KronLinear", "KronALinear", "KronABloc
            "sparse_linear", "S2FTLinear", "S2FTInPlaceLinear", "InPlaceAdamW", "InPlaceSGD",
            "apply_adapters", "merge_adapters", "unmerge_adapters", "trainable_parameters",
            "disable_adapters", "AdapterSummary", "save_adapters", "load_adapters",
-           "AdapterFileError", "adapters", "backends", "kron", "s2ft", "serving",
+           "AdapterFileError", "BaseMismatchWarning", "adapters", "backends", "kron", "s2ft", "serving",
            "__version__"]

@@ -4,6 +4,8 @@ leaving the model, or the previous file, untouched."""
 import copy
 import json
 import os
+import random
+import re
 import struct
 import subprocess
 import sys
@@ -153,6 +155,16 @@ def test_mismatched_adapter_config_fails_and_leaves_model_untouched(saved):
     assert_untouched(fresh, before)
 
 
+def test_mismatched_alpha_fails_and_leaves_model_untouched(saved):
+    """Same rank and shapes, another alpha (another scale): the file does not fit."""
+    _, fresh, path = saved
+    apply_adapters(fresh, rank=2, alpha=5, verbose=False)
+    before = snapshot(fresh)
+    with pytest.raises(AdapterFileError, match="has alpha 5.0 in the model, 3.0 in the file"):
+        load_adapters(fresh, path)
+    assert_untouched(fresh, before)
+
+
 def test_mismatched_module_names_fail_and_leave_model_untouched(saved):
     _, _, path = saved
     one_layer = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -195,15 +207,35 @@ def test_corrupt_or_truncated_file_fails_and_leaves_model_untouched(saved, damag
         data = data[:len(data) - 17]
     elif damage == "truncate header":
         data = data[:40]
-    elif damage == "garbage":
-        data = bytearray(os.urandom(len(data)))
+    elif damage == "garbage":  # a header length that fits, then no JSON
+        data = bytearray(data[:8]) + bytearray(random.Random(0).randbytes(len(data) - 8))
     else:
         data = bytearray()
     path.write_bytes(bytes(data))
     before = snapshot(fresh)
-    with pytest.raises(AdapterFileError, match="corrupt"):
+    with pytest.raises(AdapterFileError, match=r"not a kronops adapter file \(not safetensors" if
+                       damage == "garbage" else "corrupt"):
         load_adapters(fresh, path)
     assert_untouched(fresh, before)
+
+
+@pytest.mark.parametrize("kind", ["torch.save", "text", "random bytes"])
+def test_a_file_that_is_not_safetensors_says_so(tmp_path, kind):
+    """Not "a header of 578712552184433488 bytes": the file is not an adapter file at all."""
+    path = tmp_path / "adapters.bin"
+    if kind == "torch.save":
+        torch.save({"w": torch.ones(3)}, path)
+    elif kind == "text":
+        path.write_text("these are not adapters\n" * 4)
+    else:
+        path.write_bytes(random.Random(0).randbytes(1343))
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match=re.escape(
+            f"{str(path)!r} is not a kronops adapter file (not safetensors: ")) as info:
+        load_adapters(model, path)
+    assert "header of" not in str(info.value)
+    assert_untouched(model, before)
 
 
 def test_safetensors_file_without_kronops_config(tmp_path):

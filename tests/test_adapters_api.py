@@ -101,6 +101,7 @@ def test_apply_returns_the_model_and_the_summary_is_on_request(capsys, tmp_path)
     print(summary)
     assert capsys.readouterr().out.startswith("kronops krona: 14 adapter module(s); trainable "
                                               f"params {summary.trainable:,} of ")
+    torch.manual_seed(0)  # the same base: no BaseMismatchWarning
     fresh = kronops.load_adapters(tiny_llama(), tmp_path / "a.safetensors")
     assert trainable_parameters(fresh) == summary
 
@@ -211,9 +212,33 @@ def test_a_rank_too_large_says_which_rank_or_a_shape_works():
         apply_adapters(tiny_llama(), target_modules=["k_proj"], rank=20)
 
 
-def test_alpha_must_be_finite():
-    with pytest.raises(ValueError, match="alpha must be finite, got nan"):
-        apply_adapters(tiny_llama(), alpha=float("nan"))
+@pytest.mark.parametrize("method", ["krona", "krona_block"])
+@pytest.mark.parametrize("alpha", [-1, -0.5, 0, 0.0, float("nan"), float("inf"), -float("inf")])
+def test_alpha_must_be_positive_and_finite(method, alpha):
+    """A negative alpha flips the update's sign and 0 switches it off: almost surely a
+    mistake, refused by name (as are NaN and infinities); the model is unchanged."""
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape(f"alpha must be a positive finite number, "
+                                                   f"got {alpha!r}")):
+        apply_adapters(model, method, alpha=alpha)
+    assert not adapter_modules(model) and not hasattr(model, "_kronops")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    apply_adapters(model, method, alpha=1e-3)  # small but positive is fine
+
+
+@pytest.mark.parametrize("given", [dict(heads=1), dict(channels=2), dict(heads=0.1),
+                                   dict(heads=1, channels=2)])
+def test_ratio_with_heads_or_channels_is_refused_by_name(given):
+    """ratio is the same fraction of heads and channels, heads/channels the explicit
+    alternative: both at once is ambiguous, refused naming what was given."""
+    model = tiny_llama()
+    names = ", ".join(given)
+    with pytest.raises(ValueError, match=re.escape(f"give ratio or heads/channels, not both "
+                                                   f"(got ratio and {names})")):
+        apply_adapters(model, "s2ft", ratio=0.1, **given)
+    assert not adapter_modules(model) and not hasattr(model, "_kronops")
+    apply_adapters(model, "s2ft", **given)  # each alone works
 
 
 # -- 3: in-place S²FT with an ordinary torch optimizer ------------------------------------

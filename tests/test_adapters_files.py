@@ -125,6 +125,53 @@ def test_checksum_covers_s2ft_plan_and_mode(tmp_path):
         assert_refused(path, match="does not match its checksum")
 
 
+def _rewrite_header(path, change) -> None:
+    """Apply ``change`` to the safetensors header's JSON (tensor entries: dtype, shape,
+    data_offsets) and write the file back; the tensor bytes and the kronops config stay."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    change(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+
+
+def _retype(header):  # fp32 -> int32: the same bytes read as other values
+    key = next(k for k, v in sorted(header.items()) if k != "__metadata__" and
+               v["dtype"] == "F32" and len(v["shape"]) == 2)
+    header[key]["dtype"] = "I32"
+
+
+def _reshape(header):  # (a, b) -> (b, a): the same bytes in another layout
+    key = next(k for k, v in sorted(header.items()) if k != "__metadata__" and
+               len(v["shape"]) == 2 and v["shape"][0] != v["shape"][1])
+    header[key]["shape"] = header[key]["shape"][::-1]
+
+
+def _rename(header):  # the last tensor (in name order) renamed, still the last
+    key = max(k for k in header if k != "__metadata__")
+    header[key + "_"] = header.pop(key)
+
+
+@pytest.mark.parametrize("change", [_retype, _reshape, _rename])
+def test_a_tensor_dtype_shape_or_name_changed_alone_fails_the_checksum(saved, tmp_path, change):
+    """Exactly one thing of one tensor changed in the safetensors header (its dtype, its
+    shape, or its name), the bytes and the config as saved: the checksum catches it (it
+    covers each tensor's name, dtype and shape, not only its bytes)."""
+    _, _, path, _ = saved
+    _rewrite_header(path, change)
+    assert_refused(path, match="does not match its checksum")
+
+
+def test_checksum_changes_with_a_tensor_dtype_shape_or_name_alone():
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    config = dict(format="kronops-adapters")
+    digest = checksum(config, {"x": t})
+    for other in ({"x": t.view(torch.int32)}, {"x": t.reshape(4, 3)}, {"y": t}):
+        assert checksum(config, other) != digest, other
+
+
 # -- 1c: malformed configs with a valid checksum -----------------------------------------
 
 def _paths(config, prefix=()):

@@ -107,6 +107,7 @@ def test_two_processes_match_one_process_on_the_combined_batch(distributed_resul
     assert moved == len(expected)  # every adapter tensor was trained
     if wrapper == "fsdp2":  # the adapter file saved from the sharded model
         from kronops.adapters.files import load_adapters
+        torch.manual_seed(0)  # the base the workers trained on
         fresh = tiny_llama(torch.float64)
         load_adapters(fresh, f"{distributed_results['path']}.{method}.safetensors")
         loaded = {n: p for n, p in fresh.named_parameters() if n in expected}

@@ -180,7 +180,7 @@ def test_inplace_save_load_into_a_fresh_model_gives_identical_outputs(permute, t
     path = tmp_path / "inplace.safetensors"
     adapters.save_adapters(model, path)
     tensors, config = adapters.read_adapters(path)
-    assert config["mode"] == "inplace" and config["format_version"] == 2
+    assert config["mode"] == "inplace" and config["format_version"] == 3
     assert tensors["model.layers.0.mlp.down_proj.weight"].shape == (48, 4)
     assert not any(k.endswith(".delta") for k in tensors)
     adapters.load_adapters(fresh, path)

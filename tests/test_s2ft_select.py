@@ -85,6 +85,8 @@ def test_gradient_strategy_with_loss_fn():
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(heads=7), ValueError, "heads = 7 per block, but blocks have 6"),
+    (dict(channels=-1), ValueError, r"channels must be >= 0 \(a count per block\), got -1"),
+    (dict(heads=-2), ValueError, r"heads must be >= 0 \(a count per block\), got -2"),
     (dict(channels=1.5), ValueError, r"channels as a fraction must lie in \[0, 1\]"),
     (dict(heads="2"), TypeError, "heads must be an int"),
     (dict(strategy="magic"), ValueError, "strategy must be one of"),

@@ -133,6 +133,12 @@ def test_krona_block_adapters_route_on_t5(tmp_path):
         for row, name in enumerate(route):
             model = base if name is None else alone(base, paths[name])
             assert_close(mixed[row], model(**inputs).logits[row], torch.float64, f"{name}")
+    settings = dict(max_new_tokens=3, num_beams=2, do_sample=False)
+    with bank.route(route, rows_per_name=2):  # the encoder sees one row per name, the decoder 2
+        generated = base.generate(inputs["input_ids"], **settings)
+    for row, name in enumerate(route):
+        model = base if name is None else alone(base, paths[name])
+        assert torch.equal(generated[row], model.generate(inputs["input_ids"], **settings)[row])
     with pytest.raises(RuntimeError, match="cannot be merged"):
         bank.merge("block")
     assert bank.merged is None
@@ -160,12 +166,71 @@ def test_generate_holds_the_route_with_padding_and_beams(files):
     prompts = prompts.masked_fill(mask == 0, 0)
     settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     for beams in (1, 2):
-        with bank.route(route):
+        with bank.route(route, rows_per_name=beams):
             mixed = base.generate(prompts, num_beams=beams, **settings)
         for row, name in enumerate(route):
             model = base if name is None else alone(base, files["llama"][name])
             ref = model.generate(prompts, num_beams=beams, **settings)
             assert torch.equal(mixed[row], ref[row]), (beams, row, name)
+
+
+def test_a_route_is_read_as_beams_only_when_asked(files):
+    """Three names on a 6-row batch are not silently two rows each: refused, naming both
+    lengths; with rows_per_name=2 they are, exactly as the six names spelled out."""
+    base, bank = bank_of("llama", files)
+    route = ["krona", None, "s2ft"]
+    batch = ids(6)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"route of 3 names for a batch of 6 rows: the "
+                                             r"batch must have 3 rows"):
+            with bank.route(route):
+                base(batch)
+        with pytest.raises(ValueError, match=r"route of 3 names for a batch of 4 rows: the "
+                                             r"batch must have 3 \(one per name\) or 6 "
+                                             r"\(2 per name\) rows"):
+            with bank.route(route, rows_per_name=2):
+                base(ids(4))
+        with bank.route(route, rows_per_name=2):
+            beams = base(batch).logits
+        with bank.route([name for name in route for _ in range(2)]):
+            spelled = base(batch).logits
+        with bank.route(route, rows_per_name=2):  # one row per name is still one per name
+            single = base(batch[::2]).logits
+    assert torch.equal(beams, spelled)
+    assert_close(single, spelled[::2], torch.float64, "one row per name")
+
+
+def test_a_model_that_folds_the_sequence_into_the_rows(tmp_path):
+    """OPT's FFN takes (batch x seq, hidden): routed by the rows it folds; a route of
+    another length than the batch is still refused when only those layers are adapted."""
+    base = build("opt")
+    paths = {}
+    for seed, name in enumerate(["krona", "s2ft"]):
+        model = copy.deepcopy(base)
+        if name == "krona":
+            kronops.apply_adapters(model, "krona", target_modules=["fc1", "fc2"])
+        else:
+            kronops.apply_adapters(model, "s2ft", heads=0, channels=0.25, seed=seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1)
+        paths[name] = tmp_path / f"{name}.safetensors"
+        kronops.save_adapters(model, paths[name])
+    bank = AdapterBank(base)
+    for name, path in paths.items():
+        bank.load(name, path)
+    route = ["s2ft", None, "krona"]
+    batch = ids(len(route))
+    with torch.no_grad():
+        with bank.route(route):
+            mixed = base(batch).logits
+        for row, name in enumerate(route):
+            model = base if name is None else alone(base, paths[name])
+            assert_close(mixed[row], model(batch).logits[row], torch.float64, f"{name}")
+        with pytest.raises(ValueError, match="route of 3 names for a batch of 6 rows"):
+            with bank.route(route):
+                base(ids(6))
 
 
 def test_merge_switch_unmerge(files):
@@ -298,9 +363,16 @@ def test_bad_routes_raise_before_anything_runs(files):
         with pytest.raises(error, match=match):
             with bank.route(names):
                 pass
-    with pytest.raises(RuntimeError, match="3 batch rows"), torch.no_grad():
+    with pytest.raises(ValueError, match="route of 3 names for a batch of 2 rows"), \
+            torch.no_grad():
         with bank.route(["krona", None, "s2ft"]):
             base(batch)
+    for k, error, match in [(0, ValueError, "rows_per_name must be a positive int, got 0"),
+                            (True, TypeError, "rows_per_name must be a positive int, got True"),
+                            (2.0, TypeError, "rows_per_name must be a positive int, got 2.0")]:
+        with pytest.raises(error, match=match):
+            with bank.route(["krona", None], rows_per_name=k):
+                pass
     with pytest.raises(RuntimeError, match="inference"):
         with bank.route(["krona", None]):
             base(batch)

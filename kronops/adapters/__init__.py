@@ -9,12 +9,13 @@ or channel; ``unpermute`` (``permutation``): undo S²FT co-permutation; ``Adapte
 (``state``): what a model records in ``model._kronops``; ``targets``: module matching;
 ``lokr``: KronA-family layer settings; ``KronASublayer`` (``sublayer``): KronA^B in a model;
 ``peft``: PEFT LoKr interop (imports peft lazily);
-``AdapterFileError`` (``errors``): a malformed adapter file or plan.
+``AdapterFileError`` (``errors``): a malformed adapter file or plan; ``BaseMismatchWarning``:
+a file loaded into another base model than its own (``fingerprint``: how that is told).
 """
 from .apply import (DEFAULT_S2FT_RATIO, AdapterSummary, apply_adapters, disable_adapters,
                     merge_adapters, trainable_parameters, unmerge_adapters)
 from .blocks import Block, find_blocks
-from .errors import AdapterFileError
+from .errors import AdapterFileError, BaseMismatchWarning
 from .files import load_adapters, read_adapters, save_adapters
 from .permutation import unpermute
 from .selection import Plan, select
@@ -23,5 +24,6 @@ from .sublayer import KronASublayer
 
 __all__ = ["apply_adapters", "merge_adapters", "unmerge_adapters", "trainable_parameters",
            "disable_adapters", "AdapterSummary", "DEFAULT_S2FT_RATIO", "save_adapters",
-           "load_adapters", "read_adapters", "AdapterFileError", "select", "Plan", "Block",
-           "find_blocks", "unpermute", "AdapterState", "adapter_modules", "KronASublayer"]
+           "load_adapters", "read_adapters", "AdapterFileError", "BaseMismatchWarning",
+           "select", "Plan", "Block", "find_blocks", "unpermute", "AdapterState",
+           "adapter_modules", "KronASublayer"]

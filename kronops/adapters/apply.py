@@ -9,16 +9,21 @@
   method="krona"  each target module (``targets``; None: the architecture's defaults)
                   becomes a ``KronALinear``, base(x) + s * x @ kron(A, B).T.
                   config: a_shape (None, a pair, or {module suffix: pair}), rank, alpha, dropout.
+                  alpha: a positive finite number, or None (the layer's default: rank, or 1
+                  without one); a negative alpha (the update's sign flipped) or 0 (no update)
+                  is almost surely a mistake and raises a ValueError.
   method="krona_block"  KronA^B (``residual=True``: KronA^B_res): a Kronecker adapter in
                   parallel with every attention and FFN sub-layer of every block
                   (``sublayer``; cross-attention included), wrapping the sub-layer's output
                   projection as a ``KronASublayer``. config: a_shape (pair, or {output
-                  module suffix: pair}), rank, alpha, residual. Cannot be merged.
+                  module suffix: pair}), rank, alpha (as for "krona"), residual. Cannot be
+                  merged.
   method="s2ft"   every transformer block (``blocks``: every supported family) trains the
                   weight parts of its selected query heads and FFN channels (``Block.parts``).
                   config: plan (a ``Plan`` from ``select``) or the selection itself: ratio
                   (fraction of heads and of channels, in (0, 1]) or heads/channels (an int
-                  per block, or a fraction of the model total), strategy, seed, calibration,
+                  per block, or a fraction of the model total; not both ratio and
+                  heads/channels: a ValueError), strategy, seed, calibration,
                   loss_fn (see ``selection``; how a fraction is rounded is documented there).
                   With none of plan, ratio, heads, channels: ratio=DEFAULT_S2FT_RATIO (0.05,
                   5% of the model's query heads and of its FFN channels, chosen at random
@@ -36,6 +41,8 @@
                   shared: its update is seen by the whole group).
 ``train_modules``: names (matched as ``target_modules``) of further modules left trainable,
 e.g. a classifier head; ``save_adapters`` stores them with the adapters.
+The base model's ``fingerprint`` over the adapted modules is taken before anything is
+wrapped (``AdapterState.base``): adapter files record it (``files``).
 New adapter layers take the training mode of the Linear they wrap: adapters added to (or
 loaded into) a model in ``eval()`` mode are in eval mode too (no dropout at inference).
 
@@ -50,10 +57,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..kron.modules import factor_shapes
+from ..checks import check_number
+from ..kron.modules import check_rank, factor_shapes
 from ..s2ft.modules import S2FTInPlaceLinear, S2FTLinear
 from ..wrapped_linear import features, is_linear
 from .blocks import Block, find_blocks
+from .fingerprint import fingerprint
 from .lokr import KIND_KRONA, build_layer, layer_config
 from .permutation import block_permutation, permute_block, unpermute
 from .selection import Plan, check_plan, select
@@ -107,12 +116,11 @@ def _a_shape_for(name: str, a_shape):
 
 
 def _check_factor_args(rank, alpha) -> None:
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise ValueError(f"rank must be a positive int or None, got {rank!r}")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
-        raise TypeError(f"alpha must be a number, got {alpha!r}")
-    if alpha is not None and not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha!r}")
+    """The layer's rules (``check_rank``, a finite alpha), and alpha > 0."""
+    check_rank(rank)
+    if alpha is not None and check_number("alpha", alpha) <= 0:
+        raise ValueError(f"alpha must be a positive finite number, got {alpha!r} (a negative "
+                         "alpha flips the update's sign, 0 switches it off; None: the default)")
 
 
 def _factor_a_shape(name: str, in_features: int, out_features: int, a_shape, rank) -> list:
@@ -237,11 +245,14 @@ def _s2ft_plan(model: nn.Module, blocks: list[Block], plan=None, ratio=None, hea
         check_plan(plan, blocks)
         return copy.deepcopy(plan)
     if ratio is not None:
+        given = [k for k, v in dict(heads=heads, channels=channels).items() if v is not None]
+        if given:
+            raise ValueError("ratio is the fraction of heads and of channels: give ratio or "
+                             f"heads/channels, not both (got ratio and {', '.join(given)})")
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or \
                 not 0.0 < ratio <= 1.0:
             raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}")
-        heads = float(ratio) if heads is None else heads
-        channels = float(ratio) if channels is None else channels
+        heads = channels = float(ratio)
     if heads is None and channels is None:
         heads = channels = DEFAULT_S2FT_RATIO
     return select(model, heads=heads or 0, channels=channels or 0, **selection)
@@ -349,8 +360,9 @@ def apply_adapters(model: nn.Module, method: str = "krona", target_modules=None,
                                modules=dict(model.named_modules()))
         _check_overlap(train, chosen)
         configs = krona_layer_configs(model, chosen, **config)
+        base = fingerprint(model, configs)
         wrap_krona(model, configs)
-        state = AdapterState(method, train, layers={
+        state = AdapterState(method, train, base=base, layers={
             n: layer_config(model.get_submodule(n)) for n in configs})
     elif method == "krona_block":
         if target_modules is not None:
@@ -358,8 +370,9 @@ def apply_adapters(model: nn.Module, method: str = "krona", target_modules=None,
                              "the model's blocks; target_modules must be None")
         configs = sublayer_configs(model, find_blocks(model), **config)
         _check_overlap(train, list(configs) + [c["source"] for c in configs.values()])
+        base = fingerprint(model, configs)
         wrap_krona(model, configs)
-        state = AdapterState(method, train, layers={
+        state = AdapterState(method, train, base=base, layers={
             n: sublayer_config(model.get_submodule(n), c["source"]) for n, c in configs.items()})
     else:
         if target_modules is not None:
@@ -368,9 +381,12 @@ def apply_adapters(model: nn.Module, method: str = "krona", target_modules=None,
         mode, permute, delta_dtype = _s2ft_options(config)
         blocks = find_blocks(model)
         plan = _s2ft_plan(model, blocks, **config)
-        _check_overlap(train, list(plan_parts(blocks, plan)))
+        parts = plan_parts(blocks, plan)
+        _check_overlap(train, list(parts))
+        base = fingerprint(model, parts)
         permutations = wrap_s2ft(model, blocks, plan, mode, permute, delta_dtype)
-        state = AdapterState(method, train, plan=plan, mode=mode, permutations=permutations)
+        state = AdapterState(method, train, base=base, plan=plan, mode=mode,
+                             permutations=permutations)
     setattr(model, STATE, state)
     freeze_except(model, train)
     if verbose:

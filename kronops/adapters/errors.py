@@ -1,4 +1,5 @@
-"""The one error a malformed adapter file or selection plan raises: ``AdapterFileError``."""
+"""What a malformed adapter file or selection plan raises (``AdapterFileError``), and what a
+file trained on another base model warns (``BaseMismatchWarning``)."""
 
 
 class AdapterFileError(ValueError):
@@ -6,4 +7,9 @@ class AdapterFileError(ValueError):
     the model; raised before anything in the model changes."""
 
 
-__all__ = ["AdapterFileError"]
+class BaseMismatchWarning(UserWarning):
+    """An adapter file loaded into another base model than the one it was saved from (its
+    fingerprint differs); ``load_adapters(..., strict=True)`` raises instead."""
+
+
+__all__ = ["AdapterFileError", "BaseMismatchWarning"]

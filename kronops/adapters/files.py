@@ -1,8 +1,8 @@
 """Adapter files for every method: ``save_adapters(model, path)`` / ``load_adapters(model, path)``.
 
 One safetensors file: the tensors, and in the header metadata under "kronops" a JSON config:
-format, format_version, kronops_version, method, train_modules, tensors ({name: shape,
-dtype}), sha256 (see below) and per method
+format, format_version (3), kronops_version, method, train_modules, tensors ({name: shape,
+dtype}), base (below), sha256 (see below) and per method
   krona        layers: per adapter module its settings (``lokr.layer_config``)
   krona_block  layers: per sub-layer output module its settings, with the source module
                whose input the adapter takes (``sublayer.sublayer_config``)
@@ -16,10 +16,18 @@ Tensors, by module name in the model:
          all in the original layout (a co-permuted model is saved unpermuted)
   train modules: ``<module>.<parameter>``
 
+The base model: ``base`` is the ``fingerprint`` of the base the adapters were trained on
+(per adapted module: the weight's shape, dtype and a sample of its values; taken when the
+adapters were applied; null when unknown). Loading into a base whose fingerprint differs
+(another checkpoint of the same architecture) warns (``BaseMismatchWarning``), or raises
+``AdapterFileError`` with ``strict=True``; the same base in another dtype is the same base.
+Files of format version 2 (kronops before fingerprints) have no ``base`` and load with no
+such check, also with ``strict=True``.
+
 Integrity: ``sha256`` (``checksum``) covers every byte that affects results: the config
-(every key but sha256 itself, as canonical JSON: sorted keys, no spaces, ASCII) and every
-tensor (name, dtype, shape, bytes), each length-prefixed. A changed digit anywhere in the
-config or the data fails the check.
+(every key but sha256 itself, as canonical JSON: sorted keys, no spaces, ASCII; the base
+fingerprint included) and every tensor (name, dtype, shape, bytes), each length-prefixed. A
+changed digit anywhere in the config or the data fails the check.
 
 Saving is atomic: the file is written to a temporary file in the same directory
 (``.<name>.<host>.<pid>.<random>.kronops-tmp``), flushed to disk and moved over ``path``
@@ -31,8 +39,8 @@ gives (0666 & ~umask), like any file a program creates. A missing directory, or 
 being a directory, raises before anything is written, naming ``path``.
 
 Loading checks everything (file integrity, checksum, config structure, module names,
-exact shapes, plan) before it changes the model: on any error it raises
-``AdapterFileError`` (a ValueError) naming the problem, and the model is untouched. A
+exact shapes, plan, base with ``strict=True``) before it changes the model: on any error it
+raises ``AdapterFileError`` (a ValueError) naming the problem, and the model is untouched. A
 plain model gets the saved adapters applied (S²FT: the plan in the saved mode, not
 permuted), in the training mode of the Linears they wrap (a model in eval() mode stays
 in eval mode); a model with adapters must hold exactly the saved ones (S²FT: the same plan
@@ -47,6 +55,7 @@ import secrets
 import socket
 import struct
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -57,7 +66,8 @@ from ..version import __version__
 from ..wrapped_linear import features, is_linear
 from .apply import _check_overlap, freeze_except, plan_parts, summarize, wrap_krona, wrap_s2ft
 from .blocks import find_blocks
-from .errors import AdapterFileError
+from .errors import AdapterFileError, BaseMismatchWarning
+from .fingerprint import check_fingerprint, differences, fingerprint
 from .lokr import KIND_KRONA, KIND_LOKR, build_layer, layer_config
 from .sublayer import (KIND_SUBLAYER, SUBLAYER_KEYS, KronASublayer, build_sublayer,
                        sublayer_config)
@@ -66,7 +76,8 @@ from .selection import Plan, _expect_keys, _is_int, check_plan
 from .state import METHODS, MODES, STATE, AdapterState, adapter_modules, adapter_state
 
 FORMAT = "kronops-adapters"
-FORMAT_VERSION = 2  # 2: one layout for every method (S²FT plan + mode, in-place weights)
+FORMAT_VERSION = 3  # 2: one layout for every method (S²FT plan + mode); 3: + base fingerprint
+READ_VERSIONS = (2, 3)
 COMMON_KEYS = ("format", "format_version", "kronops_version", "method", "train_modules",
                "tensors", "sha256")
 METHOD_KEYS = {"krona": ("layers",), "krona_block": ("layers",), "s2ft": ("plan", "mode")}
@@ -184,7 +195,8 @@ def _collect(model: nn.Module) -> tuple[dict, dict]:
         raise ValueError("model has no kronops adapters (no KronA or S²FT layers): "
                          "apply_adapters (or from_peft) first")
     config = dict(format=FORMAT, format_version=FORMAT_VERSION, kronops_version=__version__,
-                  method=state.method, train_modules=list(state.train_modules))
+                  method=state.method, train_modules=list(state.train_modules),
+                  base=state.base)
     tensors = {}
     if state.method in LAYER_KINDS:
         layers = {n: m for n, m in adapter_modules(model).items()
@@ -410,8 +422,9 @@ def _check_config(config: dict, tensors: dict, path: str) -> None:
     if method not in METHODS:
         raise AdapterFileError(f"{path!r}: unknown method {method!r} (expected one of "
                                f"{METHODS})")
+    versioned = ("base",) if config["format_version"] >= 3 else ()
     try:
-        _expect_keys("config", config, COMMON_KEYS + METHOD_KEYS[method])
+        _expect_keys("config", config, COMMON_KEYS + METHOD_KEYS[method] + versioned)
     except AdapterFileError as e:
         raise AdapterFileError(f"{path!r}: {e}") from None
     if not isinstance(config["kronops_version"], str):
@@ -431,6 +444,7 @@ def _check_config(config: dict, tensors: dict, path: str) -> None:
             raise AdapterFileError(f"{path!r}: {key} is listed as {listed[key]!r}, the file "
                                    f"holds shape {list(t.shape)} dtype {_dtype_name(t)}")
     try:
+        check_fingerprint(config.get("base"))
         if method in LAYER_KINDS:
             layers = config["layers"]
             if not isinstance(layers, dict) or not layers:
@@ -457,6 +471,10 @@ def read_adapters(path) -> tuple[dict[str, torch.Tensor], dict]:
             data = f.read()
     except OSError as e:
         raise AdapterFileError(f"cannot read adapter file {path!r}: {e}") from e
+    if len(data) >= 8 and data[8:9] != b"{":  # a safetensors header is a JSON object
+        raise AdapterFileError(f"{path!r} is not a kronops adapter file (not safetensors: it "
+                               f"starts with {data[:9]!r}, not an 8-byte length and a JSON "
+                               "header); save_adapters writes them (torch.save does not)")
     try:
         if len(data) < 8:
             raise ValueError(f"{len(data)} bytes, shorter than the 8-byte header length")
@@ -480,10 +498,10 @@ def read_adapters(path) -> tuple[dict[str, torch.Tensor], dict]:
                                f"{e}") from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path!r}: the kronops config is not a JSON object (corrupt)")
-    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+    if config.get("format") != FORMAT or config.get("format_version") not in READ_VERSIONS:
         raise AdapterFileError(f"{path!r}: unsupported format {config.get('format')!r} version "
                                f"{config.get('format_version')!r} (this kronops reads "
-                               f"{FORMAT!r} version {FORMAT_VERSION})")
+                               f"{FORMAT!r} versions {READ_VERSIONS})")
     try:
         digest = checksum(config, tensors)
     except (TypeError, ValueError) as e:
@@ -682,16 +700,39 @@ def prepare_load(model: nn.Module, tensors: dict, config: dict, path: str) -> di
     for key, t in tensors.items():
         if key not in index_tensors and not t.is_floating_point():
             raise AdapterFileError(f"{path!r}: {key} has dtype {t.dtype}, expected floating point")
+    base, base_mismatch = _compare_base(model, state, config.get("base"), adapted, path)
     return dict(method=method, state=state, plan=plan, mode=mode, new_layers=new_layers,
-                train=train, s2ft_keys=s2ft_keys)
+                train=train, s2ft_keys=s2ft_keys, base=base, base_mismatch=base_mismatch)
 
 
-def check_load(model: nn.Module, path: str) -> tuple[dict, dict, dict]:
+def _compare_base(model: nn.Module, state, saved: dict | None, adapted: list[str], path: str):
+    """(the model's base fingerprint over the ``adapted`` modules: recorded in its state, or
+    taken now from a plain model; a message when the file's ``saved`` one differs, or None)."""
+    if saved is not None and set(saved) != set(adapted):
+        raise AdapterFileError(
+            f"{path!r}: the base fingerprint covers other modules than the adapters (missing "
+            f"{sorted(set(adapted) - set(saved))[:3]}, not adapted "
+            f"{sorted(set(saved) - set(adapted))[:3]})")
+    current = fingerprint(model, adapted) if state is None else state.base
+    if saved is None or current is None:
+        return current, None
+    found = differences(saved, current)
+    if not found:
+        return current, None
+    return current, (f"{path!r} was saved from another base model: {len(found)} of "
+                     f"{len(saved)} adapted module(s) differ, e.g. {'; '.join(found[:2])}")
+
+
+def check_load(model: nn.Module, path: str, *, strict: bool = False) -> tuple[dict, dict, dict]:
     """(tensors, config, what ``prepare_load`` found) for the adapter file at ``path``, read
-    and checked against ``model`` without changing it; AdapterFileError naming the problem."""
+    and checked against ``model`` without changing it; AdapterFileError naming the problem
+    (with ``strict``, also a file saved from another base model)."""
     tensors, config = read_adapters(path)
     try:
-        return tensors, config, prepare_load(model, tensors, config, path)
+        todo = prepare_load(model, tensors, config, path)
+        if strict and todo["base_mismatch"]:
+            raise AdapterFileError(todo["base_mismatch"])
+        return tensors, config, todo
     except AdapterFileError:
         raise
     except Exception as e:  # a file malformed in a way no check above names
@@ -699,7 +740,8 @@ def check_load(model: nn.Module, path: str) -> tuple[dict, dict, dict]:
             from None
 
 
-def load_adapters(model: nn.Module, path, *, verbose: bool = False) -> nn.Module:
+def load_adapters(model: nn.Module, path, *, strict: bool = False,
+                  verbose: bool = False) -> nn.Module:
     """Load adapters saved by ``save_adapters`` into ``model`` (in place) and return it.
 
     A plain model gets the saved adapters applied (same module names and exact shapes
@@ -708,26 +750,36 @@ def load_adapters(model: nn.Module, path, *, verbose: bool = False) -> nn.Module
     mode); a model with adapters must hold exactly the saved ones. Any mismatch, a corrupt,
     truncated or malformed file: ``AdapterFileError`` (a ValueError) naming the problem,
     and the model is untouched.
+
+    A file saved from another base model (its base fingerprint differs: same architecture,
+    other weights) loads with a ``BaseMismatchWarning``; with ``strict=True`` it raises
+    ``AdapterFileError`` and changes nothing. The same base in another dtype is the same
+    base. Files without a fingerprint (format version 2) load unchecked, strict or not.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {strict!r}")
     path = os.fspath(path)
-    tensors, config, todo = check_load(model, path)
+    tensors, config, todo = check_load(model, path, strict=strict)
+    if todo["base_mismatch"]:
+        warnings.warn(f"{todo['base_mismatch']}; load_adapters(..., strict=True) refuses such "
+                      "a file", BaseMismatchWarning, stacklevel=2)
     method, state, train, s2ft_keys = todo["method"], todo["state"], todo["train"], \
         todo["s2ft_keys"]
 
     # Everything checked: now change the model.
     if state is None and method in LAYER_KINDS:
         wrap_krona(model, todo["new_layers"])
-        setattr(model, STATE, AdapterState(method, list(train), layers={
+        setattr(model, STATE, AdapterState(method, list(train), base=todo["base"], layers={
             n: _layer_config(m, todo["new_layers"][n])
             for n, m in adapter_modules(model).items()}))
     elif state is None:
         deltas = [tensors[k].dtype for k in sorted(s2ft_keys) if k.endswith(".delta")]
         wrap_s2ft(model, find_blocks(model), todo["plan"], todo["mode"],
                   delta_dtype=deltas[0] if deltas else torch.float32)
-        setattr(model, STATE, AdapterState(method, list(train), plan=todo["plan"],
-                                           mode=todo["mode"]))
+        setattr(model, STATE, AdapterState(method, list(train), base=todo["base"],
+                                           plan=todo["plan"], mode=todo["mode"]))
     params = {}
     for name, m in model.named_modules():
         params.update({f"{name}.{n}": p for n, p in m.named_parameters(recurse=False)})

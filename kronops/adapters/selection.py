@@ -127,8 +127,10 @@ def _count(name: str, value, per_block: list[int]):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be an int (per block) or a float fraction, got {value!r}")
     if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (a count per block), got {value}")
         smallest = min([n for n in per_block if n] or [0])
-        if not 0 <= value <= smallest:
+        if value > smallest:
             raise ValueError(f"{name} = {value} per block, but blocks have {smallest}")
         return value, None
     if not 0.0 <= value <= 1.0:

@@ -25,13 +25,17 @@ class AdapterState:
     KronA^B: the same, per sub-layer output module (``sublayer.sublayer_config``).
     S²FT: ``plan`` (the selection), ``mode`` ("adapter" or "inplace") and ``permutations``:
     per co-permuted block name {"heads", "kv_heads", "channels"}, position i holding the
-    original head/channel perm[i] (empty when not permuted, or after ``unpermute``)."""
+    original head/channel perm[i] (empty when not permuted, or after ``unpermute``).
+    ``base``: the base model's ``fingerprint`` over the adapted modules, taken when the
+    adapters were applied (or loaded into a plain model), before any training, merging or
+    permuting changed a weight; what ``save_adapters`` records (None: unknown)."""
     method: str
     train_modules: list[str]
     layers: dict[str, dict] = field(default_factory=dict)
     plan: Plan | None = None
     mode: str | None = None
     permutations: dict[str, dict] = field(default_factory=dict)
+    base: dict[str, dict] | None = None
 
 
 def adapter_state(model: nn.Module) -> AdapterState | None:

@@ -111,10 +111,12 @@ class AdapterBank:
     def load(self, name: str, path) -> None:
         """Load the adapter file at ``path`` (``save_adapters``' format) as ``name``.
 
-        KronA/LoKr, KronA^B and S²FT files (either mode) trained on this base model load;
-        a file for another model (module names, sizes, plan) raises ``AdapterFileError``
-        and leaves the bank and the model as they were, as do files that also train whole
-        modules (a bank keeps one copy of every other module).
+        KronA/LoKr, KronA^B and S²FT files (either mode) trained on this base model load
+        (in any dtype); a file for another model (module names, sizes, plan, or a base
+        fingerprint that differs: another checkpoint of the same architecture) raises
+        ``AdapterFileError`` and leaves the bank and the model as they were, as do files
+        that also train whole modules (a bank keeps one copy of every other module). Files
+        without a fingerprint (format version 2) load unchecked.
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str, got {name!r}")
@@ -125,7 +127,7 @@ class AdapterBank:
             raise RuntimeError(f"cannot load while {self.merged!r} is merged (in-place S²FT "
                                "files are read against the base weights): unmerge() first")
         path = os.fspath(path)
-        tensors, config, todo = check_load(self.model, path)
+        tensors, config, todo = check_load(self.model, path, strict=True)
         if config["train_modules"]:
             raise AdapterFileError(f"{path!r} also trains whole modules "
                                    f"{config['train_modules']}, which a bank cannot hold per "
@@ -185,14 +187,23 @@ class AdapterBank:
         return torch.tensor([-1 if n is None else self._names.index(n) for n in names])
 
     @contextlib.contextmanager
-    def route(self, names):
+    def route(self, names, *, rows_per_name: int = 1):
         """Inside, batch row i of every forward pass runs through adapter ``names[i]``
         (None, or -1 in a tensor of slots: the base model); holds across ``generate()``
-        steps. Each adapted layer computes its base output for the whole batch, then adds
+        steps. ``rows_per_name=k``: each name covers k consecutive rows instead (beam search
+        with k beams, ``num_return_sequences=k``: row r runs through ``names[r // k]``); a
+        batch of one row per name is still routed one row per name (an encoder-decoder's
+        encoder runs before the beams are made). A batch of any other size raises a
+        ValueError naming both lengths: a list is never read as beams unless asked.
+        Each adapted layer computes its base output for the whole batch, then adds
         each row's adapter (``routed_kron_add``/``routed_sparse_add``: one launch per
         layer and adapter group on CUDA). For inference: a forward pass that needs
         gradients raises."""
         slots = self._slots(names)
+        if isinstance(rows_per_name, bool) or not isinstance(rows_per_name, int):
+            raise TypeError(f"rows_per_name must be a positive int, got {rows_per_name!r}")
+        if rows_per_name <= 0:
+            raise ValueError(f"rows_per_name must be a positive int, got {rows_per_name!r}")
         self._check_idle("start a route")
         replaced = [m for m, layer in self._layers.items()
                     if self.model.get_submodule(m) is not layer.layer]
@@ -203,11 +214,12 @@ class AdapterBank:
         if self._merged:
             raise RuntimeError(f"{self.merged!r} is merged into the base weights: unmerge() "
                                "before routing mixed batches")
-        route = Route(slots)
+        route = Route(slots, rows_per_name)
         slot_of = {n: i for i, n in enumerate(self._names)}
         inputs = {}  # this forward pass's inputs of the KronA^B source modules
-        handles = [layer.layer.register_forward_hook(_routed_hook(layer, route, slot_of, inputs))
-                   for layer in self._layers.values()]
+        handles = [self.model.register_forward_pre_hook(_batch_check(route), with_kwargs=True)]
+        handles += [layer.layer.register_forward_hook(_routed_hook(layer, route, slot_of, inputs))
+                    for layer in self._layers.values()]
         for source in set().union(*(layer.sources() for layer in self._layers.values())):
             handles.append(self.model.get_submodule(source).register_forward_pre_hook(
                 _input_tap(source, inputs)))
@@ -254,6 +266,22 @@ class AdapterBank:
     def __repr__(self) -> str:
         return (f"AdapterBank({type(self.model).__name__}, adapters={self._names}, "
                 f"layers={len(self._layers)}, merged={self.merged!r})")
+
+
+BATCH_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
+
+
+def _batch_check(route: Route):
+    """A forward pre-hook on the model checking its batch (its first tensor argument, or
+    the first of BATCH_INPUTS given by name) against ``route``: before any layer runs, and
+    also where every adapted layer folds the sequence into its rows (OPT's FFN)."""
+    def check(module, args, kwargs):
+        given = [a for a in args if isinstance(a, torch.Tensor)] + \
+            [kwargs[k] for k in BATCH_INPUTS if isinstance(kwargs.get(k), torch.Tensor)]
+        batch = next((t for t in given if t.dim() > 0), None)
+        if batch is not None:
+            route.check_rows(batch.shape[0])
+    return check
 
 
 def _input_tap(name: str, inputs: dict):

@@ -179,6 +179,7 @@ class LayerAdapters:
                                f" on {x.device}: the model was moved after loading; create "
                                "the bank (or load the files) after moving the model")
         rows = y.shape[0] if y.dim() > 1 else 1
+        route.check_rows(rows, folded=y.dim() == 2)
         per_row = y.numel() // max(rows * y.shape[-1], 1)
         y2 = y.view(-1, y.shape[-1])
         taken = {name: inputs.pop(name, None) for name in self.sources()}  # used once

@@ -1,9 +1,13 @@
 """Which adapter each batch row uses, and the token grouping the serving ops take.
 
-A ``Route`` holds one bank slot per batch row (-1: the base model). A layer's input
-(rows, ..., in) may have more rows than the route when a model repeats each batch row
-(beam search, ``num_return_sequences``: row r belongs to route entry r // k) or folds the
-sequence into the rows (also row-major, so the same rule holds). For each layer the route
+A ``Route`` holds one bank slot per name and ``rows_per_name`` k, the batch rows each name
+covers, given by the caller (1: one name per batch row; k for beam search or
+``num_return_sequences``, which repeat each row k times: row r belongs to entry r // k).
+The rows a model's batch or an adapted layer's input (rows, ..., in) may have are exactly
+one per entry or k per entry (an encoder runs once per prompt, its decoder once per beam),
+so a list of another length is refused, never read as beams. A 2-D layer input may also
+fold the sequence into its rows (OPT's FFN: (batch x seq, in)), row-major, so row r
+belongs to entry r // (rows / entries). For each layer the route
 groups that input's tokens by the layer's members (the adapters loaded on it, in order):
 built once per input shape and member list, reused by every layer that shares them and by
 every decode step of the same shape.
@@ -37,11 +41,25 @@ def tile_table(offsets: list[int], columns: list[tuple[int, int]],
 
 
 class Route:
-    """slots: (batch,) int64 bank slots, -1 for the base model (on the host)."""
+    """slots: (entries,) int64 bank slots, -1 for the base model (on the host);
+    rows_per_name: the batch rows each entry covers (see the module docstring)."""
 
-    def __init__(self, slots: torch.Tensor):
-        self.slots = slots
+    def __init__(self, slots: torch.Tensor, rows_per_name: int = 1):
+        self.slots, self.rows_per_name = slots, rows_per_name
         self._groups, self._tiles = {}, {}
+
+    def check_rows(self, rows: int, folded: bool = False) -> None:
+        """``rows`` (a model's batch, or an adapted layer's input rows; ``folded``: a 2-D
+        input, which may fold the sequence into its rows) fit the route; else ValueError
+        naming both lengths."""
+        n, k = len(self.slots), self.rows_per_name
+        if rows in (n, n * k) or (folded and rows and rows % n == 0):
+            return
+        expected = f"{n}" if k == 1 else f"{n} (one per name) or {n * k} ({k} per name)"
+        raise ValueError(f"route of {n} names for a batch of {rows} rows: the batch must have "
+                         f"{expected} rows; give one name per batch row, or route(names, "
+                         "rows_per_name=k) when each name covers k consecutive rows (beam "
+                         "search, num_return_sequences)")
 
     def rows_per_entry(self, rows: int) -> int:
         """How many input rows each route entry covers; RuntimeError when ``rows`` is not a
