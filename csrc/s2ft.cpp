@@ -7,6 +7,7 @@
 // selected elements. fp32 and fp64 take these kernels; fp16 and bf16 take the ATen
 // composition of the PyTorch kernels (same dtypes, same results). Index values are checked
 // on every call (IndexError), also inside compiled graphs, where the host skips the check.
+// The PyTorch and Triton kernels apply the same checks (kronops/s2ft/ops.py): keep them alike.
 #include "kernels.h"
 
 #include <cmath>
@@ -37,15 +38,17 @@ struct Selection {
   int64_t at(int64_t j) const { return index.defined() ? index.const_data_ptr<int64_t>()[j] : start + j; }
 };
 
-Selection selection(const char* op, const char* name, const std::optional<at::Tensor>& index,
-                    int64_t start, int64_t count, int64_t size) {
+// `index` with `count` positions in [0, size), or the range [start, start + count) inside
+// [0, size]; `counted` names what fixes the count ("delta has").
+Selection selection(const char* op, const std::optional<at::Tensor>& index, int64_t start,
+                    int64_t count, const char* counted, int64_t size) {
   if (index) {
-    TORCH_CHECK_VALUE(index->numel() == count, op, ": ", name, " has ", index->numel(),
-                      " positions but delta has ", count);
-    return {checked_index(op, name, *index, size), 0, count};
+    TORCH_CHECK_VALUE(index->numel() == count, op, ": index has ", index->numel(),
+                      " positions but ", counted, " ", count);
+    return {checked_index(op, "index", *index, size), 0, count};
   }
   TORCH_CHECK_VALUE(start >= 0 && start + count <= size, op, ": the range [", start, ", ",
-                    start + count, ") of ", name, " must lie in [0, ", size, "]");
+                    start + count, ") of index must lie in [0, ", size, "]");
   return {at::Tensor(), start, count};
 }
 
@@ -146,11 +149,11 @@ Selection linear_args(const char* op, const char* first, const at::Tensor& t, in
   if (cols) {
     TORCH_CHECK_VALUE(delta.size(0) == out, op, ": delta must have shape (out, |C|) with out = ",
                       out, ", got ", delta.sizes());
-    return selection(op, "index", index, start, delta.size(1), in);
+    return selection(op, index, start, delta.size(1), "delta has", in);
   }
   TORCH_CHECK_VALUE(delta.size(1) == in, op, ": delta must have shape (|R|, in) with in = ", in,
                     ", got ", delta.sizes());
-  return selection(op, "index", index, start, delta.size(0), out);
+  return selection(op, index, start, delta.size(0), "delta has", out);
 }
 
 // torch.optim.AdamW's arithmetic on one row of `q` selected elements, as the PyTorch kernel
@@ -298,7 +301,10 @@ at::Tensor sparse_delta_grad(const at::Tensor& dy, const at::Tensor& x,
   const at::ScalarType acc = dy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (cols)  // dΔ = dY^T X[:, C], X[:, C] given: one GEMM
     return at::mm(dy.t().to(acc), x.to(acc)).to(dy.scalar_type());
-  const Selection sel = selection(kDeltaGrad, "index", index, start, rows_of_delta, dy.size(1));
+  TORCH_CHECK_VALUE(rows_of_delta >= 0, kDeltaGrad, ": rows_of_delta must be >= 0, got ",
+                    rows_of_delta);
+  const Selection sel = selection(kDeltaGrad, index, start, rows_of_delta, "rows_of_delta is",
+                                  dy.size(1));
   if (!sel.index.defined())
     return at::mm(dy.narrow(1, sel.start, sel.count).t().to(acc), x.to(acc)).to(dy.scalar_type());
   if (copies_gather(dy, sel))
@@ -329,7 +335,8 @@ void sparse_adamw(const at::Tensor& weight, const at::Tensor& grad, const at::Te
   TORCH_CHECK_VALUE(grad.size(1 - dim) == weight.size(1 - dim), kAdamW, ": grad must have shape ",
                     cols ? "(out, |C|)" : "(|R|, in)", " for weight of shape ", weight.sizes(),
                     ", got ", grad.sizes());
-  const Selection sel = selection(kAdamW, "index", index, start, grad.size(dim), weight.size(dim));
+  const Selection sel =
+      selection(kAdamW, index, start, grad.size(dim), "grad has", weight.size(dim));
   if (master) {
     check_like(kAdamW, "master", *master, state);
     TORCH_CHECK_VALUE(master->sizes() == grad.sizes(), kAdamW, ": master must have grad's shape ",

@@ -115,3 +115,27 @@ def test_master_weights_keep_small_updates(dtype, optimizer, gather, backend_dev
         assert torch.equal(part["master"], part["fp32"].to(dtype))
     if not interpreted_bf16:
         assert torch.equal(part["no master"], torch.ones_like(part["no master"]))
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("optimizer,name,value,error", [
+    *[("adamw", name, value, ValueError) for name in ("lr", "eps", "weight_decay")
+      for value in (NAN, INF, -1e-3)],
+    *[("adamw", name, value, TypeError) for name in ("lr", "eps", "weight_decay")
+      for value in ("1e-3", True, None)],
+    ("adamw", "betas", (0.9, NAN), ValueError), ("adamw", "betas", (0.9, 1.0), ValueError),
+    ("adamw", "betas", (-0.1, 0.99), ValueError), ("adamw", "betas", (0.9,), ValueError),
+    ("adamw", "betas", (0.9, "0.99"), TypeError), ("adamw", "betas", 0.9, TypeError),
+    ("sgd", "lr", NAN, ValueError), ("sgd", "lr", -1.0, ValueError),
+    ("sgd", "lr", "1e-3", TypeError),
+])
+def test_optimizers_refuse_bad_hyperparameters(optimizer, name, value, error):
+    """As torch.optim.AdamW: a NaN, negative or non-numeric lr, eps or weight_decay and betas
+    outside [0, 1) are refused when the optimizer is made, naming the argument (a NaN lr or
+    eps used to turn the selected rows NaN at the first step); infinity too."""
+    layer = kronops.S2FTInPlaceLinear(torch.nn.Linear(8, 6), rows=torch.tensor([0, 2, 4]))
+    cls = {"adamw": kronops.InPlaceAdamW, "sgd": kronops.InPlaceSGD}[optimizer]
+    with pytest.raises(error, match=name):
+        cls(layer, **{name: value})

@@ -17,12 +17,18 @@ bias, never to weight: no (out, in) gradient or copy of W is made, and cols mode
 X[:, C] (not X) for backward, in a buffer with aligned rows (``aligned_empty``). The three
 linear ops are twice differentiable, except that cols mode raises on a double backward that
 needs d(dΔ)/dx (X[:, C] is saved detached).
+
+The ops are public once registered (``torch.ops.kronops.*``): every kernel first checks its
+arguments by the native kernels' rules (``check_*`` below, the same for the PyTorch and the
+Triton kernels), so a bad call is refused before anything changes, with an error naming the
+argument. Index values are read where they are on the host (CPU); on CUDA the Triton kernels
+skip out-of-range positions instead of synchronising.
 """
 import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ..checks import check_same, check_tensor
+from ..checks import OpChecks, check_same, check_tensor
 from ..dtypes import autocast_off, autocast_operands
 from .reference import (addmm_into, take, torch_sparse_adamw, torch_sparse_delta_grad,
                         torch_sparse_input_grad, torch_sparse_linear)
@@ -30,10 +36,115 @@ from .reference import (addmm_into, take, torch_sparse_adamw, torch_sparse_delta
 kernels = backends.import_kernels()
 
 
+# Argument checks of the ops called directly, shared by the PyTorch and the Triton kernels:
+# the native kernels' rules (csrc/s2ft.cpp), in the same order and words.
+
+def check_selection(c: OpChecks, index, start: int, count: int, counted: str, size: int,
+                    device: torch.device) -> None:
+    """``index`` holds ``count`` positions in [0, size), or (None) the range [start,
+    start + count) lies in [0, size]; ``counted`` names what fixes the count."""
+    if index is not None:
+        if index.numel() != count:
+            raise c.value_error(f"index has {index.numel()} positions but {counted} {count}")
+        c.index("index", index, size, device)
+    elif start < 0 or start + count > size:
+        raise c.value_error(f"the range [{start}, {start + count}) of index must lie in "
+                            f"[0, {size}]")
+
+
+def check_linear_args(c: OpChecks, name: str, t, width_dim: int, weight, delta, index, start,
+                      cols) -> None:
+    """x or dy (``name``: M x weight.shape[width_dim]), weight (out, in) and delta ((|R|, in)
+    or (out, |C|)) against the mode, and the selection."""
+    c.floating(name, t)
+    c.like("weight", weight, t)
+    c.like("delta", delta, t)
+    for arg, value in ((name, t), ("weight", weight), ("delta", delta)):
+        c.matrix(arg, value)
+    (out, in_), width = weight.shape, weight.shape[width_dim]
+    if t.shape[1] != width:
+        raise c.value_error(f"{name} must have {width} columns for weight of shape "
+                            f"{list(weight.shape)}, got {list(t.shape)}")
+    if cols and delta.shape[0] != out:
+        raise c.value_error(f"delta must have shape (out, |C|) with out = {out}, "
+                            f"got {list(delta.shape)}")
+    if not cols and delta.shape[1] != in_:
+        raise c.value_error(f"delta must have shape (|R|, in) with in = {in_}, "
+                            f"got {list(delta.shape)}")
+    check_selection(c, index, start, delta.shape[1 if cols else 0], "delta has",
+                    in_ if cols else out, t.device)
+
+
+LINEAR = OpChecks("kronops::sparse_linear")
+INPUT_GRAD = OpChecks("kronops::sparse_input_grad")
+DELTA_GRAD = OpChecks("kronops::sparse_delta_grad")
+ADAMW = OpChecks("kronops::sparse_adamw")
+
+
+def check_sparse_linear(x, weight, delta, index, start, bias, cols) -> None:
+    check_linear_args(LINEAR, "x", x, 1, weight, delta, index, start, cols)
+    if bias is not None:
+        LINEAR.like("bias", bias, x)
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise LINEAR.value_error(f"bias must have shape (out,) = ({weight.shape[0]},), "
+                                     f"got {list(bias.shape)}")
+
+
+def check_sparse_input_grad(dy, weight, delta, index, start, cols) -> None:
+    check_linear_args(INPUT_GRAD, "dy", dy, 0, weight, delta, index, start, cols)
+
+
+def check_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta) -> None:
+    c = DELTA_GRAD
+    c.floating("dy", dy)
+    c.like("x", x, dy)
+    c.matrix("dy", dy)
+    c.matrix("x", x)
+    if x.shape[0] != dy.shape[0]:
+        raise c.value_error(f"x and dy must have the same rows, got {list(x.shape)} and "
+                            f"{list(dy.shape)}")
+    if cols:  # x is X[:, C] itself: no selection
+        return
+    if rows_of_delta < 0:
+        raise c.value_error(f"rows_of_delta must be >= 0, got {rows_of_delta}")
+    check_selection(c, index, start, rows_of_delta, "rows_of_delta is", dy.shape[1], dy.device)
+
+
+def check_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols,
+                       step) -> None:
+    c = ADAMW
+    c.floating("weight", weight)
+    c.floating("grad", grad)
+    c.on("grad", grad, weight.device)
+    c.matrix("weight", weight)
+    c.matrix("grad", grad)
+    if exp_avg.dtype not in (torch.float32, torch.float64):
+        raise c.type_error(f"exp_avg must be float32 or float64, got {exp_avg.dtype}")
+    c.on("exp_avg", exp_avg, weight.device)
+    c.like("exp_avg_sq", exp_avg_sq, exp_avg)
+    if exp_avg.shape != grad.shape or exp_avg_sq.shape != grad.shape:
+        raise c.value_error(f"exp_avg and exp_avg_sq must have grad's shape {list(grad.shape)}, "
+                            f"got {list(exp_avg.shape)} and {list(exp_avg_sq.shape)}")
+    if step < 1:
+        raise c.value_error(f"step counts from 1, got {step}")
+    dim = 1 if cols else 0
+    if grad.shape[1 - dim] != weight.shape[1 - dim]:
+        raise c.value_error(f"grad must have shape {'(out, |C|)' if cols else '(|R|, in)'} for "
+                            f"weight of shape {list(weight.shape)}, got {list(grad.shape)}")
+    check_selection(c, index, start, grad.shape[dim], "grad has", weight.shape[dim],
+                    weight.device)
+    if master is not None:
+        c.like("master", master, exp_avg)
+        if master.shape != grad.shape:
+            raise c.value_error(f"master must have grad's shape {list(grad.shape)}, "
+                                f"got {list(master.shape)}")
+
+
 def default_sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
                           index: torch.Tensor | None, start: int, bias: torch.Tensor | None,
                           cols: bool) -> torch.Tensor:
     """The default kernel, on every device (autocast off)."""
+    check_sparse_linear(x, weight, delta, index, start, bias, cols)
     with autocast_off(x.device.type):
         return torch_sparse_linear(x, weight, delta, index, start, bias, cols)
 
@@ -41,6 +152,7 @@ def default_sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Te
 def default_sparse_input_grad(dy: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
                               index: torch.Tensor | None, start: int, cols: bool) -> torch.Tensor:
     """The default kernel, on every device (autocast off)."""
+    check_sparse_input_grad(dy, weight, delta, index, start, cols)
     with autocast_off(dy.device.type):
         return torch_sparse_input_grad(dy, weight, delta, index, start, cols)
 
@@ -48,6 +160,7 @@ def default_sparse_input_grad(dy: torch.Tensor, weight: torch.Tensor, delta: tor
 def default_sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None,
                               start: int, cols: bool, rows_of_delta: int) -> torch.Tensor:
     """The default kernel, on every device (autocast off)."""
+    check_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta)
     with autocast_off(dy.device.type):
         return torch_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta)
 
@@ -58,6 +171,7 @@ def default_sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torc
                          beta1: float, beta2: float, eps: float, weight_decay: float,
                          step: int) -> None:
     """The default kernel, on every device."""
+    check_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, step)
     torch_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1,
                        beta2, eps, weight_decay, step)
 
@@ -300,6 +414,7 @@ def triton_sparse_linear(x, weight, delta, index, start, bias, cols):
     product added."""
     if index is None:
         return default_sparse_linear(x, weight, delta, index, start, bias, cols)
+    check_sparse_linear(x, weight, delta, index, start, bias, cols)
     y = F.linear(x, weight, bias)
     if cols:
         return kernels.triton_sparse_matmul_add(y, x, delta, index, 0)
@@ -311,6 +426,7 @@ def triton_sparse_input_grad(dy, weight, delta, index, start, cols):
     an index tensor: cuBLAS dY W, then the gathered Δ product added."""
     if index is None:
         return default_sparse_input_grad(dy, weight, delta, index, start, cols)
+    check_sparse_input_grad(dy, weight, delta, index, start, cols)
     dx = dy @ weight
     if cols:
         return kernels.triton_sparse_matmul_add(dx, dy, delta.mT, 0, index)
@@ -319,6 +435,7 @@ def triton_sparse_input_grad(dy, weight, delta, index, start, cols):
 
 def triton_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta):
     """CUDA kernel of ``sparse_delta_grad``: the gathered, split-M reduced GEMM."""
+    check_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta)
     if cols:
         return kernels.triton_sparse_delta_grad(dy, x, 0, dy.shape[1], 0, x.shape[1])
     return kernels.triton_sparse_delta_grad(dy, x, _selection(index, start), rows_of_delta,
@@ -327,10 +444,17 @@ def triton_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta):
 
 def triton_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1,
                         beta2, eps, weight_decay, step):
-    """CUDA kernel of ``sparse_adamw``: one fused pass over the selected submatrix."""
-    kernels.triton_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master,
-                                _selection(index, start), cols, lr=lr, beta1=beta1,
-                                beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    """CUDA kernel of ``sparse_adamw``: one fused pass over the selected submatrix (on
+    contiguous state: strided moments or master values are updated through a copy)."""
+    check_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, step)
+    state = [t if t is None or t.is_contiguous() else t.contiguous()
+             for t in (exp_avg, exp_avg_sq, master)]
+    kernels.triton_sparse_adamw(weight, grad, *state, _selection(index, start), cols, lr=lr,
+                                beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                                step=step)
+    for given, used in zip((exp_avg, exp_avg_sq, master), state):
+        if used is not given:
+            given.copy_(used)
 
 
 backends.defined(sparse_linear_op, sparse_input_grad, sparse_delta_grad, sparse_adamw)

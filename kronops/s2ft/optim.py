@@ -16,6 +16,7 @@ first step; a weight changed outside the optimizer afterwards is overwritten by 
 import torch
 from torch import nn
 
+from ..checks import check_number
 from ..dtypes import accumulation_dtype
 from .modules import S2FTInPlaceLinear
 from .ops import sparse_adamw
@@ -33,6 +34,25 @@ def _layers(model) -> list[S2FTInPlaceLinear]:
         raise ValueError("model has no S2FTInPlaceLinear layers: apply_adapters(model, 's2ft', "
                          "mode='inplace') first")
     return layers
+
+
+def _non_negative(name: str, value) -> float:
+    """``value`` as a float: a finite number >= 0 (torch.optim.AdamW's rule for lr, eps and
+    weight_decay, which also lets infinity through; NaN fails both)."""
+    value = check_number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _betas(betas) -> tuple[float, float]:
+    """``betas`` as two floats in [0, 1)."""
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas must be a tuple of two numbers, got {type(betas).__name__}")
+    values = tuple(check_number(f"betas[{i}]", b) for i, b in enumerate(betas))
+    if len(values) != 2 or not all(0.0 <= b < 1.0 for b in values):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {tuple(betas)}")
+    return values
 
 
 class _InPlace(torch.optim.Optimizer):
@@ -82,9 +102,7 @@ class InPlaceSGD(_InPlace):
     of fp16/bf16 weights, see the module docstring)."""
 
     def __init__(self, model, lr: float = 1e-3, *, master_weights: bool | None = None):
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        super().__init__(model, dict(lr=lr), master_weights)
+        super().__init__(model, dict(lr=_non_negative("lr", lr)), master_weights)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -116,13 +134,10 @@ class InPlaceAdamW(_InPlace):
 
     def __init__(self, model, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, master_weights: bool | None = None):
-        if lr < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, "
-                             f"{weight_decay}")
-        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        super().__init__(model, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                     weight_decay=weight_decay), master_weights)
+        super().__init__(model, dict(lr=_non_negative("lr", lr), betas=_betas(betas),
+                                     eps=_non_negative("eps", eps),
+                                     weight_decay=_non_negative("weight_decay", weight_decay)),
+                         master_weights)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -19,14 +19,106 @@ doubles the tokens (balanced batches, decode steps), and otherwise takes one mem
 time (a slice when its rows are consecutive, else a gather). On CUDA one Triton launch
 serves every member (``kernels.serving``); on CPU, with the native library, a C++ kernel
 takes one member at a time (``csrc/serving.cpp``). All update y in place and have no
-autograd: the bank serves.
+autograd: the bank serves. Every kernel first checks its arguments by the same rules
+(``check_*`` below), so a bad call is refused before y changes; token and index values are
+read where they are on the host (CPU): on CUDA the Triton kernels skip out-of-range ones.
 """
 import torch
 
 from .. import backends
+from ..checks import OpChecks
 from ..dtypes import autocast_off, composite_dtype
 
 kernels = backends.import_kernels()
+
+KRON = OpChecks("kronops::routed_kron_add")
+SPARSE = OpChecks("kronops::routed_sparse_add")
+
+
+# Argument checks of the ops called directly, shared by the PyTorch and the Triton kernels:
+# the native kernels' rules (csrc/serving.cpp), in the same order and words. Nothing is
+# written into y before all of them pass.
+
+def check_rows(c: OpChecks, y: torch.Tensor, x: torch.Tensor) -> None:
+    """y and x are 2-D floating-point tensors with the same rows, on one device."""
+    if y.dim() != 2 or x.dim() != 2 or y.shape[0] != x.shape[0]:
+        raise c.value_error(f"y and x must be 2-D with the same rows, got {list(y.shape)} and "
+                            f"{list(x.shape)}")
+    c.floating("y", y)
+    c.floating("x", x)
+    c.on("y", y, x.device)
+
+
+def check_routing(c: OpChecks, x: torch.Tensor, tokens: torch.Tensor, tiles: torch.Tensor,
+                  offsets: list[int], starts: list[int], members: int) -> None:
+    """The grouping of x's rows by ``members`` members (see the module docstring)."""
+    c.on("tiles", tiles, x.device)
+    if tiles.dtype != torch.int64:
+        raise c.type_error(f"tiles must have dtype torch.int64, got {tiles.dtype}")
+    if tiles.dim() != 2 or tiles.shape[1] != 4:
+        raise c.value_error(f"tiles must have shape (n, 4), got {list(tiles.shape)}")
+    if len(offsets) != members + 1:
+        raise c.value_error(f"offsets must have {members + 1} entries (members + 1), "
+                            f"got {len(offsets)}")
+    if len(starts) != members:
+        raise c.value_error(f"starts must have {members} entries (one per member), "
+                            f"got {len(starts)}")
+    c.index("tokens", tokens, x.shape[0], x.device)
+    if offsets[0] != 0 or offsets[-1] != tokens.numel():
+        raise c.value_error(f"offsets must run from 0 to the number of tokens {tokens.numel()}, "
+                            f"got {offsets}")
+    if any(lo > hi for lo, hi in zip(offsets, offsets[1:])):
+        raise c.value_error(f"offsets must not decrease, got {offsets}")
+    for p, (lo, hi, start) in enumerate(zip(offsets, offsets[1:], starts)):
+        if start != -1 and not 0 <= start <= x.shape[0] - (hi - lo):
+            raise c.value_error(f"starts[{p}] = {start} must be -1 or a row of x with {hi - lo} "
+                                f"rows after it")
+        if start >= 0 and tokens.device.type == "cpu" and not torch.equal(
+                tokens[lo:hi], torch.arange(start, start + hi - lo)):
+            raise c.value_error(f"starts[{p}] = {start} but tokens[{lo}:{hi}] are not the rows "
+                                f"{start} to {start + hi - lo - 1}")
+
+
+def check_routed_kron_add(y, x, a, b, tokens, tiles, offsets, starts) -> None:
+    check_rows(KRON, y, x)
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0]:
+        raise KRON.value_error(f"a and b must be (members, p, q) stacks of the same length, "
+                               f"got {list(a.shape)} and {list(b.shape)}")
+    KRON.like("a", a, x)
+    KRON.like("b", b, x)
+    (members, a1, a2), (b1, b2) = a.shape, b.shape[1:]
+    if x.shape[1] != a2 * b2:
+        raise KRON.value_error(f"x must have a2*b2 = {a2 * b2} columns, got {list(x.shape)}")
+    if y.shape[1] != a1 * b1:
+        raise KRON.value_error(f"y must have a1*b1 = {a1 * b1} columns, got {list(y.shape)}")
+    check_routing(KRON, x, tokens, tiles, offsets, starts, members)
+
+
+def check_routed_sparse_add(y, x, values, index, tokens, tiles, offsets, starts, widths,
+                            cols) -> None:
+    check_rows(SPARSE, y, x)
+    members = len(widths)
+    if members == 0:
+        raise SPARSE.value_error("widths must have one entry per member, got none")
+    if values.dim() != 2 or values.shape[0] % members:
+        raise SPARSE.value_error(f"values must be (members * W, features), W rows for each of "
+                                 f"the {members} members, got {list(values.shape)}")
+    if index.dim() != 1 or index.shape[0] != values.shape[0]:
+        raise SPARSE.value_error(f"index must have values' {values.shape[0]} entries, "
+                                 f"got shape {list(index.shape)}")
+    features = y.shape[1] if cols else x.shape[1]  # values' rows: Δᵀ's or Δ's
+    if values.shape[1] != features:
+        raise SPARSE.value_error(
+            f"values must have {features} columns "
+            f"({'y' if cols else 'x'}'s width in {'cols' if cols else 'rows'} mode), "
+            f"got {list(values.shape)}")
+    SPARSE.like("values", values, x)
+    SPARSE.index("index", index, x.shape[1] if cols else y.shape[1], x.device)
+    width = values.shape[0] // members
+    for p, w in enumerate(widths):
+        if not 0 <= w <= width:
+            raise SPARSE.value_error(f"widths[{p}] = {w} must lie in [0, {width}]")
+    check_routing(SPARSE, x, tokens, tiles, offsets, starts, members)
 
 
 PADDING_LIMIT = 2  # the batched path runs while padding at most doubles the tokens
@@ -99,18 +191,19 @@ def default_routed_kron_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b
                             tokens: torch.Tensor, tiles: torch.Tensor, offsets: list[int],
                             starts: list[int]) -> None:
     """The default kernel: all members in two batched products, or one member at a time."""
+    check_routed_kron_add(y, x, a, b, tokens, tiles, offsets, starts)
     a2, b2 = a.shape[2], b.shape[2]
     with autocast_off(x.device.type):
         padded = padded_rows(tokens, offsets)
         if padded is not None:
             members, rows, real = padded
             q, n = rows.shape
-            xs = gather_padded(x.view(-1, a2, b2), rows, real)
+            xs = gather_padded(x.reshape(-1, a2, b2), rows, real)
             part = kron_batches(xs, a.index_select(0, members), b.index_select(0, members))
             y.index_add_(0, rows.flatten(), part.view(q * n, -1).to(y.dtype))
             return
         for p, rows in member_rows(tokens, offsets, starts):
-            part = kron_batches(take(x, rows).view(1, -1, a2, b2), a[p:p + 1], b[p:p + 1])
+            part = kron_batches(take(x, rows).reshape(1, -1, a2, b2), a[p:p + 1], b[p:p + 1])
             add_rows(y, rows, part[0].to(y.dtype))
 
 
@@ -119,6 +212,7 @@ def default_routed_sparse_add(y: torch.Tensor, x: torch.Tensor, values: torch.Te
                               offsets: list[int], starts: list[int], widths: list[int],
                               cols: bool) -> None:
     """The default kernel: all members in one batched product, or one member at a time."""
+    check_routed_sparse_add(y, x, values, index, tokens, tiles, offsets, starts, widths, cols)
     members_count, features = len(widths), values.shape[1]
     width = values.shape[0] // members_count
     values, index = values.view(members_count, width, features), index.view(members_count, width)
@@ -169,13 +263,15 @@ def _(y, x, values, index, tokens, tiles, offsets, starts, widths, cols):
 
 def triton_routed_kron_add(y, x, a, b, tokens, tiles, offsets, starts):
     """CUDA kernel of ``routed_kron_add``: every member in one launch."""
-    kernels.triton_routed_kron_add(y, x.view(x.shape[0], a.shape[2], b.shape[2]), a, b, tokens,
-                                   tiles)
+    check_routed_kron_add(y, x, a, b, tokens, tiles, offsets, starts)
+    kernels.triton_routed_kron_add(y, x.reshape(x.shape[0], a.shape[2], b.shape[2]), a, b,
+                                   tokens, tiles)
 
 
 def triton_routed_sparse_add(y, x, values, index, tokens, tiles, offsets, starts, widths, cols):
     """CUDA kernel of ``routed_sparse_add``: every member in one launch (Δ of cols mode is
     the transposed view of ``values``)."""
+    check_routed_sparse_add(y, x, values, index, tokens, tiles, offsets, starts, widths, cols)
     kernels.triton_routed_sparse_add(y, x, values.T if cols else values, index, tokens, tiles,
                                      max(widths, default=0), cols)
 

@@ -30,7 +30,8 @@ def sparse_delta_grad_kernel(
     """d: (M, d_size) with P columns read at I; x: (M, x_size) with Q columns at J;
     partial: (G, P, Q) fp32.
 
-    I[p] = d_idx[p] when GATHER_D else d_start + p; J[q] likewise. Any strides.
+    I[p] = d_idx[p] when GATHER_D else d_start + p; J[q] likewise; positions outside
+    [0, d_size) or [0, x_size) read as zeros (``gathered_positions``). Any strides.
     Grid: (G, cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q)); program g sums row blocks g, g+G, ...
     """
     pid_g = tl.program_id(0)

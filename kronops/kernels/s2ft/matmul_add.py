@@ -21,17 +21,17 @@ from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
 def gathered_positions(idx_ptr, start, offs, mask, size, GATHER: tl.constexpr):
     """(positions I[offs] as int64, ``mask`` narrowed to the valid ones).
 
-    I = idx[offs] (masked loads) when GATHER, else start + offs. Gathered positions outside
-    [0, size) are masked out, so whatever values an index tensor holds (a compiled graph
-    skips the host checks), no load or store leaves the tensor it indexes. The one
-    gather-or-range rule of the S²FT kernels (idx contiguous, see index_or_start).
+    I = idx[offs] (masked loads) when GATHER, else start + offs. Positions outside [0, size)
+    are masked out, so whatever values an index tensor or a range start holds (a compiled
+    graph skips the host checks; the kernels are also called directly), no load or store
+    leaves the tensor it indexes. The one gather-or-range rule of the S²FT kernels (idx
+    contiguous, see index_or_start).
     """
     if GATHER:
         positions = tl.load(idx_ptr + offs, mask=mask, other=0).to(tl.int64)
-        mask = mask & (positions >= 0) & (positions < size)
     else:
         positions = (start + offs).to(tl.int64)
-    return positions, mask
+    return positions, mask & (positions >= 0) & (positions < size)
 
 
 @triton.jit

@@ -97,7 +97,7 @@ def triton_routed_kron_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b:
     """y[t] += vec(a[p] @ x[t] @ b[p].T) in place for the tokens t of each tile; returns y.
 
     y: (M, a1*b1); x: (M, a2, b2); a: (P, a1, a2); b: (P, b1, b2); all one dtype, any
-    strides. tokens: (T,) int64; tiles: (n_tiles, 4) int64, contiguous.
+    strides. tokens: (T,) int64; tiles: (n_tiles, 4) int64 (both read contiguous).
     """
     p, a1, a2 = a.shape
     b1 = b.shape[1]
@@ -111,7 +111,7 @@ def triton_routed_kron_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b:
         return (n_tiles, triton.cdiv(b1, meta["BLOCK_N"]), triton.cdiv(a1, meta["BLOCK_I"]))
 
     tuned[grid](
-        x, a, b, y, tokens, tiles,
+        x, a, b, y, tokens.contiguous(), tiles.contiguous(),
         x.shape[0], a1, a2, b1, b.shape[2],
         *x.stride(), *a.stride(), *b.stride(), *y.stride(),
         **tiles_const)

@@ -116,8 +116,8 @@ def triton_routed_sparse_add(y: torch.Tensor, x: torch.Tensor, delta: torch.Tens
     """Each tile's tokens add their adapter's Δ segment into y in place; returns y.
 
     y: (M, out); x: (M, in); delta: rows (S, in) or cols (out, S); all one dtype, any
-    strides. index: (S,) int64; tokens: (T,) int64; tiles: (n_tiles, 4) int64, contiguous;
-    widest: the widest segment hi - lo (rows mode).
+    strides. index: (S,) int64; tokens: (T,) int64; tiles: (n_tiles, 4) int64 (the three
+    read contiguous); widest: the widest segment hi - lo (rows mode).
     """
     n_tiles = tiles.shape[0]
     n = y.shape[1] if cols else widest
@@ -128,7 +128,7 @@ def triton_routed_sparse_add(y: torch.Tensor, x: torch.Tensor, delta: torch.Tens
         return (n_tiles * triton.cdiv(n, meta["BLOCK_N"]),)
 
     tuned[grid](
-        x, delta, y, index, tokens, tiles,
+        x, delta, y, index.contiguous(), tokens.contiguous(), tiles.contiguous(),
         x.shape[0], x.shape[1], y.shape[1], n,
         *x.stride(), *delta.stride(), *y.stride(),
         COLS=cols, DOT_PRECISION=dot_precision(x.dtype))
