@@ -13,9 +13,11 @@ from ..dtypes import accumulation_dtype, composite_dtype
 
 
 def naive_kron(a, b):
-    """torch.kron(a, b) of contiguous copies: torch 2.13's torch.kron refuses some strided
-    operands (a transposed factor beside a contiguous one)."""
-    return torch.kron(a.contiguous(), b.contiguous())
+    """torch.kron(a, b) of copies with row-major strides: torch 2.13's torch.kron refuses some
+    strided operands (a transposed factor beside a contiguous one), also where a size-1
+    dimension's stride is all that differs, which ``.contiguous()`` keeps as it is."""
+    return torch.kron(a.clone(memory_format=torch.contiguous_format),
+                      b.clone(memory_format=torch.contiguous_format))
 
 
 def naive_kron_linear(x, a, b, bias=None, scale=1.0):

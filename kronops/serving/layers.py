@@ -10,6 +10,7 @@ weight (``out_in_weight``).
 import torch
 
 from ..dtypes import accumulation_dtype
+from ..kron.reference import kron
 from ..wrapped_linear import out_in_weight
 from .ops import routed_kron_add, routed_sparse_add
 from .routes import Route
@@ -52,7 +53,7 @@ class KronGroup:
         for KronA^B groups (no weight update: ``AdapterBank.merge`` refuses them)."""
         p = self.names.index(name)
         wide = accumulation_dtype(self.a.dtype)
-        return torch.kron(self.a[p].to(wide), self.b[p].to(wide))
+        return kron(self.a[p].to(wide), self.b[p].to(wide))
 
     def apply(self, y, x, route: Route, rows: int, per_row: int, slots: dict) -> None:
         groups = route.groups(rows, per_row, tuple(slots[n] for n in self.names), x.device)
