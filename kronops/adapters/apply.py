@@ -118,7 +118,13 @@ def _a_shape_for(name: str, a_shape):
 def _check_factor_args(rank, alpha) -> None:
     """The layer's rules (``check_rank``, a finite alpha), and alpha > 0."""
     check_rank(rank)
-    if alpha is not None and check_number("alpha", alpha) <= 0:
+    if alpha is None:
+        return
+    try:
+        positive = check_number("alpha", alpha) > 0  # TypeError for a non-number
+    except ValueError:  # not finite
+        positive = False
+    if not positive:
         raise ValueError(f"alpha must be a positive finite number, got {alpha!r} (a negative "
                          "alpha flips the update's sign, 0 switches it off; None: the default)")
 
