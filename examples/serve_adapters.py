@@ -9,16 +9,17 @@ and decodes a batch whose rows use different adapters (and the base) in one gene
 call. Each row is checked against that adapter's merged model (``bank.merge``): the
 tokens must be identical.
 
-    python examples/serve_adapters.py --json results.json   # about a minute on 2 CPU cores
+    python examples/serve_adapters.py --json results.json   # about 20 s on 2 CPU cores
     python examples/serve_adapters.py --tiny                 # seconds (CI runs this size)
 
 Nothing is downloaded: transformers' LlamaForCausalLM from a config, data from fixed seeds.
 The model runs in fp64 so that greedy decoding cannot flip on a rounding-level tie between
-the two ways of computing the same adapted model.
+the two ways of computing the same adapted model. Two runs of the same command on the same
+machine give the same results (``reproducible``: seeds, deterministic algorithms, a fixed
+thread count); only the generate() time differs.
 """
 import argparse
 import copy
-import json
 import os
 import tempfile
 import time
@@ -27,6 +28,7 @@ import torch
 import transformers
 
 import kronops
+import reproducible
 from kronops.serving import AdapterBank
 
 FIRST_DIGIT = 1  # token ids: digit d is FIRST_DIGIT + d; 0 pads
@@ -61,18 +63,21 @@ def tiny_llama() -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(config).double()
 
 
-def train(model, rule: str, steps: int, lr: float, seed: int, inplace: bool = False) -> None:
-    """Next-token training on sequences of ``rule`` (AdamW, or kronops' in-place AdamW)."""
+def train(model, rule: str, steps: int, lr: float, seed: int, inplace: bool = False) -> float:
+    """Next-token training on sequences of ``rule`` (AdamW, or kronops' in-place AdamW);
+    returns the last loss."""
     model.train()
     g = torch.Generator().manual_seed(seed)
     optimizer = kronops.InPlaceAdamW(model, lr=lr) if inplace else torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=lr)
     for _ in range(steps):
         ids = sequences(rule, 32, 8, g)
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
+    return loss.item()
 
 
 def accuracy(generated: torch.Tensor, prompt_length: int, rule: str) -> float:
@@ -83,13 +88,16 @@ def accuracy(generated: torch.Tensor, prompt_length: int, rule: str) -> float:
     return (new == RULES[rule](before)).double().mean().item()
 
 
-def run(base_steps: int, steps: int, folder: str) -> dict:
+def run(base_steps: int, steps: int, folder: str) -> tuple:
+    """Train the base and the four adapters, serve them in one batch: (results, timing),
+    the timing (the mixed batch's generate() seconds) apart because it differs between runs."""
     base = tiny_llama()
-    train(base, BASE_RULE, base_steps, 3e-3, seed=0)
+    losses = {"base": train(base, BASE_RULE, base_steps, 3e-3, seed=0)}
     files = {}
     for seed, (name, (rule, method, options, optimizer)) in enumerate(ADAPTERS.items(), 1):
+        torch.manual_seed(seed)  # the adapter's initial values depend on this seed alone
         model = kronops.apply_adapters(copy.deepcopy(base), method, **options)
-        train(model, rule, steps, 1e-2, seed, inplace=optimizer == "inplace")
+        losses[name] = train(model, rule, steps, 1e-2, seed, inplace=optimizer == "inplace")
         files[name] = os.path.join(folder, f"adapter{seed}.safetensors")
         kronops.save_adapters(model, files[name])
 
@@ -104,7 +112,7 @@ def run(base_steps: int, steps: int, folder: str) -> dict:
         mixed = base.generate(prompts, attention_mask=torch.ones_like(prompts), **settings)
     seconds = time.perf_counter() - start
 
-    results = {"rows": len(route), "generate_s": seconds, "adapters": {}}
+    results = {"rows": len(route), "adapters": {}}
     for name in [*ADAPTERS, None]:
         rows = [r for r, n in enumerate(route) if n == name]
         rule = BASE_RULE if name is None else ADAPTERS[name][0]
@@ -115,10 +123,10 @@ def run(base_steps: int, steps: int, folder: str) -> dict:
         merged = base.generate(prompts[rows], attention_mask=torch.ones_like(prompts[rows]),
                                **settings)
         results["adapters"][name or "base"] = dict(
-            rule=rule, bytes=bank.nbytes(name) if name else 0,
+            rule=rule, bytes=bank.nbytes(name) if name else 0, loss=losses[name or "base"],
             accuracy=accuracy(mixed[rows], prompts.shape[1], rule),
             identical_to_merged=torch.equal(mixed[rows], merged))
-    return results
+    return results, dict(generate_s=seconds)
 
 
 def main() -> None:
@@ -127,19 +135,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="training steps per adapter")
     parser.add_argument("--tiny", action="store_true", help="a few steps (CI)")
     parser.add_argument("--json", help="write the results to this file")
+    reproducible.add_threads_option(parser)
     args = parser.parse_args()
+    reproducible.setup(args.threads)
     base_steps, steps = (3, 3) if args.tiny else (args.base_steps, args.steps)
     with tempfile.TemporaryDirectory() as folder:
-        results = run(base_steps, steps, folder)
-    print(f"{results['rows']} rows, one generate() call: {results['generate_s'] * 1e3:.0f} ms")
+        results, timing = run(base_steps, steps, folder)
+    print(f"{results['rows']} rows, one generate() call: {timing['generate_s'] * 1e3:.0f} ms")
     print(f"{'adapter':<24} {'rule':<7} {'KiB':>6} {'accuracy':>9}  identical to merged")
     for name, r in results["adapters"].items():
         print(f"{name:<24} {r['rule']:<7} {r['bytes'] / 1024:>6.1f} {r['accuracy']:>9.2f}  "
               f"{r['identical_to_merged']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(results, torch=torch.__version__, kronops=kronops.__version__), f,
-                      indent=1)
+        reproducible.write_json(args.json, dict(base_steps=base_steps, steps=steps, **results),
+                                timing)
 
 
 if __name__ == "__main__":

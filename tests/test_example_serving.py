@@ -19,7 +19,8 @@ def test_sequences_follow_their_rule():
 
 
 def test_one_generate_batch_serves_every_adapter(tmp_path):
-    results = example.run(base_steps=2, steps=2, folder=str(tmp_path))
+    results, timing = example.run(base_steps=2, steps=2, folder=str(tmp_path))
+    assert timing["generate_s"] > 0
     assert set(results["adapters"]) == {*example.ADAPTERS, "base"}
     for name, r in results["adapters"].items():
         assert r["identical_to_merged"], name
