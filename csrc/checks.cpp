@@ -1,5 +1,7 @@
 // Argument checks of the native kernels: errors name the op and the argument.
-#include "common.h"
+#include "checks.h"
+
+#include <c10/util/Exception.h>
 
 namespace kronops::native {
 

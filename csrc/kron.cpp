@@ -5,9 +5,9 @@
 // Rows are cut into blocks whose working set fits in a core's L2; a block's intermediate
 // (X_m B^T or A X_m) lives in a per-thread buffer and is used while it is in cache, and
 // outputs are written once, in their final layout. Products on a block are BLAS calls on
-// raw pointers where its rows fold into one operand; per-row products with one factor go
-// to our FMA kernel (repeated_gemm.cpp), else one BLAS call per row (one batch call for
-// small row products, where the BLAS has one). Where
+// raw pointers, one a block where its rows fold into one operand (row_gemm), else one per
+// row; per-row products with one factor go to our FMA kernel (repeated_gemm.cpp), else one
+// BLAS call per row (one batch call for small row products, where the BLAS has one). Where
 // the row products are small (Shape::small_rows), the backward copies each block mode-major
 // in cache instead, so that all of its products, the sums over rows included, are one GEMM
 // a block. Factor gradients sum into one partial per chunk of rows (at most one chunk per
@@ -15,7 +15,18 @@
 // and bf16 are computed in fp32 and rounded once, as the PyTorch kernels do on CPU.
 #include "kernels.h"
 
-#include "common.h"
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "blas.h"
+#include "checks.h"
+#include "parallel.h"
 
 namespace kronops::native {
 namespace {
@@ -39,13 +50,13 @@ struct Shape {
 // One matrix as a batch that repeats it (step 0).
 template <class T>
 Batch<T> repeated(Mat<T> m) {
-  return {m.p, 0, m.ld, m.trans, false};
+  return {m.p, 0, m.ld, m.trans};
 }
 
 // The batch from its matrix i on.
 template <class T>
 Batch<T> starting_at(Batch<T> b, int64_t i) {
-  return {b.p + i * b.step, b.step, b.ld, b.trans, b.fold};
+  return {b.p + i * b.step, b.step, b.ld, b.trans};
 }
 
 template <class T>
@@ -111,14 +122,10 @@ void rows_forward(const Shape& s, at::Tensor x, at::Tensor a, at::Tensor b, cons
         beta = 1;
       }
       if (s.b_first()) {  // T_m = X_m B^T, then y_m = s * A T_m
-        if (X.fold) {
-          gemm<T>(rows * s.a2, s.b1, s.b2, 1, X.at(m0), Bt, 0, t, s.b1);
-        } else {
-          for (int64_t r = 0; r < rows; ++r)
-            gemm<T>(s.a2, s.b1, s.b2, 1, X.at(m0 + r), Bt, 0, t + r * width, s.b1);
-        }
-        gemm_batch<T>(rows, s.a1, s.b1, s.a2, scale, repeated(A), {t, width, s.b1, false, true},
-                      beta, yb, out, s.b1);
+        row_gemm<T>(rows, s.a2, s.b1, s.b2, 1, starting_at(X, m0), repeated(Bt), 0, t, width,
+                    s.b1);
+        gemm_batch<T>(rows, s.a1, s.b1, s.a2, scale, repeated(A), {t, width, s.b1, false}, beta,
+                      yb, out, s.b1);
       } else {  // Z_m = A X_m, then the block's rows at once: y = s * Z B^T
         gemm_batch<T>(rows, s.a1, s.b2, s.a2, 1, repeated(A), starting_at(X, m0), 0, t, width,
                       s.b2);
@@ -184,15 +191,9 @@ void rows_backward(const Shape& s, at::Tensor dy, at::Tensor x, at::Tensor a, at
         if (dx)
           gemm<T>(rows * s.a2, s.b2, s.b1, 1, {u.data(), s.b1, false}, B, 0,
                   dx + m0 * s.a2 * s.b2, s.b2);
-        if (db && !kept_z) {
-          if (X.fold) {
-            gemm<T>(s.b1, s.b2, rows * s.a2, 1, {u.data(), s.b1, true}, X.at(m0), 1, dbp, s.b2);
-          } else {
-            for (int64_t r = 0; r < rows; ++r)
-              gemm<T>(s.b1, s.b2, s.a2, 1, {u.data() + r * u_width, s.b1, true}, X.at(m0 + r), 1,
-                      dbp, s.b2);
-          }
-        }
+        if (db && !kept_z)
+          row_gemm<T>(rows, s.b1, s.b2, s.a2, 1, {u.data(), u_width, s.b1, true},
+                      starting_at(X, m0), 1, dbp, 0, s.b2);
       }
       if (db && kept_z) {
         for (int64_t r = 0; r < rows; ++r)
@@ -202,24 +203,15 @@ void rows_backward(const Shape& s, at::Tensor dy, at::Tensor x, at::Tensor a, at
       if (!da) continue;
       if (via_t) {
         const T* t = kept_t ? inner + m0 * v_width : v.data();
-        if (!kept_t) {
-          if (X.fold) {
-            gemm<T>(rows * s.a2, s.b1, s.b2, 1, X.at(m0), Bt, 0, v.data(), s.b1);
-          } else {
-            for (int64_t r = 0; r < rows; ++r)
-              gemm<T>(s.a2, s.b1, s.b2, 1, X.at(m0 + r), Bt, 0, v.data() + r * v_width, s.b1);
-          }
-        }
+        if (!kept_t)
+          row_gemm<T>(rows, s.a2, s.b1, s.b2, 1, starting_at(X, m0), repeated(Bt), 0, v.data(),
+                      v_width, s.b1);
         for (int64_t r = 0; r < rows; ++r)
           gemm<T>(s.a1, s.a2, s.b1, scale, DY.at(m0 + r), {t + r * v_width, s.b1, true}, 1, dap,
                   s.a2);
       } else {
-        if (DY.fold) {
-          gemm<T>(rows * s.a1, s.b2, s.b1, 1, DY.at(m0), B, 0, v.data(), s.b2);
-        } else {
-          for (int64_t r = 0; r < rows; ++r)
-            gemm<T>(s.a1, s.b2, s.b1, 1, DY.at(m0 + r), B, 0, v.data() + r * v_width, s.b2);
-        }
+        row_gemm<T>(rows, s.a1, s.b2, s.b1, 1, starting_at(DY, m0), repeated(B), 0, v.data(),
+                    v_width, s.b2);
         for (int64_t r = 0; r < rows; ++r)
           gemm<T>(s.a1, s.a2, s.b2, scale, {v.data() + r * v_width, s.b2, false},
                   transposed(X.at(m0 + r)), 1, dap, s.a2);

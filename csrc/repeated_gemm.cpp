@@ -3,11 +3,13 @@
 // its call overhead each time. A is packed once, in panels of kRows rows; each product is
 // then a register-blocked FMA kernel (kRows x 16 accumulators, B_i's rows read in place,
 // B_i and C_i staying in L1). Compiled for AVX2 + FMA and used only where the CPU has both.
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
-#include "common.h"
+#include "blas.h"
 
 namespace kronops::native {
 namespace {

@@ -10,9 +10,18 @@
 // The PyTorch and Triton kernels apply the same checks (kronops/s2ft/ops.py): keep them alike.
 #include "kernels.h"
 
-#include <cmath>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
-#include "common.h"
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "blas.h"
+#include "checks.h"
+#include "parallel.h"
 
 namespace kronops::native {
 namespace {
@@ -104,8 +113,8 @@ void gemm_scatter(const at::Tensor& src_in, Mat<T> w, const Selection& sel, int6
 }
 
 // dΔ (k, q) = src[:, sel]^T X for src (M, *), x (M, q): parallel over column chunks of X
-// (no partial sums); each thread gathers the selected columns of a block of rows, then
-// accumulates one GEMM into its columns of the result.
+// (for_chunks; no partial sums); each thread gathers the selected columns of a block of rows,
+// then accumulates one GEMM into its columns of the result.
 template <class T>
 void gathered_t_gemm(const at::Tensor& src, const Selection& sel, const at::Tensor& x_in, T* out) {
   at::Tensor x = x_in;
@@ -114,17 +123,14 @@ void gathered_t_gemm(const at::Tensor& src, const Selection& sel, const at::Tens
   const T* p = src.const_data_ptr<T>();
   std::fill(out, out + k * q, T(0));
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), q / 64));
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t q0 = q * c / chunks, width = q * (c + 1) / chunks - q0;
-      const int64_t block = block_rows(k + width, sizeof(T));
-      std::vector<T> g(block * k);
-      for (int64_t m0 = 0; m0 < m; m0 += block) {
-        const int64_t rows = std::min(block, m - m0);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t j = 0; j < k; ++j) g[r * k + j] = p[(m0 + r) * s0 + sel.at(j) * s1];
-        gemm<T>(k, width, rows, 1, {g.data(), k, true}, sub(X, m0, q0), 1, out + q0, q);
-      }
+  for_chunks(q, chunks, [&](int64_t, int64_t q0, int64_t q1) {
+    const int64_t width = q1 - q0, block = block_rows(k + width, sizeof(T));
+    std::vector<T> g(block * k);
+    for (int64_t m0 = 0; m0 < m; m0 += block) {
+      const int64_t rows = std::min(block, m - m0);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < k; ++j) g[r * k + j] = p[(m0 + r) * s0 + sel.at(j) * s1];
+      gemm<T>(k, width, rows, 1, {g.data(), k, true}, sub(X, m0, q0), 1, out + q0, q);
     }
   });
 }

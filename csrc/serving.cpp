@@ -10,7 +10,11 @@
 
 #include <ATen/ATen.h>
 
-#include "common.h"
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "checks.h"
 
 namespace kronops::native {
 namespace {

@@ -1,12 +1,13 @@
-// What the native kernels share: row-major GEMM on raw pointers (the BLAS that torch links),
-// strided matrix operands, row blocks sized for the cache, and argument checks.
+// The BLAS shim of the native kernels: row-major GEMM on raw pointers through the Fortran
+// BLAS that torch links (MKL's batch call where it has one), on strided matrix operands.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 extern "C" {
@@ -38,6 +39,16 @@ struct Mat {
   bool trans;
 };
 
+// The matrices of a 3-D tensor (batch, rows, cols) as GEMM operands: one inner layout for
+// all of them (unit column stride, or unit row stride = transposed), batch stride `step`.
+template <class T>
+struct Batch {
+  const T* p;
+  int64_t step, ld;
+  bool trans;
+  Mat<T> at(int64_t i) const { return {p + i * step, ld, trans}; }
+};
+
 inline int blas_int(int64_t v) {
   TORCH_CHECK(v <= INT32_MAX, "kronops native: a matrix dimension of ", v, " exceeds the BLAS int range");
   return static_cast<int>(v);
@@ -64,33 +75,32 @@ void gemm(int64_t m, int64_t n, int64_t k, T alpha, Mat<T> a, Mat<T> b, T beta, 
   }
 }
 
-// The matrices of a 3-D tensor (batch, rows, cols) as GEMM operands: one inner layout for
-// all of them (unit column stride, or unit row stride = transposed), batch stride `step`.
-// `fold` is true when rows of consecutive matrices follow each other at stride ld, so a
-// run of matrices is one (count * rows) x cols operand.
+// The products of `count` matrices A_i = a.at(i) (m x k) and B_i = b.at(i) (k x n):
+//   c_step > 0: C_i (at c + i * c_step) = alpha * A_i B + beta * C_i, one B (b.step = 0);
+//   c_step = 0: C = alpha * sum_i A_i B_i + beta * C.
+// Rows fold (one GEMM) where the storage rows of every operand that changes with i follow
+// each other at its ld: stacked, (count * m) x n x k with A_i and C_i row-major, a.step =
+// m * a.ld and c_step = m * ldc; summed, m x n x (count * k) with A_i transposed (its columns
+// stored as rows), a.step = k * a.ld, and B_i row-major, b.step = k * b.ld. Folded: one call's
+// overhead, B packed once (stacked) or C read and written once (summed). Else one GEMM a
+// matrix (summed: beta = 1 after the first), each paying a call and packing B again (stacked)
+// or reading and writing C again (summed). Stacked, each element of C is the same k-term sum
+// either way; summed, folding sums the count * k terms in the BLAS's order.
 template <class T>
-struct Batch {
-  const T* p;
-  int64_t step, ld;
-  bool trans, fold;
-  Mat<T> at(int64_t i) const { return {p + i * step, ld, trans}; }
-};
-
-// Whether strides (s_row, s_col) of a rows x cols matrix are a BLAS layout; sets ld, trans.
-inline bool blas_layout(int64_t rows, int64_t cols, int64_t s_row, int64_t s_col, int64_t& ld,
-                        bool& trans) {
-  if (cols <= 1 && rows <= 1) { ld = std::max<int64_t>(cols, 1); trans = false; return true; }
-  if ((s_col == 1 || cols <= 1) && (rows <= 1 || s_row >= cols)) {
-    ld = rows <= 1 ? std::max<int64_t>(cols, 1) : s_row;
-    trans = false;
-    return true;
+void row_gemm(int64_t count, int64_t m, int64_t n, int64_t k, T alpha, Batch<T> a, Batch<T> b,
+              T beta, T* c, int64_t c_step, int64_t ldc) {
+  const bool fold =
+      count <= 1 ||
+      (c_step > 0 ? !a.trans && a.step == m * a.ld && b.step == 0 && c_step == m * ldc
+                  : a.trans && a.step == k * a.ld && !b.trans && b.step == k * b.ld);
+  if (fold) {
+    const int64_t rows = c_step > 0 ? count * m : m, inner = c_step > 0 ? k : count * k;
+    gemm<T>(rows, n, inner, alpha, a.at(0), b.at(0), beta, c, ldc);
+    return;
   }
-  if ((s_row == 1 || rows <= 1) && (cols <= 1 || s_col >= rows)) {
-    ld = cols <= 1 ? std::max<int64_t>(rows, 1) : s_col;
-    trans = true;
-    return true;
-  }
-  return false;
+  for (int64_t i = 0; i < count; ++i)
+    gemm<T>(m, n, k, alpha, a.at(i), b.at(i), c_step > 0 || i == 0 ? beta : T(1), c + i * c_step,
+            ldc);
 }
 
 // A GEMM of at most this many multiply-adds costs more in a BLAS call's overhead (argument
@@ -109,7 +119,7 @@ bool repeated_left_gemm(int64_t count, int64_t m, int64_t n, int64_t k, float al
 // C_i (m x n, row-major, at c + i * c_step) = alpha * A_i B_i + beta * C_i for i < count, with
 // A_i = a.at(i), B_i = b.at(i) (a step of 0 repeats one matrix); the C_i must not overlap.
 // fp32 with one A and row-major B_i: our FMA kernel where the CPU has it; otherwise small
-// products as one batch call where the BLAS has one (MKL), else one GEMM a matrix.
+// products as one batch call where the BLAS has one (MKL), else row_gemm.
 template <class T>
 void gemm_batch(int64_t count, int64_t m, int64_t n, int64_t k, T alpha, Batch<T> a, Batch<T> b,
                 T beta, T* c, int64_t c_step, int64_t ldc) {
@@ -122,8 +132,7 @@ void gemm_batch(int64_t count, int64_t m, int64_t n, int64_t k, T alpha, Batch<T
   }
   const bool batched = is_float ? sgemm_batch_ != nullptr : dgemm_batch_ != nullptr;
   if (!batched || count <= 1 || m * n * k > kSmallGemm || m == 0 || n == 0 || k == 0) {
-    for (int64_t i = 0; i < count; ++i)
-      gemm<T>(m, n, k, alpha, a.at(i), b.at(i), beta, c + i * c_step, ldc);
+    row_gemm<T>(count, m, n, k, alpha, a, b, beta, c, c_step, ldc);
     return;
   }
   // One group of `count` products; column-major BLAS sees row-major C as C^T = B^T A^T.
@@ -147,73 +156,42 @@ void gemm_batch(int64_t count, int64_t m, int64_t n, int64_t k, T alpha, Batch<T
   }
 }
 
-// `t` (3-D) as a Batch; copies it contiguous only when its inner strides are no BLAS layout.
-template <class T>
-Batch<T> as_batch(at::Tensor& t) {
-  int64_t ld = 0;
-  bool trans = false;
-  if (!blas_layout(t.size(1), t.size(2), t.stride(1), t.stride(2), ld, trans)) {
-    t = t.contiguous();
-    blas_layout(t.size(1), t.size(2), t.stride(1), t.stride(2), ld, trans);
+// Whether strides (s_row, s_col) of a rows x cols matrix are a BLAS layout; sets ld, trans.
+inline bool blas_layout(int64_t rows, int64_t cols, int64_t s_row, int64_t s_col, int64_t& ld,
+                        bool& trans) {
+  if (cols <= 1 && rows <= 1) { ld = std::max<int64_t>(cols, 1); trans = false; return true; }
+  if ((s_col == 1 || cols <= 1) && (rows <= 1 || s_row >= cols)) {
+    ld = rows <= 1 ? std::max<int64_t>(cols, 1) : s_row;
+    trans = false;
+    return true;
   }
-  const bool fold = !trans && (t.size(0) <= 1 || t.stride(0) == t.size(1) * ld);
-  return {t.const_data_ptr<T>(), t.stride(0), ld, trans, fold};
+  if ((s_row == 1 || rows <= 1) && (cols <= 1 || s_col >= rows)) {
+    ld = cols <= 1 ? std::max<int64_t>(rows, 1) : s_col;
+    trans = true;
+    return true;
+  }
+  return false;
 }
 
-// `t` (2-D) as a matrix operand, copied contiguous only when its strides are no BLAS layout.
+// The matrix in the last two dims of `t` (2-D, or 3-D: its first matrix) as an operand; `t`
+// is copied contiguous only when their strides are no BLAS layout.
 template <class T>
 Mat<T> as_mat(at::Tensor& t) {
+  const int64_t r = t.dim() - 2, c = t.dim() - 1;
   int64_t ld = 0;
   bool trans = false;
-  if (!blas_layout(t.size(0), t.size(1), t.stride(0), t.stride(1), ld, trans)) {
+  if (!blas_layout(t.size(r), t.size(c), t.stride(r), t.stride(c), ld, trans)) {
     t = t.contiguous();
-    blas_layout(t.size(0), t.size(1), t.stride(0), t.stride(1), ld, trans);
+    blas_layout(t.size(r), t.size(c), t.stride(r), t.stride(c), ld, trans);
   }
   return {t.const_data_ptr<T>(), ld, trans};
 }
 
-// Rows per block so that a block's working set (`row_bytes` a row) fills about half of a
-// core's L2 (256 KiB), at least one row.
-inline int64_t rows_per_block(int64_t row_bytes) {
-  return std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(row_bytes, 1));
-}
-
-// Runs fn(chunk, begin, end) over `rows` rows cut into `chunks` contiguous chunks (one per
-// thread at most), in parallel. A chunk's rows and its index depend only on `rows` and
-// `chunks`, so per-chunk partial sums added in chunk order are reproducible.
-template <class F>
-void for_chunks(int64_t rows, int64_t chunks, const F& fn) {
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) fn(c, rows * c / chunks, rows * (c + 1) / chunks);
-  });
-}
-
-// How many chunks a reduction over `rows` rows in blocks of `block` rows uses.
-inline int64_t chunk_count(int64_t rows, int64_t block) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), at::divup(rows, block)));
-}
-
-// out (n) = the sum of `chunks` partials of n elements each (parts, chunk-major), added in
-// chunk order, so the result does not depend on which thread ran which chunk.
+// `t` (3-D) as a Batch, copied contiguous only when its inner strides are no BLAS layout.
 template <class T>
-void sum_chunks(const std::vector<T>& parts, int64_t chunks, T* out, int64_t n) {
-  std::fill(out, out + n, T(0));
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int64_t i = 0; i < n; ++i) out[i] += parts[c * n + i];
+Batch<T> as_batch(at::Tensor& t) {
+  const Mat<T> first = as_mat<T>(t);
+  return {first.p, t.stride(0), first.ld, first.trans};
 }
-
-// The dtype products are computed in: fp64 for fp64, else fp32 (fp16/bf16 rounded once).
-inline at::ScalarType work_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Refuses a tensor that is not a floating-point CPU tensor.
-void check_floating(const char* op, const char* name, const at::Tensor& t);
-
-// Refuses a tensor that is not a CPU tensor of dtype `dtype`.
-void check_like(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype);
-
-// Refuses an index tensor (1-D int64, CPU) with a value outside [0, size); returns it contiguous.
-at::Tensor checked_index(const char* op, const char* name, const at::Tensor& index, int64_t size);
 
 }  // namespace kronops::native
