@@ -16,8 +16,8 @@ import torch
 import transformers
 from test_integration import randomize_b, tiny_bert, tiny_llama
 
+from kronops.adapters import AdapterFileError, load_adapters, read_adapters, save_adapters
 from kronops.adapters.apply import apply_adapters
-from kronops.adapters.files import AdapterFileError, load_adapters, read_adapters, save_adapters
 
 X = torch.randint(0, 50, (2, 7))
 

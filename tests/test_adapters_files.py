@@ -22,7 +22,8 @@ from test_integration import randomize_b, tiny_bert, tiny_llama
 
 from kronops.adapters import (AdapterFileError, Plan, apply_adapters, load_adapters,
                               read_adapters, save_adapters, select)
-from kronops.adapters.files import TMP_SUFFIX, checksum
+from kronops.adapters.atomic import TMP_SUFFIX, host_name
+from kronops.adapters.fileformat import checksum
 from kronops.s2ft.modules import S2FTLinear
 
 
@@ -426,20 +427,19 @@ def test_kill_mid_save_leaves_at_most_a_temporary_that_the_next_save_removes(tmp
 
 
 def test_stale_temporaries_are_swept_and_live_ones_kept(tmp_path):
-    from kronops.adapters.files import _host
     model = krona_model()
     path = tmp_path / "a.safetensors"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     live = os.getppid()  # a running process (pytest's parent)
     names = {
-        "dead writer": f".a.safetensors.{_host()}.{dead.pid}.{'0' * 16}{TMP_SUFFIX}",
-        "live writer": f".a.safetensors.{_host()}.{live}.{'1' * 16}{TMP_SUFFIX}",
-        "old live writer": f".a.safetensors.{_host()}.{live}.{'2' * 16}{TMP_SUFFIX}",
+        "dead writer": f".a.safetensors.{host_name()}.{dead.pid}.{'0' * 16}{TMP_SUFFIX}",
+        "live writer": f".a.safetensors.{host_name()}.{live}.{'1' * 16}{TMP_SUFFIX}",
+        "old live writer": f".a.safetensors.{host_name()}.{live}.{'2' * 16}{TMP_SUFFIX}",
         "other host, recent": f".a.safetensors.elsewhere.{dead.pid}.{'3' * 16}{TMP_SUFFIX}",
         "other host, old": f".a.safetensors.elsewhere.{dead.pid}.{'4' * 16}{TMP_SUFFIX}",
-        "other target": f".b.safetensors.{_host()}.{dead.pid}.{'5' * 16}{TMP_SUFFIX}",
-        "not ours": f".a.safetensors.{_host()}.{dead.pid}.notours{TMP_SUFFIX}",
+        "other target": f".b.safetensors.{host_name()}.{dead.pid}.{'5' * 16}{TMP_SUFFIX}",
+        "not ours": f".a.safetensors.{host_name()}.{dead.pid}.notours{TMP_SUFFIX}",
     }
     for what, name in names.items():
         (tmp_path / name).write_bytes(b"partial")

@@ -9,7 +9,7 @@ from conftest import assert_close
 from test_s2ft_select import batch, tiny_llama
 
 from kronops import adapters, s2ft
-from kronops.adapters.files import checksum
+from kronops.adapters.fileformat import checksum
 from kronops.s2ft.modules import S2FTInPlaceLinear, S2FTLinear
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

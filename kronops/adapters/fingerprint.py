@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterFileError
-from .selection import _expect_keys, _is_int
+from .json_checks import expect_keys, is_int
 
 SAMPLES = 32
 KEYS = ("dtype", "sample", "shape")
@@ -99,10 +99,10 @@ def check_fingerprint(base) -> None:
         raise AdapterFileError(f"base must be a dict or null, got {type(base).__name__}")
     for name, entry in base.items():
         where = f"base module {name!r}"
-        _expect_keys(where, entry, KEYS)
+        expect_keys(where, entry, KEYS)
         shape, dtype, sample = entry["shape"], entry["dtype"], entry["sample"]
         if not isinstance(shape, list) or len(shape) != 2 or \
-                not all(_is_int(d) and d > 0 for d in shape):
+                not all(is_int(d) and d > 0 for d in shape):
             raise AdapterFileError(f"{where}: shape must be [rows, columns], positive ints, "
                                    f"got {shape!r}")
         if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):

@@ -27,10 +27,12 @@ from torch import nn
 
 from ..kron.modules import KronALinear, factor_shapes
 from ..kron.ops import kron_linear
-from .apply import freeze_except, set_module
+from .apply import freeze_except
 from .fingerprint import fingerprint
 from .lokr import LoKrLinear, layer_config
+from .methods import krona
 from .state import STATE, AdapterState
+from .targets import set_module
 
 PEFT_PREFIX = "base_model.model."
 
@@ -113,7 +115,7 @@ def from_peft(peft_model: nn.Module, adapter: str = "default") -> nn.Module:
     prefix = next((n for n, m in peft_model.named_modules() if m is inner), "")
     strip = len(prefix) + 1 if prefix else 0
     layers = {n[strip:]: layer_config(m) for n, m in converted.items()}
-    setattr(inner, STATE, AdapterState("krona", [], layers=layers,
+    setattr(inner, STATE, AdapterState(krona.NAME, [], layers=layers,
                                        base=fingerprint(inner, layers)))
     freeze_except(inner, [])
     return inner

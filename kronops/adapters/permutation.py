@@ -98,7 +98,7 @@ def unpermute(model: nn.Module) -> None:
     training. ``merge_adapters(model, unload=True)`` calls it itself.
     """
     state = adapter_state(model)
-    if state is None or state.method != "s2ft":
+    if state is None or state.plan is None:
         raise RuntimeError("no S²FT adapters are applied to this model")
     orders = original_orders(model)
     for name, order in orders.items():

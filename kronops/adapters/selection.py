@@ -32,6 +32,7 @@ from ..s2ft.ops import check_sorted_unique
 from ..wrapped_linear import as_out_in, is_linear, out_in_weight
 from .blocks import Block, Slot, find_blocks
 from .errors import AdapterFileError
+from .json_checks import expect_keys, is_int
 
 STRATEGIES = ("random", "weight", "activation", "gradient")
 
@@ -66,11 +67,11 @@ class Plan:
         every key present and of its type, indices sorted, unique and within the block's
         sizes. Anything else raises ``AdapterFileError`` (a ValueError) naming it. (Whether
         the plan fits a model is ``check_plan``'s question.)"""
-        _expect_keys("plan", data, PLAN_KEYS)
+        expect_keys("plan", data, PLAN_KEYS)
         strategy, seed, blocks = data["strategy"], data["seed"], data["blocks"]
         if not isinstance(strategy, str) or not strategy:
             raise AdapterFileError(f"plan strategy must be a non-empty str, got {strategy!r}")
-        if not _is_int(seed):
+        if not is_int(seed):
             raise AdapterFileError(f"plan seed must be an int, got {seed!r}")
         if not isinstance(blocks, dict):
             raise AdapterFileError(f"plan blocks must be a dict, got {type(blocks).__name__}")
@@ -79,10 +80,10 @@ class Plan:
             where = f"plan block {name!r}"
             if not name:
                 raise AdapterFileError("plan names a block with an empty name")
-            _expect_keys(where, entry, BLOCK_KEYS)
+            expect_keys(where, entry, BLOCK_KEYS)
             for key in ("num_heads", "num_kv_heads", "head_dim", "num_channels"):
                 least = 0 if key == "num_channels" else 1  # cross-attention: no channels
-                if not _is_int(entry[key]) or entry[key] < least:
+                if not is_int(entry[key]) or entry[key] < least:
                     raise AdapterFileError(f"{where} {key} must be an int >= {least}, "
                                            f"got {entry[key]!r}")
             if entry["num_heads"] % entry["num_kv_heads"]:
@@ -91,7 +92,7 @@ class Plan:
             for key, limit in (("heads", entry["num_heads"]),
                                ("channels", entry["num_channels"])):
                 values = entry[key]
-                if not isinstance(values, list) or not all(_is_int(v) for v in values):
+                if not isinstance(values, list) or not all(is_int(v) for v in values):
                     raise AdapterFileError(f"{where} {key} must be a list of ints, "
                                            f"got {values!r}")
                 if any(b <= a for a, b in zip(values, values[1:])) or \
@@ -104,22 +105,6 @@ class Plan:
 
 PLAN_KEYS = ("blocks", "seed", "strategy")
 BLOCK_KEYS = ("channels", "head_dim", "heads", "num_channels", "num_heads", "num_kv_heads")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _expect_keys(where: str, data, keys) -> None:
-    """``data`` is a dict with exactly ``keys``; else AdapterFileError naming what differs."""
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{where} must be a dict, got {type(data).__name__}")
-    missing = sorted(set(keys) - set(data))
-    unknown = sorted(set(data) - set(keys))
-    if missing or unknown:
-        raise AdapterFileError(f"{where}: " + "; ".join(
-            ([f"missing key(s) {', '.join(map(repr, missing))}"] if missing else []) +
-            ([f"unknown key(s) {', '.join(map(repr, unknown))}"] if unknown else [])))
 
 
 def _count(name: str, value, per_block: list[int]):
@@ -313,6 +298,14 @@ def check_plan(plan: Plan, blocks: list[Block]) -> None:
                                  f"{entry.get(key)} in the plan, {actual} in the model")
         _check_indices(f"plan block {name!r} heads", entry.get("heads"), b.num_heads)
         _check_indices(f"plan block {name!r} channels", entry.get("channels"), b.channels)
+
+
+def plan_parts(blocks: list[Block], plan: Plan) -> dict[str, tuple[str, torch.Tensor]]:
+    """{module name: (side, indices)} that ``plan`` trains, in the original layout
+    (``Block.parts``)."""
+    by_name = {b.name: b for b in blocks}
+    return {name: part for block, entry in plan.blocks.items()
+            for name, part in by_name[block].parts(entry["heads"], entry["channels"]).items()}
 
 
 def select(model, *, heads=0, channels=0, strategy: str = "random", calibration=None,

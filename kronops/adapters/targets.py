@@ -7,6 +7,8 @@ every projection of every transformer block ``blocks.find_blocks`` finds: attent
 v (or the fused q/k/v projection) and output, FFN in and out; for every family in the
 layout table there (LLaMA-style, BERT-style, T5, BART, OPT, GPT-2, GPT-J, GPT-NeoX, Falcon,
 Phi, Phi-3, ...), encoder and decoder, self- and cross-attention alike.
+``modules_of`` finds a model's modules of given types by name, ``set_module`` replaces one,
+``own_parameters`` gives an adapter layer's parameters apart from its base layer's.
 """
 import re
 
@@ -14,6 +16,23 @@ from torch import nn
 
 from ..wrapped_linear import is_linear
 from .blocks import find_blocks
+
+
+def modules_of(model: nn.Module, types: tuple[type, ...]) -> dict[str, nn.Module]:
+    """The model's modules that are instances of ``types``, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, types)}
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in place of the model's module ``name``."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def own_parameters(layer: nn.Module) -> dict[str, nn.Parameter]:
+    """An adapter layer's own parameters (factors, Δ, in-place ``selected``), by name within
+    the layer: every parameter but those of the layer it wraps (``base``)."""
+    return {n: p for n, p in layer.named_parameters() if not n.startswith("base.")}
 
 
 def linear_names(model: nn.Module) -> list[str]:

@@ -6,64 +6,16 @@ own adapter (or the base model) while every layer computes its base GEMM once fo
 whole batch. ``merge``/``unmerge`` fuse one adapter into the base weights and take it out.
 """
 import contextlib
-import os
 
 import torch
 from torch import nn
 
-from ..adapters.apply import plan_parts
-from ..adapters.blocks import find_blocks
 from ..adapters.errors import AdapterFileError
-from ..adapters.files import adapter_params, check_load
-from ..adapters.lokr import build_layer
-from ..adapters.sublayer import KIND_SUBLAYER, build_sublayer
-from ..adapters.state import adapter_modules, adapter_state
-from ..dtypes import accumulation_dtype
-from ..wrapped_linear import out_in_weight
+from ..adapters.files import check_load
+from ..adapters.methods import adapter_modules
+from ..adapters.state import adapter_state
 from .layers import LayerAdapters
 from .routes import Route
-
-
-def kron_parts(model: nn.Module, tensors: dict, layers: dict) -> dict:
-    """{module name: dict(a, b, source, residual)} of a KronA/LoKr or KronA^B file: A and
-    s B in the layer's weight dtype; KronA^B: the source module and s_res (or None)."""
-    parts = {}
-    for name, cfg in layers.items():
-        w = out_in_weight(model.get_submodule(name))
-        in_features, out_features = cfg["in_features"], cfg["out_features"]
-        if cfg["kind"] == KIND_SUBLAYER:
-            layer = build_sublayer(nn.Linear(1, out_features, bias=False, device="meta"),
-                                   nn.Linear(in_features, 1, bias=False, device="meta"), cfg)
-        else:
-            layer = build_layer(nn.Linear(in_features, out_features, bias=False, device="meta"),
-                                cfg)
-        own = {n: tensors[f"{name}.{n}"] for n in adapter_params(layer)}
-        layer.load_state_dict(own, strict=False, assign=True)
-        with torch.no_grad():
-            b = layer.factor_b() if hasattr(layer, "factor_b") else layer.b
-            residual = getattr(layer, "residual_scale", None)
-            parts[name] = dict(a=layer.factor_a().to(w), b=(layer.scale * b).to(w),
-                               source=cfg.get("source"),
-                               residual=None if residual is None else residual.to(w))
-    return parts
-
-
-def sparse_parts(model: nn.Module, tensors: dict, plan, mode: str) -> dict:
-    """{module name: (side, index, Δ)} of an S²FT file, Δ in the layer's weight dtype: the
-    saved Δ (adapter mode), or the saved weights minus the model's (in-place mode; exact
-    when both lie within a factor 2 of each other, Sterbenz)."""
-    parts = {}
-    for name, (side, index) in plan_parts(find_blocks(model), plan).items():
-        w = out_in_weight(model.get_submodule(name))
-        index = index.to(w.device)
-        if mode == "adapter":
-            delta = tensors[f"{name}.delta"].to(w)
-        else:
-            wide = accumulation_dtype(w.dtype)
-            saved = tensors[f"{name}.weight"].to(w.device, wide)
-            delta = (saved - w.index_select(1 if side == "cols" else 0, index).to(wide)).to(w)
-        parts[name] = (side, index, delta)
-    return parts
 
 
 class AdapterBank:
@@ -126,20 +78,14 @@ class AdapterBank:
         if self._merged:
             raise RuntimeError(f"cannot load while {self.merged!r} is merged (in-place S²FT "
                                "files are read against the base weights): unmerge() first")
-        path = os.fspath(path)
-        tensors, config, todo = check_load(self.model, path, strict=True)
-        if config["train_modules"]:
-            raise AdapterFileError(f"{path!r} also trains whole modules "
-                                   f"{config['train_modules']}, which a bank cannot hold per "
-                                   "adapter (it shares one copy of each): load_adapters() it "
-                                   "into a copy of the model")
-        if config["method"] in ("krona", "krona_block"):
-            for module, part in kron_parts(self.model, tensors, todo["new_layers"]).items():
-                self._layer(module).add_kron(name, **part)
-        else:
-            parts = sparse_parts(self.model, tensors, todo["plan"], todo["mode"])
-            for module, (side, index, delta) in parts.items():
-                self._layer(module).add_sparse(name, side, index, delta)
+        checked = check_load(self.model, path, strict=True)
+        if checked.train_modules:
+            raise AdapterFileError(f"also trains whole modules {checked.train_modules}, which "
+                                   "a bank cannot hold per adapter (it shares one copy of "
+                                   "each): load_adapters() it into a copy of the model",
+                                   whole_file=True).about(path)
+        for module, update in checked.spec.serve(self.model, checked.tensors).items():
+            self._layer(module).add(name, update)
         self._names.append(name)
 
     def _layer(self, module: str) -> LayerAdapters:

@@ -1,14 +1,18 @@
 """What an ``AdapterBank`` keeps for each adapted layer: its adapters, stacked so that one op
 call serves every adapter of a group on a mixed batch, and their weight updates for merging.
 
-A layer's KronA/LoKr adapters form one ``KronGroup`` per factor shape (and per input: KronA^B
-adapters on a sub-layer's output projection take the input of its first projection); its
-S²FT adapters one ``SparseGroup`` per mode (rows or cols). Everything is kept in the
-layer's weight dtype and device. Weight updates are given for the (out, in) view of the
+Each adapter comes as an update of the layer in one of the forms of
+``kronops.adapters.methods.updates`` (what its method's ``serve`` hook gives):
+``KronUpdate``s (KronA/LoKr, KronA^B) form one ``KronGroup`` per factor shape (and per input:
+KronA^B adapters on a sub-layer's output projection take the input of its first
+projection), ``SparseUpdate``s (S²FT) one ``SparseGroup`` per mode (rows or cols); the
+table ``GROUPS`` says which form goes to which group. Everything is kept in the layer's
+weight dtype and device. Weight updates are given for the (out, in) view of the
 weight (``out_in_weight``).
 """
 import torch
 
+from ..adapters.methods.updates import KronUpdate, SparseUpdate
 from ..dtypes import accumulation_dtype
 from ..kron.reference import kron
 from ..wrapped_linear import out_in_weight
@@ -26,13 +30,23 @@ class KronGroup:
     def __init__(self, source: str | None = None):
         self.names, self.a, self.b, self.source, self.residual = [], None, None, source, None
 
-    def add(self, name: str, a: torch.Tensor, b: torch.Tensor,
-            residual: torch.Tensor | None = None) -> None:
+    @staticmethod
+    def key(update: KronUpdate) -> tuple:
+        """What the members of one group share: factor shapes and input."""
+        return tuple(update.a.shape), tuple(update.b.shape), update.source
+
+    @classmethod
+    def of(cls, update: KronUpdate) -> "KronGroup":
+        """An empty group for ``update``."""
+        return cls(update.source)
+
+    def add(self, name: str, update: KronUpdate) -> None:
+        a, b = update.a, update.b
         self.names.append(name)
         self.a = a[None] if self.a is None else torch.cat([self.a, a[None]])
         self.b = b[None] if self.b is None else torch.cat([self.b, b[None]])
         if self.source is not None:
-            r = a.new_zeros(1) if residual is None else residual.reshape(1).to(a)
+            r = a.new_zeros(1) if update.residual is None else update.residual.reshape(1).to(a)
             self.residual = r if self.residual is None else torch.cat([self.residual, r])
 
     def remove(self, name: str) -> None:
@@ -103,12 +117,23 @@ class SparseGroup:
             self.index[p * width:p * width + len(index)] = index
             self.values[p * width:p * width + len(index)] = values
 
-    def add(self, name: str, index: torch.Tensor, delta: torch.Tensor) -> None:
+    @staticmethod
+    def key(update: SparseUpdate) -> str:
+        """What the members of one group share: the mode."""
+        return update.side
+
+    @classmethod
+    def of(cls, update: SparseUpdate) -> "SparseGroup":
+        """An empty group for ``update``."""
+        return cls(update.side)
+
+    def add(self, name: str, update: SparseUpdate) -> None:
         """Δ: rows mode (|R|, in), cols mode (out, |C|)."""
+        delta = update.delta.T if self.mode == "cols" else update.delta
         blocks = self._blocks() if self.names else []
-        self._pack(blocks + [(index, delta.T if self.mode == "cols" else delta)])
+        self._pack(blocks + [(update.index, delta)])
         self.names.append(name)
-        self.widths.append(index.numel())
+        self.widths.append(update.index.numel())
 
     def remove(self, name: str) -> None:
         p = self.names.index(name)
@@ -136,20 +161,20 @@ class SparseGroup:
                               groups.offsets, groups.starts, self.widths, self.mode == "cols")
 
 
+GROUPS = {KronUpdate: KronGroup, SparseUpdate: SparseGroup}  # the group of each update form
+
+
 class LayerAdapters:
     """The adapters of one linear layer (nn.Linear or Conv1D), by group."""
 
     def __init__(self, layer: torch.nn.Module):
         self.layer = layer
-        self.groups = {}  # ("kron", a shape, b shape, source) or ("s2ft", mode) -> group
+        self.groups = {}  # (group class, its key of the members' updates) -> group
 
-    def add_kron(self, name: str, a: torch.Tensor, b: torch.Tensor, source: str | None = None,
-                 residual: torch.Tensor | None = None) -> None:
-        key = ("kron", tuple(a.shape), tuple(b.shape), source)
-        self.groups.setdefault(key, KronGroup(source)).add(name, a, b, residual)
-
-    def add_sparse(self, name: str, mode: str, index: torch.Tensor, delta: torch.Tensor) -> None:
-        self.groups.setdefault(("s2ft", mode), SparseGroup(mode)).add(name, index, delta)
+    def add(self, name: str, update: KronUpdate | SparseUpdate) -> None:
+        """Adapter ``name``'s update of this layer, into the group of its kind and key."""
+        group = GROUPS[type(update)]
+        self.groups.setdefault((group, group.key(update)), group.of(update)).add(name, update)
 
     def holding(self, name: str) -> list:
         return [g for g in self.groups.values() if name in g.names]
