@@ -10,7 +10,8 @@ from kronops.kernels.kron.rows_grads import fits as rows_grads_fits
 from kronops.kernels.kron.rows_persistent import fits as persistent_fits
 from kronops.kron import dispatch
 from kronops.kron.modules import factor_shapes
-from kronops.kron.reference import naive_kron_linear, naive_kron_matmul, torch_kron_rows
+from kronops.kron.torch_kernels import kron_rows as torch_kron_rows
+from kronops.testing import naive_kron_linear, naive_kron_matmul
 
 from .cases import MODES, Provider, build_case, element_bytes, input_sets
 from .peft_providers import peft_providers

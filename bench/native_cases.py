@@ -12,8 +12,8 @@ import torch
 
 import kronops
 from kronops import native
-from kronops.kron.reference import naive_kron_matmul, torch_kron_rows
-from kronops.s2ft.reference import naive_sparse_linear
+from kronops.kron.torch_kernels import kron_rows as torch_kron_rows
+from kronops.testing import naive_kron_matmul, naive_sparse_linear
 
 from .cases import MODES, Provider, build_case, element_bytes, input_sets
 from .optional import load_fastkron

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import kronops
-from kronops.s2ft.reference import naive_sparse_linear
+from kronops.testing import naive_sparse_linear
 
 from .cases import MODES, Provider, build_case, element_bytes, input_sets
 from .peft_providers import lora_layer, peft_version

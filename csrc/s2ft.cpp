@@ -163,7 +163,7 @@ Selection linear_args(const char* op, const char* first, const at::Tensor& t, in
 }
 
 // torch.optim.AdamW's arithmetic on one row of `q` selected elements, as the PyTorch kernel
-// does it (kronops/s2ft/reference.py): s the values (master or weight), g the gradient, m and
+// does it (kronops/s2ft/torch_kernels.py): s the values (master or weight), g the gradient, m and
 // v the moments, all contiguous. One loop with no index or branch in it, so it vectorises; an
 // AVX2 clone is picked at run time where the CPU has it (no FMA contraction: AVX2 alone, so
 // every clone rounds as the scalar loop does).

@@ -1,6 +1,6 @@
 """kronops: fast, exact Kronecker-product and structured-sparse (S²FT) adapters for PyTorch.
 
-One folder per op family, each read top to bottom (``reference`` -> ``ops`` -> ``modules``):
+One folder per op family, each read top to bottom (``torch_kernels`` -> ``ops`` -> ``modules``):
 ``kronops.kron`` (``kron_linear``, ``kron_matmul``, ``KronLinear``, ``KronALinear``,
 ``KronABlock``) and ``kronops.s2ft`` (``sparse_linear``, ``S2FTLinear``, ``S2FTInPlaceLinear``,
 ``InPlaceAdamW``, ``InPlaceSGD``). Whole models, both methods: ``kronops.adapters``

@@ -1,31 +1,74 @@
-"""Which implementation of an op runs: backends registered with PyTorch's dispatcher.
+"""The op table and the backends registered with PyTorch's dispatcher.
 
-Every ``kronops::`` op is defined once (``torch.library.custom_op``, its schema from
-``kronops.native.schemas``) with its PyTorch implementation as the default kernel, which
-runs on every device. ``register_triton`` adds an op's Triton launcher as its CUDA kernel;
-dtypes Triton does not take (fp64) still run the PyTorch implementation there. The native
-library (``kronops.native``, when built) registers its C++ kernels for the CPU dispatch key
-of every op in the schema table, once all of them are defined (``defined``).
+Every ``kronops::`` op is declared once, by an ``OpSpec`` in its family's ``ops.py``, and
+``define(spec)`` makes it a ``torch.library`` custom op: its schema, its fake (what
+torch.compile and opcheck trace), its autograd formula, its PyTorch kernel as the default
+kernel on every device and its Triton kernel for CUDA (dtypes Triton does not take, fp64,
+still run the PyTorch kernel there). Both Python kernels run after the spec's argument check
+and with autocast off, so that what they return matches the fake. The native library
+(``kronops.native``, when built) registers its C++ kernels for the CPU dispatch key of every
+op once all are defined; it reads the same schemas (``kronops.native.schemas``).
 
-``KRONOPS_BACKEND=composite`` (read at import) leaves CUDA on the PyTorch path too;
-``KRONOPS_NATIVE=0`` leaves CPU on it. ``triton_on_cpu()`` runs the Triton kernels on CPU
+``KRONOPS_BACKEND=composite`` (read at import) leaves CUDA on the PyTorch kernels too;
+``KRONOPS_NATIVE=0`` leaves CPU on them. ``triton_on_cpu()`` runs the Triton kernels on CPU
 tensors under ``TRITON_INTERPRET=1``: how the tests drive the kernels through the ops and
 autograd without a GPU.
 """
 import contextlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from . import native
+from .dtypes import autocast_off
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKEND_CHOICES = ("auto", "composite")
 
-_registered = []           # (op, launcher, fallback) for every op with a Triton kernel
-_cpu_registered = set()    # ops whose Triton kernel is also registered for "cpu"
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op, declared once: ``define`` registers it; the native build and the
+    ahead-of-time compiles read it.
+
+    schema: ``"kronops::name(args) -> returns"``, written as a string literal on a line of
+        its own (four spaces, the quoted schema, a comma): the root CMakeLists.txt and
+        ``kronops.native.schemas`` read the op table from those lines.
+    torch_kernel: the PyTorch kernel, taking the op's arguments: the default on every device.
+    fake: the outputs' metadata from the arguments' (``register_fake``).
+    backward, setup_context: the autograd formula (``register_autograd``), or None.
+    triton: the CUDA kernel, taking the op's arguments (it launches Triton kernels), or None.
+    compile_cases: the ``compile_cases`` of every Triton kernel it launches
+        (``kronops.kernels.aot`` compiles them ahead of time).
+    check: the argument check run before either Python kernel (the native kernel's rules),
+        or None where the public functions check.
+    mutates: the arguments the op writes in place.
+
+    The native kernel is ``kronops::native::<name>`` in csrc/<family>.cpp; its declaration
+    and its registration for CPU are generated from the schema.
+    """
+    schema: str
+    torch_kernel: Callable
+    fake: Callable
+    backward: Callable | None = None
+    setup_context: Callable | None = None
+    triton: Callable | None = None
+    compile_cases: tuple[Callable, ...] = ()
+    check: Callable | None = None
+    mutates: tuple[str, ...] = ()
+
+    @property
+    def qualname(self) -> str:
+        """``"kronops::name"``."""
+        return self.schema[:self.schema.index("(")]
+
+
+SPECS: list[OpSpec] = []    # the op table: every op defined so far, in order
+_triton_ops = {}            # op -> spec, for every op with its Triton kernel registered
+_cpu_registered = set()     # ops whose Triton kernel is also registered for "cpu"
 _triton_devices = {"cuda"}  # device types whose tensors take the Triton kernels
-_defined = set()           # ops of the schema table defined so far
 
 
 def backend_choice() -> str:
@@ -35,66 +78,77 @@ def backend_choice() -> str:
     return choice
 
 
-def import_kernels():
-    """The ``kronops.kernels`` module, or None without triton (it ships with CUDA torch)."""
-    try:
-        from . import kernels
-    except ModuleNotFoundError as e:
-        if e.name != "triton":
-            raise
-        return None
-    return kernels
-
-
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _kernel(launcher, fallback):
-    """The registered kernel: ``launcher`` for Triton dtypes on enabled devices, else ``fallback``.
-
-    The op's first argument is a tensor that decides (its device and dtype).
-    """
-    def kernel(first, *args):
-        if first.dtype in TRITON_DTYPES and first.device.type in _triton_devices:
-            return launcher(first, *args)
-        return fallback(first, *args)
-    return kernel
-
-
-def register_triton(op, launcher, fallback) -> None:
-    """Register ``launcher`` as ``op``'s CUDA kernel (``fallback``: its PyTorch implementation,
-    for dtypes Triton does not take); nothing with ``KRONOPS_BACKEND=composite``."""
-    if backend_choice() == "composite":
-        return
-    op.register_kernel("cuda")(_kernel(launcher, fallback))
-    _registered.append((op, launcher, fallback))
+def _checked(spec: OpSpec, kernel: Callable) -> Callable:
+    """``kernel`` after ``spec``'s argument check, with autocast off on the first tensor's
+    device (every op's first argument is a tensor)."""
+    def run(*args):
+        if spec.check is not None:
+            spec.check(*args)
+        with autocast_off(args[0].device.type):
+            return kernel(*args)
+    return run
 
 
-def custom_op(name: str, fn, mutates_args=()):
-    """The custom op ``kronops::name``, its schema from ``kronops.native.schemas`` and ``fn``
-    (the PyTorch implementation) as its default kernel on every device."""
-    qualname = f"kronops::{name}"
-    return torch.library.custom_op(qualname, fn, mutates_args=mutates_args,
-                                   schema=native.schema(qualname))
+def takes_triton(t: torch.Tensor) -> bool:
+    """Whether a tensor of ``t``'s device and dtype takes the Triton kernels."""
+    return t.dtype in TRITON_DTYPES and t.device.type in _triton_devices
 
 
-def defined(*ops) -> None:
-    """Note ``ops`` (custom ops of the schema table) as defined; once all are, load the
-    native library (its kernels are checked against the schemas as they register)."""
-    _defined.update(op._qualname for op in ops)
-    if _defined.issuperset(native.op_names()):
+def _triton_kernel(spec: OpSpec) -> Callable:
+    """The kernel registered for CUDA: ``spec.triton`` where the op's first tensor takes the
+    Triton kernels, else the PyTorch kernel."""
+    triton, torch_kernel = _checked(spec, spec.triton), _checked(spec, spec.torch_kernel)
+
+    def run(first, *args):
+        return (triton if takes_triton(first) else torch_kernel)(first, *args)
+    return run
+
+
+def define(spec: OpSpec):
+    """The custom op ``spec`` declares, registered (its Triton kernel for CUDA unless
+    ``KRONOPS_BACKEND=composite``) and added to the op table; once every op of the table is
+    defined, the native library loads (its kernels are checked against the schemas as they
+    register)."""
+    if spec.schema not in native.SCHEMAS:
+        raise ValueError(f"{spec.qualname}: its schema is not in the op table; write it as a "
+                         f"string literal on a line of its own, as kronops.native.schemas "
+                         f"reads it")
+    op = torch.library.custom_op(spec.qualname, _checked(spec, spec.torch_kernel),
+                                 mutates_args=spec.mutates,
+                                 schema=spec.schema[len(spec.qualname):])
+    op.register_fake(spec.fake)
+    if spec.backward is not None:
+        op.register_autograd(spec.backward, setup_context=spec.setup_context)
+    if spec.triton is not None and backend_choice() != "composite":
+        op.register_kernel("cuda")(_triton_kernel(spec))
+        _triton_ops[op] = spec
+    SPECS.append(spec)
+    if {s.qualname for s in SPECS}.issuperset(native.op_names()):
         native.load()
+    return op
 
 
-def recomputes_intermediate(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether the Kronecker kernels for these tensors recompute X·Bᵀ in their backward
-    (native: in cache, per block of rows; Triton: on chip) rather than keep it from the
-    forward, as the PyTorch kernels do (``kron_rows_keep``), like autograd would."""
-    if device_type == "cpu" and native.active():
-        return True
-    return bool(_registered) and device_type in _triton_devices and dtype in TRITON_DTYPES
+def torch_kernel_serves(op, t: torch.Tensor) -> bool:
+    """Whether ``op``'s PyTorch kernel runs for a call whose first tensor is ``t``: neither
+    the native library (CPU tensors, while it is active) nor a Triton kernel takes it."""
+    if t.device.type == "cpu" and native.active():
+        return False
+    return not (op in _triton_ops and takes_triton(t))
+
+
+def run_keeping(op, keeping, args: tuple, needed: bool):
+    """``op(*args)``, or ``keeping(*args)[0]`` where the PyTorch kernel serves the call, grad
+    mode is on and its backward would use what ``keeping`` keeps (``needed``): ``keeping`` is
+    the variant of ``op`` that also returns the intermediate the PyTorch kernel keeps for its
+    backward, which the native and Triton kernels recompute in theirs."""
+    if needed and torch.is_grad_enabled() and torch_kernel_serves(op, args[0]):
+        return keeping(*args)[0]
+    return op(*args)
 
 
 @contextlib.contextmanager
@@ -103,9 +157,9 @@ def triton_on_cpu():
     the native kernels, registered for CPU ahead of them, are set aside meanwhile."""
     if not interpreting():
         raise RuntimeError("triton_on_cpu() needs TRITON_INTERPRET=1 set before triton is imported")
-    for op, launcher, fallback in _registered:
+    for op, spec in _triton_ops.items():
         if op not in _cpu_registered:
-            op.register_kernel("cpu")(_kernel(launcher, fallback))
+            op.register_kernel("cpu")(_triton_kernel(spec))
             _cpu_registered.add(op)
     with native.disabled():
         _triton_devices.add("cpu")

@@ -25,12 +25,11 @@ from .dtypes import accumulation_dtype
 from .kron import dispatch
 from .kron.merged import kron_linear_merged
 from .kron.ops import kron_linear, kron_matmul
-from .kron.reference import naive_kron, naive_kron_linear, naive_kron_matmul
 from .s2ft.ops import sparse_linear
-from .s2ft.reference import naive_sparse_linear
 from .serving.ops import routed_kron_add, routed_sparse_add
 from .serving.routes import Route
-from .testing import TOLERANCE, relative_error
+from .testing import (TOLERANCE, naive_kron, naive_kron_linear, naive_kron_matmul,
+                      naive_sparse_linear, relative_error)
 
 
 def like(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
@@ -300,13 +299,12 @@ def available_backends() -> list[tuple[str, str, object, list]]:
                       [torch.float64, torch.float32, torch.bfloat16, torch.float16]))
     found.append(("PyTorch kernels", "cpu", native.disabled,
                   [torch.float64, torch.float32, torch.bfloat16, torch.float16]))
-    if backends.interpreting() and backends.import_kernels() is not None:
+    if backends.interpreting():
         # bf16 dots are wrong in Triton's interpreter (bf16 is stored as uint16 there)
         found.append(("Triton, interpreted", "cpu", backends.triton_on_cpu,
                       [torch.float32, torch.float16]))
     if torch.cuda.is_available():
-        name = "Triton" if backends.backend_choice() != "composite" and \
-            backends.import_kernels() is not None else "PyTorch kernels"
+        name = "Triton" if backends.backend_choice() != "composite" else "PyTorch kernels"
         found.append((name, "cuda", contextlib.nullcontext,
                       [torch.float32, torch.float16, torch.bfloat16]))
     return found

@@ -7,7 +7,10 @@ from conftest import ON_GPU, assert_close
 from test_kernel_configs import SENTINEL, Guarded
 
 import kronops
-import kronops.kernels as kernels
+from kronops.kernels.s2ft.adamw import launch_sparse_adamw
+from kronops.kernels.s2ft.delta_grad import launch_sparse_delta_grad
+from kronops.kernels.s2ft.matmul_add import triton_sparse_matmul_add
+from kronops.testing import naive_sparse_linear
 
 BAD = [-7, 2, 5, 10 ** 6]  # two valid positions between out-of-range ones
 
@@ -36,10 +39,10 @@ def test_matmul_add_skips_out_of_range_positions(side, kind):
     ref = out.view.double().clone()
     if side == "gather":  # out += a[:, I] bᵀ over the valid I only
         ref += a.view.double()[:, positions[valid]] @ b.view.double()[:, valid].T
-        kernels.triton_sparse_matmul_add(out.view, a.view, b.view, sel, 0)
+        triton_sparse_matmul_add(out.view, a.view, b.view, sel, 0)
     else:  # out[:, J] += a bᵀ for the valid J only
         ref[:, positions[valid]] += a.view.double() @ b.view.double()[valid].T
-        kernels.triton_sparse_matmul_add(out.view, a.view, b.view, 0, sel)
+        triton_sparse_matmul_add(out.view, a.view, b.view, 0, sel)
     assert_close(out.view, ref, torch.float32, "matmul_add", magnitude=ref.norm().item())
     assert a.guard_intact() and out.guard_intact() and b.guard_intact()
 
@@ -50,7 +53,7 @@ def test_delta_grad_and_adamw_skip_out_of_range_positions(kind):
     d, x = Guarded(20, 9), Guarded(20, 6)
     sel, positions = bad_selection(kind, 9)
     valid = (positions >= 0) & (positions < 9)
-    g = kernels.triton_sparse_delta_grad(d.view, x.view, sel, 4, 0, 6)
+    g = launch_sparse_delta_grad(d.view, x.view, sel, 4, 0, 6)
     assert_close(g[valid], d.view.double()[:, positions[valid]].T @ x.view.double(),
                  torch.float32, "dΔ")
     assert torch.equal(g[~valid], torch.zeros(int((~valid).sum()), 6))
@@ -58,7 +61,7 @@ def test_delta_grad_and_adamw_skip_out_of_range_positions(kind):
     weight = Guarded(9, 5, SENTINEL)
     before = weight.view.clone()
     state = torch.zeros(2, 4, 5)
-    kernels.triton_sparse_adamw(weight.view, torch.ones(4, 5), state[0], state[1], None, sel,
+    launch_sparse_adamw(weight.view, torch.ones(4, 5), state[0], state[1], None, sel,
                                 False, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
                                 step=1)
     moved = (weight.view != before).any(1)
@@ -83,7 +86,7 @@ def test_compiled_graph_with_a_bad_index_is_memory_safe(mode, triton_backend):
     y = f(x, delta, index)
     valid = {mode: index[:2]}
     part = delta[:2] if mode == "rows" else delta[:, :2]
-    assert_close(y, kronops.s2ft.reference.naive_sparse_linear(x, weight, part, **valid),
+    assert_close(y, naive_sparse_linear(x, weight, part, **valid),
                  torch.float32, "valid positions")
 
 

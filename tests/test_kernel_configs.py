@@ -12,7 +12,6 @@ import pytest
 import torch
 from conftest import ON_GPU, assert_close
 
-import kronops.kernels as kernels
 from kronops.kernels.kron import factor_grad, rows
 from kronops.kernels.s2ft import adamw, delta_grad, matmul_add
 
@@ -92,7 +91,7 @@ def test_kron_rows_config(forced):
     m, a1, a2, b1, b2 = 37, 5, 7, 9, 3
     x = Guarded(m, a2 * b2)
     a, b = Guarded(a1, a2), Guarded(b1, b2)
-    y = kernels.triton_kron_rows(x.view.view(m, a2, b2), a.view, b.view, None, 0.5)
+    y = rows.launch_kron_rows(x.view.view(m, a2, b2), a.view, b.view, None, 0.5)
     ref = 0.5 * x.view.double() @ torch.kron(a.view.double(), b.view.double()).T
     assert_close(y, ref, torch.float32, "kron_rows")
     assert x.guard_intact() and a.guard_intact() and b.guard_intact()
@@ -104,7 +103,7 @@ def test_kron_rows_several_output_tiles_each_way():
     m, a1, a2, b1, b2 = 5, 40, 3, 33, 4
     x = Guarded(m, a2 * b2)
     a, b = Guarded(a1, a2), Guarded(b1, b2)
-    y = kernels.triton_kron_rows(x.view.view(m, a2, b2), a.view, b.view, None, 0.5)
+    y = rows.launch_kron_rows(x.view.view(m, a2, b2), a.view, b.view, None, 0.5)
     ref = 0.5 * x.view.double() @ torch.kron(a.view.double(), b.view.double()).T
     assert_close(y, ref, torch.float32, "kron_rows")
 
@@ -113,7 +112,7 @@ def test_kron_rows_several_output_tiles_each_way():
 def test_kron_factor_grad_config(forced):
     m, a1, a2, b1, b2 = 37, 5, 7, 9, 3
     dy, b, x = Guarded(m, a1 * b1), Guarded(b1, b2), Guarded(m, a2 * b2)
-    g = kernels.triton_kron_factor_grad(dy.view.view(m, a1, b1), b.view,
+    g = factor_grad.triton_kron_factor_grad(dy.view.view(m, a1, b1), b.view,
                                         x.view.view(m, a2, b2), 2.0)
     ref = 2.0 * torch.einsum("mik,kl,mjl->ij", dy.view.double().view(m, a1, b1),
                              b.view.double(), x.view.double().view(m, a2, b2))
@@ -130,7 +129,7 @@ def test_sparse_matmul_add_config(forced, gather, scatter):
     out_sel, j_idx = selection(scatter, list(range(0, 2 * n, 2)), 4, n)
     ref = out.view.double().clone()
     ref[:, j_idx] += a.view.double()[:, i_idx] @ b.view.double().T
-    kernels.triton_sparse_matmul_add(out.view, a.view, b.view, a_sel, out_sel)
+    matmul_add.triton_sparse_matmul_add(out.view, a.view, b.view, a_sel, out_sel)
     assert_close(out.view, ref, torch.float32, "sparse_matmul_add",
                  magnitude=ref.norm().item() + out.view.double().norm().item())
     assert a.guard_intact() and out.guard_intact() and b.guard_intact()
@@ -143,7 +142,7 @@ def test_sparse_delta_grad_config(forced, gather_d, gather_x):
     d, x = Guarded(m, d_cols), Guarded(m, x_cols)
     d_sel, i_idx = selection(gather_d, list(range(2, 2 + 2 * p, 2)), 5, p)
     x_sel, j_idx = selection(gather_x, list(range(1, 1 + 3 * q, 3)), 7, q)
-    g = kernels.triton_sparse_delta_grad(d.view, x.view, d_sel, p, x_sel, q)
+    g = delta_grad.launch_sparse_delta_grad(d.view, x.view, d_sel, p, x_sel, q)
     assert_close(g, d.view.double()[:, i_idx].T @ x.view.double()[:, j_idx], torch.float32,
                  "sparse_delta_grad")
     assert d.guard_intact() and x.guard_intact()
@@ -166,7 +165,7 @@ def test_sparse_adamw_config(forced, cols, gather):
     state.view.zero_()
     moments = state.buffer[1:3, 2:2 + shape[0] * shape[1]]
     m, v = (t.view(shape) for t in moments)
-    kernels.triton_sparse_adamw(weight.view, grad.view, m, v, None, sel, cols, lr=0.1, beta1=0.9,
+    adamw.launch_sparse_adamw(weight.view, grad.view, m, v, None, sel, cols, lr=0.1, beta1=0.9,
                                 beta2=0.99, eps=1e-8, weight_decay=0.5, step=1)
     part = before.index_select(dim, index).double() * (1 - 0.1 * 0.5)
     g = grad.view.double()

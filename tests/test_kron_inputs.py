@@ -20,7 +20,7 @@ import kronops
 from kronops import backends, native
 from kronops.kron import dispatch
 from kronops.kron.merged import kron_linear_merged
-from kronops.kron.reference import naive_kron, naive_kron_linear, naive_kron_matmul
+from kronops.testing import naive_kron, naive_kron_linear, naive_kron_matmul
 
 SCALE = 0.6
 

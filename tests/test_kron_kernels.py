@@ -5,8 +5,8 @@ from conftest import KERNEL_DEVICE, KERNEL_DTYPES, ON_GPU, assert_close
 
 import importlib
 
-from kronops.kernels import triton_kron_factor_grad as kron_factor_grad
-from kronops.kernels import triton_kron_rows as kron_rows
+from kronops.kernels.kron.factor_grad import triton_kron_factor_grad as kron_factor_grad
+from kronops.kernels.kron.rows import launch_kron_rows as kron_rows
 
 # (M, a1, a2, b1, b2): odd, prime, unequal, tile-spanning and LoKr-like shapes.
 SHAPES = [(1, 1, 1, 1, 1), (7, 3, 5, 7, 11), (13, 16, 16, 16, 16), (5, 20, 70, 33, 9),

@@ -4,7 +4,7 @@ import torch
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, assert_close
 
 import kronops
-from kronops.kron.reference import naive_kron_matmul
+from kronops.testing import naive_kron_matmul
 
 FACTORS = [[(5, 7)], [(3, 4), (5, 2)], [(2, 3), (3, 2), (4, 5)], [(2, 2), (1, 3), (3, 2), (2, 3)],
            [(17, 3), (2, 16), (16, 16)]]

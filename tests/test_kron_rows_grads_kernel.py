@@ -8,7 +8,7 @@ from conftest import KERNEL_DEVICE, KERNEL_DTYPES, assert_close
 
 from kronops.kernels.kron.rows_grads import fits, launches, triton_kron_rows_grads_one_pass
 from kronops.kron.ops import kron_rows_grads
-from kronops.kron.reference import torch_kron_rows_grads
+from kronops.kron.torch_kernels import kron_rows_grads as torch_kron_rows_grads
 
 SHAPES = [(3, 4, 6, 2), (16, 16, 16, 16), (5, 17, 2, 9), (32, 16, 48, 24)]
 

@@ -8,8 +8,10 @@ from conftest import KERNEL_DEVICE, KERNEL_DTYPES, assert_close
 
 import kronops
 from kronops.kernels.kron.rows_persistent import fits, triton_kron_rows_persistent
-from kronops.kron import dispatch, ops
-from kronops.kron.reference import naive_kron_linear, torch_kron_rows
+from kronops.kernels.kron import rows
+from kronops.kron import dispatch
+from kronops.kron.torch_kernels import kron_rows as torch_kron_rows
+from kronops.testing import naive_kron_linear
 
 SHAPES = [(3, 4, 6, 2), (16, 16, 16, 16), (5, 17, 2, 9), (32, 16, 32, 24)]
 
@@ -57,8 +59,8 @@ def test_fp16_intermediate_beyond_fp16_range():
 
 def test_kron_linear_takes_it_when_pinned(triton_backend, monkeypatch):
     used = []
-    launcher = ops.kernels.triton_kron_rows_persistent
-    monkeypatch.setattr(ops.kernels, "triton_kron_rows_persistent",
+    launcher = rows.rows_persistent.triton_kron_rows_persistent
+    monkeypatch.setattr(rows.rows_persistent, "triton_kron_rows_persistent",
                         lambda *args: used.append(1) or launcher(*args))
     x = torch.randn(2, 5, 24, device=KERNEL_DEVICE)
     a, b = torch.randn(4, 6, device=KERNEL_DEVICE), torch.randn(3, 4, device=KERNEL_DEVICE)

@@ -14,9 +14,9 @@ import kronops
 from kronops import native
 from kronops.kron.ops import (kron_factor_grad, kron_mode, kron_rows, kron_rows_grads,
                               kron_rows_keep)
-from kronops.kron.reference import b_first, naive_kron_linear
+from kronops.kron.torch_kernels import b_first
 from kronops.s2ft.ops import sparse_adamw, sparse_delta_grad, sparse_input_grad, sparse_linear_op
-from kronops.s2ft.reference import naive_sparse_linear
+from kronops.testing import naive_kron_linear, naive_sparse_linear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float64, torch.float32]
@@ -44,7 +44,7 @@ def test_built_library_is_loaded():
     if not os.path.exists(native.library_path()):
         pytest.skip(f"native library {native.load_error()}")
     assert native.available(), native.load_error()
-    assert kronops.backends.recomputes_intermediate("cpu", torch.float32)
+    assert not kronops.backends.torch_kernel_serves(kron_rows, torch.empty(0))
 
 
 # (leading dims of x, a shape, b shape): both contraction orders, odd and prime sizes,

@@ -1,5 +1,6 @@
-"""The op schemas are written once (kronops/native/schemas.py): Python defines the ops from
-them, and the native library, defining them without Python, registers the same strings."""
+"""The op schemas are written once, in the op specs (kronops/*/ops.py, read by
+kronops.native.schemas): Python defines the ops from them, and the native library, defining
+them without Python, registers the same strings."""
 import ctypes
 import os
 import subprocess

@@ -6,11 +6,10 @@ import torch
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, assert_close
 from test_sparse_linear import check_against_reference, inputs
 
-import kronops.kernels as kernels
-from kronops.kernels.s2ft.delta_grad import readable_width
+from kronops.kernels.s2ft.delta_grad import launch_sparse_delta_grad, readable_width
 from kronops.s2ft import S2FTLinear
 from kronops.s2ft.ops import ROW_ALIGN, aligned_as, aligned_columns, aligned_empty, sparse_linear
-from kronops.s2ft.reference import naive_sparse_linear
+from kronops.testing import naive_sparse_linear
 
 ODD = 205  # 5% of 4096: rows of 410 bytes in bf16 unless padded
 
@@ -100,8 +99,8 @@ def test_range_delta_grad(start, dtype):
     read 48 wide where the storage allows: the 37 asked for, contiguous."""
     d = torch.randn(70, 300, device=KERNEL_DEVICE, dtype=dtype)
     x = aligned_columns(torch.randn(70, 90, device=KERNEL_DEVICE, dtype=dtype), None, 4, 37)
-    rows = kernels.triton_sparse_delta_grad(d, x, start, 37, 0, 37)
-    cols = kernels.triton_sparse_delta_grad(x, d, 0, 37, start, 37)
+    rows = launch_sparse_delta_grad(d, x, start, 37, 0, 37)
+    cols = launch_sparse_delta_grad(x, d, 0, 37, start, 37)
     ref = d.double()[:, start:start + 37].T @ x.double()
     assert rows.shape == (37, 37) and rows.is_contiguous() and cols.is_contiguous()
     assert_close(rows, ref, dtype, "rows-mode dΔ")

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import KERNEL_DTYPES, assert_close
 
-from kronops.serving.ops import padded_rows, routed_kron_add, routed_sparse_add
+from kronops.serving.ops import routed_kron_add, routed_sparse_add
+from kronops.serving.torch_kernels import padded_rows
 from kronops.serving.routes import ROUTE_TILE, Route
 
 # Batch rows' bank slots (-1: base), per route. "even": slot 1 has no rows; slot 0 has more
@@ -102,18 +103,19 @@ def test_routed_sparse_add(backend_device, dtype, cols, route_name):
 def test_kernels_never_leave_their_tensors(triton_backend):
     """Token and index values out of range (a table the host checks never saw) read and
     write nothing: rows they name are left alone, nothing crashes."""
-    from kronops.kernels import triton_routed_kron_add, triton_routed_sparse_add
+    from kronops.kernels.serving.routed_kron import launch_routed_kron_add
+    from kronops.kernels.serving.routed_sparse import launch_routed_sparse_add
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(6, 12, device=device)
     tokens = torch.tensor([0, -3, 6, 2, 99], device=device)
     tiles = torch.tensor([[0, 5, 0, 2]], device=device)
     y = torch.zeros(6, 12, device=device)
-    triton_routed_kron_add(y, x.view(6, 3, 4), torch.randn(1, 3, 3, device=device),
+    launch_routed_kron_add(y, x.view(6, 3, 4), torch.randn(1, 3, 3, device=device),
                            torch.randn(1, 4, 4, device=device), tokens, tiles)
     assert y[[1, 3, 4, 5]].abs().sum() == 0 and y[[0, 2]].abs().sum() > 0
     y.zero_()
     index = torch.tensor([3, 40], device=device)  # 40 is out of range
-    triton_routed_sparse_add(y, x, torch.randn(2, 12, device=device), index, tokens, tiles, 2,
+    launch_routed_sparse_add(y, x, torch.randn(2, 12, device=device), index, tokens, tiles, 2,
                              False)
     assert y[:, [i for i in range(12) if i != 3]].abs().sum() == 0
     assert y[[1, 3, 4, 5]].abs().sum() == 0 and y[[0, 2], 3].abs().sum() > 0

@@ -5,7 +5,7 @@ import torch
 from conftest import KERNEL_DEVICE, ON_GPU, assert_close
 
 import kronops
-from kronops.kernels import triton_sparse_adamw as sparse_adamw
+from kronops.kernels.s2ft.adamw import launch_sparse_adamw as sparse_adamw
 
 
 @pytest.mark.parametrize("cols", [False, True])

@@ -3,8 +3,8 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, ON_GPU, assert_close
 
-from kronops.kernels import triton_sparse_delta_grad as sparse_delta_grad
-from kronops.kernels import triton_sparse_matmul_add as sparse_matmul_add
+from kronops.kernels.s2ft.delta_grad import launch_sparse_delta_grad as sparse_delta_grad
+from kronops.kernels.s2ft.matmul_add import triton_sparse_matmul_add as sparse_matmul_add
 
 # (M, a columns, out columns, K read, N written): odd, prime and tile-spanning shapes.
 SHAPES = [(1, 1, 1, 1, 1), (37, 61, 50, 29, 13), (70, 130, 67, 67, 66), (5, 200, 9, 3, 7),

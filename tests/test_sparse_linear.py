@@ -4,7 +4,7 @@ import torch
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, ON_GPU, assert_close, rel_err
 
 from kronops.s2ft.ops import sparse_linear
-from kronops.s2ft.reference import naive_sparse_linear
+from kronops.testing import naive_sparse_linear
 
 # (leading dims of x, out, in, selected count): odd, prime and tile-spanning shapes.
 SHAPES = [((), 7, 5, 3), ((9,), 13, 11, 1), ((2, 5), 67, 33, 17), ((3, 7), 20, 70, 20),

@@ -5,7 +5,7 @@ from conftest import assert_close
 from torch import nn
 
 from kronops.s2ft.modules import S2FTInPlaceLinear, S2FTLinear
-from kronops.s2ft.reference import naive_sparse_linear
+from kronops.testing import naive_sparse_linear
 
 SELECTIONS = [("rows", torch.tensor([0, 3, 4, 10])), ("rows", slice(2, 7)),
               ("cols", torch.tensor([1, 5, 8])), ("cols", range(0, 4))]

@@ -5,7 +5,8 @@ table per kernel: for each case, config and architecture its registers, spills (
 LOCAL bytes, and STACK), shared memory and which tensor-core instruction its dots became
 (wgmma, mma.sync, or none), or the compile error; ``--out`` also writes every result as JSON
 ({"<case>-cfg<i>-sm<cc>": {...}}). The cases are declared beside each kernel
-(``compile_cases()``), for every viable tuning config, and specialised as a run-time launch
+(``compile_cases()``) and named by the op table (``OpSpec.compile_cases`` of every op in
+``kronops.backends.SPECS``), for every viable tuning config, and specialised as a run-time launch
 with the case's integer values on 16-byte aligned tensors. The interpreter accepts kernels a
 GPU compiler rejects: this is what catches them (tests/test_aot_compile.py runs it).
 """
@@ -23,26 +24,27 @@ from concurrent.futures import ProcessPoolExecutor
 
 import triton
 
-from . import partial_sums
-from .kron import factor_grad, rows, rows_grads, rows_persistent
-from .s2ft import adamw, delta_grad, matmul_add
-from .serving import routed_kron, routed_sparse
+from ..backends import SPECS
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 CAPABILITIES = [80, 90]
-KERNEL_MODULES = [rows, rows_persistent, factor_grad, rows_grads, matmul_add, delta_grad, adamw,
-                  partial_sums, routed_kron, routed_sparse]
 FLOAT_ARGS = {"scale", "lr", "beta1", "beta2", "eps", "weight_decay", "step_size",
               "bias_correction2_sqrt"}
 DIVISIBLE = [["tt.divisibility", 16]]
+
+
+def case_lists() -> list:
+    """The ``compile_cases`` functions the op table names, each once, in table order (kernels
+    launched by several ops are compiled once)."""
+    return list(dict.fromkeys(cases for spec in SPECS for cases in spec.compile_cases))
 
 
 @functools.cache
 def compile_jobs() -> dict:
     """{job id: (case, config)} for every kernel's cases and their viable configs."""
     jobs = {}
-    for module in KERNEL_MODULES:
-        for case in module.compile_cases():
+    for compile_cases in case_lists():
+        for case in compile_cases():
             for i, config in enumerate(case.configs):
                 jobs[f"{case.name}-cfg{i}"] = (case, config)
     return jobs

@@ -1,4 +1,4 @@
-"""The Kronecker family: ``reference`` (PyTorch), ``ops`` (custom ops and the functional
+"""The Kronecker family: ``torch_kernels`` (PyTorch), ``ops`` (custom ops and the functional
 ``kron_linear``/``kron_matmul``), ``dispatch`` (when products are built), ``merged``
 (``kron_linear_merged``), ``modules`` (``KronLinear``, ``KronALinear``, ``KronABlock``)."""
 from .modules import KronABlock, KronALinear, KronLinear, factor_shapes

@@ -11,7 +11,7 @@ from ..wrapped_linear import WrapsLinear, check_linear
 from .dispatch import merge_weight_pays
 from .merged import kron_linear_merged
 from .ops import kron_linear
-from .reference import kron
+from .torch_kernels import kron
 
 
 def near_sqrt_divisor(n: int) -> int:

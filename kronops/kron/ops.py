@@ -9,20 +9,19 @@
                               intermediate ``kron_rows_keep`` kept, or None
 ``kronops::kron_mode``        y[m] = f @ x[m];  x (M, q, r), f (p, q) -> (M, p, r): one factor
                               on one mode, ``kron_matmul``'s leading factors (no Triton
-                              kernel: the default kernel's batched GEMM runs on CUDA)
+                              kernel: the PyTorch kernel's batched GEMM runs on CUDA)
 
-Each is defined once (schemas: ``kronops.native.schemas``): its default kernel is the
-PyTorch implementation (``reference.py``) on every device, the Triton launcher is
-registered for CUDA and the native kernel for CPU (``kronops.backends``). One autograd
-formula serves every backend: dX_m = A^T dY_m B is ``kron_rows`` with transposed factors,
-dA and dB are ``kron_factor_grad``. A backward that builds no graph runs them as one
-``kron_rows_grads`` call: the PyTorch kernel shares A^T dY between dX and dB and uses the
-intermediate the forward kept, as autograd does on the composite forward; the native
-kernel recomputes X Bᵀ per block of rows in cache, and on CUDA the three Triton kernels
-run. Where the PyTorch kernels run, a forward whose factors need gradients is
-``kron_rows_keep`` (``backends.recomputes_intermediate``). With ``create_graph`` the
-differentiable ops run instead: the ops are twice differentiable. Tensors of any strides
-are taken.
+Each is declared once, by its ``OpSpec`` below (``kronops.backends.define``): its PyTorch
+kernel (``torch_kernels``) on every device, its Triton kernel (``kronops.kernels.kron``) for
+CUDA and its native kernel (csrc/kron.cpp) for CPU. One autograd formula serves every
+backend: dX_m = A^T dY_m B is ``kron_rows`` with transposed factors, dA and dB are
+``kron_factor_grad``. A backward that builds no graph runs them as one ``kron_rows_grads``
+call: the PyTorch kernel shares A^T dY between dX and dB and uses the intermediate the
+forward kept, as autograd does on the composite forward; the native kernel recomputes X Bᵀ
+per block of rows in cache, and on CUDA the Triton kernels recompute it on chip. Where the
+PyTorch kernel runs, a forward whose factors need gradients is ``kron_rows_keep``
+(``backends.run_keeping``). With ``create_graph`` the differentiable ops run instead: the
+ops are twice differentiable. Tensors of any strides are taken.
 """
 import functools
 import math
@@ -32,40 +31,17 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from . import dispatch
+from ..backends import OpSpec
 from ..checks import check_same, check_scale, check_tensor
 from ..dtypes import accumulation_dtype, autocast_off, autocast_operands, composite_dtype
-from .reference import (b_first, kron, torch_kron_factor_grad, torch_kron_rows,
-                        torch_kron_rows_grads)
-
-kernels = backends.import_kernels()
-
-
-def default_kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                      bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """The default kernel, on every device (autocast off: the dtype the fake impl promises)."""
-    with autocast_off(x.device.type):
-        return torch_kron_rows(x, a, b, bias, scale).contiguous()
+from ..kernels import partial_sums
+from ..kernels.kron import factor_grad, rows, rows_grads, rows_persistent
+from . import dispatch, torch_kernels
+from .torch_kernels import b_first, kron
 
 
-kron_rows = backends.custom_op("kron_rows", default_kron_rows)
-
-
-@kron_rows.register_fake
-def _(x, a, b, bias, scale):
+def _rows_fake(x, a, b, bias, scale):
     return x.new_empty((x.shape[0], a.shape[0] * b.shape[0]))
-
-
-def default_kron_rows_keep(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                           bias: torch.Tensor | None, scale: float
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The default kernel, on every device (autocast off)."""
-    with autocast_off(x.device.type):
-        y, inner = torch_kron_rows(x, a, b, bias, scale, keep=True)
-        return y.contiguous(), inner.contiguous()
-
-
-kron_rows_keep = backends.custom_op("kron_rows_keep", default_kron_rows_keep)
 
 
 def inner_shape(m, a, b):
@@ -74,59 +50,23 @@ def inner_shape(m, a, b):
     return (m, a2, b1) if b_first(a1, a2, b1, b2) else (m, a1, b2)
 
 
-@kron_rows_keep.register_fake
-def _(x, a, b, bias, scale):
-    return (x.new_empty((x.shape[0], a.shape[0] * b.shape[0])),
+def _keep_fake(x, a, b, bias, scale):
+    return (_rows_fake(x, a, b, bias, scale),
             x.new_empty(inner_shape(x.shape[0], a, b), dtype=composite_dtype(x)))
 
 
-def default_kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor,
-                             scale: float) -> torch.Tensor:
-    """The default kernel, on every device (autocast off)."""
-    with autocast_off(dy.device.type):
-        return torch_kron_factor_grad(dy, f, x, scale)
-
-
-kron_factor_grad = backends.custom_op("kron_factor_grad", default_kron_factor_grad)
-
-
-@kron_factor_grad.register_fake
-def _(dy, f, x, scale):
+def _factor_grad_fake(dy, f, x, scale):
     return dy.new_empty((dy.shape[1], x.shape[1]))
 
 
-def default_kron_rows_grads(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
-                            b: torch.Tensor, scale: float, need_x: bool, need_a: bool,
-                            need_b: bool, inner: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The default kernel, on every device (autocast off)."""
-    with autocast_off(dy.device.type):
-        return torch_kron_rows_grads(dy, x, a, b, scale, need_x, need_a, need_b, inner)
-
-
-kron_rows_grads = backends.custom_op("kron_rows_grads", default_kron_rows_grads)
-
-
-@kron_rows_grads.register_fake
-def _(dy, x, a, b, scale, need_x, need_a, need_b, inner=None):
+def _rows_grads_fake(dy, x, a, b, scale, need_x, need_a, need_b, inner=None):
     def grad(needed, shape):
         return dy.new_empty(shape if needed else (0,))
     return (grad(need_x, (x.shape[0], a.shape[1], b.shape[1])), grad(need_a, a.shape),
             grad(need_b, b.shape))
 
 
-def default_kron_mode(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """The default kernel, on every device: one batched product in ``composite_dtype``."""
-    with autocast_off(x.device.type):
-        work = composite_dtype(x)
-        return torch.matmul(f.to(work), x.to(work)).to(x.dtype).contiguous()
-
-
-kron_mode = backends.custom_op("kron_mode", default_kron_mode)
-
-
-@kron_mode.register_fake
-def _(x, f):
+def _mode_fake(x, f):
     return x.new_empty((x.shape[0], f.shape[0], x.shape[2]))
 
 
@@ -143,30 +83,6 @@ def _mode_backward(ctx, grad):
         acc = accumulation_dtype(grad.dtype)
         grad_f = torch.einsum("mpr,mqr->pq", grad.to(acc), x.to(acc)).to(f.dtype)
     return grad_x, grad_f
-
-
-kron_mode.register_autograd(_mode_backward, setup_context=_mode_setup_context)
-
-
-def triton_kron_rows(x, a, b, bias, scale):
-    """CUDA kernel of ``kron_rows``: the persistent kernel where ``dispatch`` picks it, else
-    one program per row block."""
-    if dispatch.persistent_forward(kernels.kron_rows_persistent_fits(*a.shape, *b.shape, x.dtype)):
-        return kernels.triton_kron_rows_persistent(x, a, b, bias, scale)
-    return kernels.triton_kron_rows(x, a, b, bias, scale)
-
-
-def triton_kron_rows_grads(dy, x, a, b, scale, need_x, need_a, need_b, inner=None):
-    """CUDA kernel of ``kron_rows_grads``: one pass over x and dY where every factor fits a
-    tile, else the dX, dA and dB Triton kernels (``inner`` is not used: they recompute
-    X Bᵀ on chip)."""
-    if dispatch.one_pass_backward(kernels.kron_rows_grads_fits(*a.shape, *b.shape, dy.dtype)):
-        return kernels.triton_kron_rows_grads_one_pass(dy, x, a, b, scale, need_x, need_a,
-                                                       need_b)
-    dx = kernels.triton_kron_rows(dy, a.mT, b.mT, None, scale) if need_x else dy.new_empty(0)
-    da = kernels.triton_kron_factor_grad(dy, b, x, scale) if need_a else dy.new_empty(0)
-    db = kernels.triton_kron_factor_grad(dy.mT, a, x.mT, scale) if need_b else dy.new_empty(0)
-    return dx, da, db
 
 
 def _setup_context(ctx, inputs, output):
@@ -215,10 +131,6 @@ def _backward(ctx, grad):
     return grad_x, grad_a, grad_b, grad_bias, None
 
 
-kron_rows.register_autograd(_backward, setup_context=_setup_context)
-kron_rows_keep.register_autograd(_keep_backward, setup_context=_keep_setup_context)
-
-
 def _factor_grad_setup_context(ctx, inputs, output):
     dy, f, x, scale = inputs
     ctx.save_for_backward(dy, f, x)
@@ -236,7 +148,36 @@ def _factor_grad_backward(ctx, grad):
     return grad_dy, grad_f, grad_x, None
 
 
-kron_factor_grad.register_autograd(_factor_grad_backward, setup_context=_factor_grad_setup_context)
+FACTOR_GRAD_CASES = (factor_grad.compile_cases, partial_sums.compile_cases)
+
+kron_rows = backends.define(OpSpec(
+    "kronops::kron_rows(Tensor x, Tensor a, Tensor b, Tensor? bias, float scale) -> Tensor",
+    torch_kernel=torch_kernels.kron_rows, fake=_rows_fake,
+    backward=_backward, setup_context=_setup_context,
+    triton=rows.triton_kron_rows,
+    compile_cases=(rows.compile_cases, rows_persistent.compile_cases)))
+
+kron_rows_keep = backends.define(OpSpec(
+    "kronops::kron_rows_keep(Tensor x, Tensor a, Tensor b, Tensor? bias, float scale) -> (Tensor, Tensor)",
+    torch_kernel=torch_kernels.kron_rows_keep, fake=_keep_fake,
+    backward=_keep_backward, setup_context=_keep_setup_context))
+
+kron_factor_grad = backends.define(OpSpec(
+    "kronops::kron_factor_grad(Tensor dy, Tensor f, Tensor x, float scale) -> Tensor",
+    torch_kernel=torch_kernels.kron_factor_grad, fake=_factor_grad_fake,
+    backward=_factor_grad_backward, setup_context=_factor_grad_setup_context,
+    triton=factor_grad.triton_kron_factor_grad, compile_cases=FACTOR_GRAD_CASES))
+
+kron_rows_grads = backends.define(OpSpec(
+    "kronops::kron_rows_grads(Tensor dy, Tensor x, Tensor a, Tensor b, float scale, bool need_x, bool need_a, bool need_b, Tensor? inner=None) -> (Tensor, Tensor, Tensor)",
+    torch_kernel=torch_kernels.kron_rows_grads, fake=_rows_grads_fake,
+    triton=rows_grads.triton_kron_rows_grads,
+    compile_cases=(rows_grads.compile_cases, rows.compile_cases, *FACTOR_GRAD_CASES)))
+
+kron_mode = backends.define(OpSpec(
+    "kronops::kron_mode(Tensor x, Tensor f) -> Tensor",
+    torch_kernel=torch_kernels.kron_mode, fake=_mode_fake,
+    backward=_mode_backward, setup_context=_mode_setup_context))
 
 
 def check_kron_operands(x, a, b, bias, scale):
@@ -275,12 +216,8 @@ def kron_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         with autocast_off(x.device.type):
             return F.linear(x, kron(a, b) * scale, bias)
     lead = x.shape[:-1]
-    rows = x.reshape(-1, a2, b2)
-    if (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-            and not backends.recomputes_intermediate(x.device.type, x.dtype)):
-        y = kron_rows_keep(rows, a, b, bias, scale)[0]
-    else:
-        y = kron_rows(rows, a, b, bias, scale)
+    args = (x.reshape(-1, a2, b2), a, b, bias, scale)
+    y = backends.run_keeping(kron_rows, kron_rows_keep, args, a.requires_grad or b.requires_grad)
     return y.view(*lead, a1 * b1)
 
 
@@ -322,11 +259,3 @@ def kron_matmul(x: torch.Tensor, factors: Sequence[torch.Tensor], *,
         t = kron_mode(t.reshape(-1, q[k], math.prod(q[k + 1:])), f)
     y = kron_linear(t.reshape(-1, q[-2] * q[-1]), factors[-2], factors[-1], scale=scale)
     return y.reshape(*lead, math.prod(p))
-
-
-backends.defined(kron_rows, kron_rows_keep, kron_factor_grad, kron_rows_grads, kron_mode)
-if kernels is not None:
-    backends.register_triton(kron_rows, triton_kron_rows, default_kron_rows)
-    backends.register_triton(kron_factor_grad, kernels.triton_kron_factor_grad,
-                             default_kron_factor_grad)
-    backends.register_triton(kron_rows_grads, triton_kron_rows_grads, default_kron_rows_grads)

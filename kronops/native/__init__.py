@@ -6,7 +6,7 @@ kronops ops, built by the root CMakeLists.txt against the installed torch.
 naming the torch it was built against: one library per torch build (Python, torch version and
 commit, C++ ABI, machine, where that torch is installed), so environments sharing a checkout
 never load each other's. ``import kronops`` then loads the one for this environment's torch
-once every op of the schema table (``kronops.native.schemas``) is defined, and refuses one
+once every op of the op table (``kronops.native.schemas``) is defined, and refuses one
 whose ``torch-build.json`` names another torch. Without it (no compiler, a wheel install)
 everything runs as before on the PyTorch kernels.
 

@@ -1,24 +1,38 @@
-"""The schema of every ``kronops::`` op that has a native CPU kernel, written once.
+"""The op table's schemas, read from where they are written: the ``OpSpec`` of every op in
+``kronops/<family>/ops.py``, each schema a string literal on a line of its own.
 
-Python defines the ops from these strings (``torch.library.custom_op(..., schema=...)``).
-The root CMakeLists.txt reads the quoted lines below into a C++ header, from which the
-native library defines the same schemas when no Python is there to do it (a C++ program
-serving an exported model). tests/test_native_schemas.py checks that both sides register
-exactly these strings. Keep one schema per line, in double quotes, as below.
+Python defines the ops from the specs (``kronops.backends.define``). The root
+CMakeLists.txt runs ``codegen.py`` beside this file, which reads the same lines into C++
+headers: the schemas (the native library defines them when no Python is there to do it: a
+C++ program serving an exported model), the kernels' declarations and their registration
+for CPU. tests/test_native_schemas.py checks that both sides register exactly these
+strings. This module imports nothing from kronops, so that the build can run it alone.
 """
-SCHEMAS = (
-    "kronops::kron_rows(Tensor x, Tensor a, Tensor b, Tensor? bias, float scale) -> Tensor",
-    "kronops::kron_rows_keep(Tensor x, Tensor a, Tensor b, Tensor? bias, float scale) -> (Tensor, Tensor)",
-    "kronops::kron_factor_grad(Tensor dy, Tensor f, Tensor x, float scale) -> Tensor",
-    "kronops::kron_rows_grads(Tensor dy, Tensor x, Tensor a, Tensor b, float scale, bool need_x, bool need_a, bool need_b, Tensor? inner=None) -> (Tensor, Tensor, Tensor)",
-    "kronops::kron_mode(Tensor x, Tensor f) -> Tensor",
-    "kronops::sparse_linear(Tensor x, Tensor weight, Tensor delta, Tensor? index, SymInt start, Tensor? bias, bool cols) -> Tensor",
-    "kronops::sparse_input_grad(Tensor dy, Tensor weight, Tensor delta, Tensor? index, SymInt start, bool cols) -> Tensor",
-    "kronops::sparse_delta_grad(Tensor dy, Tensor x, Tensor? index, SymInt start, bool cols, SymInt rows_of_delta) -> Tensor",
-    "kronops::routed_kron_add(Tensor(a0!) y, Tensor x, Tensor a, Tensor b, Tensor tokens, Tensor tiles, SymInt[] offsets, SymInt[] starts) -> ()",
-    "kronops::routed_sparse_add(Tensor(a0!) y, Tensor x, Tensor values, Tensor index, Tensor tokens, Tensor tiles, SymInt[] offsets, SymInt[] starts, SymInt[] widths, bool cols) -> ()",
-    "kronops::sparse_adamw(Tensor(a0!) weight, Tensor grad, Tensor(a2!) exp_avg, Tensor(a3!) exp_avg_sq, Tensor(a4!)? master, Tensor? index, SymInt start, bool cols, float lr, float beta1, float beta2, float eps, float weight_decay, SymInt step) -> ()",
-)
+import glob
+import os
+import re
+
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A schema line of a spec: four spaces, the quoted schema, a comma (CMakeLists.txt names the
+# same files, kronops/*/ops.py, as dependencies of the generated headers).
+SCHEMA_LINE = re.compile(r'^    "(kronops::[a-z0-9_]+\(.*\) -> .*)",$')
+
+
+def spec_files() -> list[str]:
+    """The families' ``ops.py`` files, in the table's order (sorted by path)."""
+    return sorted(glob.glob(os.path.join(PACKAGE, "*", "ops.py")))
+
+
+def read_schemas(paths) -> tuple[str, ...]:
+    """Every schema line of ``paths``, in order."""
+    found = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            found += [m.group(1) for line in f if (m := SCHEMA_LINE.match(line.rstrip("\n")))]
+    return tuple(found)
+
+
+SCHEMAS = read_schemas(spec_files())
 
 
 def op_names() -> list[str]:
@@ -31,4 +45,4 @@ def schema(qualname: str) -> str:
     for s in SCHEMAS:
         if s.startswith(qualname + "("):
             return s[len(qualname):]
-    raise KeyError(f"no schema for {qualname!r} in kronops.native.schemas")
+    raise KeyError(f"no schema for {qualname!r} in the op table (kronops/*/ops.py)")

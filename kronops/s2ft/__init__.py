@@ -1,4 +1,4 @@
-"""The S²FT family: ``reference`` (PyTorch), ``ops`` (custom ops and the functional
+"""The S²FT family: ``torch_kernels`` (PyTorch), ``ops`` (custom ops and the functional
 ``sparse_linear``), ``modules`` (``S2FTLinear``, ``S2FTInPlaceLinear``) and ``optim``
 (``InPlaceAdamW``, ``InPlaceSGD`` for in-place training)."""
 from .modules import S2FTInPlaceLinear, S2FTLinear

@@ -7,12 +7,12 @@
                                 the optional fp32 master values)
 
 An index is an int64 tensor, or ``None`` and ``start`` for a contiguous range as long as
-Δ's side; ``cols`` picks the mode. Each op is defined once: its default kernel is the
-PyTorch implementation (``reference.py``) on every device; on CUDA an index tensor's Δ
+Δ's side; ``cols`` picks the mode. Each op is declared once: its default kernel is the
+PyTorch kernel (``torch_kernels``) on every device; on CUDA an index tensor's Δ
 products run the gathered Triton kernels (the dense x Wᵀ and dY W stay torch matmuls), a
 range's forward and dX run the PyTorch kernel (the dense GEMM and the Δ GEMM on slices, all
 cuBLAS) and its dΔ the Triton kernel; on CPU the native kernels when built
-(``kronops.native``; schemas: ``kronops.native.schemas``). Gradients go to x, delta and
+(``kronops.native``; the op table: the ``OpSpec`` below). Gradients go to x, delta and
 bias, never to weight: no (out, in) gradient or copy of W is made, and cols mode saves only
 X[:, C] (not X) for backward, in a buffer with aligned rows (``aligned_empty``). The three
 linear ops are twice differentiable, except that cols mode raises on a double backward that
@@ -25,15 +25,15 @@ argument. Index values are read where they are on the host (CPU); on CUDA the Tr
 skip out-of-range positions instead of synchronising.
 """
 import torch
-import torch.nn.functional as F
 
 from .. import backends
+from ..backends import OpSpec
 from ..checks import OpChecks, check_same, check_tensor
-from ..dtypes import autocast_off, autocast_operands
-from .reference import (addmm_into, take, torch_sparse_adamw, torch_sparse_delta_grad,
-                        torch_sparse_input_grad, torch_sparse_linear)
-
-kernels = backends.import_kernels()
+from ..dtypes import autocast_operands
+from ..kernels import partial_sums
+from ..kernels.s2ft import adamw, delta_grad, matmul_add
+from . import torch_kernels
+from .torch_kernels import addmm_into, take
 
 
 # Argument checks of the ops called directly, shared by the PyTorch and the Triton kernels:
@@ -110,8 +110,8 @@ def check_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta) -> None:
     check_selection(c, index, start, rows_of_delta, "rows_of_delta is", dy.shape[1], dy.device)
 
 
-def check_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols,
-                       step) -> None:
+def check_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1,
+                       beta2, eps, weight_decay, step) -> None:
     c = ADAMW
     c.floating("weight", weight)
     c.floating("grad", grad)
@@ -138,70 +138,6 @@ def check_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, 
         if master.shape != grad.shape:
             raise c.value_error(f"master must have grad's shape {list(grad.shape)}, "
                                 f"got {list(master.shape)}")
-
-
-def default_sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
-                          index: torch.Tensor | None, start: int, bias: torch.Tensor | None,
-                          cols: bool) -> torch.Tensor:
-    """The default kernel, on every device (autocast off)."""
-    check_sparse_linear(x, weight, delta, index, start, bias, cols)
-    with autocast_off(x.device.type):
-        return torch_sparse_linear(x, weight, delta, index, start, bias, cols)
-
-
-def default_sparse_input_grad(dy: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
-                              index: torch.Tensor | None, start: int, cols: bool) -> torch.Tensor:
-    """The default kernel, on every device (autocast off)."""
-    check_sparse_input_grad(dy, weight, delta, index, start, cols)
-    with autocast_off(dy.device.type):
-        return torch_sparse_input_grad(dy, weight, delta, index, start, cols)
-
-
-def default_sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None,
-                              start: int, cols: bool, rows_of_delta: int) -> torch.Tensor:
-    """The default kernel, on every device (autocast off)."""
-    check_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta)
-    with autocast_off(dy.device.type):
-        return torch_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta)
-
-
-def default_sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
-                         exp_avg_sq: torch.Tensor, master: torch.Tensor | None,
-                         index: torch.Tensor | None, start: int, cols: bool, lr: float,
-                         beta1: float, beta2: float, eps: float, weight_decay: float,
-                         step: int) -> None:
-    """The default kernel, on every device."""
-    check_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, step)
-    torch_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1,
-                       beta2, eps, weight_decay, step)
-
-
-sparse_linear_op = backends.custom_op("sparse_linear", default_sparse_linear)
-sparse_input_grad = backends.custom_op("sparse_input_grad", default_sparse_input_grad)
-sparse_delta_grad = backends.custom_op("sparse_delta_grad", default_sparse_delta_grad)
-sparse_adamw = backends.custom_op("sparse_adamw", default_sparse_adamw,
-                   mutates_args=("weight", "exp_avg", "exp_avg_sq", "master"))
-
-
-@sparse_linear_op.register_fake
-def _(x, weight, delta, index, start, bias, cols):
-    return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-@sparse_input_grad.register_fake
-def _(dy, weight, delta, index, start, cols):
-    return dy.new_empty((dy.shape[0], weight.shape[1]))
-
-
-@sparse_delta_grad.register_fake
-def _(dy, x, index, start, cols, rows_of_delta):
-    return dy.new_empty((dy.shape[1] if cols else rows_of_delta, x.shape[1]))
-
-
-@sparse_adamw.register_fake
-def _(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1, beta2, eps,
-      weight_decay, step):
-    return None
 
 
 def _setup_context(ctx, inputs, output):
@@ -231,9 +167,6 @@ def _backward(ctx, grad):
     return grad_x, None, grad_delta, None, None, grad_bias, None
 
 
-sparse_linear_op.register_autograd(_backward, setup_context=_setup_context)
-
-
 def _input_grad_setup_context(ctx, inputs, output):
     dy, weight, delta, index, start, cols = inputs
     ctx.save_for_backward(dy, weight, delta, index)
@@ -251,10 +184,6 @@ def _input_grad_backward(ctx, grad):
         other = take(grad, index, ctx.start, delta.shape[1]) if ctx.cols else grad
         grad_delta = sparse_delta_grad(dy, other, index, ctx.start, ctx.cols, delta.shape[0])
     return grad_dy, None, grad_delta, None, None, None
-
-
-sparse_input_grad.register_autograd(_input_grad_backward,
-                                    setup_context=_input_grad_setup_context)
 
 
 def _delta_grad_setup_context(ctx, inputs, output):
@@ -275,7 +204,52 @@ def _delta_grad_backward(ctx, grad):
     return grad_dy, grad_x, None, None, None, None
 
 
-sparse_delta_grad.register_autograd(_delta_grad_backward, setup_context=_delta_grad_setup_context)
+def _linear_fake(x, weight, delta, index, start, bias, cols):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _input_grad_fake(dy, weight, delta, index, start, cols):
+    return dy.new_empty((dy.shape[0], weight.shape[1]))
+
+
+def _delta_grad_fake(dy, x, index, start, cols, rows_of_delta):
+    return dy.new_empty((dy.shape[1] if cols else rows_of_delta, x.shape[1]))
+
+
+def _adamw_fake(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1,
+                beta2, eps, weight_decay, step):
+    return None
+
+
+MATMUL_ADD_CASES = (matmul_add.compile_cases,)
+
+sparse_linear_op = backends.define(OpSpec(
+    "kronops::sparse_linear(Tensor x, Tensor weight, Tensor delta, Tensor? index, SymInt start, Tensor? bias, bool cols) -> Tensor",
+    torch_kernel=torch_kernels.sparse_linear, fake=_linear_fake,
+    backward=_backward, setup_context=_setup_context,
+    triton=matmul_add.triton_sparse_linear, compile_cases=MATMUL_ADD_CASES,
+    check=check_sparse_linear))
+
+sparse_input_grad = backends.define(OpSpec(
+    "kronops::sparse_input_grad(Tensor dy, Tensor weight, Tensor delta, Tensor? index, SymInt start, bool cols) -> Tensor",
+    torch_kernel=torch_kernels.sparse_input_grad, fake=_input_grad_fake,
+    backward=_input_grad_backward, setup_context=_input_grad_setup_context,
+    triton=matmul_add.triton_sparse_input_grad, compile_cases=MATMUL_ADD_CASES,
+    check=check_sparse_input_grad))
+
+sparse_delta_grad = backends.define(OpSpec(
+    "kronops::sparse_delta_grad(Tensor dy, Tensor x, Tensor? index, SymInt start, bool cols, SymInt rows_of_delta) -> Tensor",
+    torch_kernel=torch_kernels.sparse_delta_grad, fake=_delta_grad_fake,
+    backward=_delta_grad_backward, setup_context=_delta_grad_setup_context,
+    triton=delta_grad.triton_sparse_delta_grad,
+    compile_cases=(delta_grad.compile_cases, partial_sums.compile_cases),
+    check=check_sparse_delta_grad))
+
+sparse_adamw = backends.define(OpSpec(
+    "kronops::sparse_adamw(Tensor(a0!) weight, Tensor grad, Tensor(a2!) exp_avg, Tensor(a3!) exp_avg_sq, Tensor(a4!)? master, Tensor? index, SymInt start, bool cols, float lr, float beta1, float beta2, float eps, float weight_decay, SymInt step) -> ()",
+    torch_kernel=torch_kernels.sparse_adamw, fake=_adamw_fake,
+    triton=adamw.triton_sparse_adamw, compile_cases=(adamw.compile_cases,),
+    check=check_sparse_adamw, mutates=("weight", "exp_avg", "exp_avg_sq", "master")))
 
 
 def check_index(name: str, sel, size: int, device: torch.device
@@ -401,65 +375,3 @@ def aligned_columns(x: torch.Tensor, index: torch.Tensor | None, start: int,
     """x[:, index] (or x[:, start:start+count]), x (M, *) 2-D, copied into an aligned
     (M, count) buffer (a gather into a strided ``out=`` takes a slow path on CPU: 2.5x)."""
     return aligned_empty(x.shape[0], count, x.dtype, x.device).copy_(take(x, index, start, count))
-
-
-def _selection(index, start):
-    """What the kernels take for a selection: the index tensor, or a range's start."""
-    return index if index is not None else start
-
-
-def triton_sparse_linear(x, weight, delta, index, start, bias, cols):
-    """CUDA kernel of ``sparse_linear``. A range runs the PyTorch kernel (cuBLAS: the dense
-    GEMM and the Δ GEMM on slices); an index tensor: cuBLAS x Wᵀ + b, then the gathered Δ
-    product added."""
-    if index is None:
-        return default_sparse_linear(x, weight, delta, index, start, bias, cols)
-    check_sparse_linear(x, weight, delta, index, start, bias, cols)
-    y = F.linear(x, weight, bias)
-    if cols:
-        return kernels.triton_sparse_matmul_add(y, x, delta, index, 0)
-    return kernels.triton_sparse_matmul_add(y, x, delta, 0, index)
-
-
-def triton_sparse_input_grad(dy, weight, delta, index, start, cols):
-    """CUDA kernel of ``sparse_input_grad``: as ``triton_sparse_linear``, a range on cuBLAS;
-    an index tensor: cuBLAS dY W, then the gathered Δ product added."""
-    if index is None:
-        return default_sparse_input_grad(dy, weight, delta, index, start, cols)
-    check_sparse_input_grad(dy, weight, delta, index, start, cols)
-    dx = dy @ weight
-    if cols:
-        return kernels.triton_sparse_matmul_add(dx, dy, delta.mT, 0, index)
-    return kernels.triton_sparse_matmul_add(dx, dy, delta.mT, index, 0)
-
-
-def triton_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta):
-    """CUDA kernel of ``sparse_delta_grad``: the gathered, split-M reduced GEMM."""
-    check_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta)
-    if cols:
-        return kernels.triton_sparse_delta_grad(dy, x, 0, dy.shape[1], 0, x.shape[1])
-    return kernels.triton_sparse_delta_grad(dy, x, _selection(index, start), rows_of_delta,
-                                            0, x.shape[1])
-
-
-def triton_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1,
-                        beta2, eps, weight_decay, step):
-    """CUDA kernel of ``sparse_adamw``: one fused pass over the selected submatrix (on
-    contiguous state: strided moments or master values are updated through a copy)."""
-    check_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, step)
-    state = [t if t is None or t.is_contiguous() else t.contiguous()
-             for t in (exp_avg, exp_avg_sq, master)]
-    kernels.triton_sparse_adamw(weight, grad, *state, _selection(index, start), cols, lr=lr,
-                                beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                                step=step)
-    for given, used in zip((exp_avg, exp_avg_sq, master), state):
-        if used is not given:
-            given.copy_(used)
-
-
-backends.defined(sparse_linear_op, sparse_input_grad, sparse_delta_grad, sparse_adamw)
-if kernels is not None:
-    backends.register_triton(sparse_linear_op, triton_sparse_linear, default_sparse_linear)
-    backends.register_triton(sparse_input_grad, triton_sparse_input_grad, default_sparse_input_grad)
-    backends.register_triton(sparse_delta_grad, triton_sparse_delta_grad, default_sparse_delta_grad)
-    backends.register_triton(sparse_adamw, triton_sparse_adamw, default_sparse_adamw)

@@ -1,97 +1,17 @@
-"""The S²FT ops in plain PyTorch: the naive reference and the composite implementations.
+"""Deprecated: the reference moved to ``kronops.testing`` (``naive_sparse_linear``) and the
+PyTorch kernels to ``kronops.s2ft.torch_kernels`` (named after their ops). Kept for one
+release."""
+import warnings
 
-Terms: a frozen weight W (out, in); rows mode trains output rows R with Δ (|R|, in), cols
-mode trains input columns C with Δ (out, |C|). An index is either an int64 tensor or, for
-a contiguous range, ``None`` plus its start (the length is Δ's).
+from ..testing import naive_sparse_linear
+from .torch_kernels import sparse_adamw as torch_sparse_adamw
+from .torch_kernels import sparse_delta_grad as torch_sparse_delta_grad
+from .torch_kernels import sparse_input_grad as torch_sparse_input_grad
+from .torch_kernels import sparse_linear as torch_sparse_linear
 
-``naive_sparse_linear`` is full fine-tuning with a gradient mask: it materialises
-W' = W + scatter(Δ) (an (out, in) copy; tests only). The ``torch_*`` functions are the ops'
-default kernels, on every device; they never copy W.
-"""
-import torch
-import torch.nn.functional as F
+__all__ = ["naive_sparse_linear", "torch_sparse_linear", "torch_sparse_input_grad",
+           "torch_sparse_delta_grad", "torch_sparse_adamw"]
 
-from ..dtypes import accumulation_dtype
-
-
-def take(t: torch.Tensor, index: torch.Tensor | None, start: int, count: int) -> torch.Tensor:
-    """Columns of a 2-D ``t``: ``t[:, index]``, or the view ``t[:, start:start+count]``."""
-    return t.narrow(1, start, count) if index is None else t.index_select(1, index)
-
-
-def naive_sparse_linear(x, weight, delta, rows=None, cols=None, bias=None):
-    """F.linear(x, W', bias) with W' = weight plus delta added into ``rows`` or ``cols``.
-
-    rows/cols: an int64 index tensor, a slice or a range. Materialises W' (out, in).
-    """
-    sel = rows if rows is not None else cols
-    if not isinstance(sel, torch.Tensor):
-        dim = weight.shape[0] if rows is not None else weight.shape[1]
-        sel = torch.arange(dim, device=weight.device)[sel]
-    w = weight.index_add(0 if rows is not None else 1, sel, delta)
-    return F.linear(x, w, bias)
-
-
-def addmm_into(out: torch.Tensor, index: torch.Tensor | None, start: int, a: torch.Tensor,
-               b: torch.Tensor) -> torch.Tensor:
-    """``out[:, index] += a @ b`` in place (a range: one GEMM accumulating into the slice
-    ``out[:, start:start+k]``, no (M, k) temporary); returns out."""
-    if index is None:
-        out.narrow(1, start, b.shape[1]).addmm_(a, b)
-        return out
-    return out.index_add_(1, index, a @ b)
-
-
-def torch_sparse_linear(x, weight, delta, index, start, bias, cols):
-    """x (M, in) -> (M, out): x Wᵀ + b, plus x Δᵀ into columns R, or plus x[:, C] Δᵀ.
-
-    Rows: the dense GEMM, then the Δ GEMM into columns R. Cols: the small Δ GEMM first (with
-    the bias), then the dense GEMM accumulates onto it, reading y in its epilogue rather
-    than in a second pass over y.
-    """
-    if cols:
-        return F.linear(take(x, index, start, delta.shape[1]), delta, bias).addmm_(x, weight.mT)
-    return addmm_into(F.linear(x, weight, bias), index, start, x, delta.mT)
-
-
-def torch_sparse_input_grad(dy, weight, delta, index, start, cols):
-    """dX (M, in) for dY (M, out): rows dY[:, R] Δ, then the dense dY W accumulated onto it;
-    cols dY W, then dY Δ into columns C (the order of ``torch_sparse_linear``)."""
-    if cols:
-        return addmm_into(dy @ weight, index, start, dy, delta)
-    return (take(dy, index, start, delta.shape[0]) @ delta).addmm_(dy, weight)
-
-
-def torch_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta):
-    """dΔ in dy's dtype (accumulated in fp32, fp64 for fp64): rows dY[:, R]ᵀ X, (|R|, in);
-    cols dYᵀ X[:, C], (out, |C|), where ``x`` is the saved X[:, C] itself (index unused)."""
-    acc = accumulation_dtype(dy.dtype)
-    d = dy if cols else take(dy, index, start, rows_of_delta)
-    return (d.mT.to(acc) @ x.to(acc)).to(dy.dtype)
-
-
-def torch_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1,
-                       beta2, eps, weight_decay, step):
-    """AdamW (torch.optim.AdamW's arithmetic) on the submatrix S = W[R] or W[:, C], in place.
-
-    grad (P, Q) is S's gradient; exp_avg, exp_avg_sq (P, Q) the moments in fp32 (fp64 for
-    fp64), updated in place; ``step`` counts from 1. ``master`` (or None): S's values in the
-    moments' dtype, which the step updates and W receives rounded (fp16/bf16 weights keep
-    updates smaller than their rounding step). S is computed in the moments' dtype:
-      S *= 1 - lr*wd;  m = b1 m + (1-b1) G;  v = b2 v + (1-b2) G²;
-      S -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
-    """
-    dim = 1 if cols else 0
-    count = grad.shape[dim]
-    part = weight.narrow(dim, start, count) if index is None else weight.index_select(dim, index)
-    s = master if master is not None else part.to(exp_avg.dtype)
-    g = grad.to(exp_avg.dtype)
-    s.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
-    s.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
-    if index is None:
-        weight.narrow(dim, start, count).copy_(s)
-    else:
-        weight.index_copy_(dim, index, s.to(weight.dtype))
+warnings.warn("kronops.s2ft.reference is deprecated: use kronops.testing "
+              "(naive_sparse_linear) and kronops.s2ft.torch_kernels", DeprecationWarning,
+              stacklevel=2)

@@ -14,7 +14,7 @@ import torch
 
 from ..adapters.methods.updates import KronUpdate, SparseUpdate
 from ..dtypes import accumulation_dtype
-from ..kron.reference import kron
+from ..kron.torch_kernels import kron
 from ..wrapped_linear import out_in_weight
 from .ops import routed_kron_add, routed_sparse_add
 from .routes import Route

@@ -13,12 +13,11 @@ W: ``values`` (P·W, in) holds Δ_p's rows (rows mode) or Δ_pᵀ's rows (cols m
 block p, its first widths[p] real and the rest zero, and ``index`` (P·W,) the rows R_p or
 columns C_p (0 in the padding).
 
-Each op is defined once. Its default kernel (every device) pads every member's tokens to
-the longest run and computes all members with a few batched products when that at most
-doubles the tokens (balanced batches, decode steps), and otherwise takes one member at a
-time (a slice when its rows are consecutive, else a gather). On CUDA one Triton launch
-serves every member (``kernels.serving``); on CPU, with the native library, a C++ kernel
-takes one member at a time (``csrc/serving.cpp``). All update y in place and have no
+Each op is declared once, by its ``OpSpec`` below. Its default kernel (every device) is
+the PyTorch kernel (``torch_kernels``): a few batched products over padded members, or one
+member at a time. On CUDA one Triton launch serves every member (``kronops.kernels.serving``);
+on CPU, with the native library, a C++ kernel takes one member at a time
+(``csrc/serving.cpp``). All update y in place and have no
 autograd: the bank serves. Every kernel first checks its arguments by the same rules
 (``check_*`` below), so a bad call is refused before y changes; token and index values are
 read where they are on the host (CPU): on CUDA the Triton kernels skip out-of-range ones.
@@ -26,10 +25,10 @@ read where they are on the host (CPU): on CUDA the Triton kernels skip out-of-ra
 import torch
 
 from .. import backends
+from ..backends import OpSpec
 from ..checks import OpChecks
-from ..dtypes import autocast_off, composite_dtype
-
-kernels = backends.import_kernels()
+from ..kernels.serving import routed_kron, routed_sparse
+from . import torch_kernels
 
 KRON = OpChecks("kronops::routed_kron_add")
 SPARSE = OpChecks("kronops::routed_sparse_add")
@@ -121,163 +120,18 @@ def check_routed_sparse_add(y, x, values, index, tokens, tiles, offsets, starts,
     check_routing(SPARSE, x, tokens, tiles, offsets, starts, members)
 
 
-PADDING_LIMIT = 2  # the batched path runs while padding at most doubles the tokens
-
-
-def member_rows(tokens: torch.Tensor, offsets: list[int], starts: list[int]):
-    """(p, rows) for every member p with tokens: its rows of x and y as a slice when they
-    are one contiguous range (``starts[p]``, else -1), else as an index tensor."""
-    return [(p, slice(start, start + hi - lo) if start >= 0 else tokens[lo:hi])
-            for p, (lo, hi, start) in enumerate(zip(offsets, offsets[1:], starts)) if hi > lo]
-
-
-def padded_rows(tokens: torch.Tensor, offsets: list[int]):
-    """(members, rows, real) for the batched path, or None for one member (no padding
-    needed: a slice when consecutive) or when padding would more than double the tokens:
-    members (Q,) the members with tokens, rows (Q, n) their rows of x
-    padded to the longest run n with row 0, real (Q, n) False in the padding (None when
-    every run has the same length: no padding)."""
-    counts = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
-    members = [p for p, count in enumerate(counts) if count]
-    longest = max(counts, default=0)
-    if len(members) < 2 or len(members) * longest > PADDING_LIMIT * offsets[-1]:
-        return None
-    device = tokens.device
-    if len(members) * longest == offsets[-1]:  # equal runs: no padding
-        return torch.tensor(members, device=device), tokens.view(len(members), longest), None
-    first = torch.tensor([offsets[p] for p in members], device=device)
-    length = torch.tensor([counts[p] for p in members], device=device)
-    step = torch.arange(longest, device=device)
-    real = step < length[:, None]
-    rows = tokens[(first[:, None] + step).clamp(max=tokens.numel() - 1)] * real
-    return torch.tensor(members, device=device), rows, real
-
-
-def gather_padded(x: torch.Tensor, rows: torch.Tensor, real) -> torch.Tensor:
-    """x's rows (Q, n, ...) for padded ``rows`` (Q, n), zero in the padding (``real``
-    False; None: no padding)."""
-    xs = x.index_select(0, rows.flatten()).view(*rows.shape, *x.shape[1:])
-    return xs if real is None else xs * real.view(*real.shape, *[1] * (x.dim() - 1))
-
-
-def take(x: torch.Tensor, rows) -> torch.Tensor:
-    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-
-
-def add_rows(y: torch.Tensor, rows, part: torch.Tensor) -> None:
-    """y[rows] += part (rows: a slice or an index tensor)."""
-    if isinstance(rows, slice):
-        y[rows] += part
-    else:
-        y.index_add_(0, rows, part)
-
-
-def kron_batches(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """vec(a[q] X b[q]ᵀ) for x (Q, n, a2, b2), a (Q, a1, a2), b (Q, b1, b2) -> (Q, n, a1*b1),
-    the cheaper side contracted first, in ``composite_dtype``."""
-    q, n, a2, b2 = x.shape
-    a1, b1 = a.shape[1], b.shape[1]
-    work = composite_dtype(x)
-    x, a, b = x.to(work), a.to(work), b.to(work)
-    if b1 * a2 * (b2 + a1) <= a1 * b2 * (a2 + b1):
-        t = torch.matmul(x.reshape(q, n * a2, b2), b.mT).view(q, n, a2, b1)
-        y = torch.matmul(a[:, None], t)
-    else:
-        y = torch.matmul(torch.matmul(a[:, None], x).view(q, n * a1, b2), b.mT)
-    return y.reshape(q, n, a1 * b1)
-
-
-def default_routed_kron_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                            tokens: torch.Tensor, tiles: torch.Tensor, offsets: list[int],
-                            starts: list[int]) -> None:
-    """The default kernel: all members in two batched products, or one member at a time."""
-    check_routed_kron_add(y, x, a, b, tokens, tiles, offsets, starts)
-    a2, b2 = a.shape[2], b.shape[2]
-    with autocast_off(x.device.type):
-        padded = padded_rows(tokens, offsets)
-        if padded is not None:
-            members, rows, real = padded
-            q, n = rows.shape
-            xs = gather_padded(x.reshape(-1, a2, b2), rows, real)
-            part = kron_batches(xs, a.index_select(0, members), b.index_select(0, members))
-            y.index_add_(0, rows.flatten(), part.view(q * n, -1).to(y.dtype))
-            return
-        for p, rows in member_rows(tokens, offsets, starts):
-            part = kron_batches(take(x, rows).reshape(1, -1, a2, b2), a[p:p + 1], b[p:p + 1])
-            add_rows(y, rows, part[0].to(y.dtype))
-
-
-def default_routed_sparse_add(y: torch.Tensor, x: torch.Tensor, values: torch.Tensor,
-                              index: torch.Tensor, tokens: torch.Tensor, tiles: torch.Tensor,
-                              offsets: list[int], starts: list[int], widths: list[int],
-                              cols: bool) -> None:
-    """The default kernel: all members in one batched product, or one member at a time."""
-    check_routed_sparse_add(y, x, values, index, tokens, tiles, offsets, starts, widths, cols)
-    members_count, features = len(widths), values.shape[1]
-    width = values.shape[0] // members_count
-    values, index = values.view(members_count, width, features), index.view(members_count, width)
-    with autocast_off(x.device.type):
-        work = composite_dtype(x)
-        padded = padded_rows(tokens, offsets)
-        if padded is not None:
-            members, rows, real = padded
-            q, n = rows.shape
-            xs = gather_padded(x, rows, real).to(work)
-            v, idx = values.index_select(0, members).to(work), index.index_select(0, members)
-            if cols:  # y[t] += x[t, C] Δᵀ: gather the columns, then (n, W) @ (W, out)
-                xs = torch.gather(xs, 2, idx[:, None, :].expand(q, n, width))
-                y.index_add_(0, rows.flatten(), torch.matmul(xs, v).view(q * n, -1).to(y.dtype))
-            elif y.is_contiguous():  # y[t, R] += x[t] Δᵀ, one index-add on y's elements
-                flat = (rows[:, :, None] * y.shape[1] + idx[:, None, :]).flatten()
-                y.view(-1).index_add_(0, flat, torch.matmul(xs, v.mT).flatten().to(y.dtype))
-            else:
-                y.index_put_((rows[:, :, None], idx[:, None, :]),
-                             torch.matmul(xs, v.mT).to(y.dtype), accumulate=True)
-            return
-        for p, rows in member_rows(tokens, offsets, starts):
-            v, idx = values[p, :widths[p]].to(work), index[p, :widths[p]]
-            if cols:
-                add_rows(y, rows, (take(x, rows)[:, idx].to(work) @ v).to(y.dtype))
-            elif isinstance(rows, slice):
-                y[rows].index_add_(1, idx, (take(x, rows).to(work) @ v.T).to(y.dtype))
-            else:
-                y.index_put_((rows[:, None], idx[None, :]), (take(x, rows).to(work) @ v.T).to(
-                    y.dtype), accumulate=True)
-
-
-routed_kron_add = backends.custom_op("routed_kron_add", default_routed_kron_add,
-                                     mutates_args=("y",))
-routed_sparse_add = backends.custom_op("routed_sparse_add", default_routed_sparse_add,
-                                       mutates_args=("y",))
-
-
-@routed_kron_add.register_fake
-def _(y, x, a, b, tokens, tiles, offsets, starts):
+def _mutating_fake(*args):
     return None
 
 
-@routed_sparse_add.register_fake
-def _(y, x, values, index, tokens, tiles, offsets, starts, widths, cols):
-    return None
+routed_kron_add = backends.define(OpSpec(
+    "kronops::routed_kron_add(Tensor(a0!) y, Tensor x, Tensor a, Tensor b, Tensor tokens, Tensor tiles, SymInt[] offsets, SymInt[] starts) -> ()",
+    torch_kernel=torch_kernels.routed_kron_add, fake=_mutating_fake,
+    triton=routed_kron.triton_routed_kron_add, compile_cases=(routed_kron.compile_cases,),
+    check=check_routed_kron_add, mutates=("y",)))
 
-
-def triton_routed_kron_add(y, x, a, b, tokens, tiles, offsets, starts):
-    """CUDA kernel of ``routed_kron_add``: every member in one launch."""
-    check_routed_kron_add(y, x, a, b, tokens, tiles, offsets, starts)
-    kernels.triton_routed_kron_add(y, x.reshape(x.shape[0], a.shape[2], b.shape[2]), a, b,
-                                   tokens, tiles)
-
-
-def triton_routed_sparse_add(y, x, values, index, tokens, tiles, offsets, starts, widths, cols):
-    """CUDA kernel of ``routed_sparse_add``: every member in one launch (Δ of cols mode is
-    the transposed view of ``values``)."""
-    check_routed_sparse_add(y, x, values, index, tokens, tiles, offsets, starts, widths, cols)
-    kernels.triton_routed_sparse_add(y, x, values.T if cols else values, index, tokens, tiles,
-                                     max(widths, default=0), cols)
-
-
-backends.defined(routed_kron_add, routed_sparse_add)
-if kernels is not None:
-    backends.register_triton(routed_kron_add, triton_routed_kron_add, default_routed_kron_add)
-    backends.register_triton(routed_sparse_add, triton_routed_sparse_add,
-                             default_routed_sparse_add)
+routed_sparse_add = backends.define(OpSpec(
+    "kronops::routed_sparse_add(Tensor(a0!) y, Tensor x, Tensor values, Tensor index, Tensor tokens, Tensor tiles, SymInt[] offsets, SymInt[] starts, SymInt[] widths, bool cols) -> ()",
+    torch_kernel=torch_kernels.routed_sparse_add, fake=_mutating_fake,
+    triton=routed_sparse.triton_routed_sparse_add, compile_cases=(routed_sparse.compile_cases,),
+    check=check_routed_sparse_add, mutates=("y",)))

@@ -10,8 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ...kron import dispatch
 from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
                       dot_precision, live_words, viable_configs)
+from . import rows_persistent
 from .tiles import COMPILE_SHAPES, ROW_BLOCK_CONFIGS, int32_rows, kron_tile, tile_lengths
 
 
@@ -109,8 +111,19 @@ def compile_cases() -> list[CompileCase]:
 
 
 def triton_kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-              bias: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
-    """y[m] = scale * vec(a @ x[m] @ b.T) + bias.
+                     bias: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """CUDA kernel of ``kronops::kron_rows``: y[m] = scale * vec(a @ x[m] @ b.T) + bias, by the
+    persistent kernel (``rows_persistent``) where ``dispatch.persistent_forward`` picks it,
+    else by row blocks (``launch_kron_rows``). Shapes as ``launch_kron_rows``."""
+    fits = rows_persistent.fits(*a.shape, *b.shape, x.dtype)
+    if dispatch.persistent_forward(fits):
+        return rows_persistent.triton_kron_rows_persistent(x, a, b, bias, scale)
+    return launch_kron_rows(x, a, b, bias, scale)
+
+
+def launch_kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                     bias: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """y[m] = scale * vec(a @ x[m] @ b.T) + bias, one program per row block and output tile.
 
     x: (M, a2, b2), a: (a1, a2), b: (b1, b2), any strides; bias: (a1*b1,) or None.
     Returns a new contiguous (M, a1*b1) tensor of x's dtype.

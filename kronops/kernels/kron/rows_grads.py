@@ -16,9 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ...kron import dispatch
 from ..launch import (ELEMENT_BYTES, PRECISIONS, REGISTER_BUDGET, TOKENS, CompileCase,
                       autotuned, dot_precision, num_programs_cap, tile_words, viable_configs)
 from ..partial_sums import finish, new_partials
+from .factor_grad import triton_kron_factor_grad
+from .rows import launch_kron_rows
 from .tiles import int32_rows, load_matrix, tile_lengths, times_fp32_tile
 
 
@@ -195,3 +198,17 @@ def triton_kron_rows_grads_one_pass(dy: torch.Tensor, x: torch.Tensor, a: torch.
             float(scale), **flags, **tile_shape(a1, a2, b1, b2, precision))
     return (dx, finish(da_partial, scale, dy.dtype) if need_a else dy.new_empty(0),
             finish(db_partial, scale, dy.dtype) if need_b else dy.new_empty(0))
+
+
+def triton_kron_rows_grads(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
+                           b: torch.Tensor, scale: float, need_x: bool, need_a: bool,
+                           need_b: bool, inner: torch.Tensor | None = None):
+    """CUDA kernel of ``kronops::kron_rows_grads``: one pass over x and dY where the factors
+    fit it (``dispatch.one_pass_backward``), else the dX, dA and dB kernels. ``inner`` is not
+    used: both recompute X Bᵀ on chip. Shapes as ``triton_kron_rows_grads_one_pass``."""
+    if dispatch.one_pass_backward(fits(*a.shape, *b.shape, dy.dtype)):
+        return triton_kron_rows_grads_one_pass(dy, x, a, b, scale, need_x, need_a, need_b)
+    dx = launch_kron_rows(dy, a.mT, b.mT, None, scale) if need_x else dy.new_empty(0)
+    da = triton_kron_factor_grad(dy, b, x, scale) if need_a else dy.new_empty(0)
+    db = triton_kron_factor_grad(dy.mT, a, x.mT, scale) if need_b else dy.new_empty(0)
+    return dx, da, db

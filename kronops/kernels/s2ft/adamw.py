@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..launch import ELEMENT_BYTES, CompileCase, autotuned, live_words, viable_configs
 from .matmul_add import (FEATURES, RANGE_START, SELECTED_COLS, SELECTED_ROWS,
-                         gathered_positions, index_or_start)
+                         gathered_positions, index_or_start, selection)
 
 
 @triton.jit
@@ -93,21 +93,35 @@ def compile_cases() -> list[CompileCase]:
     return cases
 
 
-def triton_sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
-                        exp_avg_sq: torch.Tensor, master: torch.Tensor | None, selection,
+def triton_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr,
+                        beta1, beta2, eps, weight_decay, step) -> None:
+    """CUDA kernel of ``kronops::sparse_adamw``: one fused pass over the selected submatrix
+    (``launch_sparse_adamw``, on contiguous state: strided moments or master values are
+    updated through a copy)."""
+    state = [t if t is None or t.is_contiguous() else t.contiguous()
+             for t in (exp_avg, exp_avg_sq, master)]
+    launch_sparse_adamw(weight, grad, *state, selection(index, start), cols, lr=lr,
+                        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    for given, used in zip((exp_avg, exp_avg_sq, master), state):
+        if used is not given:
+            given.copy_(used)
+
+
+def launch_sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                        exp_avg_sq: torch.Tensor, master: torch.Tensor | None, selected,
                         cols: bool, *, lr: float, beta1: float, beta2: float, eps: float,
                         weight_decay: float, step: int) -> None:
-    """One AdamW step on weight[selection] (rows) or weight[:, selection] (cols), in place.
+    """One AdamW step on weight[selected] (rows) or weight[:, selected] (cols), in place.
 
     weight: (out, in); grad: (P, Q), the submatrix's gradient, any strides; exp_avg,
     exp_avg_sq and master (or None): contiguous fp32 (P, Q), updated in place; with a
-    master the step runs on it and the weight gets it rounded. selection: an int64 index
+    master the step runs on it and the weight gets it rounded. selected: an int64 index
     tensor or the int start of a contiguous range. step: the step number, from 1.
     """
     p, q = grad.shape
     if p * q == 0:
         return
-    idx, start = index_or_start(selection)
+    idx, start = index_or_start(selected)
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2 = 1.0 - beta2 ** step
 

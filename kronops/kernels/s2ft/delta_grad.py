@@ -14,7 +14,7 @@ from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
                       dot_precision, tile_words, viable_configs)
 from ..partial_sums import finish, new_partials, row_groups
 from .matmul_add import (FEATURES, RANGE_START, SELECTED_COLS, SELECTED_COLS_STRIDE,
-                         SELECTED_ROWS, gathered_positions, index_or_start)
+                         SELECTED_ROWS, gathered_positions, index_or_start, selection)
 
 
 @triton.jit
@@ -122,8 +122,18 @@ def readable_width(t: torch.Tensor, start: int, count: int) -> int:
         else count
 
 
-def triton_sparse_delta_grad(d: torch.Tensor, x: torch.Tensor, d_cols, p: int, x_cols, q: int
-                      ) -> torch.Tensor:
+def triton_sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None,
+                             start: int, cols: bool, rows_of_delta: int) -> torch.Tensor:
+    """CUDA kernel of ``kronops::sparse_delta_grad``: rows dY[:, R]ᵀ X, cols dYᵀ X[:, C] (x is
+    X[:, C] itself), the gathered, split-M reduced GEMM (``launch_sparse_delta_grad``)."""
+    if cols:
+        return launch_sparse_delta_grad(dy, x, 0, dy.shape[1], 0, x.shape[1])
+    return launch_sparse_delta_grad(dy, x, selection(index, start), rows_of_delta, 0,
+                                    x.shape[1])
+
+
+def launch_sparse_delta_grad(d: torch.Tensor, x: torch.Tensor, d_cols, p: int, x_cols,
+                             q: int) -> torch.Tensor:
     """d[:, d_cols].T @ x[:, x_cols] in fp32, summed over the M rows in a fixed order.
 
     d: (M, *), x: (M, *), one dtype, any strides. d_cols: an int64 (p,) index tensor or the

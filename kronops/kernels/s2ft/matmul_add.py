@@ -10,8 +10,11 @@ The gather and the scatter are indexed loads and stores inside the GEMM: no inde
 copy of a or out is made. Indices are unique, so programs never write the same element.
 """
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from ...s2ft import torch_kernels
 
 from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
                       dot_precision, tile_words, viable_configs)
@@ -139,6 +142,11 @@ def compile_cases() -> list[CompileCase]:
     return cases
 
 
+def selection(index: torch.Tensor | None, start: int):
+    """What the launchers take for an op's selection: the index tensor, or a range's start."""
+    return index if index is not None else start
+
+
 def index_or_start(cols) -> tuple[torch.Tensor | None, int]:
     """(index tensor or None, start) for a gather/scatter given as a tensor or an int start.
 
@@ -173,3 +181,26 @@ def triton_sparse_matmul_add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor
         *a.stride(), *b.stride(), *out.stride(),
         **constexprs)
     return out
+
+
+def triton_sparse_linear(x, weight, delta, index, start, bias, cols):
+    """CUDA kernel of ``kronops::sparse_linear``: for an index tensor cuBLAS x Wᵀ + b, then the
+    gathered Δ product added; a range runs the PyTorch kernel (cuBLAS: the dense GEMM and the
+    Δ GEMM on slices)."""
+    if index is None:
+        return torch_kernels.sparse_linear(x, weight, delta, index, start, bias, cols)
+    y = F.linear(x, weight, bias)
+    if cols:
+        return triton_sparse_matmul_add(y, x, delta, index, 0)
+    return triton_sparse_matmul_add(y, x, delta, 0, index)
+
+
+def triton_sparse_input_grad(dy, weight, delta, index, start, cols):
+    """CUDA kernel of ``kronops::sparse_input_grad``: as ``triton_sparse_linear``, a range on
+    cuBLAS; an index tensor: cuBLAS dY W, then the gathered Δ product added."""
+    if index is None:
+        return torch_kernels.sparse_input_grad(dy, weight, delta, index, start, cols)
+    dx = dy @ weight
+    if cols:
+        return triton_sparse_matmul_add(dx, dy, delta.mT, 0, index)
+    return triton_sparse_matmul_add(dx, dy, delta.mT, index, 0)

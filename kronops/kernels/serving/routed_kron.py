@@ -92,7 +92,14 @@ def compile_cases() -> list[CompileCase]:
     return cases
 
 
-def triton_routed_kron_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+def triton_routed_kron_add(y, x, a, b, tokens, tiles, offsets, starts) -> None:
+    """CUDA kernel of ``kronops::routed_kron_add`` (x: (M, a2*b2)): every member in one
+    launch (``launch_routed_kron_add``)."""
+    launch_routed_kron_add(y, x.reshape(x.shape[0], a.shape[2], b.shape[2]), a, b, tokens,
+                           tiles)
+
+
+def launch_routed_kron_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                            tokens: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
     """y[t] += vec(a[p] @ x[t] @ b[p].T) in place for the tokens t of each tile; returns y.
 

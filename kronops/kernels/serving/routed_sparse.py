@@ -110,7 +110,15 @@ def compile_cases() -> list[CompileCase]:
     return cases
 
 
-def triton_routed_sparse_add(y: torch.Tensor, x: torch.Tensor, delta: torch.Tensor,
+def triton_routed_sparse_add(y, x, values, index, tokens, tiles, offsets, starts, widths,
+                             cols) -> None:
+    """CUDA kernel of ``kronops::routed_sparse_add``: every member in one launch
+    (``launch_routed_sparse_add``; Δ of cols mode is the transposed view of ``values``)."""
+    launch_routed_sparse_add(y, x, values.T if cols else values, index, tokens, tiles,
+                             max(widths, default=0), cols)
+
+
+def launch_routed_sparse_add(y: torch.Tensor, x: torch.Tensor, delta: torch.Tensor,
                              index: torch.Tensor, tokens: torch.Tensor, tiles: torch.Tensor,
                              widest: int, cols: bool) -> torch.Tensor:
     """Each tile's tokens add their adapter's Δ segment into y in place; returns y.
