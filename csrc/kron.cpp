@@ -13,7 +13,7 @@
 // a block. Factor gradients sum into one partial per chunk of rows (at most one chunk per
 // thread), added in chunk order. fp32 and fp64 compute in their own dtype; fp16
 // and bf16 are computed in fp32 and rounded once, as the PyTorch kernels do on CPU.
-#include "kernels.h"
+#include "kronops_kernels.h"  // generated: the kernels' declarations
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -2,12 +2,12 @@
 //
 // Python defines the kronops ops itself and calls kronops_native_register_cpu() when the
 // package is imported. A C++ program without Python calls kronops_native_define_schemas()
-// first (the same schema strings, from kronops/native/schemas.py), then registers.
+// first (the same schema strings, from the op specs in kronops/*/ops.py), then registers.
 #pragma once
 
 extern "C" {
 
-// Registers the native kernels for the CPU dispatch key of every op in the schema table
+// Registers the native kernels for the CPU dispatch key of every op in the op table
 // (again after kronops_native_unregister_cpu). Returns nullptr, or why it failed.
 const char* kronops_native_register_cpu();
 

@@ -8,7 +8,7 @@
 // composition of the PyTorch kernels (same dtypes, same results). Index values are checked
 // on every call (IndexError), also inside compiled graphs, where the host skips the check.
 // The PyTorch and Triton kernels apply the same checks (kronops/s2ft/ops.py): keep them alike.
-#include "kernels.h"
+#include "kronops_kernels.h"  // generated: the kernels' declarations
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

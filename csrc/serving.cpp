@@ -6,7 +6,7 @@
 // GEMM on its Δ. Products run in fp32 for fp16/bf16 (fp64 for fp64) and are rounded once into
 // y, as the PyTorch kernels do. Every argument is checked before y is written, as the PyTorch
 // and Triton kernels check them (kronops/serving/ops.py): keep them alike.
-#include "kernels.h"
+#include "kronops_kernels.h"  // generated: the kernels' declarations
 
 #include <ATen/ATen.h>
 

@@ -68,3 +68,17 @@ def test_schema_lookup():
         "(Tensor x, Tensor a, Tensor b, Tensor? bias, float scale) -> Tensor"
     with pytest.raises(KeyError, match="no schema for 'kronops::nope'"):
         native.schema("kronops::nope")
+
+
+def test_cpp_declarations_follow_the_schemas():
+    """The generated declarations the C++ kernels must match: types mapped from the schema."""
+    from kronops.native.schemas import cpp_declaration
+    assert cpp_declaration(native.SCHEMAS[native.op_names().index("kronops::kron_rows_grads")]) \
+        == ("std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_rows_grads(const at::Tensor& dy, "
+            "const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, double scale, "
+            "bool need_x, bool need_a, bool need_b, const std::optional<at::Tensor>& inner);")
+    assert cpp_declaration("kronops::f(Tensor(a0!) y, Tensor(a1!)? m, SymInt[] s, int n) -> ()") \
+        == ("void f(const at::Tensor& y, const std::optional<at::Tensor>& m, at::IntArrayRef s, "
+            "int64_t n);")
+    with pytest.raises(ValueError, match="no C.. type for the argument type 'str'"):
+        cpp_declaration("kronops::g(Tensor x, str mode) -> Tensor")

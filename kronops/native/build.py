@@ -86,7 +86,8 @@ def build(build_dir: str | None = None, jobs: int | None = None, quiet: bool = F
     with open(log_path, "w") as log:
         try:
             _run([cmake, "-S", root, "-B", build_dir, *generator, "-DCMAKE_BUILD_TYPE=Release",
-                  f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], log)
+                  f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+                  f"-DPython3_EXECUTABLE={sys.executable}"], log)
             _run([cmake, "--build", build_dir, "--parallel", str(jobs or os.cpu_count() or 1)], log)
         except RuntimeError as e:
             log.flush()
