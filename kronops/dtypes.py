@@ -20,8 +20,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def composite_dtype(t: torch.Tensor) -> torch.dtype:
     """What the PyTorch (composite) Kronecker kernels compute in for inputs like ``t``: fp32
     for fp16 (its intermediate X·Bᵀ can overflow where the whole product does not) and for
-    bf16 on CPU (which has no fast half-precision GEMMs: bf16/fp16 batched products there
-    run 5-70x slower than fp32); the input's own dtype otherwise."""
+    bf16 on CPU (which has no fast half-precision batched GEMMs; bench/NOTES.md has the
+    timing); the input's own dtype otherwise."""
     if t.dtype == torch.float16 or (t.dtype == torch.bfloat16 and t.device.type == "cpu"):
         return torch.float32
     return t.dtype

@@ -1,48 +1,36 @@
 """When building a Kronecker product pays: the dispatch rules of ``kron_linear`` and of the
-adapter layers, one threshold per device kind.
+adapter layers, one threshold per device kind (the measurements and predictions behind each
+threshold: bench/NOTES.md, "Dispatch thresholds and their history").
 
 ``materialise_pays(device_type, in_features, out_features)``: build s·kron(A, B) once per
 call and run one GEMM instead of the fused Kronecker kernels. The score is the weight's
 arithmetic intensity in·out/(in+out), the FLOPs per activation element of the dense GEMM:
 while it stays under about twice the machine's ridge the GEMM costs about what the fused
-path's memory traffic does, and the product is small to build. CUDA: intensity ≤ 384 and
-in·out ≤ 4M (predicted from an H100's ridge of ~240 FLOP/byte in bf16; 384→1536 scores 307,
-1024² scores 512 and stays fused). CPU: intensity ≤ 32 (measured on 2 cores, fp32,
-forward+backward at 16 and 2048 rows: materialised 0.3-0.7× the fused time at 32,
-1.2-3× at 64 and above).
+path's memory traffic does, and the product is small to build.
 
 ``merge_weight_pays(device_type, tokens, in_features, out_features)``: the adapter step as
 one GEMM on W + s·A⊗B (``kron_linear_merged``) instead of the base GEMM plus the adapter's
 own passes. Building W' twice a step is a fixed cost in in·out while the adapter's passes
-cost tokens·(in+out), so it pays from tokens ≥ factor·in·out/(in+out). CUDA: factor 0.6
-(predicted: four passes over the weight against about seven over the activations; 4096²
-merges from ~1230 tokens). CPU: factor 1.0 (measured on 2 cores, fp32, 1024² and 2048²
-training steps at 64-4096 tokens: equal near 0.25-0.5, the merged step 1.16-1.24× the frozen
-base against 1.19-1.49× for the separate adapter from 1.0 on; bench/NOTES.md).
+cost tokens·(in+out), so it pays from tokens ≥ factor·in·out/(in+out).
 
 ``factor_split(device_type, shapes)``: ``kron_matmul`` with N >= 3 factors as one fused
 two-factor product of kron(f1..fk) and kron(fk+1..fN), both built per call, instead of the
 leading factors one mode at a time (a pass over the activations each). The split has the
-fewest fused FLOPs among those whose two products stay small (≤ 64K elements). CPU on the
-PyTorch kernels: on (measured on 2 cores, fp32, three 16×16 factors: 5.7× the FLOPs of the
-mode-by-mode passes in one pass; at 2048 rows forward 54 against 59 ms and forward+backward
-147 against 218, though at 512 rows 14 against 5.4 and 29 against 24). CPU with the native
-library: off (its mode products and row products in the FMA kernel: mode by mode is
-faster at every size measured, 16-2048 rows: at 2048 forward 34 against 42 ms,
-forward+backward 117 against 143; at 512 rows 2.3 against 8.0 and 14 against 32). CUDA:
-off until measured (the fused kernel's tiles were tuned for factors up to 64×64).
+fewest fused FLOPs among those whose two products stay small (≤ 64K elements). On for CPU
+on the PyTorch kernels; off with the native library (its mode products are faster) and on
+CUDA (the fused kernel's tiles were tuned for factors up to 64×64).
 
 ``one_pass_backward(fits)``: on CUDA, the Kronecker backward in one pass over x and dY
-(``kronops/kernels/kron/rows_grads.py``) where the factors fit it (``fits``, from the kernel), else
-the three kernels (in two passes at 64⁴, 16-bit). Unmeasured on a GPU; predicted 1.5-4×
-faster where it runs (bench/NOTES.md).
+(``kronops/kernels/kron/rows_grads.py``) where the factors fit it (``fits``, from the
+kernel), else the three kernels.
 
 ``persistent_forward(fits)``: on CUDA, the forward as a persistent kernel with A and B
-loaded once per program (``kronops/kernels/kron/rows_persistent.py``) where the factors fit it.
-Opt-in (``override(persistent=True)``) until a GPU measures it against ``rows.py``.
+loaded once per program (``kronops/kernels/kron/rows_persistent.py``) where the factors fit
+it. Opt-in (``override(persistent=True)``) until a GPU measures it against ``rows.py``.
 
-``override(materialise=..., merge=..., group=..., one_pass=..., persistent=...)``: a context in which the rules give fixed answers
-(tests and benchmarks pin a path; process-wide, not per thread).
+``override(materialise=..., merge=..., group=..., one_pass=..., persistent=...)``: a context
+in which the rules give fixed answers (tests and benchmarks pin a path; process-wide, not
+per thread).
 """
 import contextlib
 import math

@@ -88,8 +88,8 @@ SUM_CHUNK_ELEMENTS = 1 << 20
 
 def batched_sum(left, right_t):
     """sum_m left[m] @ right_t[m].T for left (M, P, N), right_t (M, R, N) -> (P, R), by chunks
-    of rows: the (M, P, R) products are never all in memory (one batched product summed
-    over m wrote and read them all, ~2x slower at 2048 rows of 64x64)."""
+    of rows: the (M, P, R) products are never all in memory at once (one batched product
+    summed over m writes and reads them all; bench/NOTES.md has the timing)."""
     m, p, _ = left.shape
     r = right_t.shape[1]
     step = max(1, SUM_CHUNK_ELEMENTS // max(1, p * r))

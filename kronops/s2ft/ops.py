@@ -373,5 +373,5 @@ def aligned_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def aligned_columns(x: torch.Tensor, index: torch.Tensor | None, start: int,
                     count: int) -> torch.Tensor:
     """x[:, index] (or x[:, start:start+count]), x (M, *) 2-D, copied into an aligned
-    (M, count) buffer (a gather into a strided ``out=`` takes a slow path on CPU: 2.5x)."""
+    (M, count) buffer (a gather into a strided ``out=`` takes a slow path on CPU)."""
     return aligned_empty(x.shape[0], count, x.dtype, x.device).copy_(take(x, index, start, count))
