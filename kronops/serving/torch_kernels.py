@@ -10,6 +10,7 @@ argument check, with autocast off.
 import torch
 
 from ..dtypes import composite_dtype
+from ..kron.torch_kernels import b_first
 
 PADDING_LIMIT = 2  # the batched path runs while padding at most doubles the tokens
 
@@ -64,12 +65,12 @@ def add_rows(y: torch.Tensor, rows, part: torch.Tensor) -> None:
 
 def kron_batches(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """vec(a[q] X b[q]ᵀ) for x (Q, n, a2, b2), a (Q, a1, a2), b (Q, b1, b2) -> (Q, n, a1*b1),
-    the cheaper side contracted first, in ``composite_dtype``."""
+    the cheaper side contracted first (``b_first``), in ``composite_dtype``."""
     q, n, a2, b2 = x.shape
     a1, b1 = a.shape[1], b.shape[1]
     work = composite_dtype(x)
     x, a, b = x.to(work), a.to(work), b.to(work)
-    if b1 * a2 * (b2 + a1) <= a1 * b2 * (a2 + b1):
+    if b_first(a1, a2, b1, b2):
         t = torch.matmul(x.reshape(q, n * a2, b2), b.mT).view(q, n, a2, b1)
         y = torch.matmul(a[:, None], t)
     else:
