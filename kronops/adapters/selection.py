@@ -28,7 +28,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from ..s2ft.ops import check_sorted_unique
+from ..s2ft.selection import check_sorted_unique
 from ..wrapped_linear import as_out_in, is_linear, out_in_weight
 from .blocks import Block, Slot, find_blocks
 from .errors import AdapterFileError
