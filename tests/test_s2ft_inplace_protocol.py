@@ -36,6 +36,13 @@ class RowsLinear(nn.Module):
             self.chosen.copy_into(self.base_weight, values)
 
 
+def _train(model, opt, xs) -> None:
+    for x in xs:
+        opt.zero_grad()
+        model(x).float().square().sum().backward()
+        opt.step()
+
+
 def test_which_layers_are_in_place():
     base = nn.Linear(4, 3)
     assert isinstance(S2FTInPlaceLinear(base, rows=range(0, 2)), InPlaceLayer)
@@ -61,10 +68,7 @@ def test_optimizers_train_any_in_place_layer(optimizer, dtype, rows):
     for model in (ours, other):
         opt = optimizer([model], lr=0.1)
         assert opt.layer_of(model.selected) is model
-        for x in xs:
-            opt.zero_grad()
-            model(x).float().square().sum().backward()
-            opt.step()
+        _train(model, opt, xs)
     assert torch.equal(ours.base_weight, other.base_weight)
     assert not torch.equal(other.base_weight, initial)
 
@@ -88,18 +92,11 @@ def test_state_dict_round_trip(optimizer):
             S2FTInPlaceLinear(nn.Linear(8, 4).to(torch.bfloat16), cols=range(2, 7)))
 
     xs = [torch.randn(3, 6, dtype=torch.bfloat16) for _ in range(4)]
-
-    def train(model, opt, inputs):
-        for x in inputs:
-            opt.zero_grad()
-            model(x).float().square().sum().backward()
-            opt.step()
-
     straight = fresh()
-    train(straight, optimizer(straight, lr=1e-3), xs)
+    _train(straight, optimizer(straight, lr=1e-3), xs)
     first = fresh()
     first_opt = optimizer(first, lr=1e-3)
-    train(first, first_opt, xs[:2])
+    _train(first, first_opt, xs[:2])
     buffer = io.BytesIO()
     torch.save({"model": first.state_dict(), "opt": first_opt.state_dict()}, buffer)
     buffer.seek(0)
@@ -110,6 +107,6 @@ def test_state_dict_round_trip(optimizer):
     resumed_opt = optimizer(resumed, lr=1e-3)
     resumed_opt.load_state_dict(saved["opt"])
     assert all(s["master"].dtype == torch.float32 for s in resumed_opt.state.values())
-    train(resumed, resumed_opt, xs[2:])
+    _train(resumed, resumed_opt, xs[2:])
     for a, b in zip(resumed, straight):
         assert torch.equal(a.base_weight, b.base_weight)
