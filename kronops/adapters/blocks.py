@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..s2ft.selection import Selection
 from ..wrapped_linear import features, is_linear
 
 # (q, k, v, out) children of one attention module.
@@ -113,6 +114,12 @@ class Block:
             found.setdefault(slot.module, (slot.side, []))[1].append(slot.units[units].flatten())
         parts = {n: (side, torch.cat(idx).sort().values) for n, (side, idx) in found.items()}
         return {n: part for n, part in parts.items() if part[1].numel()}
+
+    def selections(self, heads, channels) -> dict[str, Selection]:
+        """``parts`` as the ``Selection`` of each module's (out, in) weight."""
+        extents = {slot.module: slot.extent for slot, _ in self._slots()}
+        return {n: Selection(side, index, size=extents[n], name=f"{n} {side}")
+                for n, (side, index) in self.parts(heads, channels).items()}
 
     def orders(self, perm: dict) -> dict[str, tuple[str, torch.Tensor]]:
         """{module name: (side, order)} for a co-permutation ``perm`` ({"heads", "kv_heads",

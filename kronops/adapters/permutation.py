@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..s2ft.modules import S2FTInPlaceLinear, S2FTLinear
+from ..s2ft.selection import Selection
 from ..wrapped_linear import out_in_weight
 from .blocks import Block, find_blocks
 from .state import adapter_state
@@ -85,10 +86,10 @@ def _reselect(layer: S2FTLinear, order: torch.Tensor) -> None:
     """Move a layer's selection (and Δ) from permuted to original coordinates."""
     original, position = order[layer.indices().cpu()].sort()
     if not isinstance(layer, S2FTInPlaceLinear):
-        dim = 1 if layer.mode == "cols" else 0
-        layer.delta.data = layer.delta.data.index_select(dim, position.to(layer.delta.device))
-    layer.index = original.to(layer.base.weight.device)
-    layer.start = 0
+        layer.delta.data = layer.delta.data.index_select(layer.chosen.dim,
+                                                         position.to(layer.delta.device))
+    layer.chosen = Selection(layer.mode, original.to(layer.base_weight.device),
+                             size=layer.chosen.size)
 
 
 def unpermute(model: nn.Module) -> None:

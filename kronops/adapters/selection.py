@@ -28,7 +28,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from ..s2ft.ops import check_sorted_unique
+from ..s2ft.selection import Selection, check_sorted_unique
 from ..wrapped_linear import as_out_in, is_linear, out_in_weight
 from .blocks import Block, Slot, find_blocks
 from .errors import AdapterFileError
@@ -300,12 +300,12 @@ def check_plan(plan: Plan, blocks: list[Block]) -> None:
         _check_indices(f"plan block {name!r} channels", entry.get("channels"), b.channels)
 
 
-def plan_parts(blocks: list[Block], plan: Plan) -> dict[str, tuple[str, torch.Tensor]]:
-    """{module name: (side, indices)} that ``plan`` trains, in the original layout
-    (``Block.parts``)."""
+def plan_selections(blocks: list[Block], plan: Plan) -> dict[str, Selection]:
+    """{module name: the rows or columns of its weight} that ``plan`` trains, in the
+    original layout (``Block.selections``)."""
     by_name = {b.name: b for b in blocks}
-    return {name: part for block, entry in plan.blocks.items()
-            for name, part in by_name[block].parts(entry["heads"], entry["channels"]).items()}
+    return {name: sel for block, entry in plan.blocks.items()
+            for name, sel in by_name[block].selections(entry["heads"], entry["channels"]).items()}
 
 
 def select(model, *, heads=0, channels=0, strategy: str = "random", calibration=None,

@@ -8,7 +8,8 @@ from torch import nn
 from ..checks import check_features
 from ..wrapped_linear import WrapsLinear, check_linear
 from . import optimizer_guard
-from .ops import aligned_as, check_index, check_sorted_unique, sparse_linear
+from .ops import aligned_as, sparse_linear
+from .selection import Selection
 
 
 class S2FTLinear(WrapsLinear, nn.Module):
@@ -16,78 +17,106 @@ class S2FTLinear(WrapsLinear, nn.Module):
 
     x: (..., in_features) -> (..., out_features).  y = x W'ᵀ + b, W' = W with Δ added into
     the selection: rows mode Δ is (|R|, in), cols mode (out, |C|); Δ starts at zero, so a
-    fresh adapter changes nothing. ``rows``/``cols`` (exactly one): a sorted, unique int64
-    tensor, or a slice/range for a contiguous block (kept as a range: no index loads).
-    Δ is kept in ``delta_dtype`` (contiguous, as FSDP requires) and cast in forward to the
-    base weight's dtype with rows padded to a multiple of 16 elements (``aligned_as``). The state
-    dict carries the selection (``index``, or a range's start in the extra state): loading
-    takes it over, and a state of the other mode or kind (range vs tensor) raises.
-    ``merge()`` adds Δ into base.weight (forward then runs the base alone); ``unmerge()``
-    takes it out again (exact when Δ is representable in the weight's dtype). The base
-    never gets a gradient; only ``delta`` is trainable. A Conv1D base (weight stored
-    (in, out)) works the same: rows and columns are those of its (out, in) view.
+    fresh adapter changes nothing. The selection, exactly one of: ``selection`` (a
+    ``Selection`` for the base's weight), or ``rows``/``cols``: a sorted, unique int64 tensor
+    (copied), or a slice/range for a contiguous block (kept as a range: no index loads).
+    It is checked once, here, and held as ``chosen`` (a ``Selection``; ``index``, ``start``
+    and ``mode`` read it). Δ is kept in ``delta_dtype`` (contiguous, as FSDP requires) and
+    cast in forward to the base weight's dtype with rows padded to a multiple of 16 elements
+    (``aligned_as``). The state dict carries the selection (``index``, or a range's start in
+    the extra state): loading checks and takes it over, and a state of the other mode or kind
+    (range vs tensor) raises. ``merge()`` adds Δ into base.weight (forward then runs the base
+    alone); ``unmerge()`` takes it out again (exact when Δ is representable in the weight's
+    dtype). The base never gets a gradient; only ``delta`` is trainable. A Conv1D base
+    (weight stored (in, out)) works the same: rows and columns are those of its (out, in)
+    view.
     """
 
-    def __init__(self, base: nn.Module, *, rows=None, cols=None,
-                 delta_dtype: torch.dtype = torch.float32):
+    def __init__(self, base: nn.Module, selection: Selection | None = None, *, rows=None,
+                 cols=None, delta_dtype: torch.dtype = torch.float32):
         super().__init__()
         check_linear("base", base)
-        if (rows is None) == (cols is None):
-            raise ValueError("exactly one of rows and cols must be given")
         if not isinstance(delta_dtype, torch.dtype) or not delta_dtype.is_floating_point:
             raise TypeError(f"delta_dtype must be a floating-point torch.dtype, "
                             f"got {delta_dtype!r}")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.mode = "cols" if cols is not None else "rows"
-        size = self.in_features if cols is not None else self.out_features
-        index, self.start, count = check_index(self.mode, cols if cols is not None else rows,
-                                               size, base.weight.device)
-        self.register_buffer("index", index.clone() if index is not None else None)
-        shape = (self.out_features, count) if cols is not None else (count, self.in_features)
-        self.delta = nn.Parameter(torch.zeros(shape, device=base.weight.device, dtype=delta_dtype))
+        w = self.base_weight
+        rows, cols = (s.clone() if isinstance(s, torch.Tensor) else s for s in (rows, cols))
+        self.chosen = Selection.given(selection, rows, cols, weight_shape=w.shape,
+                                      device=w.device)
+        self.delta = nn.Parameter(torch.zeros(self.chosen.part_shape(w.shape), device=w.device,
+                                              dtype=delta_dtype))
         self.merged = False
 
+    @property
+    def mode(self) -> str:
+        """"rows" or "cols": the side of the weight the selection is on."""
+        return self.chosen.side
+
+    @property
+    def index(self) -> torch.Tensor | None:
+        """The selected positions (count,), or None for a contiguous range."""
+        return self.chosen.index
+
+    @property
+    def start(self) -> int:
+        """A contiguous range's first position (0 for an index tensor)."""
+        return self.chosen.start
+
     def selection(self):
-        """The selection as ``sparse_linear`` takes it: the index tensor or a range."""
-        if self.index is not None:
-            return self.index
-        count = self.delta.shape[1] if self.mode == "cols" else self.delta.shape[0]
-        return range(self.start, self.start + count)
+        """The selection as ``sparse_linear`` takes it for ``rows``/``cols``: the index
+        tensor or a range."""
+        return self.chosen.range if self.chosen.is_range else self.chosen.index
 
     def indices(self) -> torch.Tensor:
         """The selected rows or columns as an int64 tensor (also for a contiguous range)."""
-        sel = self.selection()
-        return sel if isinstance(sel, torch.Tensor) else \
-            torch.arange(sel.start, sel.stop, device=self.delta.device)
+        return self.chosen.indices(self.delta.device)
+
+    def _apply(self, fn, recurse=True):
+        """Move the selection with the weight (``to``, ``cuda``, ...)."""
+        super()._apply(fn, recurse)
+        self.chosen = self.chosen.to(self.base_weight.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.chosen.index is not None:
+            destination[prefix + "index"] = self.chosen.index
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         """A saved ``index`` must be a selection this layer can use (int64, as many entries,
         sorted, unique, in range): otherwise the layer loads nothing and the load fails."""
         key = prefix + "index"
-        saved = state_dict.get(key)
-        if self.index is not None and saved is not None:
-            size = self.in_features if self.mode == "cols" else self.out_features
+        saved, loaded = state_dict.get(key), None
+        if self.chosen.index is not None and saved is not None:
             try:
-                if saved.dtype != torch.int64 or saved.shape != self.index.shape:
-                    raise ValueError(f"must be int64 of shape {tuple(self.index.shape)}, got "
-                                     f"{saved.dtype} of shape {tuple(saved.shape)}")
-                check_sorted_unique(key, saved, size)
-            except ValueError as e:
+                if saved.dtype != torch.int64 or saved.shape != self.chosen.index.shape:
+                    raise ValueError(f"must be int64 of shape {tuple(self.chosen.index.shape)}, "
+                                     f"got {saved.dtype} of shape {tuple(saved.shape)}")
+                loaded = Selection(self.mode, saved.to(self.chosen.device, copy=True),
+                                   size=self.chosen.size, name=key)
+            except (TypeError, ValueError) as e:
                 error_msgs.append(f"bad S²FT selection {key}: {e}")
                 return
+        elif self.chosen.index is not None and strict:
+            missing_keys.append(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if loaded is not None:
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+            self.chosen = loaded
 
     def get_extra_state(self) -> dict:
-        """The selection beyond the ``index`` buffer: the mode, and a contiguous range's start
+        """The selection beyond the ``index`` tensor: the mode, and a contiguous range's start
         (None when an index tensor selects)."""
         return {"mode": self.mode, "start": None if self.index is not None else self.start}
 
     def set_extra_state(self, state) -> None:
-        """Take the saved selection (as the ``index`` buffer is taken): a saved range's start;
+        """Take the saved selection (as the ``index`` tensor is taken): a saved range's start;
         a different mode, or a range where this layer has an index tensor (or the reverse),
         raises ValueError."""
         def describe(mode, contiguous):
@@ -101,38 +130,23 @@ class S2FTLinear(WrapsLinear, nn.Module):
             raise ValueError(f"cannot load the state of an S2FTLinear selecting {theirs} into "
                              f"one selecting {ours}")
         if self.index is None:
-            start, count = int(state["start"]), len(self.selection())
-            size = self.in_features if self.mode == "cols" else self.out_features
+            start, count, size = int(state["start"]), self.chosen.count, self.chosen.size
             if not 0 <= start <= size - count:
                 raise ValueError(f"saved {self.mode} range start {start} does not fit {count} "
                                  f"{self.mode} of {size}")
-            self.start = start
+            self.chosen = Selection(self.mode, range(start, start + count), size=size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             check_features("x", x, self.in_features)
             return self.base(x)
         w = self.base_weight
-        return sparse_linear(x, w, aligned_as(self.delta, w.dtype), bias=self.base.bias,
-                             **{self.mode: self.selection()})
-
-    def _weight_part(self) -> torch.Tensor:
-        """The (view or index) of base.weight that Δ covers, for in-place updates."""
-        w = self.base_weight
-        sel = self.selection()
-        if isinstance(sel, range):
-            return w[:, sel.start:sel.stop] if self.mode == "cols" else w[sel.start:sel.stop]
-        return None
+        return sparse_linear(x, w, aligned_as(self.delta, w.dtype), self.chosen,
+                             bias=self.base.bias)
 
     @torch.no_grad()
     def _add(self, sign: float) -> None:
-        w = self.base_weight
-        value = (sign * self.delta).to(w.dtype)
-        part = self._weight_part()
-        if part is not None:
-            part += value
-        else:
-            w.index_add_(1 if self.mode == "cols" else 0, self.index, value)
+        self.chosen.add_into(self.base_weight, sign * self.delta)
 
     def merge(self) -> None:
         """Add Δ into the selected rows/columns of base.weight."""
@@ -164,8 +178,9 @@ class S2FTInPlaceLinear(S2FTLinear):
     base.weight in place. Ordinary optimizers cannot update ``selected`` (it is expanded).
     """
 
-    def __init__(self, base: nn.Module, *, rows=None, cols=None):
-        super().__init__(base, rows=rows, cols=cols, delta_dtype=base.weight.dtype)
+    def __init__(self, base: nn.Module, selection: Selection | None = None, *, rows=None,
+                 cols=None):
+        super().__init__(base, selection, rows=rows, cols=cols, delta_dtype=base.weight.dtype)
         shape = self.delta.shape
         del self.delta
         self.selected = _expanded_zero(shape, base.weight, requires_grad=True)
@@ -186,8 +201,8 @@ class S2FTInPlaceLinear(S2FTLinear):
         return self.selected
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(x, self.base_weight, self.selected, bias=self.base.bias,
-                             **{self.mode: self.selection()})
+        return sparse_linear(x, self.base_weight, self.selected, self.chosen,
+                             bias=self.base.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -210,9 +225,15 @@ class S2FTInPlaceLinear(S2FTLinear):
                               f"current model is {tuple(selected.shape)}.")
 
     def weight_part(self) -> torch.Tensor:
-        """A copy of the trained submatrix of base.weight ((|R|, in) or (out, |C|))."""
-        sel = self.indices()
-        return self.base_weight.detach().index_select(1 if self.mode == "cols" else 0, sel)
+        """A copy of the trained submatrix of base.weight ((|R|, in) or (out, |C|)): what
+        the in-place optimizers' master values start from."""
+        return self.chosen.part(self.base_weight.detach())
+
+    @torch.no_grad()
+    def write_weight_part(self, values: torch.Tensor) -> None:
+        """Write ``values`` ((|R|, in) or (out, |C|), any floating dtype: rounded to the
+        weight's) into the trained submatrix of base.weight, in place."""
+        self.chosen.copy_into(self.base_weight, values)
 
     def merge(self) -> None:
         raise RuntimeError("S2FTInPlaceLinear trains the weight in place: nothing to merge")

@@ -1,9 +1,9 @@
 """Optimizers for S²FT's in-place mode: update only the selected rows/columns of each weight.
 
-They act on ``S2FTInPlaceLinear`` layers (made by ``apply_adapters(model, "s2ft",
-mode="inplace")``): the
-gradient is the compact ``layer.selected.grad`` ((|R|, in) or (out, |C|)), the update goes
-into base.weight's selected part in place, and optimizer state is sized to that part.
+They act on in-place layers (``S2FTInPlaceLinear``, made by ``apply_adapters(model, "s2ft",
+mode="inplace")``) through ``InPlaceLayer``: the gradient is the compact
+``layer.selected.grad`` ((|R|, in) or (out, |C|)), the update goes into base.weight's
+selected part in place, and optimizer state is sized to that part.
 The AdamW step is the op ``kronops::sparse_adamw`` (one fused Triton kernel on CUDA).
 
 fp16/bf16 weights keep fp32 master values of the selected part (``master_weights``, on by
@@ -13,23 +13,46 @@ so updates smaller than half the weight's rounding step accumulate instead of va
 that of the selection, 4 bytes an element. The master is taken from the weight at the
 first step; a weight changed outside the optimizer afterwards is overwritten by it.
 """
+from typing import Protocol, runtime_checkable
+
 import torch
 from torch import nn
 
 from ..checks import check_number
 from ..dtypes import accumulation_dtype
-from .modules import S2FTInPlaceLinear
 from .ops import sparse_adamw
+from .selection import Selection
 
 
-def _layers(model) -> list[S2FTInPlaceLinear]:
+@runtime_checkable
+class InPlaceLayer(Protocol):
+    """What the in-place optimizers use of a layer (``S2FTInPlaceLinear`` has it all):
+
+    ``selected``     the parameter whose ``.grad`` is the compact gradient of the trained part
+                     ((|R|, in) or (out, |C|))
+    ``base_weight``  the (out, in) weight trained in place
+    ``chosen``       the ``Selection`` of its trained rows or columns
+    ``weight_part()``  a copy of the trained part: where the fp32 master values start
+    ``write_weight_part(values)``  write updated values (rounded) into the trained part
+    """
+    selected: torch.Tensor
+    base_weight: torch.Tensor
+    chosen: Selection
+
+    def weight_part(self) -> torch.Tensor: ...
+
+    def write_weight_part(self, values: torch.Tensor) -> None: ...
+
+
+def _layers(model) -> list[InPlaceLayer]:
     if isinstance(model, nn.Module):
-        layers = [m for m in model.modules() if isinstance(m, S2FTInPlaceLinear)]
+        layers = [m for m in model.modules() if isinstance(m, InPlaceLayer)]
     else:
         layers = list(model)
         for m in layers:
-            if not isinstance(m, S2FTInPlaceLinear):
-                raise TypeError(f"expected S2FTInPlaceLinear layers, got {type(m).__name__}")
+            if not isinstance(m, InPlaceLayer):
+                raise TypeError(f"expected S2FTInPlaceLinear layers (kronops.s2ft.InPlaceLayer), "
+                                f"got {type(m).__name__}")
     if not layers:
         raise ValueError("model has no S2FTInPlaceLinear layers: apply_adapters(model, 's2ft', "
                          "mode='inplace') first")
@@ -56,8 +79,8 @@ def _betas(betas) -> tuple[float, float]:
 
 
 class _InPlace(torch.optim.Optimizer):
-    """What both in-place optimizers share: the layers behind the ``selected`` parameters,
-    and the fp32 master values of fp16/bf16 weights."""
+    """What both in-place optimizers share: the layer behind each ``selected`` parameter
+    (``layer_of``), and the fp32 master values of fp16/bf16 weights."""
 
     updates_in_place_selection = True  # let through by kronops.s2ft.optimizer_guard
 
@@ -65,21 +88,25 @@ class _InPlace(torch.optim.Optimizer):
         if master_weights is not None and not isinstance(master_weights, bool):
             raise TypeError(f"master_weights must be a bool or None, got {master_weights!r}")
         layers = _layers(model)
-        self._layer_of = {id(m.selected): m for m in layers}
+        self._layers = {m.selected: m for m in layers}
         self.master_weights = master_weights
         super().__init__([m.selected for m in layers], defaults)
 
-    def _master(self, p) -> torch.Tensor | None:
+    def layer_of(self, p: torch.Tensor) -> InPlaceLayer:
+        """The layer whose ``selected`` parameter ``p`` is."""
+        return self._layers[p]
+
+    def _master(self, p, layer: InPlaceLayer) -> torch.Tensor | None:
         """The fp32 master values of ``p``'s submatrix (made at the first step), or None when
         the weight is fp32/fp64 or ``master_weights=False``."""
-        weight = self._layer_of[id(p)].base_weight
-        keep = weight.dtype in (torch.float16, torch.bfloat16) if self.master_weights is None \
-            else self.master_weights and weight.dtype != accumulation_dtype(weight.dtype)
+        dtype = layer.base_weight.dtype
+        keep = dtype in (torch.float16, torch.bfloat16) if self.master_weights is None \
+            else self.master_weights and dtype != accumulation_dtype(dtype)
         if not keep:
             return None
         state = self.state[p]
         if "master" not in state:
-            state["master"] = self._layer_of[id(p)].weight_part().to(torch.float32)
+            state["master"] = layer.weight_part().to(torch.float32)
         return state["master"]
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -111,16 +138,12 @@ class InPlaceSGD(_InPlace):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                layer = self._layer_of[id(p)]
-                weight, dim = layer.base_weight, 1 if layer.mode == "cols" else 0
-                master = self._master(p)
+                layer = self.layer_of(p)
+                master = self._master(p, layer)
                 value = master if master is not None else \
-                    layer.weight_part().to(accumulation_dtype(weight.dtype))
+                    layer.weight_part().to(accumulation_dtype(layer.base_weight.dtype))
                 value.sub_(p.grad.to(value.dtype), alpha=group["lr"])
-                if layer.index is None:
-                    weight.narrow(dim, layer.start, value.shape[dim]).copy_(value)
-                else:
-                    weight.index_copy_(dim, layer.index, value.to(weight.dtype))
+                layer.write_weight_part(value)
         return loss
 
 
@@ -148,7 +171,7 @@ class InPlaceAdamW(_InPlace):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                layer = self._layer_of[id(p)]
+                layer = self.layer_of(p)
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = 0
@@ -157,6 +180,6 @@ class InPlaceAdamW(_InPlace):
                     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 state["step"] += 1
                 sparse_adamw(layer.base_weight, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                             self._master(p), layer.index, layer.start, layer.mode == "cols",
-                             lr, beta1, beta2, eps, wd, state["step"])
+                             self._master(p, layer), *layer.chosen.op_args, lr, beta1, beta2,
+                             eps, wd, state["step"])
         return loss

@@ -15,6 +15,7 @@ import torch
 from ..adapters.methods.updates import KronUpdate, SparseUpdate
 from ..dtypes import accumulation_dtype
 from ..kron.torch_kernels import kron
+from ..s2ft.selection import Selection
 from ..wrapped_linear import out_in_weight
 from .ops import routed_kron_add, routed_sparse_add
 from .routes import Route
@@ -92,11 +93,7 @@ class SparseGroup:
     def __init__(self, mode: str):
         self.mode, self.names, self.widths = mode, [], []
         self.values, self.index = None, None
-
-    @property
-    def dim(self) -> int:
-        """The weight dimension the selection indexes: 0 rows, 1 cols."""
-        return 1 if self.mode == "cols" else 0
+        self.selections: dict[str, Selection] = {}  # each member's, for merge
 
     def _blocks(self):
         """[(index, values)] per member, without padding."""
@@ -120,25 +117,26 @@ class SparseGroup:
     @staticmethod
     def key(update: SparseUpdate) -> str:
         """What the members of one group share: the mode."""
-        return update.side
+        return update.selection.side
 
     @classmethod
     def of(cls, update: SparseUpdate) -> "SparseGroup":
         """An empty group for ``update``."""
-        return cls(update.side)
+        return cls(update.selection.side)
 
     def add(self, name: str, update: SparseUpdate) -> None:
         """Δ: rows mode (|R|, in), cols mode (out, |C|)."""
         delta = update.delta.T if self.mode == "cols" else update.delta
         blocks = self._blocks() if self.names else []
-        self._pack(blocks + [(update.index, delta)])
+        self._pack(blocks + [(update.selection.indices(delta.device), delta)])
         self.names.append(name)
-        self.widths.append(update.index.numel())
+        self.widths.append(update.selection.count)
+        self.selections[name] = update.selection
 
     def remove(self, name: str) -> None:
         p = self.names.index(name)
         blocks = self._blocks()
-        del blocks[p], self.names[p], self.widths[p]
+        del blocks[p], self.names[p], self.widths[p], self.selections[name]
         self._pack(blocks)
 
     def nbytes(self, name: str) -> int:
@@ -146,10 +144,10 @@ class SparseGroup:
         row = self.values.shape[1] * self.values.element_size()
         return width * (self.index.element_size() + row)
 
-    def selection(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(index, Δ) of one adapter, Δ as the weight part it updates."""
-        index, values = self._blocks()[self.names.index(name)]
-        return index, values.T if self.mode == "cols" else values
+    def selection(self, name: str) -> tuple[Selection, torch.Tensor]:
+        """(selection, Δ) of one adapter, Δ as the weight part it updates."""
+        _, values = self._blocks()[self.names.index(name)]
+        return self.selections[name], values.T if self.mode == "cols" else values
 
     def apply(self, y, x, route: Route, rows: int, per_row: int, slots: dict) -> None:
         groups = route.groups(rows, per_row, tuple(slots[n] for n in self.names), x.device)
@@ -231,9 +229,9 @@ class LayerAdapters:
                 w.copy_(w.to(update.dtype) + update)
                 undo.append((group, name))
             else:
-                index, delta = group.selection(name)
-                undo.append((group.dim, index, w.index_select(group.dim, index)))
-                w.index_add_(group.dim, index, delta.to(w.dtype))
+                selection, delta = group.selection(name)
+                undo.append((selection, selection.part(w)))
+                selection.add_into(w, delta)
         return undo
 
     @torch.no_grad()
@@ -247,5 +245,5 @@ class LayerAdapters:
                 update = group.update(name)
                 w.copy_(w.to(update.dtype) - update)
             else:
-                dim, index, saved = step
-                w.index_copy_(dim, index, saved)
+                selection, saved = step
+                selection.copy_into(w, saved)

@@ -1,5 +1,5 @@
 """S²FT: every transformer block (``blocks``: every supported family) trains the weight parts
-of its selected query heads and FFN channels (``Block.parts``): rows of q/k/v and FFN-in
+of its selected query heads and FFN channels (``Block.selections``): rows of q/k/v and FFN-in
 layers, columns of the attention output and FFN-out layers.
 
 apply_adapters(model, "s2ft", plan=None, ratio=None, heads=None, channels=None,
@@ -16,12 +16,13 @@ from torch import nn
 
 from ...dtypes import accumulation_dtype
 from ...s2ft.modules import S2FTInPlaceLinear, S2FTLinear
+from ...s2ft.selection import Selection
 from ...wrapped_linear import features, out_in_weight
 from ..blocks import Block, find_blocks
 from ..errors import AdapterFileError
-from ..selection import Plan, check_plan, plan_parts, select
+from ..selection import Plan, check_plan, plan_selections, select
 from ..state import AdapterState
-from .s2ft_layers import check_layers, dim, layer_tensors, wrap, write_tensors
+from .s2ft_layers import check_layers, layer_tensors, wrap, write_tensors
 from .updates import SparseUpdate
 
 NAME = "s2ft"
@@ -105,23 +106,23 @@ class Config:
 
 @dataclass
 class Spec:
-    """Which S²FT layers go where: the ``plan``'s parts of the model's ``blocks`` (``parts``:
-    {module name: (side, indices)}, original layout), in ``mode``; built co-permuted when
-    ``permute``, with Δ in ``delta_dtype``."""
+    """Which S²FT layers go where: the ``plan``'s parts of the model's ``blocks``
+    (``selections``: {module name: its ``Selection``}, original layout), in ``mode``; built
+    co-permuted when ``permute``, with Δ in ``delta_dtype``."""
     plan: Plan
     mode: str
     blocks: list[Block]
     permute: bool = False
     delta_dtype: torch.dtype = torch.float32
-    parts: dict[str, tuple[str, torch.Tensor]] = field(init=False)
+    selections: dict[str, Selection] = field(init=False)
 
     def __post_init__(self):
-        self.parts = plan_parts(self.blocks, self.plan)
+        self.selections = plan_selections(self.blocks, self.plan)
 
     @property
     def modules(self) -> list[str]:
         """The adapted modules (what the base fingerprint covers)."""
-        return list(self.parts)
+        return list(self.selections)
 
     @property
     def touched(self) -> list[str]:
@@ -131,18 +132,16 @@ class Spec:
     @property
     def fixed(self) -> dict[str, torch.Tensor]:
         """File tensors with values fixed by the plan: each layer's indices."""
-        return {f"{name}.{side}": indices for name, (side, indices) in self.parts.items()}
+        return {f"{name}.{sel.side}": sel.indices() for name, sel in self.selections.items()}
 
     def expected(self, model: nn.Module) -> dict[str, torch.Size]:
         """The file tensors these layers need, with their exact shapes."""
         value = "delta" if self.mode == "adapter" else "weight"
         shapes = {}
-        for name, (side, indices) in self.parts.items():
+        for name, sel in self.selections.items():
             in_features, out_features = features(model.get_submodule(name))
-            count = indices.numel()
-            shapes[f"{name}.{side}"] = torch.Size([count])
-            shapes[f"{name}.{value}"] = torch.Size(
-                [count, in_features] if side == "rows" else [out_features, count])
+            shapes[f"{name}.{sel.side}"] = torch.Size([sel.count])
+            shapes[f"{name}.{value}"] = torch.Size(sel.part_shape((out_features, in_features)))
         return shapes
 
     def apply(self, model: nn.Module, train_modules: list[str], base) -> AdapterState:
@@ -162,16 +161,16 @@ class Spec:
         Δ (adapter mode), or the saved weights minus the model's (in-place mode; exact when
         both lie within a factor 2 of each other, Sterbenz)."""
         updates = {}
-        for name, (side, index) in self.parts.items():
+        for name, sel in self.selections.items():
             w = out_in_weight(model.get_submodule(name))
-            index = index.to(w.device)
+            sel = sel.to(w.device)
             if self.mode == "adapter":
                 delta = tensors[f"{name}.delta"].to(w)
             else:
                 wide = accumulation_dtype(w.dtype)
                 saved = tensors[f"{name}.weight"].to(w.device, wide)
-                delta = (saved - w.index_select(dim(side), index).to(wide)).to(w)
-            updates[name] = SparseUpdate(side, index, delta)
+                delta = (saved - sel.part(w).to(wide)).to(w)
+            updates[name] = SparseUpdate(sel, delta)
         return updates
 
 
@@ -202,7 +201,7 @@ def read_spec(model: nn.Module, config: dict, tensors: dict, state: AdapterState
         check_plan(plan, blocks)
     except (TypeError, ValueError) as e:
         raise AdapterFileError(f"the selection plan does not fit the model: {e}") from None
-    deltas = sorted(f"{name}.delta" for name in plan_parts(blocks, plan)
+    deltas = sorted(f"{name}.delta" for name in plan_selections(blocks, plan)
                     if f"{name}.delta" in tensors)
     found = Spec(plan, mode, blocks,
                  delta_dtype=tensors[deltas[0]].dtype if deltas else torch.float32)
@@ -210,7 +209,7 @@ def read_spec(model: nn.Module, config: dict, tensors: dict, state: AdapterState
         if state.mode != mode:
             raise AdapterFileError(f"holds S²FT in {mode!r} mode, the model's S²FT layers are "
                                    f"in {state.mode!r} mode", whole_file=True)
-        check_layers(model, found.parts)
+        check_layers(model, found.selections)
     return found
 
 

@@ -5,32 +5,19 @@ Per S²FT layer a file holds
   ``<module>.rows`` or ``<module>.cols``  the sorted int64 indices the plan trains
   ``<module>.delta``   adapter mode: Δ, (|R|, in) or (out, |C|)
   ``<module>.weight``  in-place mode: those rows/columns of the trained weight
-The (side, indices) pairs here, which rows or columns of a weight a layer trains, are what
-a typed S²FT selection can stand for in one object later.
+Which rows or columns of a weight a layer trains is its ``Selection`` (``layer.chosen``).
 """
 import torch
 from torch import nn
 
 from ...s2ft.modules import S2FTInPlaceLinear, S2FTLinear
+from ...s2ft.selection import Selection
 from ..blocks import Block
 from ..errors import AdapterFileError
 from ..permutation import block_permutation, original_orders, permute_block
 from ..selection import Plan
 from ..sharded import whole
 from ..targets import modules_of, set_module
-
-
-def dim(side: str) -> int:
-    """The weight dimension a side selects along: 0 rows, 1 cols."""
-    return 1 if side == "cols" else 0
-
-
-def _contiguous(indices: torch.Tensor):
-    """A range when the sorted ``indices`` are contiguous (no index loads), else themselves."""
-    start, count = int(indices[0]), indices.numel()
-    if torch.equal(indices.cpu(), torch.arange(start, start + count)):
-        return range(start, start + count)
-    return indices
 
 
 def wrap(model: nn.Module, blocks: list[Block], plan: Plan, mode: str, permute: bool,
@@ -52,11 +39,11 @@ def wrap(model: nn.Module, blocks: list[Block], plan: Plan, mode: str, permute: 
             chosen = set(heads)
             heads = [i for i, h in enumerate(perm["heads"]) if h in chosen]
             channels = list(range(len(channels)))
-        for name, (side, indices) in b.parts(heads, channels).items():
+        for name, selection in b.selections(heads, channels).items():
             linear = model.get_submodule(name)
-            selection = {side: _contiguous(indices.to(linear.weight.device))}
-            layer = S2FTLinear(linear, **selection, delta_dtype=delta_dtype) \
-                if mode == "adapter" else S2FTInPlaceLinear(linear, **selection)
+            selection = selection.as_range_if_contiguous().to(linear.weight.device)
+            layer = S2FTLinear(linear, selection, delta_dtype=delta_dtype) \
+                if mode == "adapter" else S2FTInPlaceLinear(linear, selection)
             set_module(model, name, layer.train(linear.training))
     return permutations
 
@@ -79,16 +66,16 @@ def _layers(model: nn.Module) -> dict[str, tuple[S2FTLinear, torch.Tensor, torch
             for name, layer in modules_of(model, (S2FTLinear,)).items()}
 
 
-def check_layers(model: nn.Module, parts: dict[str, tuple[str, torch.Tensor]]) -> None:
-    """The model's S²FT layers select exactly ``parts`` (original layout); else
+def check_layers(model: nn.Module, selections: dict[str, Selection]) -> None:
+    """The model's S²FT layers select exactly ``selections`` (original layout); else
     AdapterFileError."""
     layers = _layers(model)
-    if set(layers) != set(parts):
+    if set(layers) != set(selections):
         raise AdapterFileError("the model's S²FT layers differ from the file's plan")
-    for name, (side, indices) in parts.items():
+    for name, sel in selections.items():
         layer, original, _ = layers[name]
-        if layer.mode != side or not torch.equal(original, indices):
-            raise AdapterFileError(f"{name} selects other {side} than the file")
+        if layer.mode != sel.side or not torch.equal(original, sel.indices().cpu()):
+            raise AdapterFileError(f"{name} selects other {sel.side} than the file")
 
 
 def layer_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -99,12 +86,11 @@ def layer_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if layer.merged:
             raise RuntimeError(f"{name} is merged: unmerge_adapters(model) before saving")
         if isinstance(layer, S2FTInPlaceLinear):
-            key, values = "weight", whole(layer.base_weight).detach().index_select(
-                dim(layer.mode), layer.indices())
+            key, values = "weight", layer.chosen.part(whole(layer.base_weight).detach())
         else:
             key, values = "delta", whole(layer.delta).detach()
         out[f"{name}.{layer.mode}"] = indices
-        out[f"{name}.{key}"] = values.index_select(dim(layer.mode), position.to(values.device))
+        out[f"{name}.{key}"] = values.index_select(layer.chosen.dim, position.to(values.device))
     return out
 
 
@@ -114,9 +100,9 @@ def write_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     for name, (layer, _, position) in _layers(model).items():
         if isinstance(layer, S2FTInPlaceLinear):
             w = layer.base_weight
-            w.index_copy_(dim(layer.mode), layer.indices()[position.to(w.device)],
+            w.index_copy_(layer.chosen.dim, layer.indices()[position.to(w.device)],
                           tensors[f"{name}.weight"].to(w.device, w.dtype))
         else:
             delta = layer.delta
-            delta.index_copy_(dim(layer.mode), position.to(delta.device),
+            delta.index_copy_(layer.chosen.dim, position.to(delta.device),
                               tensors[f"{name}.delta"].to(delta.device, delta.dtype))

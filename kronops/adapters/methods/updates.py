@@ -5,13 +5,15 @@
 ``KronUpdate``   y += x @ kron(a, b).T (the adapter's scale folded into b), x the layer's own
                  input or, with ``source``, the input of that module (KronA^B: the
                  sub-layer's first projection), plus ``residual`` * x (KronA^B_res's s_res).
-``SparseUpdate`` the (out, in) weight with ``delta`` added into its rows (``side`` "rows",
-                 delta (|R|, in)) or columns ("cols", delta (out, |C|)) ``index``.
+``SparseUpdate`` the (out, in) weight with ``delta`` added into the rows (delta (|R|, in)) or
+                 columns (delta (out, |C|)) of its ``selection``.
 All tensors in the layer's weight dtype, on its device.
 """
 from dataclasses import dataclass
 
 import torch
+
+from ...s2ft.selection import Selection
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,6 @@ class KronUpdate:
 
 @dataclass(frozen=True)
 class SparseUpdate:
-    """W[index] += delta along ``side`` ("rows" or "cols"): see the module docstring."""
-    side: str
-    index: torch.Tensor
+    """W[selection] += delta: see the module docstring."""
+    selection: Selection
     delta: torch.Tensor
