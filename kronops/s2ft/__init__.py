@@ -9,3 +9,17 @@ from .selection import Selection
 
 __all__ = ["sparse_linear", "Selection", "S2FTLinear", "S2FTInPlaceLinear", "InPlaceAdamW",
            "InPlaceSGD", "InPlaceLayer"]
+
+# Names that moved to kronops.adapters (model-level S²FT) unchanged: kept here for one release.
+_MOVED_TO_ADAPTERS = ("select", "Plan", "unpermute", "find_blocks", "Block")
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_ADAPTERS:
+        import warnings
+
+        from .. import adapters
+        warnings.warn(f"kronops.s2ft.{name} moved to kronops.adapters.{name}; the old name "
+                      "goes in the next release", DeprecationWarning, stacklevel=2)
+        return getattr(adapters, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
