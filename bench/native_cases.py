@@ -80,8 +80,8 @@ def kron_cpu_cases(rows, factor_shapes, dtype, device, modes=("forward", "forwar
                          lambda x, *f: naive_kron_matmul(x, f), sets[0], sets)
 
 
-def sparse_cpu_cases(rows, in_features, out_features, fraction, mode_name, dtype, device,
-                     modes=MODES):
+def s2ft_cpu_cases(rows, in_features, out_features, fraction, mode_name, dtype, device,
+                   modes=MODES):
     """sparse_linear with a random selection on the native and the PyTorch kernels."""
     weight = torch.randn(out_features, in_features, device=device, dtype=dtype) / in_features ** 0.5
     cols = mode_name == "cols"

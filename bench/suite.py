@@ -1,11 +1,11 @@
 """The default case sets: CPU (about three minutes on 2 cores) and --full (GPU, real model shapes),
 and the names ``--ops`` accepts (op names as the rows carry them, and families of ops)."""
 from .kron_cases import krona_layer_cases, kron_linear_cases, kron_matmul_cases
-from .native_cases import kron_cpu_cases, sparse_cpu_cases
-from .s2ft_cases import inplace_adamw_cases
+from .native_cases import kron_cpu_cases, s2ft_cpu_cases
+from .s2ft_adamw_cases import inplace_adamw_cases
+from .s2ft_linear_cases import sparse_linear_cases
 from .s2ft_model_cases import llama_step_cases
 from .serving_cases import serving_cases
-from .sparse_cases import sparse_linear_cases
 
 
 # Two decoder layers of LLaMA-3-8B's shape (GQA 32/8 heads of 128), and a small one for CPU.
@@ -113,7 +113,7 @@ def default_cases(full: bool, dtype, device, ops=None):
                 yield from kron_cpu_cases(2048, factors, dtype, device)
         for k, n, mode in [(1024, 1024, "rows"), (2048, 512, "cols")]:
             if want(f"sparse_linear[{mode}] (CPU backends)"):
-                yield from sparse_cpu_cases(1024, k, n, 0.05, mode, dtype, device)
+                yield from s2ft_cpu_cases(1024, k, n, 0.05, mode, dtype, device)
 
 
 def _serving(config, rows, seq, dtype, device, ops):

@@ -10,9 +10,9 @@ from bench import __main__ as bench_main
 from bench.cases import Provider, build_case
 from bench.kron_cases import krona_layer_cases, kron_linear_cases, kron_matmul_cases
 from bench.optional import load_transformers
-from bench.s2ft_cases import inplace_adamw_cases
+from bench.s2ft_adamw_cases import inplace_adamw_cases
+from bench.s2ft_linear_cases import sparse_linear_cases
 from bench.s2ft_model_cases import llama_step_cases
-from bench.sparse_cases import sparse_linear_cases
 from bench.report import figure, markdown, table, write_json
 from bench.runner import failures, run_case
 from bench.serving_cases import serving_cases

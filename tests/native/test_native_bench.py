@@ -24,6 +24,6 @@ def test_kron_rows_check_every_provider():
 def test_sparse_rows_check_every_provider():
     for mode in ("rows", "cols"):
         rows = []
-        for case in native_cases.sparse_cpu_cases(16, 24, 20, 0.2, mode, torch.float32, CPU):
+        for case in native_cases.s2ft_cpu_cases(16, 24, 20, 0.2, mode, torch.float32, CPU):
             rows += run_case(case, torch.float32, CPU, budget_s=0.02)
         assert failures(rows) == [] and all(r["error_ok"] for r in rows)
