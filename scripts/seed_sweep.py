@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=20, help="how many seed shifts (1..N)")
     p.add_argument("--worst", type=int, default=15, help="how many of the closest checks to list")
     args, pytest_args = p.parse_known_args(argv)
-    pytest_args = pytest_args or ["tests", "--deselect", "tests/test_aot_compile.py"]
+    pytest_args = pytest_args or ["tests", "--deselect", "tests/kernels/test_aot_compile.py"]
     worst = collections.defaultdict(float)
     failures = {}
     with tempfile.TemporaryDirectory() as tmp:

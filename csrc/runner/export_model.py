@@ -1,5 +1,5 @@
 """Export a small KronA + S²FT model, compile it with AOTInductor, and write its inputs and
-Python's outputs, for ``kronops_aoti_runner`` (tests/test_native_aoti.py runs both):
+Python's outputs, for ``kronops_aoti_runner`` (tests/native/test_native_aoti.py runs both):
 
     python csrc/runner/export_model.py OUT_DIR
     build/native/<build key>/kronops_aoti_runner OUT_DIR/model.pt2 OUT_DIR/inputs.krt OUT_DIR/outputs.krt

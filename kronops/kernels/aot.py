@@ -8,7 +8,7 @@ LOCAL bytes, and STACK), shared memory and which tensor-core instruction its dot
 (``compile_cases()``) and named by the op table (``OpSpec.compile_cases`` of every op in
 ``kronops.backends.SPECS``), for every viable tuning config, and specialised as a run-time launch
 with the case's integer values on 16-byte aligned tensors. The interpreter accepts kernels a
-GPU compiler rejects: this is what catches them (tests/test_aot_compile.py runs it).
+GPU compiler rejects: this is what catches them (tests/kernels/test_aot_compile.py runs it).
 """
 import argparse
 import functools

@@ -8,7 +8,7 @@ declaration of every op's C++ kernel ``kronops::native::<name>`` (its C++ signat
 from the schema: a kernel that disagrees fails the build), and ``kronops_registration.h``,
 the schemas (the library defines them when no Python is there to do it: a C++ program
 serving an exported model) and the kernels' registration for CPU.
-tests/test_native_schemas.py checks that both sides register exactly these strings. This
+tests/native/test_native_schemas.py checks that both sides register exactly these strings. This
 module imports nothing from kronops, so that the build can run it alone.
 """
 import glob
