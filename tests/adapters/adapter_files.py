@@ -1,11 +1,14 @@
-"""Helpers of the adapter file tests: a model's outputs, a snapshot of it and the check that
-a refused load left it untouched; adapter files written and read without the library's checks."""
+"""Helpers of the adapter file tests: a model's outputs, a snapshot of it, the check that a
+refused load left it untouched (``load_refused``); adapter files written and read without the
+library's checks."""
 import copy
 import json
 import struct
 
+import pytest
 import torch
 
+from kronops.adapters import AdapterFileError, load_adapters
 from kronops.adapters.fileformat import checksum
 
 X = torch.randint(0, 50, (2, 7))
@@ -30,6 +33,16 @@ def assert_untouched(model, before):
     for n, (grad, value) in params.items():
         assert grad == before[1][n][0] and torch.equal(value, before[1][n][1]), n
     assert state == before[2]
+
+
+def load_refused(model, path, match=None, **options):
+    """Loading ``path`` into ``model`` raises an AdapterFileError (matching ``match``) and
+    leaves the model untouched; returns the message."""
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match=match) as info:
+        load_adapters(model, path, **options)
+    assert_untouched(model, before)
+    return str(info.value)
 
 
 def write_file(path, tensors, config, sign=True, list_tensors=True):

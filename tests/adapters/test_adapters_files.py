@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from adapter_files import assert_untouched, out, raw_read, snapshot, write_file
+from adapter_files import assert_untouched, load_refused, out, raw_read, snapshot, write_file
 from models import randomize_b, tiny_bert, tiny_llama
 
 from kronops.adapters import (AdapterFileError, Plan, apply_adapters, load_adapters,
@@ -65,12 +65,7 @@ def saved(request, tmp_path):
 
 
 def assert_refused(path, match=None, model=None):
-    model = fresh_base() if model is None else model
-    before = snapshot(model)
-    with pytest.raises(AdapterFileError, match=match) as info:
-        load_adapters(model, path)
-    assert_untouched(model, before)
-    return str(info.value)
+    return load_refused(fresh_base() if model is None else model, path, match)
 
 
 # -- 1b: the checksum covers the config -------------------------------------------------

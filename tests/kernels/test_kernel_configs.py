@@ -65,26 +65,26 @@ def forced(request, monkeypatch):
     monkeypatch.setattr(module.tuned, "configs", [module.CONFIGS[i]])
 
 
-@pytest.mark.parametrize("forced", each_config(rows), indirect=True)
-def test_kron_rows_config(forced):
-    m, a1, a2, b1, b2 = 37, 5, 7, 9, 3
+def check_kron_rows(m, a1, a2, b1, b2):
+    """kron_rows on guarded operands against the fp64 product; returns the operands."""
     x = Guarded(m, a2 * b2)
     a, b = Guarded(a1, a2), Guarded(b1, b2)
     y = rows.launch_kron_rows(x.view.view(m, a2, b2), a.view, b.view, None, 0.5)
     ref = 0.5 * x.view.double() @ torch.kron(a.view.double(), b.view.double()).T
     assert_close(y, ref, torch.float32, "kron_rows")
+    return x, a, b
+
+
+@pytest.mark.parametrize("forced", each_config(rows), indirect=True)
+def test_kron_rows_config(forced):
+    x, a, b = check_kron_rows(37, 5, 7, 9, 3)
     assert x.guard_intact() and a.guard_intact() and b.guard_intact()
 
 
 def test_kron_rows_several_output_tiles_each_way():
     """A 1-D grid, output tile fastest: 2 x 2 output tiles (ieee fp32 tiles stop at 32) for
     each of 5 row blocks land where they belong, and nothing outside y is written."""
-    m, a1, a2, b1, b2 = 5, 40, 3, 33, 4
-    x = Guarded(m, a2 * b2)
-    a, b = Guarded(a1, a2), Guarded(b1, b2)
-    y = rows.launch_kron_rows(x.view.view(m, a2, b2), a.view, b.view, None, 0.5)
-    ref = 0.5 * x.view.double() @ torch.kron(a.view.double(), b.view.double()).T
-    assert_close(y, ref, torch.float32, "kron_rows")
+    check_kron_rows(5, 40, 3, 33, 4)
 
 
 @pytest.mark.parametrize("forced", each_config(factor_grad), indirect=True)
