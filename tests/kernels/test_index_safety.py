@@ -39,10 +39,10 @@ def test_matmul_add_skips_out_of_range_positions(side, kind):
     ref = out.view.double().clone()
     if side == "gather":  # out += a[:, I] bᵀ over the valid I only
         ref += a.view.double()[:, positions[valid]] @ b.view.double()[:, valid].T
-        triton_sparse_matmul_add(out.view, a.view, b.view, sel, 0)
+        triton_sparse_matmul_add(out.view, a.view, b.view, a_cols=sel)
     else:  # out[:, J] += a bᵀ for the valid J only
         ref[:, positions[valid]] += a.view.double() @ b.view.double()[valid].T
-        triton_sparse_matmul_add(out.view, a.view, b.view, 0, sel)
+        triton_sparse_matmul_add(out.view, a.view, b.view, out_cols=sel)
     assert_close(out.view, ref, torch.float32, "matmul_add", magnitude=ref.norm().item())
     assert a.guard_intact() and out.guard_intact() and b.guard_intact()
 
@@ -53,7 +53,7 @@ def test_delta_grad_and_adamw_skip_out_of_range_positions(kind):
     d, x = Guarded(20, 9), Guarded(20, 6)
     sel, positions = bad_selection(kind, 9)
     valid = (positions >= 0) & (positions < 9)
-    g = launch_sparse_delta_grad(d.view, x.view, sel, 4, 0, 6)
+    g = launch_sparse_delta_grad(d.view, x.view, d_cols=sel, p=4, q=6)
     assert_close(g[valid], d.view.double()[:, positions[valid]].T @ x.view.double(),
                  torch.float32, "dΔ")
     assert torch.equal(g[~valid], torch.zeros(int((~valid).sum()), 6))

@@ -108,7 +108,7 @@ def test_sparse_matmul_add_config(forced, gather, scatter):
     out_sel, j_idx = selection(scatter, list(range(0, 2 * n, 2)), 4, n)
     ref = out.view.double().clone()
     ref[:, j_idx] += a.view.double()[:, i_idx] @ b.view.double().T
-    matmul_add.triton_sparse_matmul_add(out.view, a.view, b.view, a_sel, out_sel)
+    matmul_add.triton_sparse_matmul_add(out.view, a.view, b.view, a_cols=a_sel, out_cols=out_sel)
     assert_close(out.view, ref, torch.float32, "sparse_matmul_add",
                  magnitude=ref.norm().item() + out.view.double().norm().item())
     assert a.guard_intact() and out.guard_intact() and b.guard_intact()
@@ -121,7 +121,7 @@ def test_sparse_delta_grad_config(forced, gather_d, gather_x):
     d, x = Guarded(m, d_cols), Guarded(m, x_cols)
     d_sel, i_idx = selection(gather_d, list(range(2, 2 + 2 * p, 2)), 5, p)
     x_sel, j_idx = selection(gather_x, list(range(1, 1 + 3 * q, 3)), 7, q)
-    g = delta_grad.launch_sparse_delta_grad(d.view, x.view, d_sel, p, x_sel, q)
+    g = delta_grad.launch_sparse_delta_grad(d.view, x.view, d_cols=d_sel, p=p, x_cols=x_sel, q=q)
     assert_close(g, d.view.double()[:, i_idx].T @ x.view.double()[:, j_idx], torch.float32,
                  "sparse_delta_grad")
     assert d.guard_intact() and x.guard_intact()

@@ -40,7 +40,7 @@ def test_sparse_matmul_add(shape, dtype, gather, scatter):
     product = a.double()[:, as_index(i, k)] @ b.double().T
     ref[:, as_index(j, n)] += product
     magnitude = (out.double().norm() + product.norm()).item()  # the sum may cancel
-    result = sparse_matmul_add(out, a, b, i, j)
+    result = sparse_matmul_add(out, a, b, a_cols=i, out_cols=j)
     assert result is out
     assert_close(out, ref, dtype, "sparse_matmul_add", magnitude=magnitude)
 
@@ -53,7 +53,7 @@ def test_sparse_delta_grad(shape, dtype, gather_d, gather_x):
     m, x_cols, d_cols, q, p = shape
     d, x = padded(m, d_cols, dtype), padded(m, x_cols, dtype).T.contiguous().T
     i, j = pick(d_cols, p, not gather_d), pick(x_cols, q, not gather_x)
-    g = sparse_delta_grad(d, x, i, p, j, q)
+    g = sparse_delta_grad(d, x, d_cols=i, p=p, x_cols=j, q=q)
     ref = d.double()[:, as_index(i, p)].T @ x.double()[:, as_index(j, q)]
     assert g.dtype == dtype and g.shape == (p, q)
     assert_close(g, ref, dtype, "sparse_delta_grad")
@@ -64,8 +64,8 @@ def test_sparse_delta_grad(shape, dtype, gather_d, gather_x):
 def test_delta_grad_is_deterministic():
     d, x = padded(2000, 40, torch.float32), padded(2000, 30, torch.float32)
     i = pick(40, 17, False)
-    first = sparse_delta_grad(d, x, i, 17, 0, 30)
-    assert torch.equal(first, sparse_delta_grad(d, x, i, 17, 0, 30))
+    first = sparse_delta_grad(d, x, d_cols=i, p=17, q=30)
+    assert torch.equal(first, sparse_delta_grad(d, x, d_cols=i, p=17, q=30))
 
 
 def test_untouched_columns_are_unchanged():
@@ -73,7 +73,7 @@ def test_untouched_columns_are_unchanged():
     before = out.clone()
     j = torch.tensor([1, 4, 19], device=KERNEL_DEVICE)
     sparse_matmul_add(out, padded(9, 8, torch.float32), torch.randn(3, 8, device=KERNEL_DEVICE),
-                      0, j)
+                      out_cols=j)
     rest = torch.ones(20, dtype=torch.bool)
     rest[j.cpu()] = False
     assert torch.equal(out[:, rest.to(out.device)], before[:, rest.to(out.device)])
@@ -82,9 +82,9 @@ def test_untouched_columns_are_unchanged():
 def test_empty_rows():
     out = torch.empty(0, 5, device=KERNEL_DEVICE)
     assert sparse_matmul_add(out, torch.empty(0, 4, device=KERNEL_DEVICE),
-                             torch.randn(5, 4, device=KERNEL_DEVICE), 0, 0).shape == (0, 5)
+                             torch.randn(5, 4, device=KERNEL_DEVICE)).shape == (0, 5)
     g = sparse_delta_grad(torch.empty(0, 5, device=KERNEL_DEVICE),
-                          torch.empty(0, 4, device=KERNEL_DEVICE), 1, 3, 0, 4)
+                          torch.empty(0, 4, device=KERNEL_DEVICE), d_cols=1, p=3, q=4)
     assert torch.equal(g, torch.zeros(3, 4, device=KERNEL_DEVICE))
 
 
@@ -92,7 +92,7 @@ def test_nan_propagates():
     a = padded(8, 6, torch.float32)
     a[3, 2] = float("nan")
     out = torch.zeros(8, 4, device=KERNEL_DEVICE)
-    sparse_matmul_add(out, a, torch.randn(4, 6, device=KERNEL_DEVICE), 0, 0)
+    sparse_matmul_add(out, a, torch.randn(4, 6, device=KERNEL_DEVICE))
     assert torch.isnan(out[3]).all() and not torch.isnan(out[[0, 1, 2, 4]]).any()
 
 
@@ -105,6 +105,7 @@ def test_strided_index_tensors():
     b = torch.randn(4, 5, device=KERNEL_DEVICE)
     ref = out.double().clone()
     ref[:, j] += a.double()[:, i] @ b.double().T
-    assert_close(sparse_matmul_add(out, a, b, i, j), ref, torch.float32, "strided indices")
-    g = sparse_delta_grad(out, a, j, 4, i, 5)
+    assert_close(sparse_matmul_add(out, a, b, a_cols=i, out_cols=j), ref, torch.float32,
+                 "strided indices")
+    g = sparse_delta_grad(out, a, d_cols=j, p=4, x_cols=i, q=5)
     assert_close(g, out.double()[:, j].T @ a.double()[:, i], torch.float32, "strided indices")

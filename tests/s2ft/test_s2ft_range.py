@@ -99,8 +99,8 @@ def test_range_delta_grad(start, dtype):
     read 48 wide where the storage allows: the 37 asked for, contiguous."""
     d = torch.randn(70, 300, device=KERNEL_DEVICE, dtype=dtype)
     x = aligned_columns(torch.randn(70, 90, device=KERNEL_DEVICE, dtype=dtype), None, 4, 37)
-    rows = launch_sparse_delta_grad(d, x, start, 37, 0, 37)
-    cols = launch_sparse_delta_grad(x, d, 0, 37, start, 37)
+    rows = launch_sparse_delta_grad(d, x, d_cols=start, p=37, q=37)
+    cols = launch_sparse_delta_grad(x, d, p=37, x_cols=start, q=37)
     ref = d.double()[:, start:start + 37].T @ x.double()
     assert rows.shape == (37, 37) and rows.is_contiguous() and cols.is_contiguous()
     assert_close(rows, ref, dtype, "rows-mode dΔ")

@@ -127,19 +127,19 @@ def triton_sparse_delta_grad(dy: torch.Tensor, x: torch.Tensor, index: torch.Ten
     """CUDA kernel of ``kronops::sparse_delta_grad``: rows dY[:, R]ᵀ X, cols dYᵀ X[:, C] (x is
     X[:, C] itself), the gathered, split-M reduced GEMM (``launch_sparse_delta_grad``)."""
     if cols:
-        return launch_sparse_delta_grad(dy, x, 0, dy.shape[1], 0, x.shape[1])
-    return launch_sparse_delta_grad(dy, x, selection(index, start), rows_of_delta, 0,
-                                    x.shape[1])
+        return launch_sparse_delta_grad(dy, x, p=dy.shape[1], q=x.shape[1])
+    return launch_sparse_delta_grad(dy, x, d_cols=selection(index, start), p=rows_of_delta,
+                                    q=x.shape[1])
 
 
-def launch_sparse_delta_grad(d: torch.Tensor, x: torch.Tensor, d_cols, p: int, x_cols,
-                             q: int) -> torch.Tensor:
+def launch_sparse_delta_grad(d: torch.Tensor, x: torch.Tensor, *, d_cols=0, p: int,
+                             x_cols=0, q: int) -> torch.Tensor:
     """d[:, d_cols].T @ x[:, x_cols] in fp32, summed over the M rows in a fixed order.
 
     d: (M, *), x: (M, *), one dtype, any strides. d_cols: an int64 (p,) index tensor or the
-    int start of p contiguous columns; x_cols: a (q,) tensor or the start of q columns (a
-    range is read ``readable_width`` wide). Returns a new contiguous (p, q) tensor of d's
-    dtype, accumulated in fp32.
+    int start of p contiguous columns (by default d's first p); x_cols: a (q,) tensor or the
+    start of q columns (by default x's first q; a range is read ``readable_width`` wide).
+    Returns a new contiguous (p, q) tensor of d's dtype, accumulated in fp32.
     """
     m = d.shape[0]
     if m == 0 or p * q == 0:

@@ -155,13 +155,14 @@ def index_or_start(cols) -> tuple[torch.Tensor | None, int]:
     return (cols.contiguous(), 0) if isinstance(cols, torch.Tensor) else (None, int(cols))
 
 
-def triton_sparse_matmul_add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                      a_cols, out_cols) -> torch.Tensor:
+def triton_sparse_matmul_add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
+                             a_cols=0, out_cols=0) -> torch.Tensor:
     """out[:, out_cols] += a[:, a_cols] @ b.T in place; returns out.
 
-    out: (M, *), a: (M, *), b: (N, K), all one dtype and any strides. a_cols: an int64
-    (K,) index tensor or the int start of a contiguous range of K columns; out_cols: an
-    (N,) index tensor or the start of N columns. Indices must be unique and in range.
+    out: (M, *), a: (M, *), b: (N, K), all one dtype and any strides. a_cols (the gather):
+    an int64 (K,) index tensor or the int start of a contiguous range of K columns, by
+    default a's first K; out_cols (the scatter): an (N,) index tensor or the start of N
+    columns, by default out's first N. Indices must be unique and in range.
     """
     m = out.shape[0]
     n, k = b.shape
@@ -191,8 +192,8 @@ def triton_sparse_linear(x, weight, delta, index, start, bias, cols):
         return torch_kernels.sparse_linear(x, weight, delta, index, start, bias, cols)
     y = F.linear(x, weight, bias)
     if cols:
-        return triton_sparse_matmul_add(y, x, delta, index, 0)
-    return triton_sparse_matmul_add(y, x, delta, 0, index)
+        return triton_sparse_matmul_add(y, x, delta, a_cols=index)
+    return triton_sparse_matmul_add(y, x, delta, out_cols=index)
 
 
 def triton_sparse_input_grad(dy, weight, delta, index, start, cols):
@@ -202,5 +203,5 @@ def triton_sparse_input_grad(dy, weight, delta, index, start, cols):
         return torch_kernels.sparse_input_grad(dy, weight, delta, index, start, cols)
     dx = dy @ weight
     if cols:
-        return triton_sparse_matmul_add(dx, dy, delta.mT, 0, index)
-    return triton_sparse_matmul_add(dx, dy, delta.mT, index, 0)
+        return triton_sparse_matmul_add(dx, dy, delta.mT, out_cols=index)
+    return triton_sparse_matmul_add(dx, dy, delta.mT, a_cols=index)
