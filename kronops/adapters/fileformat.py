@@ -206,5 +206,5 @@ def read_adapters(path) -> tuple[dict[str, torch.Tensor], dict]:
     return read_file(path, ADAPTERS, _check_structure)
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "READ_VERSIONS", "FileKind", "ADAPTERS", "checksum", "encode",
-           "read_file", "read_adapters", "check_listed"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "READ_VERSIONS", "FileKind", "ADAPTERS", "checksum",
+           "encode", "read_file", "read_adapters", "check_listed"]

@@ -1,4 +1,4 @@
-"""K-FAC factors of a model's linear layers: ``collect(model, batches)`` -> ``{name: LayerFactors}``.
+"""K-FAC factors of a model's linear layers: ``collect(model, batches)`` -> {name: LayerFactors}.
 
 For a layer y = W x (+ b), W (out, in), the Fisher block of vec(W) (columns stacked) is
 approximated as A ⊗ G with
@@ -46,7 +46,7 @@ FISHERS = ("empirical", "sampled")
 IGNORE_INDEX = -100  # the label Hugging Face losses skip
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class LayerFactors:
     """The K-FAC factors of one layer (see the module docstring).
 
@@ -90,6 +90,13 @@ class LayerFactors:
     def shape(self) -> tuple[int, int]:
         """(out', in'): the shape of the ΔW these factors weigh (with its bias column)."""
         return self.g.shape[0], self.a.shape[0]
+
+    def to(self, device) -> "LayerFactors":
+        """These factors with every tensor (and the selection's index) on ``device``."""
+        diag = None if self.diag is None else self.diag.to(device)
+        selection = None if self.selection is None else self.selection.to(device)
+        return dataclasses.replace(self, a=self.a.to(device), g=self.g.to(device),
+                                   selection=selection, diag=diag)
 
 
 def layers(model: nn.Module, modules=None) -> dict[str, nn.Module]:
@@ -214,7 +221,10 @@ def _label_terms(model: nn.Module, batch: dict) -> int:
         return labels.numel()
     if _is_causal_lm(model):
         labels = labels[..., 1:]
-    return int((labels != IGNORE_INDEX).sum())
+    terms = int((labels != IGNORE_INDEX).sum())
+    if not terms:
+        raise ValueError("batches: a batch whose labels are all -100 has no loss")
+    return terms
 
 
 def _empirical_loss(model, batch, loss_fn) -> tuple[torch.Tensor, float]:

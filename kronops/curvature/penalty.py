@@ -76,8 +76,10 @@ def ewc_penalty(model: nn.Module, factors: Mapping[str, LayerFactors], anchor, *
     """½·strength·Σ_layers vec(ΔW)ᵀ(A⊗G)vec(ΔW) (``kind="kron"``) or ½·strength·Σ ⟨diag, ΔW²⟩
     (``"diag"``), a differentiable scalar in the factors' dtype; see the module docstring.
 
-    ``factors``: ``collect``'s result (layers named as in ``model``); ``anchor``: the model
-    at the end of the earlier task, or its state_dict; ``strength``: λ, finite and >= 0.
+    ``factors``: ``collect``'s result (layers named as in ``model``; moved to each layer's
+    device per call where they lie elsewhere: ``LayerFactors.to`` once avoids that);
+    ``anchor``: the model at the end of the earlier task, or its state_dict (moved likewise);
+    ``strength``: λ, finite and >= 0.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

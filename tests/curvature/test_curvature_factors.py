@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from curvature_models import Classifier, batch
-from models import llama_batch, tiny_llama
+from models import build, family_batch, llama_batch, tiny_llama
 
 from kronops.curvature import LayerFactors, collect
 from kronops.s2ft import S2FTInPlaceLinear, S2FTLinear
@@ -196,7 +196,8 @@ def test_collect_leaves_the_model_as_it_was(fails):
         collect(model, [batch(1)], loss_fn=loss_fn)
     assert seen == [False]
     assert model.training and model.head.training
-    assert model.head.weight.grad is sentinel and torch.equal(sentinel, torch.full_like(sentinel, 3.0))
+    assert model.head.weight.grad is sentinel
+    assert torch.equal(sentinel, torch.full_like(sentinel, 3.0))
     assert model.body.weight.grad is None and model.head.bias.grad is None
     for m in model.modules():
         assert not m._forward_hooks and not m._backward_hooks
@@ -219,5 +220,13 @@ def test_bad_arguments_are_named():
         collect(model, [dict(input_ids=b[0]["input_ids"])])
     with pytest.raises(ValueError, match="saw no tokens"):
         collect(model, [])
+    with pytest.raises(ValueError, match="all -100"):
+        collect(model, [dict(b[0], labels=torch.full_like(b[0]["labels"], -100))])
+    seq2seq = build("bart")
+    inputs = family_batch("bart")
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        collect(seq2seq, [dict(inputs, attention_mask=mask, labels=inputs["decoder_input_ids"])])
     with pytest.raises(ValueError, match="diag must have shape"):
         LayerFactors(torch.eye(3), torch.eye(2), 1, False, diag=torch.ones(3, 2))

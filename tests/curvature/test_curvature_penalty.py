@@ -9,10 +9,12 @@ import copy
 import pytest
 import torch
 from curvature_models import Classifier, batch
+from models import build, family_batch
 
 from kronops.curvature import LayerFactors, collect, ewc_penalty
 from kronops.s2ft import InPlaceAdamW, S2FTInPlaceLinear, S2FTLinear
 from kronops.testing import relative_error
+from kronops.wrapped_linear import out_in_weight
 
 FP64 = 1e-10
 BATCHES = [batch(1, pad=1), batch(2, t=4)]
@@ -163,3 +165,25 @@ def test_bad_arguments_are_named():
                     strength=1.0, kind="diag")
     with pytest.raises(TypeError, match=r"factors\['head'\] must be a LayerFactors"):
         ewc_penalty(model, {"head": (f.a, f.g)}, anchor, strength=1.0)
+
+
+def test_conv1d_layers_use_their_out_in_view():
+    """GPT-2's Conv1D (weight stored (in, out)): factors over its (out, in) view, anchor
+    weights read in the stored layout."""
+    model = build("gpt2")
+    name = "transformer.h.0.attn.c_proj"
+    b = family_batch("gpt2")
+    factors = collect(model, [dict(b, labels=b["input_ids"])], dtype=torch.float64,
+                      modules=lambda n, m: n == name)
+    assert list(factors) == [name] and factors[name].shape == (32, 33)
+    anchor = copy.deepcopy(model)
+    layer = model.get_submodule(name)
+    with torch.no_grad():
+        layer.weight.add_(torch.randn_like(layer.weight) * 0.1)
+        layer.bias.add_(torch.randn_like(layer.bias) * 0.1)
+    old = anchor.get_submodule(name)
+    d = torch.cat([out_in_weight(layer) - out_in_weight(old), (layer.bias - old.bias)[:, None]], 1)
+    penalty = ewc_penalty(model, factors, anchor.state_dict(), strength=0.5)
+    close(penalty, materialised({name: d}, factors, 0.5, "kron"))
+    moved = {name: factors[name].to("cpu")}
+    assert torch.equal(ewc_penalty(model, moved, anchor, strength=0.5), penalty)
