@@ -1,4 +1,4 @@
-"""Writing an adapter file atomically: ``write_atomic(path, data)``.
+"""Writing an adapter (or other kronops) file atomically: ``write_atomic(path, data)``.
 
 The data goes to a temporary file in the same directory
 (``.<name>.<host>.<pid>.<random>.kronops-tmp``), flushed to disk and moved over ``path`` with
@@ -83,31 +83,31 @@ def _sweep(directory: str, base: str) -> None:
             pass
 
 
-def _save_error(e: OSError, path: str) -> OSError:
+def _save_error(e: OSError, path: str, what: str) -> OSError:
     """The same kind of error, about the user's ``path`` (not the temporary file)."""
     reason = e.strerror if e.errno is not None and e.strerror else str(e)
-    message = f"cannot save adapters to {path!r}: {reason}"
+    message = f"cannot save {what} to {path!r}: {reason}"
     try:
         return type(e)(e.errno, message) if e.errno is not None else type(e)(message)
     except TypeError:
         return OSError(message)
 
 
-def _check_target(path: str) -> str:
+def _check_target(path: str, what: str) -> str:
     """The directory ``path`` goes into; a clear error naming ``path`` if it cannot be a file."""
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, f"cannot save adapters to {path!r}: it is a "
+        raise IsADirectoryError(errno.EISDIR, f"cannot save {what} to {path!r}: it is a "
                                 "directory; give a file path, e.g. "
-                                f"{os.path.join(path, 'adapters.safetensors')!r}")
+                                f"{os.path.join(path, what + '.safetensors')!r}")
     if not os.path.isdir(directory):
-        what = "is not a directory" if os.path.exists(directory) else "does not exist"
-        raise FileNotFoundError(errno.ENOENT, f"cannot save adapters to {path!r}: directory "
-                                f"{directory!r} {what} (create it first)")
+        state = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise FileNotFoundError(errno.ENOENT, f"cannot save {what} to {path!r}: directory "
+                                f"{directory!r} {state} (create it first)")
     return directory
 
 
-def _create_temporary(directory: str, base: str, path: str) -> tuple[str, int]:
+def _create_temporary(directory: str, base: str, path: str, what: str) -> tuple[str, int]:
     """(name, descriptor) of a new temporary file for ``path``, registered in _WRITING."""
     while True:
         tmp = os.path.join(directory, f"{_tmp_prefix(base)}{host_name()}.{os.getpid()}."
@@ -120,7 +120,7 @@ def _create_temporary(directory: str, base: str, path: str) -> tuple[str, int]:
             _WRITING.discard(tmp)
         except OSError as e:
             _WRITING.discard(tmp)
-            raise _save_error(e, path) from e
+            raise _save_error(e, path, what) from e
 
 
 def _sync_directory(directory: str) -> None:
@@ -137,14 +137,15 @@ def _sync_directory(directory: str) -> None:
         os.close(dir_fd)
 
 
-def write_atomic(path, data: bytes) -> None:
+def write_atomic(path, data: bytes, *, what: str = "adapters") -> None:
     """Write ``data`` to ``path`` atomically (see the module docstring): temporary file,
-    fsync, os.replace, fsync of the directory; the temporary file is removed on any error."""
+    fsync, os.replace, fsync of the directory; the temporary file is removed on any error.
+    Errors say "cannot save <what> to <path>"."""
     path = os.fspath(path)
-    directory = _check_target(path)
+    directory = _check_target(path, what)
     base = os.path.basename(path)
     _sweep(directory, base)
-    tmp, fd = _create_temporary(directory, base, path)
+    tmp, fd = _create_temporary(directory, base, path, what)
     try:
         try:
             with os.fdopen(fd, "wb") as f:
@@ -159,7 +160,7 @@ def write_atomic(path, data: bytes) -> None:
                 pass
             raise
     except OSError as e:
-        raise _save_error(e, path) from e
+        raise _save_error(e, path, what) from e
     finally:
         _WRITING.discard(tmp)
     _sync_directory(directory)

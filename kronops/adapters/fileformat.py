@@ -13,7 +13,11 @@ Integrity: ``sha256`` (``checksum``) covers every byte that affects results: the
 (every key but sha256 itself, as canonical JSON: sorted keys, no spaces, ASCII; the base
 fingerprint included) and every tensor (name, dtype, shape, bytes), each length-prefixed. A
 changed digit anywhere in the config or the data fails the check.
+
+Other kronops files (curvature factors) use the same container, checksum and checks under
+their own ``FileKind``: ``encode(..., kind)`` and ``read_file(path, kind, check)``.
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +34,20 @@ from .methods import METHODS
 FORMAT = "kronops-adapters"
 FORMAT_VERSION = 3  # 2: one layout for every method (S²FT plan + mode); 3: + base fingerprint
 READ_VERSIONS = (2, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileKind:
+    """A kind of kronops safetensors file: its config's ``format`` and version (written),
+    the versions read, what messages call it ("a kronops <noun> file") and what writes it."""
+    format: str
+    version: int
+    read_versions: tuple[int, ...]
+    noun: str
+    writer: str
+
+
+ADAPTERS = FileKind(FORMAT, FORMAT_VERSION, READ_VERSIONS, "adapter", "save_adapters")
 COMMON_KEYS = ("format", "format_version", "kronops_version", "method", "train_modules",
                "tensors", "sha256")
 
@@ -69,12 +87,12 @@ def checksum(config: dict, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def encode(content: dict, tensors: dict[str, torch.Tensor]) -> bytes:
-    """An adapter file's bytes: ``tensors`` (contiguous, on the CPU) and a config of
-    ``content`` (method, train_modules, base and the method's keys) with the format, its
+def encode(content: dict, tensors: dict[str, torch.Tensor], kind: FileKind = ADAPTERS) -> bytes:
+    """A file's bytes: ``tensors`` (contiguous, on the CPU) and a config of ``content`` (for
+    adapters: method, train_modules, base and the method's keys) with the kind's format and
     version, kronops' version, the tensor list and the checksum."""
     from safetensors.torch import save
-    config = dict(format=FORMAT, format_version=FORMAT_VERSION, kronops_version=__version__,
+    config = dict(format=kind.format, format_version=kind.version, kronops_version=__version__,
                   **content)
     config["tensors"] = {k: dict(shape=list(t.shape), dtype=dtype_name(t))
                          for k, t in tensors.items()}
@@ -82,14 +100,14 @@ def encode(content: dict, tensors: dict[str, torch.Tensor]) -> bytes:
     return save(tensors, metadata={"kronops": json.dumps(config, sort_keys=True)})
 
 
-def _decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, config) of a file's bytes, the config a JSON object of a readable format
-    version; AdapterFileError for anything else."""
+def _decode(data: bytes, kind: FileKind) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, config) of a file's bytes, the config a JSON object of ``kind``'s format in
+    a readable version; AdapterFileError for anything else."""
     from safetensors.torch import load
     if len(data) >= 8 and data[8:9] != b"{":  # a safetensors header is a JSON object
-        raise AdapterFileError(f"is not a kronops adapter file (not safetensors: it starts "
-                               f"with {data[:9]!r}, not an 8-byte length and a JSON header); "
-                               "save_adapters writes them (torch.save does not)",
+        raise AdapterFileError(f"is not a kronops {kind.noun} file (not safetensors: it "
+                               f"starts with {data[:9]!r}, not an 8-byte length and a JSON "
+                               f"header); {kind.writer} writes them (torch.save does not)",
                                whole_file=True)
     try:
         if len(data) < 8:
@@ -100,12 +118,12 @@ def _decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
         header = json.loads(data[8:8 + n])
         tensors = load(data)
     except Exception as e:  # struct.error, JSON errors, SafetensorError
-        raise AdapterFileError(f"is not a valid adapter file (truncated or corrupt): "
+        raise AdapterFileError(f"is not a valid {kind.noun} file (truncated or corrupt): "
                                f"{type(e).__name__}: {e}", whole_file=True) from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     text = metadata.get("kronops") if isinstance(metadata, dict) else None
     if not isinstance(text, str):
-        raise AdapterFileError("is a safetensors file without a kronops adapter config",
+        raise AdapterFileError(f"is a safetensors file without a kronops {kind.noun} config",
                                whole_file=True)
     try:
         config = json.loads(text)
@@ -113,10 +131,11 @@ def _decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
         raise AdapterFileError(f"the kronops config is not valid JSON (corrupt): {e}") from None
     if not isinstance(config, dict):
         raise AdapterFileError("the kronops config is not a JSON object (corrupt)")
-    if config.get("format") != FORMAT or config.get("format_version") not in READ_VERSIONS:
+    if config.get("format") != kind.format or \
+            config.get("format_version") not in kind.read_versions:
         raise AdapterFileError(f"unsupported format {config.get('format')!r} version "
                                f"{config.get('format_version')!r} (this kronops reads "
-                               f"{FORMAT!r} versions {READ_VERSIONS})")
+                               f"{kind.format!r} versions {kind.read_versions})")
     return tensors, config
 
 
@@ -140,14 +159,22 @@ def _check_structure(config: dict, tensors: dict[str, torch.Tensor]) -> None:
     method = METHODS[name]
     versioned = ("base",) if config["format_version"] >= 3 else ()
     expect_keys("config", config, COMMON_KEYS + method.FILE_KEYS + versioned)
-    if not isinstance(config["kronops_version"], str):
-        raise AdapterFileError(f"kronops_version must be a str, "
-                               f"got {config['kronops_version']!r}")
+    check_listed(config, tensors)
     train = config["train_modules"]
     if not isinstance(train, list) or not all(isinstance(n, str) and n for n in train) or \
             len(set(train)) != len(train):
         raise AdapterFileError(f"train_modules must be a list of distinct module names, "
                                f"got {train!r}")
+    check_fingerprint(config.get("base"))
+    method.check_file(config)
+
+
+def check_listed(config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """What every kronops file's config holds beside its own keys: kronops_version a str,
+    and the tensor list matching the file's tensors exactly; else AdapterFileError."""
+    if not isinstance(config["kronops_version"], str):
+        raise AdapterFileError(f"kronops_version must be a str, "
+                               f"got {config['kronops_version']!r}")
     listed = config["tensors"]
     if not isinstance(listed, dict) or set(listed) != set(tensors):
         raise AdapterFileError("the config's tensor list differs from the tensors in the file")
@@ -155,25 +182,29 @@ def _check_structure(config: dict, tensors: dict[str, torch.Tensor]) -> None:
         if listed[key] != dict(shape=list(t.shape), dtype=dtype_name(t)):
             raise AdapterFileError(f"{key} is listed as {listed[key]!r}, the file holds shape "
                                    f"{list(t.shape)} dtype {dtype_name(t)}")
-    check_fingerprint(config.get("base"))
-    method.check_file(config)
 
 
-def read_adapters(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, config) from an adapter file, checked for integrity (checksum over config
-    and tensors) and structure; ``AdapterFileError`` naming the file and the problem if
-    not."""
+def read_file(path, kind: FileKind, check) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, config) from a kronops file of ``kind``, checked for integrity (checksum
+    over config and tensors) and by ``check(config, tensors)``; ``AdapterFileError`` naming
+    the file and the problem if not."""
     path = os.fspath(path)
     with naming(path):
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as e:
-            raise AdapterFileError(f"cannot read adapter file: {e}") from e
-        tensors, config = _decode(data)
+            raise AdapterFileError(f"cannot read {kind.noun} file: {e}") from e
+        tensors, config = _decode(data, kind)
         _check_integrity(config, tensors)
-        _check_structure(config, tensors)
+        check(config, tensors)
     return tensors, config
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "READ_VERSIONS", "checksum", "encode", "read_adapters"]
+def read_adapters(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, config) from an adapter file, checked for integrity and structure."""
+    return read_file(path, ADAPTERS, _check_structure)
+
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "READ_VERSIONS", "FileKind", "ADAPTERS", "checksum",
+           "encode", "read_file", "read_adapters", "check_listed"]
