@@ -1,8 +1,11 @@
 """Kronecker-factored curvature (issue 27): K-FAC factors of a model's linear and S²FT layers
-(``collect``, ``LayerFactors``), a Kronecker-factored EWC penalty (``ewc_penalty``) and
-checksummed factor files (``save_factors``, ``load_factors``)."""
+(``collect``, ``LayerFactors``), a Kronecker-factored EWC penalty (``ewc_penalty``), K-FAC
+preconditioning (``KFACPreconditioner``) and checksummed factor files (``save_factors``,
+``load_factors``)."""
 from .factors import LayerFactors, collect
 from .files import load_factors, save_factors
 from .penalty import ewc_penalty
+from .precondition import KFACPreconditioner
 
-__all__ = ["collect", "LayerFactors", "ewc_penalty", "save_factors", "load_factors"]
+__all__ = ["collect", "LayerFactors", "ewc_penalty", "KFACPreconditioner", "save_factors",
+           "load_factors"]
