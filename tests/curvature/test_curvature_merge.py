@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from curvature_models import Classifier, batch
+from models import build, family_batch
 
 from kronops.curvature import CG_TOLERANCE, collect, merge_models
 from kronops.s2ft import S2FTLinear
@@ -163,3 +164,29 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="no 'head.bias'"):
         merge_models([m.state_dict() for m in unbiased], [{"head": f["head"]} for f in factors],
                      damping=1.0)
+
+
+def test_conv1d_weights_merge_through_their_out_in_view():
+    """GPT-2's Conv1D (weights stored (in, out)), one model given as a module for the
+    layout, one as a state_dict; fp32 models: the fp64 result is rounded once to fp32
+    (2⁻²⁴ relative per entry, 1e-6 of room)."""
+    name = "transformer.h.0.attn.c_proj"
+    b = family_batch("gpt2")
+    models, factors = [], []
+    for seed in range(2):
+        model = build("gpt2", dtype=torch.float32)
+        layer = model.get_submodule(name)
+        with torch.no_grad():
+            torch.manual_seed(seed)
+            layer.weight.add_(torch.randn_like(layer.weight) * 0.1)
+        models.append(model)
+        factors.append(collect(model, [dict(b, labels=b["input_ids"])], dtype=torch.float64,
+                               modules=lambda n, m: n == name))
+    merged = merge_models([models[0], models[1].state_dict()], factors, damping=DAMPING)
+    ws = [torch.cat([m.get_submodule(name).weight.T, m.get_submodule(name).bias[:, None]],
+                    1).detach().double() for m in models]
+    expected, cond = solve_materialised(ws, [torch.kron(f[name].a, f[name].g) for f in factors],
+                                        DAMPING)
+    got = torch.cat([merged[f"{name}.weight"].T, merged[f"{name}.bias"][:, None]], 1)
+    assert merged[f"{name}.weight"].dtype == torch.float32
+    assert relative_error(got.double(), expected) <= cond * CG_TOLERANCE + 1e-6
