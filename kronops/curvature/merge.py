@@ -59,7 +59,7 @@ def _states(models) -> tuple[list[Mapping], nn.Module | None]:
         if not isinstance(m, Mapping):
             raise TypeError(f"models[{i}] must be an nn.Module or a state_dict, "
                             f"got {type(m).__name__}")
-        if set(m) != set(states[0] if states else m):
+        if states and set(m) != set(states[0]):
             raise ValueError(f"models[{i}] has other entries than models[0]: "
                              f"{sorted(set(m) ^ set(states[0]))}")
         states.append(m)
@@ -90,10 +90,11 @@ def _check_factors(factors, count: int, kind: str) -> list[Mapping[str, LayerFac
     return list(factors)
 
 
-def _layer_keys(name: str, f: LayerFactors, state: Mapping, template) -> tuple[str, str | None]:
-    """The state_dict keys of a covered layer's trained tensor and bias (None without)."""
-    if template is not None:
-        modules = dict(template.named_modules())
+def _layer_keys(name: str, f: LayerFactors, state: Mapping,
+                modules: dict[str, nn.Module]) -> tuple[str, str | None]:
+    """The state_dict keys of a covered layer's trained tensor and bias (None without);
+    ``modules``: the named modules of a model given as a module, else empty (not checked)."""
+    if modules:
         if name not in modules:
             raise ValueError(f"factors: the models have no module {name!r}")
         check_layer(name, modules[name], f)
@@ -163,6 +164,7 @@ def merge_models(models, factors=None, *, kind: str = "kron", damping=None) -> d
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     states, template = _states(models)
+    layout = dict(template.named_modules()) if template is not None else {}
     covered = {}
     if kind != "mean":
         if damping is None:
@@ -170,10 +172,10 @@ def merge_models(models, factors=None, *, kind: str = "kron", damping=None) -> d
         damping = check_number("damping", damping)
         if damping <= 0:
             raise ValueError(f"damping must be > 0, got {damping}")
-        for name in (factors := _check_factors(factors, len(states), kind))[0]:
+        factors = _check_factors(factors, len(states), kind)
+        for name in factors[0]:
             fs = [per_model[name] for per_model in factors]
-            covered[name] = fs, *_layer_keys(name, fs[0], states[0], template)
-    layout = dict(template.named_modules()) if template is not None else {}
+            covered[name] = fs, *_layer_keys(name, fs[0], states[0], layout)
     merged = {}
     for name, (fs, key, bias) in covered.items():
         ws = []
