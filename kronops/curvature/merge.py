@@ -158,8 +158,9 @@ def merge_models(models, factors=None, *, kind: str = "kron", damping=None) -> d
     module among them is enough — to have their (in, out) weights viewed as (out, in));
     ``factors``: one ``collect()`` result per model, covering the same layers (not used by
     ``kind="mean"``); ``kind``: "kron", "input", "diag" or "mean"; ``damping``: γ > 0 for
-    every kind but "mean". Returns {key: tensor} with the models' keys, new tensors on the
-    first model's devices and dtypes; ``model.load_state_dict`` takes it.
+    every kind but "mean". Returns {key: tensor} with the models' keys: new floating-point
+    tensors on the first model's devices and dtypes, the first model's own non-floating
+    entries; ``model.load_state_dict`` takes it.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
