@@ -99,6 +99,18 @@ class LayerFactors:
                                    selection=selection, diag=diag)
 
 
+def check_layer(name: str, module: nn.Module, f: LayerFactors) -> None:
+    """``f`` (``factors[name]``) were collected for ``module``'s kind: an S²FT layer's for
+    its selection, a plain layer's otherwise."""
+    if isinstance(module, S2FTLinear):
+        if f.selection is None or f.selection != module.chosen:
+            raise ValueError(f"factors[{name!r}] were not collected for this S²FT layer's "
+                             f"selection {module.chosen!r}")
+    elif f.selection is not None:
+        raise ValueError(f"factors[{name!r}] are an S²FT layer's, but {name!r} is a "
+                         f"{type(module).__name__}")
+
+
 def layers(model: nn.Module, modules=None) -> dict[str, nn.Module]:
     """The layers ``collect`` takes, by name: every nn.Linear, transformers Conv1D and S²FT
     layer outside KronA/LoKr and S²FT layers, or those of them ``modules`` names (a list of
@@ -349,4 +361,4 @@ def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
     return {name: layer.factors(name) for name, layer in state.items()}
 
 
-__all__ = ["LayerFactors", "collect", "layers", "FISHERS"]
+__all__ = ["LayerFactors", "collect", "layers", "check_layer", "FISHERS"]

@@ -22,7 +22,7 @@ from torch import nn
 from ..checks import check_number
 from ..s2ft.modules import S2FTInPlaceLinear, S2FTLinear
 from ..wrapped_linear import as_out_in, out_in_weight
-from .factors import LayerFactors
+from .factors import LayerFactors, check_layer
 
 KINDS = ("kron", "diag")
 
@@ -47,19 +47,14 @@ def _anchored(module: nn.Module, name: str, anchor: Mapping, stored: str, side: 
 
 def delta(module: nn.Module, name: str, f: LayerFactors, anchor: Mapping) -> torch.Tensor:
     """ΔW (out', in') of one layer for its factors ``f``: see the module docstring."""
+    check_layer(name, module, f)
     if isinstance(module, S2FTLinear):
-        if f.selection is None or f.selection != module.chosen:
-            raise ValueError(f"factors[{name!r}] were not collected for this S²FT layer's "
-                             f"selection {module.chosen!r}")
         if not isinstance(module, S2FTInPlaceLinear):
             return module.delta
         chosen = module.chosen
         anchor_w = _anchored(module, name, anchor, "base", "weight")
         part = chosen.to(anchor_w.device).part(anchor_w.detach())
         return (module.weight_part() - part.to(module.base_weight)) + module.selected
-    if f.selection is not None:
-        raise ValueError(f"factors[{name!r}] are an S²FT layer's, but {name!r} is a "
-                         f"{type(module).__name__}")
     w = out_in_weight(module)
     d = w - _anchored(module, name, anchor, "module", "weight").to(w)
     if f.bias:
