@@ -94,9 +94,8 @@ def kfac_collect_cases(config: dict, batch: int, seq: int, dtype, device):
 
 def _plain_penalty(weights, anchors, factors, strength):
     """½·strength·Σ ⟨ΔW, G ΔW A⟩ over lists of (out, in) weights, anchors and LayerFactors."""
-    total = sum(((w - w0) * (f.g @ (w - w0) @ f.a)).sum()
-                for w, w0, f in zip(weights, anchors, factors))
-    return 0.5 * strength * total
+    deltas = [w - w0 for w, w0 in zip(weights, anchors)]
+    return 0.5 * strength * sum((d * (f.g @ d @ f.a)).sum() for d, f in zip(deltas, factors))
 
 
 def _curvlinops_provider(model, ids, names, weights, anchors, factors):
