@@ -1,5 +1,5 @@
-"""The benchmark's optional packages (peft, transformers, pyfastkron): each imported once with
-the parts the benchmark uses, and the real reason when one cannot be used."""
+"""The benchmark's optional packages (peft, transformers, pyfastkron, curvlinops): each imported
+once with the parts the benchmark uses, and the real reason when one cannot be used."""
 import functools
 import importlib
 
@@ -39,8 +39,14 @@ def load_fastkron():
     return optional_import("pyfastkron.fastkrontorch", "gemkm")
 
 
+def load_curvlinops():
+    """(curvlinops, None) with its K-FAC operator, or (None, why)."""
+    return optional_import("curvlinops", "KFACLinearOperator")
+
+
 def skipped() -> list[str]:
     """One line per optional provider that cannot run here: which rows are skipped, and why."""
     rows = [("LLaMA training-step and serving", load_transformers()),
-            ("PEFT LoKr/LoRA", load_peft()), ("FastKron", load_fastkron())]
+            ("PEFT LoKr/LoRA", load_peft()), ("FastKron", load_fastkron()),
+            ("curvlinops penalty", load_curvlinops())]
     return [f"the {what} rows are skipped: {why}" for what, (module, why) in rows if module is None]

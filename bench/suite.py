@@ -1,5 +1,6 @@
 """The default case sets: CPU (about three minutes on 2 cores) and --full (GPU, real model shapes),
 and the names ``--ops`` accepts (op names as the rows carry them, and families of ops)."""
+from .curvature_cases import ewc_penalty_cases, kfac_collect_cases
 from .kron_cases import krona_layer_cases, kron_linear_cases, kron_matmul_cases
 from .native_cases import kron_cpu_cases, s2ft_cpu_cases
 from .s2ft_adamw_cases import inplace_adamw_cases
@@ -23,7 +24,7 @@ ADAPTER_COUNTS = (1, 4, 16, 64)
 OPS = ("kron_linear", "kron_matmul[3]", "kron_matmul[2]", "KronALinear", "sparse_linear[rows]",
        "sparse_linear[cols]", "InPlaceAdamW", "LLaMA step", "AdapterBank", "AdapterBank switch",
        "kron (CPU backends)", "sparse_linear[rows] (CPU backends)",
-       "sparse_linear[cols] (CPU backends)")
+       "sparse_linear[cols] (CPU backends)", "kfac_collect", "ewc_penalty")
 # Families: a name users type for a group of ops.
 FAMILIES = {
     "kron": ("kron_linear", "kron_matmul[3]", "kron_matmul[2]", "KronALinear"),
@@ -34,6 +35,7 @@ FAMILIES = {
     "llama_step": ("LLaMA step",),
     "s2ft": ("sparse_linear[rows]", "sparse_linear[cols]", "InPlaceAdamW", "LLaMA step"),
     "serving": ("AdapterBank", "AdapterBank switch"),
+    "curvature": ("kfac_collect", "ewc_penalty"),
     "cpu_backends": ("kron (CPU backends)", "sparse_linear[rows] (CPU backends)",
                      "sparse_linear[cols] (CPU backends)"),
 }
@@ -89,6 +91,8 @@ def default_cases(full: bool, dtype, device, ops=None):
             yield from llama_step_cases(LLAMA_8B_LAYERS, 4, 2048, 0.05, dtype, device)
         if want("AdapterBank", "AdapterBank switch"):
             yield from _serving(LLAMA_8B_LAYERS, 64, 128, dtype, device, ops)
+        # No curvature rows here yet: at this shape the head's G alone is 32000² (4 GB in
+        # fp32, twice that for the fp64 reference), so they need sizing for the GPU first.
     else:
         if want("kron_linear"):
             for rows, k, n in [(256, 1024, 1024), (1024, 4096, 4096), (2048, 384, 1536)]:
@@ -108,6 +112,10 @@ def default_cases(full: bool, dtype, device, ops=None):
             yield from llama_step_cases(SMALL_LLAMA, 4, 128, 0.1, dtype, device)
         if want("AdapterBank", "AdapterBank switch"):
             yield from _serving(SERVING_LLAMA, 64, 16, dtype, device, ops)
+        if want("kfac_collect"):  # the LLaMA step's model and batch
+            yield from kfac_collect_cases(SMALL_LLAMA, 4, 128, dtype, device)
+        if want("ewc_penalty"):
+            yield from ewc_penalty_cases(SMALL_LLAMA, 4, 128, dtype, device)
         if want("kron (CPU backends)"):  # native, PyTorch kernels, autograd, FastKron
             for factors in ([(64, 64)] * 2, [(32, 32)] * 2, [(16, 16)] * 3, [(16, 24), (24, 16)]):
                 yield from kron_cpu_cases(2048, factors, dtype, device)

@@ -8,8 +8,9 @@ import torch
 
 from bench import __main__ as bench_main
 from bench.cases import Provider, build_case
+from bench.curvature_cases import ewc_penalty_cases, kfac_collect_cases
 from bench.kron_cases import krona_layer_cases, kron_linear_cases, kron_matmul_cases
-from bench.optional import load_transformers
+from bench.optional import load_curvlinops, load_transformers
 from bench.s2ft_adamw_cases import inplace_adamw_cases
 from bench.s2ft_linear_cases import sparse_linear_cases
 from bench.s2ft_model_cases import llama_step_cases
@@ -176,6 +177,8 @@ def test_op_names_cover_every_case():
                     num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
         cases += llama_step_cases(tiny, 1, 4, 0.5, f32, CPU)
         cases += serving_cases(TINY_SERVING, 4, 3, (2,), f32, CPU)
+        cases += kfac_collect_cases(tiny, 1, 4, f32, CPU)
+        cases += ewc_penalty_cases(tiny, 1, 4, f32, CPU)
     assert {c.op for c in cases} <= set(OPS)
     assert resolve_ops(OPS) == set(OPS)
 
@@ -422,3 +425,23 @@ def test_markdown_table_has_a_row_per_result():
     assert lines[0].startswith("| op | mode | shape | provider | median ms | min ms | % roofline")
     assert len(lines) == 2 + len(rows) and all(line.count("|") == lines[0].count("|")
                                                for line in lines)
+
+
+def test_curvature_cases_are_checked():
+    """kfac_collect: the factors checked against fp64, the training step (the floor) timed
+    only; ewc_penalty: every provider's penalty and gradient checked against fp64."""
+    pytest.importorskip("transformers")
+    rows = []
+    for case in [*kfac_collect_cases(TINY_SERVING, 1, 4, torch.float32, CPU),
+                 *ewc_penalty_cases(TINY_SERVING, 1, 4, torch.float32, CPU)]:
+        rows += run_case(case, torch.float32, CPU, budget_s=FAST)
+    by_name = {(r["op"], r["provider"]): r for r in rows}
+    assert by_name["kfac_collect", "kronops collect"]["error_ok"]
+    assert by_name["kfac_collect", "kronops collect"]["rel_error"] is not None
+    assert by_name["kfac_collect", "naive (plain training step)"]["rel_error"] is None
+    penalty = [r for r in rows if r["op"] == "ewc_penalty"]
+    expected = {"kronops", "composite (plain PyTorch)"}
+    if load_curvlinops()[0] is not None:
+        expected.add("curvlinops KFACLinearOperator")
+    assert {r["provider"] for r in penalty} == expected
+    assert all(r["rel_error"] is not None and r["error_ok"] for r in penalty)
