@@ -1,0 +1,142 @@
+"""kronops adapters served in vLLM (kronops.serving.vllm): one engine, one mixed batch of
+plain, KronA, LoKr and S²FT (adapter and in-place files) requests with every LoRA slot
+taken. Plain rows are bit-identical to a run with no adapters; adapter rows equal
+transformers with the same file loaded by kronops.load_adapters.
+
+Runs where vllm is importable (.ci/vllm builds that environment); skipped elsewhere.
+"""
+import copy
+import gc
+import math
+import os
+
+import pytest
+import torch
+
+vllm = pytest.importorskip(
+    "vllm", reason="vllm is not importable here: the vLLM tests run in their own environment "
+                   "(.ci/vllm, .venv-vllm)")
+
+import kronops  # noqa: E402
+from kronops.serving.vllm import plugin  # noqa: E402
+from vllm_assets import ADAPTERS, tiny_llama, trained  # noqa: E402
+
+PROMPTS = ["the quick brown fox", "hello world kron adapter", "the lazy dog 12",
+           "serving test the quick", "over the lazy dog 7", "the quick brown dog 3",
+           "hello world", "jumps over the lazy fox 19"]
+# one request per prompt: None is the plain model; every adapter appears, so with
+# max_loras = len(ADAPTERS) every slot is taken while plain rows run beside them
+KINDS = [None, "krona", "s2ft", None, "lokr", "s2ft_inplace", "krona", None]
+MAX_TOKENS = 6
+
+# The tolerance, from the arithmetic: vLLM and transformers compute the same fp32 function
+# with other summation orders (GEMM blocking, attention kernels), and the adapter terms (a
+# Kronecker product applied as two small GEMMs, or a Δ on a few rows/columns) also round in
+# another order than transformers' adapter layers do. A dot product of length k rounds with
+# a typical error of about sqrt(k)·u of its terms' magnitude (u = 2^-24), k <= 256 here;
+# each of the 2 blocks adds such errors to the residual stream, and a log-softmax passes an
+# absolute logit error through at most doubled. So 4·sqrt(256)·u per block, 2 blocks:
+# 7.6e-6; observed ~5e-7.
+TOLERANCE = 4 * math.sqrt(256) * 2.0 ** -24 * 2
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """(model folder, {adapter name: file})"""
+    from transformers import AutoModelForCausalLM
+    folder = tmp_path_factory.mktemp("vllm") / "tiny-llama"
+    tiny_llama(folder)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    files = {}
+    for seed, name in enumerate(ADAPTERS):
+        files[name] = str(folder.parent / f"{name}.safetensors")
+        kronops.save_adapters(trained(base, name, seed + 1), files[name])
+    return folder, files
+
+
+@pytest.fixture(scope="module")
+def llm(assets):
+    """One engine for the module (a start costs ~25 s and ~2 GB): fp32, eager, LoRA on with
+    one slot per adapter; only the kronops plugin loads."""
+    saved = {k: os.environ.get(k) for k in ("VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE")}
+    os.environ.update(VLLM_PLUGINS="kronops", VLLM_CPU_KVCACHE_SPACE="1")
+    engine = vllm.LLM(model=str(assets[0]), dtype="float32", enforce_eager=True,
+                      max_model_len=128, enable_lora=True, max_loras=len(ADAPTERS),
+                      max_lora_rank=8, seed=0)
+    yield engine
+    del engine
+    gc.collect()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def generate(llm, requests):
+    params = vllm.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0)
+    return llm.generate(PROMPTS, params, lora_request=requests, use_tqdm=False)
+
+
+def logprobs(output) -> list[float]:
+    """The logprob of each generated token."""
+    out = output.outputs[0]
+    return [step[token].logprob for step, token in zip(out.logprobs, out.token_ids)]
+
+
+def reference(folder, path, prompt_ids, generated) -> list[float]:
+    """transformers' fp32 logprobs of ``generated`` after ``prompt_ids`` with the adapter
+    file at ``path`` loaded by kronops (None: the plain model)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if path is not None:
+        model = kronops.load_adapters(model, path).eval()
+    ids = torch.tensor([list(prompt_ids) + list(generated)])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    n = len(prompt_ids)
+    return [float(lp[n + j - 1, t]) for j, t in enumerate(generated)]
+
+
+@pytest.fixture(scope="module")
+def runs(llm, assets):
+    """(plain run with no adapters, the mixed run)"""
+    _, files = assets
+    ids = {name: i + 1 for i, name in enumerate(ADAPTERS)}
+    requests = [None if k is None else vllm.lora.request.LoRARequest(k, ids[k], files[k])
+                for k in KINDS]
+    plain = generate(llm, None)
+    mixed = generate(llm, requests)
+    return plain, mixed
+
+
+def test_plain_rows_are_bit_identical_to_a_run_without_adapters(runs):
+    plain, mixed = runs
+    for i, kind in enumerate(KINDS):
+        if kind is None:
+            assert mixed[i].outputs[0].token_ids == plain[i].outputs[0].token_ids
+            assert logprobs(mixed[i]) == logprobs(plain[i]), f"row {i}"
+
+
+def test_adapter_rows_equal_transformers_with_the_file_loaded(runs, assets):
+    folder, files = assets
+    plain, mixed = runs
+    worst = {}
+    for i, kind in enumerate(KINDS):
+        out = mixed[i]
+        expected = reference(folder, None if kind is None else files[kind],
+                             out.prompt_token_ids, out.outputs[0].token_ids)
+        got = logprobs(out)
+        error = max(abs(a - b) for a, b in zip(got, expected))
+        worst[kind] = max(worst.get(kind, 0.0), error)
+        assert error <= TOLERANCE, f"row {i} ({kind}): max |Δlogprob| {error:.3g}"
+        if kind is not None:  # the adapter changed the row
+            changed = out.outputs[0].token_ids != plain[i].outputs[0].token_ids or max(
+                abs(a - b) for a, b in zip(got, logprobs(plain[i]))) > 1e-3
+            assert changed, f"row {i} ({kind}) is the plain model's"
+    print("max |Δlogprob| vs transformers:", {k: f"{v:.3g}" for k, v in worst.items()})
+
+
+def test_the_patched_vllm_internals_exist():
+    assert vllm.__version__ == plugin.TESTED_VLLM
+    plugin.check_internals()
