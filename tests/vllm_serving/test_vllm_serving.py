@@ -5,7 +5,6 @@ transformers with the same file loaded by kronops.load_adapters.
 
 Runs where vllm is importable (.ci/vllm builds that environment); skipped elsewhere.
 """
-import copy
 import gc
 import math
 import os
@@ -19,7 +18,7 @@ vllm = pytest.importorskip(
 
 import kronops  # noqa: E402
 from kronops.serving.vllm import plugin  # noqa: E402
-from vllm_assets import ADAPTERS, tiny_llama, trained  # noqa: E402
+from vllm_assets import ADAPTERS, assets  # noqa: E402,F401  (assets: a fixture)
 
 PROMPTS = ["the quick brown fox", "hello world kron adapter", "the lazy dog 12",
            "serving test the quick", "over the lazy dog 7", "the quick brown dog 3",
@@ -38,20 +37,6 @@ MAX_TOKENS = 6
 # absolute logit error through at most doubled. So 4·sqrt(256)·u per block, 2 blocks:
 # 7.6e-6; observed ~5e-7.
 TOLERANCE = 4 * math.sqrt(256) * 2.0 ** -24 * 2
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """(model folder, {adapter name: file})"""
-    from transformers import AutoModelForCausalLM
-    folder = tmp_path_factory.mktemp("vllm") / "tiny-llama"
-    tiny_llama(folder)
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    files = {}
-    for seed, name in enumerate(ADAPTERS):
-        files[name] = str(folder.parent / f"{name}.safetensors")
-        kronops.save_adapters(trained(base, name, seed + 1), files[name])
-    return folder, files
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ byte-level BPE tokenizer trained on a few sentences, and kronops adapter files f
 with random "trained" values."""
 import copy
 
+import pytest
 import torch
 
 import kronops
@@ -62,3 +63,18 @@ def trained(base, name: str, seed: int):
                     if p.requires_grad:
                         p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return model
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """(model folder, {adapter name: file}): the tiny LLaMA and an adapter file of each of
+    ``ADAPTERS`` for it."""
+    from transformers import AutoModelForCausalLM
+    folder = tmp_path_factory.mktemp("vllm") / "tiny-llama"
+    tiny_llama(folder)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    files = {}
+    for seed, name in enumerate(ADAPTERS):
+        files[name] = str(folder.parent / f"{name}.safetensors")
+        kronops.save_adapters(trained(base, name, seed + 1), files[name])
+    return folder, files
