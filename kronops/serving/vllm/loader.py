@@ -10,8 +10,8 @@ from the served checkpoint (``checkpoint``). So the file's checks are the ones
 another base model is refused), and in-place S²FT files give Δ against the served weights.
 
 Refused, with the reason: tensor parallelism (tp > 1), files that also train whole
-modules, KronA^B (sub-layer) adapters, and adapters on modules vLLM does not wrap in a
-LoRA layer (e.g. lm_head).
+modules, KronA^B (sub-layer) adapters, adapters on modules vLLM does not wrap in a LoRA
+layer (e.g. lm_head), and quantized layers.
 """
 import os
 
@@ -87,9 +87,12 @@ def skeleton(manager, model_config) -> tuple[nn.Module, dict[str, tuple[str, int
     return model, found
 
 
-def _served(update, layer):
-    """``update`` in the dtype and on the device of the wrapped vLLM ``layer``."""
-    w = layer.base_layer.weight
+def _served(update, layer, name: str):
+    """``update`` in the dtype and on the device of the wrapped vLLM ``layer`` (``name``)."""
+    w = getattr(layer.base_layer, "weight", None)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise AdapterFileError(f"vLLM's {name} has no floating-point weight (quantized?): "
+                               "kronops adapters are served on unquantized layers only")
     if isinstance(update, KronUpdate):
         return KronUpdate(a=update.a.to(w.device, w.dtype), b=update.b.to(w.device, w.dtype))
     return SparseUpdate(update.selection.to(w.device), update.delta.to(w.device, w.dtype))
@@ -125,5 +128,6 @@ def load(manager, model_config, path) -> dict[str, dict[int, KronUpdate | Sparse
                 raise AdapterFileError(f"{name} has a KronA^B (sub-layer) adapter, which is not "
                                        "served in vLLM: only KronA/LoKr and S²FT are")
             wrapped, index = found[name]
-            served.setdefault(wrapped, {})[index] = _served(update, manager.modules[wrapped])
+            served.setdefault(wrapped, {})[index] = _served(update, manager.modules[wrapped],
+                                                            wrapped)
     return served
