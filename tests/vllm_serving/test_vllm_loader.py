@@ -62,7 +62,7 @@ def hf_base(folder):
 
 
 def test_updates_go_to_vllm_modules_and_slices(assets, tp):
-    folder, files = assets
+    folder, files, _ = assets
     kron = load(folder, files["krona"])
     assert set(kron["model.layers.0.self_attn.qkv_proj"]) == {0, 1, 2}
     assert set(kron["model.layers.1.mlp.gate_up_proj"]) == {0, 1}
@@ -76,7 +76,7 @@ def test_updates_go_to_vllm_modules_and_slices(assets, tp):
 
 
 def test_an_inplace_s2ft_file_gives_its_delta_against_the_checkpoint(assets, tp):
-    folder, files = assets
+    folder, files, _ = assets
     tuned = kronops.merge_adapters(kronops.load_adapters(hf_base(folder), files["s2ft_inplace"]),
                                    unload=True)
     base = hf_base(folder)
@@ -88,7 +88,7 @@ def test_an_inplace_s2ft_file_gives_its_delta_against_the_checkpoint(assets, tp)
 
 
 def test_a_file_of_another_base_model_is_refused(assets, tp, tmp_path):
-    folder, _ = assets
+    folder, _, _ = assets
     other = hf_base(folder)
     with torch.no_grad():
         for p in other.parameters():
@@ -100,14 +100,14 @@ def test_a_file_of_another_base_model_is_refused(assets, tp, tmp_path):
 
 
 def test_tensor_parallel_serving_is_refused(assets, tp):
-    folder, files = assets
+    folder, files, _ = assets
     tp[0] = 2
     with pytest.raises(AdapterFileError, match=r"tensor parallelism \(2 ranks\)"):
         load(folder, files["krona"])
 
 
 def test_files_training_whole_modules_are_refused(assets, tp, tmp_path):
-    folder, _ = assets
+    folder, _, _ = assets
     model = kronops.apply_adapters(copy.deepcopy(hf_base(folder)), "krona",
                                    train_modules=["lm_head"])
     path = tmp_path / "heads.safetensors"
@@ -117,7 +117,7 @@ def test_files_training_whole_modules_are_refused(assets, tp, tmp_path):
 
 
 def test_adapters_on_modules_vllm_does_not_wrap_are_refused(assets, tp, tmp_path):
-    folder, _ = assets
+    folder, _, _ = assets
     model = kronops.apply_adapters(hf_base(folder), "krona", target_modules=["lm_head"])
     path = tmp_path / "lm_head.safetensors"
     kronops.save_adapters(model, path)

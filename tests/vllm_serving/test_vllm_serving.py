@@ -1,7 +1,10 @@
 """kronops adapters served in vLLM (kronops.serving.vllm): one engine, one mixed batch of
-plain, KronA, LoKr and S²FT (adapter and in-place files) requests with every LoRA slot
-taken. Plain rows are bit-identical to a run with no adapters; adapter rows equal
-transformers with the same file loaded by kronops.load_adapters.
+plain, KronA, LoKr, S²FT (adapter and in-place files) and PEFT LoRA requests with every
+LoRA slot taken. Plain rows are bit-identical to a run with no adapters (the LoRA is
+activated last and takes the last slot, which vLLM's PyTorch LoRA ops read for tokens
+without an adapter unless the kronops layers' extra zero slot is there); kronops
+rows equal transformers with the same file loaded by kronops.load_adapters, the LoRA row
+transformers with the LoRA term added.
 
 Runs where vllm is importable (.ci/vllm builds that environment); skipped elsewhere.
 """
@@ -18,14 +21,14 @@ vllm = pytest.importorskip(
 
 import kronops  # noqa: E402
 from kronops.serving.vllm import plugin  # noqa: E402
-from vllm_assets import ADAPTERS, assets  # noqa: E402,F401  (assets: a fixture)
+from vllm_assets import ADAPTERS, LORA, assets  # noqa: E402,F401  (assets: a fixture)
 
 PROMPTS = ["the quick brown fox", "hello world kron adapter", "the lazy dog 12",
            "serving test the quick", "over the lazy dog 7", "the quick brown dog 3",
-           "hello world", "jumps over the lazy fox 19"]
+           "hello world", "jumps over the lazy fox 19", "the brown dog jumps 5"]
 # one request per prompt: None is the plain model; every adapter appears, so with
-# max_loras = len(ADAPTERS) every slot is taken while plain rows run beside them
-KINDS = [None, "krona", "s2ft", None, "lokr", "s2ft_inplace", "krona", None]
+# max_loras = len(ADAPTERS) + 1 every slot is taken while plain rows run beside them
+KINDS = [None, "krona", "s2ft", None, "lokr", "s2ft_inplace", "lora", "krona", None]
 MAX_TOKENS = 6
 
 # The tolerance, from the arithmetic: vLLM and transformers compute the same fp32 function
@@ -46,7 +49,7 @@ def llm(assets):
     saved = {k: os.environ.get(k) for k in ("VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE")}
     os.environ.update(VLLM_PLUGINS="kronops", VLLM_CPU_KVCACHE_SPACE="1")
     engine = vllm.LLM(model=str(assets[0]), dtype="float32", enforce_eager=True,
-                      max_model_len=128, enable_lora=True, max_loras=len(ADAPTERS),
+                      max_model_len=128, enable_lora=True, max_loras=len(ADAPTERS) + 1,
                       max_lora_rank=8, seed=0)
     yield engine
     del engine
@@ -58,9 +61,9 @@ def llm(assets):
             os.environ[k] = v
 
 
-def generate(llm, requests):
+def generate(llm, requests, prompts=PROMPTS):
     params = vllm.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0)
-    return llm.generate(PROMPTS, params, lora_request=requests, use_tqdm=False)
+    return llm.generate(prompts, params, lora_request=requests, use_tqdm=False)
 
 
 def logprobs(output) -> list[float]:
@@ -69,13 +72,18 @@ def logprobs(output) -> list[float]:
     return [step[token].logprob for step, token in zip(out.logprobs, out.token_ids)]
 
 
-def reference(folder, path, prompt_ids, generated) -> list[float]:
+def reference(folder, path, lora, prompt_ids, generated) -> list[float]:
     """transformers' fp32 logprobs of ``generated`` after ``prompt_ids`` with the adapter
-    file at ``path`` loaded by kronops (None: the plain model)."""
+    file at ``path`` loaded by kronops (None: the plain model), or with ``lora``
+    ({module: (A, B)}) added by hooks."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if path is not None:
         model = kronops.load_adapters(model, path).eval()
+    scale = LORA["lora_alpha"] / LORA["r"]
+    for name, (a, b) in (lora or {}).items():
+        model.get_submodule(name).register_forward_hook(
+            lambda module, args, y, a=a, b=b: y + scale * (args[0] @ a.T) @ b.T)
     ids = torch.tensor([list(prompt_ids) + list(generated)])
     with torch.no_grad():
         lp = torch.log_softmax(model(ids).logits[0].float(), -1)
@@ -86,12 +94,15 @@ def reference(folder, path, prompt_ids, generated) -> list[float]:
 @pytest.fixture(scope="module")
 def runs(llm, assets):
     """(plain run with no adapters, the mixed run)"""
-    _, files = assets
-    ids = {name: i + 1 for i, name in enumerate(ADAPTERS)}
-    requests = [None if k is None else vllm.lora.request.LoRARequest(k, ids[k], files[k])
-                for k in KINDS]
+    _, files, (lora, _) = assets
+    paths = dict(files, lora=lora)
+    ids = {name: i + 1 for i, name in enumerate(paths)}  # the LoRA's is the highest
+    request = {k: vllm.lora.request.LoRARequest(k, ids[k], paths[k]) for k in paths}
     plain = generate(llm, None)
-    mixed = generate(llm, requests)
+    # the kronops adapters take slots 0 to 3 first, so the LoRA gets the last slot: the one
+    # vLLM's LoRA ops read for tokens without an adapter (index -1) but for the extra slot
+    generate(llm, [request[k] for k in ADAPTERS], PROMPTS[:len(ADAPTERS)])
+    mixed = generate(llm, [None if k is None else request[k] for k in KINDS])
     return plain, mixed
 
 
@@ -104,12 +115,12 @@ def test_plain_rows_are_bit_identical_to_a_run_without_adapters(runs):
 
 
 def test_adapter_rows_equal_transformers_with_the_file_loaded(runs, assets):
-    folder, files = assets
+    folder, files, (_, lora) = assets
     plain, mixed = runs
     worst = {}
     for i, kind in enumerate(KINDS):
         out = mixed[i]
-        expected = reference(folder, None if kind is None else files[kind],
+        expected = reference(folder, files.get(kind), lora if kind == "lora" else None,
                              out.prompt_token_ids, out.outputs[0].token_ids)
         got = logprobs(out)
         error = max(abs(a - b) for a, b in zip(got, expected))

@@ -1,6 +1,6 @@
 """What the vLLM tests serve, built locally (nothing downloaded): a tiny LLaMA saved with a
-byte-level BPE tokenizer trained on a few sentences, and kronops adapter files for it, each
-with random "trained" values."""
+byte-level BPE tokenizer trained on a few sentences, kronops adapter files for it, each
+with random "trained" values, and a PEFT LoRA adapter folder (vLLM's own kind)."""
 import copy
 
 import pytest
@@ -65,10 +65,36 @@ def trained(base, name: str, seed: int):
     return model
 
 
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+def peft_lora(base, folder, seed: int) -> dict:
+    """Write a PEFT LoRA adapter (``LORA``, random A and B) for ``base`` into ``folder``;
+    {module name: (A, B)}."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(seed)
+    factors, tensors = {}, {}
+    for name, module in base.named_modules():
+        if name.rpartition(".")[2] in LORA["target_modules"]:
+            a = 0.1 * torch.randn(LORA["r"], module.in_features, generator=g)
+            b = 0.1 * torch.randn(module.out_features, LORA["r"], generator=g)
+            factors[name] = (a, b)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    os.makedirs(folder)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(dict(LORA, peft_type="LORA", bias="none"), f)
+    return factors
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """(model folder, {adapter name: file}): the tiny LLaMA and an adapter file of each of
-    ``ADAPTERS`` for it."""
+    """(model folder, {adapter name: file}, (PEFT LoRA folder, its factors)): the tiny LLaMA,
+    an adapter file of each of ``ADAPTERS`` for it and a LoRA adapter."""
     from transformers import AutoModelForCausalLM
     folder = tmp_path_factory.mktemp("vllm") / "tiny-llama"
     tiny_llama(folder)
@@ -77,4 +103,5 @@ def assets(tmp_path_factory):
     for seed, name in enumerate(ADAPTERS):
         files[name] = str(folder.parent / f"{name}.safetensors")
         kronops.save_adapters(trained(base, name, seed + 1), files[name])
-    return folder, files
+    lora = str(folder.parent / "lora")
+    return folder, files, (lora, peft_lora(base, lora, len(ADAPTERS) + 1))
