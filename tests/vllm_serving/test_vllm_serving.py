@@ -130,3 +130,27 @@ def test_adapter_rows_equal_transformers_with_the_file_loaded(runs, assets):
                 abs(a - b) for a, b in zip(got, logprobs(plain[i]))) > 1e-3
             assert changed, f"row {i} ({kind}) is the plain model's"
     print("max |Δlogprob| vs transformers:", {k: f"{v:.3g}" for k, v in worst.items()})
+
+
+def test_a_slot_taken_over_by_another_adapter_serves_only_the_new_one(llm, runs, assets,
+                                                                       tmp_path):
+    """With every slot taken, a new adapter evicts the least recently used one and gets its
+    slot: the slot's old factors or Δ must be gone (each layer's slot is cleared first)."""
+    from transformers import AutoModelForCausalLM
+    from vllm_assets import trained
+    folder, files, _ = assets
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    path = str(tmp_path / "krona_new.safetensors")
+    kronops.save_adapters(trained(base, "lokr", 99), path)
+    request = vllm.lora.request.LoRARequest("krona_new", 99, path)
+    kinds = [path, None, files["s2ft"], path]
+    s2ft_id = list(ADAPTERS).index("s2ft") + 1  # its id in ``runs``
+    out = generate(llm, [None if k is None else
+                         request if k == path else
+                         vllm.lora.request.LoRARequest("s2ft", s2ft_id, k) for k in kinds],
+                   PROMPTS[:len(kinds)])
+    for i, kind in enumerate(kinds):
+        expected = reference(folder, kind, None, out[i].prompt_token_ids,
+                             out[i].outputs[0].token_ids)
+        error = max(abs(a - b) for a, b in zip(logprobs(out[i]), expected))
+        assert error <= TOLERANCE, f"row {i}: max |Δlogprob| {error:.3g}"
