@@ -52,3 +52,12 @@ def test_a_layer_without_a_route_says_the_plugin_did_not_run():
 def test_the_patched_vllm_internals_exist():
     assert vllm.__version__ == plugin.TESTED_VLLM
     plugin.check_internals()
+
+
+def test_a_vllm_without_the_patched_names_warns_and_is_left_alone(monkeypatch):
+    monkeypatch.setattr(plugin, "PATCHED", plugin.PATCHED + ("vllm.lora.utils.no_such_name",))
+    with pytest.raises(RuntimeError, match=r"lacks \['vllm.lora.utils.no_such_name'\]"):
+        plugin.check_internals()
+    monkeypatch.setattr(plugin, "_registered", False)
+    with pytest.warns(UserWarning, match="no_such_name.*kronops adapters are not served"):
+        plugin.register()

@@ -52,12 +52,15 @@ def check_internals() -> None:
             missing.append(dotted)
     if missing:
         raise RuntimeError(f"kronops' vLLM plugin was written for vllm {TESTED_VLLM} and this "
-                           f"vLLM lacks {missing}: install vllm {TESTED_VLLM} or disable the "
-                           "plugin (VLLM_PLUGINS set without 'kronops')")
+                           f"vLLM lacks {missing}: install vllm {TESTED_VLLM} to serve kronops "
+                           "adapter files")
 
 
 def register() -> None:
-    """Install the patches (see the module docstring); a no-op after the first call."""
+    """Install the patches (see the module docstring); a no-op after the first call. A vLLM
+    lacking a patched name gets a warning naming it and no patches (vLLM runs, kronops
+    adapter files are not served): kronops installs this entry point wherever it is
+    installed, so it must not stop another vLLM from starting."""
     global _registered
     if _registered:
         return
@@ -65,7 +68,12 @@ def register() -> None:
     if vllm.__version__ != TESTED_VLLM:
         warnings.warn(f"kronops' vLLM plugin is tested with vllm {TESTED_VLLM}, not "
                       f"{vllm.__version__}; it patches private vLLM names", stacklevel=2)
-    check_internals()
+    try:
+        check_internals()
+    except RuntimeError as e:  # vLLM itself keeps working, without kronops adapters
+        warnings.warn(f"{e}; kronops adapters are not served", stacklevel=2)
+        _registered = True
+        return
     import vllm.lora.utils as lora_utils
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.lora.lora_model import LoRAModel
