@@ -1,0 +1,133 @@
+"""A file written by ``kronops.save_adapters`` for a Hugging Face model, loaded for vLLM's
+LoRA manager: per vLLM module and output slice the adapter's ``KronUpdate``/``SparseUpdate``.
+
+A ``LoRARequest`` whose ``lora_path`` is a file (PEFT adapters are directories, which go to
+vLLM's own loader) is read with kronops' reader and checked by ``check_load`` against the
+Hugging Face model of the served config, built on the meta device with each linear
+layer vLLM wraps (q, k, v of qkv_proj; gate, up of gate_up_proj; ...) given its weight
+from the served checkpoint (``checkpoint``). So the file's checks are the ones
+``load_adapters`` makes, including the base model's fingerprint (strict: a file saved from
+another base model is refused), and in-place S²FT files give Δ against the served weights.
+
+Refused, with the reason: tensor parallelism (tp > 1), files that also train whole
+modules, KronA^B (sub-layer) adapters, adapters on modules vLLM does not wrap in a LoRA
+layer (e.g. lm_head), and quantized layers.
+"""
+import os
+
+import torch
+from torch import nn
+
+from ...adapters.errors import AdapterFileError, naming
+from ...adapters.files import check_load
+from ...adapters.methods.updates import KronUpdate, SparseUpdate
+from . import checkpoint
+
+SKELETON = "_kronops_skeleton"  # the LoRA manager's attribute caching (model, table)
+
+
+def is_kronops_path(path) -> bool:
+    """A LoRA path kronops loads: a file (a LoRA adapter is a directory)."""
+    return isinstance(path, str) and os.path.isfile(os.path.expanduser(path))
+
+
+def slices(manager) -> dict[str, tuple[str, int]]:
+    """{vLLM name of a projection: (the LoRA-wrapped module computing it, its output slice)},
+    e.g. ...self_attn.k_proj -> (...self_attn.qkv_proj, 1)."""
+    table = {}
+    for name in manager.modules:
+        for i, sub in enumerate(manager.packed_modules.get(name, [name])):
+            table[sub] = (name, i)
+    return table
+
+
+def _out_features(layer, index: int) -> int | None:
+    """The rows of output slice ``index`` of a wrapped vLLM layer, when it says."""
+    sizes = getattr(layer, "output_slices", None)
+    return sizes[index] if sizes is not None and index < len(sizes) else None
+
+
+def skeleton(manager, model_config) -> tuple[nn.Module, dict[str, tuple[str, int]]]:
+    """(the Hugging Face model of the served config on the meta device, each linear layer
+    vLLM wraps given its weight from the served checkpoint (``checkpoint``: views of the
+    files, no copy); {its name: (vLLM module, slice)}), built once per LoRA manager."""
+    cached = getattr(manager, SKELETON, None)
+    if cached is not None:
+        return cached
+    from transformers import AutoModelForCausalLM
+    config = getattr(manager.model, "config", None)
+    if config is None or model_config is None:
+        raise AdapterFileError(f"vLLM's {type(manager.model).__name__} has no Hugging Face "
+                               "config or model path to check kronops adapter files against")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    stored = checkpoint.weights(checkpoint.folder(model_config.model,
+                                                  getattr(model_config, "revision", None)))
+    mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+    table, found = slices(manager), {}
+    for hf_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        renamed = mapper.get_rename_mapper().apply_list([hf_name]) if mapper else [hf_name]
+        if len(renamed) != 1 or renamed[0] not in table:
+            continue
+        wrapped, index = table[renamed[0]]
+        w = stored.get(hf_name + ".weight")
+        if w is None:
+            raise AdapterFileError(f"the served checkpoint has no {hf_name}.weight to check "
+                                   "kronops adapter files against")
+        rows = _out_features(manager.modules[wrapped], index)
+        if tuple(w.shape) != tuple(module.weight.shape) or rows not in (None, w.shape[0]):
+            raise AdapterFileError(f"{hf_name} is {tuple(module.weight.shape)} in the Hugging "
+                                   f"Face model and {tuple(w.shape)} in the checkpoint; slice "
+                                   f"{index} of vLLM's {wrapped} has {rows} rows")
+        module.weight = nn.Parameter(w, requires_grad=False)
+        found[hf_name] = (wrapped, index)
+    setattr(manager, SKELETON, (model, found))
+    return model, found
+
+
+def _served(update, layer, name: str):
+    """``update`` in the dtype and on the device of the wrapped vLLM ``layer`` (``name``)."""
+    w = getattr(layer.base_layer, "weight", None)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise AdapterFileError(f"vLLM's {name} has no floating-point weight (quantized?): "
+                               "kronops adapters are served on unquantized layers only")
+    if isinstance(update, KronUpdate):
+        return KronUpdate(a=update.a.to(w.device, w.dtype), b=update.b.to(w.device, w.dtype))
+    return SparseUpdate(update.selection.to(w.device), update.delta.to(w.device, w.dtype))
+
+
+def load(manager, model_config, path) -> dict[str, dict[int, KronUpdate | SparseUpdate]]:
+    """{vLLM module: {output slice: update}} of the kronops adapter file at ``path``, read
+    and checked against the model ``manager`` (vLLM's LoRA model manager) serves;
+    AdapterFileError naming the file and what does not fit."""
+    from vllm.distributed import get_tensor_model_parallel_world_size
+    path = os.path.expanduser(path)
+    with naming(path):
+        tp = get_tensor_model_parallel_world_size()
+        if tp != 1:
+            raise AdapterFileError(f"tensor parallelism ({tp} ranks) is not supported for "
+                                   "kronops adapters yet: serve them with "
+                                   "tensor_parallel_size=1")
+        model, found = skeleton(manager, model_config)
+    checked = check_load(model, path, strict=True)
+    with naming(path):
+        if checked.train_modules:
+            raise AdapterFileError(f"also trains whole modules {checked.train_modules}, which "
+                                   "vLLM cannot hold per request", whole_file=True)
+        missing = [m for m in checked.spec.modules if m not in found]
+        if missing:
+            raise AdapterFileError(f"adapts {missing[:3]}, which vLLM does not serve in a LoRA "
+                                   f"layer (served: {sorted(found)[:3]}...)", whole_file=True)
+        updates = checked.spec.serve(model, checked.tensors)
+        served = {}
+        for name, update in updates.items():
+            if isinstance(update, KronUpdate) and (update.source is not None
+                                                   or update.residual is not None):
+                raise AdapterFileError(f"{name} has a KronA^B (sub-layer) adapter, which is not "
+                                       "served in vLLM: only KronA/LoKr and S²FT are")
+            wrapped, index = found[name]
+            served.setdefault(wrapped, {})[index] = _served(update, manager.modules[wrapped],
+                                                            wrapped)
+    return served

@@ -1,0 +1,107 @@
+"""What the vLLM tests serve, built locally (nothing downloaded): a tiny LLaMA saved with a
+byte-level BPE tokenizer trained on a few sentences, kronops adapter files for it, each
+with random "trained" values, and a PEFT LoRA adapter folder (vLLM's own kind)."""
+import copy
+
+import pytest
+import torch
+
+import kronops
+from kronops.adapters import adapter_modules, select
+from kronops.s2ft import S2FTInPlaceLinear
+
+# name -> (method, apply_adapters options): KronA, LoKr (low-rank factor), S²FT in both file
+# modes; S²FT adapts heads (q/k/v rows, o_proj columns) and channels (gate/up rows, down_proj
+# columns), so both of its sides are served.
+ADAPTERS = {
+    "krona": ("krona", dict()),
+    "lokr": ("krona", dict(rank=2, alpha=3.0)),
+    "s2ft": ("s2ft", dict(mode="adapter")),
+    "s2ft_inplace": ("s2ft", dict(mode="inplace")),
+}
+TEXT = ["the quick brown fox jumps over the lazy dog %d" % i for i in range(400)] + \
+    ["hello world kron adapter serving test"] * 20
+
+
+def tiny_llama(folder) -> None:
+    """Save a 2-block LLaMA (hidden 128, 4 query heads on 2 K/V heads, FFN 256, vocab 512,
+    fp32) and its tokenizer into ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(TEXT, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def trained(base, name: str, seed: int):
+    """A copy of ``base`` with adapter ``name`` applied and given random trained values."""
+    method, options = ADAPTERS[name]
+    model = copy.deepcopy(base)
+    if method == "s2ft":
+        options = dict(options, plan=select(model, heads=0.5, channels=0.25, seed=seed))
+    kronops.apply_adapters(model, method, **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapter_modules(model).values():
+            if isinstance(layer, S2FTInPlaceLinear):
+                w, dim = layer.base_weight, 1 if layer.mode == "cols" else 0
+                part = w.index_select(dim, layer.indices())
+                w.index_add_(dim, layer.indices(), 0.05 * torch.randn(part.shape, generator=g))
+            else:
+                for p in layer.parameters():
+                    if p.requires_grad:
+                        p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+def peft_lora(base, folder, seed: int) -> dict:
+    """Write a PEFT LoRA adapter (``LORA``, random A and B) for ``base`` into ``folder``;
+    {module name: (A, B)}."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(seed)
+    factors, tensors = {}, {}
+    for name, module in base.named_modules():
+        if name.rpartition(".")[2] in LORA["target_modules"]:
+            a = 0.1 * torch.randn(LORA["r"], module.in_features, generator=g)
+            b = 0.1 * torch.randn(module.out_features, LORA["r"], generator=g)
+            factors[name] = (a, b)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    os.makedirs(folder)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(dict(LORA, peft_type="LORA", bias="none"), f)
+    return factors
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """(model folder, {adapter name: file}, (PEFT LoRA folder, its factors)): the tiny LLaMA,
+    an adapter file of each of ``ADAPTERS`` for it and a LoRA adapter."""
+    from transformers import AutoModelForCausalLM
+    folder = tmp_path_factory.mktemp("vllm") / "tiny-llama"
+    tiny_llama(folder)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    files = {}
+    for seed, name in enumerate(ADAPTERS):
+        files[name] = str(folder.parent / f"{name}.safetensors")
+        kronops.save_adapters(trained(base, name, seed + 1), files[name])
+    lora = str(folder.parent / "lora")
+    return folder, files, (lora, peft_lora(base, lora, len(ADAPTERS) + 1))
