@@ -2,7 +2,7 @@
 
 ``tiny_llama`` (a LLaMA with grouped-query attention), ``llama_12_heads``, ``tiny_bert``,
 with ``llama_batch``, ``bert_batch`` and ``ids``; ``randomize_b`` gives KronA adapters a
-nonzero B. ``FAMILIES`` holds a tiny model of every family kronops supports, built from
+nonzero B; ``randomly_trained`` applies an adapter with random values. ``FAMILIES`` holds a tiny model of every family kronops supports, built from
 transformers' own classes: ``build`` makes one, ``family_batch`` and ``family_logits`` feed it.
 
 Each ``FAMILIES`` entry: (config class name, model class name, config kwargs, seq2seq). Sizes
@@ -12,10 +12,15 @@ gate/up projection (Phi-3), Conv1D weights (GPT-2), gated T5 FFNs (mT5), cross-a
 (T5, mT5, BART), multi-query attention (Falcon) and per-head position state (T5's relative
 bias, BLOOM's ALiBi).
 """
+import copy
+
 import torch
 import transformers
 
+import kronops
 from kronops import KronALinear
+from kronops.adapters import adapter_modules, select
+from kronops.s2ft import S2FTInPlaceLinear
 
 
 def tiny_llama(dtype=torch.float32, layers=2, bias=False):
@@ -131,3 +136,26 @@ def family_batch(family: str, seed: int = 0) -> dict:
 
 def family_logits(model, family: str, seed: int = 0) -> torch.Tensor:
     return model(**family_batch(family, seed)).logits
+
+
+def randomly_trained(base, method: str, options: dict, seed: int, scale: float):
+    """A copy of ``base`` with ``apply_adapters(method, **options)`` and random "trained"
+    values of size ``scale`` (S²FT: a plan drawn with ``seed``; in-place S²FT: the selected
+    weights moved by that much; every other adapter parameter set to it)."""
+    model = copy.deepcopy(base)
+    if method == "s2ft":
+        options = dict(options, plan=select(model, heads=0.5, channels=0.25, seed=seed))
+    kronops.apply_adapters(model, method, **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapter_modules(model).values():
+            if isinstance(layer, S2FTInPlaceLinear):
+                w, dim = layer.base_weight, 1 if layer.mode == "cols" else 0
+                part = w.index_select(dim, layer.indices())
+                w.index_add_(dim, layer.indices(), scale * torch.randn(part.shape, generator=g,
+                                                                       dtype=w.dtype))
+            else:
+                for p in layer.parameters():
+                    if p.requires_grad:
+                        p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model

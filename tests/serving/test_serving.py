@@ -5,11 +5,10 @@ import copy
 import pytest
 import torch
 from conftest import assert_close
-from models import VOCAB, build
+from models import VOCAB, build, randomly_trained
 
 import kronops
-from kronops.adapters import AdapterFileError, adapter_modules, select
-from kronops.s2ft import S2FTInPlaceLinear
+from kronops.adapters import AdapterFileError, adapter_modules
 from kronops.serving import AdapterBank
 
 # name -> (method, apply_adapters options): two KronA and two S²FT adapters.
@@ -29,23 +28,7 @@ BLOCK_ADAPTERS = {
 def trained(base, name: str, seed: int):
     """A copy of ``base`` with adapter ``name`` applied and given random trained values."""
     method, options = {**ADAPTERS, **BLOCK_ADAPTERS}[name]
-    model = copy.deepcopy(base)
-    if method == "s2ft":
-        options = dict(options, plan=select(model, heads=0.5, channels=0.25, seed=seed))
-    kronops.apply_adapters(model, method, **options)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapter_modules(model).values():
-            if isinstance(layer, S2FTInPlaceLinear):
-                w, dim = layer.base_weight, 1 if layer.mode == "cols" else 0
-                part = w.index_select(dim, layer.indices())
-                w.index_add_(dim, layer.indices(), 0.1 * torch.randn(part.shape, generator=g,
-                                                                     dtype=w.dtype))
-            else:
-                for p in layer.parameters():
-                    if p.requires_grad:
-                        p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
+    return randomly_trained(base, method, options, seed, scale=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,11 @@
 """What the vLLM tests serve, built locally (nothing downloaded): a tiny LLaMA saved with a
 byte-level BPE tokenizer trained on a few sentences, kronops adapter files for it, each
 with random "trained" values, and a PEFT LoRA adapter folder (vLLM's own kind)."""
-import copy
-
 import pytest
 import torch
+from models import randomly_trained
 
 import kronops
-from kronops.adapters import adapter_modules, select
-from kronops.s2ft import S2FTInPlaceLinear
 
 # name -> (method, apply_adapters options): KronA, LoKr (low-rank factor), S²FT in both file
 # modes; S²FT adapts heads (q/k/v rows, o_proj columns) and channels (gate/up rows, down_proj
@@ -47,22 +44,7 @@ def tiny_llama(folder) -> None:
 def trained(base, name: str, seed: int):
     """A copy of ``base`` with adapter ``name`` applied and given random trained values."""
     method, options = ADAPTERS[name]
-    model = copy.deepcopy(base)
-    if method == "s2ft":
-        options = dict(options, plan=select(model, heads=0.5, channels=0.25, seed=seed))
-    kronops.apply_adapters(model, method, **options)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapter_modules(model).values():
-            if isinstance(layer, S2FTInPlaceLinear):
-                w, dim = layer.base_weight, 1 if layer.mode == "cols" else 0
-                part = w.index_select(dim, layer.indices())
-                w.index_add_(dim, layer.indices(), 0.05 * torch.randn(part.shape, generator=g))
-            else:
-                for p in layer.parameters():
-                    if p.requires_grad:
-                        p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
+    return randomly_trained(base, method, options, seed, scale=0.05)
 
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
