@@ -16,7 +16,7 @@ import kronops  # noqa: E402
 from kronops.adapters import AdapterFileError  # noqa: E402
 from kronops.adapters.methods.updates import KronUpdate, SparseUpdate  # noqa: E402
 from kronops.serving.vllm import loader  # noqa: E402
-from vllm_assets import assets, trained  # noqa: E402,F401  (assets: a fixture)
+from vllm_assets import assets, more_assets, trained  # noqa: E402,F401  (fixtures)
 
 
 def manager_for(folder):
@@ -125,6 +125,31 @@ def test_adapters_on_modules_vllm_does_not_wrap_are_refused(assets, tp, tmp_path
         load(folder, str(path))
 
 
-def test_a_lora_directory_is_left_to_vllm(tmp_path, assets):
-    assert not loader.is_kronops_path(str(tmp_path))
-    assert loader.is_kronops_path(assets[1]["krona"])
+def test_a_peft_lokr_checkpoint_and_a_folder_with_one_file_are_ours(assets, more_assets, tp):
+    folder, files, (lora, _) = assets
+    lokr, deltas = more_assets["peft_lokr"]
+    for path in (files["krona"], more_assets["krona_dir"], lokr):
+        assert loader.is_kronops_path(path), path
+    assert not loader.is_kronops_path(lora)  # vLLM's own
+    assert not loader.is_kronops_path(str(folder.parent / "no_such_adapter"))
+    served = load(folder, lokr)
+    for name, (wrapped, index) in [("model.layers.0.self_attn.k_proj", ("model.layers.0.self_attn"
+                                    ".qkv_proj", 1)), ("model.layers.1.mlp.up_proj",
+                                                       ("model.layers.1.mlp.gate_up_proj", 1)),
+                                   ("model.layers.1.mlp.down_proj",
+                                    ("model.layers.1.mlp.down_proj", 0))]:
+        update = served[wrapped][index]
+        torch.testing.assert_close(torch.kron(update.a, update.b), deltas[name], rtol=1e-6,
+                                   atol=1e-7)
+    same = load(folder, more_assets["krona_dir"])
+    k = load(folder, files["krona"])["model.layers.0.self_attn.qkv_proj"][1]
+    assert torch.equal(same["model.layers.0.self_attn.qkv_proj"][1].b, k.b)
+
+
+def test_a_folder_of_several_files_is_refused(assets, tp, tmp_path):
+    folder, files, _ = assets
+    import shutil
+    for name in ("a", "b"):
+        shutil.copy(files["krona"], tmp_path / f"{name}.safetensors")
+    with pytest.raises(AdapterFileError, match=r"holds 2 .safetensors files.*holds one"):
+        load(folder, str(tmp_path))

@@ -1,13 +1,16 @@
-"""A file written by ``kronops.save_adapters`` for a Hugging Face model, loaded for vLLM's
-LoRA manager: per vLLM module and output slice the adapter's ``KronUpdate``/``SparseUpdate``.
+"""kronops adapters loaded for vLLM's LoRA manager: per vLLM module and output slice the
+adapter's ``KronUpdate``/``SparseUpdate``.
 
-A ``LoRARequest`` whose ``lora_path`` is a file (PEFT adapters are directories, which go to
-vLLM's own loader) is read with kronops' reader and checked by ``check_load`` against the
-Hugging Face model of the served config, built on the meta device with each linear
-layer vLLM wraps (q, k, v of qkv_proj; gate, up of gate_up_proj; ...) given its weight
-from the served checkpoint (``checkpoint``). So the file's checks are the ones
-``load_adapters`` makes, including the base model's fingerprint (strict: a file saved from
-another base model is refused), and in-place S²FT files give Δ against the served weights.
+A ``LoRARequest``'s ``lora_path`` is ours (``is_kronops_path``) when it is a file written by
+``kronops.save_adapters``, a directory holding one such file and no adapter_config.json, or
+a PEFT LoKr checkpoint directory (``peft_type`` "LOKR", read exactly by
+``read_peft_lokr``); any other directory (PEFT LoRA) goes to vLLM's own loader. It is read
+and checked by ``check_read`` against the Hugging Face model of the served config, built on
+the meta device with each linear layer vLLM wraps (q, k, v of qkv_proj; gate, up of
+gate_up_proj; ...) given its weight from the served checkpoint (``checkpoint``). So the
+file's checks are the ones ``load_adapters`` makes, including the base model's fingerprint
+(strict: a file saved from another base model is refused), and in-place S²FT files give Δ
+against the served weights.
 
 Refused, with the reason: tensor parallelism (tp > 1), files that also train whole
 modules, KronA^B (sub-layer) adapters, adapters on modules vLLM does not wrap in a LoRA
@@ -19,16 +22,39 @@ import torch
 from torch import nn
 
 from ...adapters.errors import AdapterFileError, naming
-from ...adapters.files import check_load
+from ...adapters.fileformat import read_adapters
+from ...adapters.files import check_read
 from ...adapters.methods.updates import KronUpdate, SparseUpdate
+from ...adapters.peft_checkpoint import peft_type, read_peft_lokr
 from . import checkpoint
 
 SKELETON = "_kronops_skeleton"  # the LoRA manager's attribute caching (model, table)
 
 
 def is_kronops_path(path) -> bool:
-    """A LoRA path kronops loads: a file (a LoRA adapter is a directory)."""
-    return isinstance(path, str) and os.path.isfile(os.path.expanduser(path))
+    """A LoRA path kronops loads: a file, a directory without adapter_config.json, or a
+    PEFT LoKr checkpoint directory (a PEFT LoRA directory is vLLM's)."""
+    if not isinstance(path, str):
+        return False
+    path = os.path.expanduser(path)
+    if os.path.isfile(path):
+        return True
+    return os.path.isdir(path) and peft_type(path) in (None, "LOKR")
+
+
+def read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, config) of the adapters at ``path`` (``is_kronops_path``), as
+    ``read_adapters`` gives them for a kronops file."""
+    if not os.path.isdir(path):
+        return read_adapters(path)
+    if peft_type(path) == "LOKR":
+        return read_peft_lokr(path)
+    found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if len(found) != 1:
+        raise AdapterFileError(f"holds {len(found)} .safetensors files {found[:3]}: a kronops "
+                               "adapter directory holds one adapter file (or a PEFT LoKr "
+                               "checkpoint)", whole_file=True).about(path)
+    return read_adapters(os.path.join(path, found[0]))
 
 
 def slices(manager) -> dict[str, tuple[str, int]]:
@@ -111,7 +137,8 @@ def load(manager, model_config, path) -> dict[str, dict[int, KronUpdate | Sparse
                                    "kronops adapters yet: serve them with "
                                    "tensor_parallel_size=1")
         model, found = skeleton(manager, model_config)
-    checked = check_load(model, path, strict=True)
+    tensors, config = read(path)
+    checked = check_read(model, path, tensors, config, strict=True)
     with naming(path):
         if checked.train_modules:
             raise AdapterFileError(f"also trains whole modules {checked.train_modules}, which "
