@@ -23,8 +23,8 @@ vllm = pytest.importorskip(
                    "(.ci/vllm, .venv-vllm)")
 
 import kronops  # noqa: E402
-from vllm_assets import (ADAPTERS, LORA, assets, more_assets,  # noqa: E402,F401  (fixtures)
-                         trained)
+from vllm_assets import (ADAPTERS, LORA, assets, hf_model,  # noqa: E402,F401  (fixtures)
+                         more_assets, trained)
 
 PROMPTS = ["the quick brown fox", "hello world kron adapter", "the lazy dog 12",
            "serving test the quick", "over the lazy dog 7", "the quick brown dog 3",
@@ -84,13 +84,7 @@ def reference(folder, path, deltas, prompt_ids, generated) -> list[float]:
     """transformers' fp32 logprobs of ``generated`` after ``prompt_ids`` with the kronops
     adapter file at ``path`` loaded by kronops (None: the plain model), or with ``deltas``
     ({module: ΔW}) added by hooks."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    if path is not None:
-        model = kronops.load_adapters(model, path).eval()
-    for name, dw in (deltas or {}).items():
-        model.get_submodule(name).register_forward_hook(
-            lambda module, args, y, dw=dw: y + args[0] @ dw.T)
+    model = hf_model(folder, path, deltas)
     ids = torch.tensor([list(prompt_ids) + list(generated)])
     with torch.no_grad():
         lp = torch.log_softmax(model(ids).logits[0].float(), -1)
@@ -157,15 +151,10 @@ def test_adapter_rows_equal_transformers_with_the_adapter(runs, served, assets):
     print("max |Δlogprob| vs transformers:", {k: f"{v:.3g}" for k, v in worst.items()})
 
 
-def hf_base(folder):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
 def new_adapters(folder, directory, kinds, first_id: int) -> list:
     """A fresh kronops file per entry of ``kinds`` (an ``ADAPTERS`` name), each with its own
     values; [(LoRARequest with ids from ``first_id``, file)]."""
-    base, made = hf_base(folder), []
+    base, made = hf_model(folder), []
     for i, kind in enumerate(kinds):
         path = str(directory / f"{kind}_{first_id + i}.safetensors")
         kronops.save_adapters(trained(base, kind, first_id + i), path)
@@ -220,7 +209,7 @@ def bad_adapters(folder, files, directory) -> dict:
     """{what is wrong: (adapter path, the reason the refusal names)}"""
     from transformers import LlamaConfig, LlamaForCausalLM
     bad = {}
-    other = hf_base(folder)
+    other = hf_model(folder)
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.01)
@@ -236,7 +225,7 @@ def bad_adapters(folder, files, directory) -> dict:
     bad["corrupt"] = (str(directory / "corrupt.safetensors"), "does not match its checksum")
     open(bad["corrupt"][0], "wb").write(bytes(data))
     bad["KronA^B"] = (str(directory / "block.safetensors"), "KronA\\^B")
-    kronops.save_adapters(kronops.apply_adapters(hf_base(folder), "krona_block"),
+    kronops.save_adapters(kronops.apply_adapters(hf_model(folder), "krona_block"),
                           bad["KronA^B"][0])
     bad["missing"] = (str(directory / "no_such_adapter"), "no_such_adapter")
     return bad

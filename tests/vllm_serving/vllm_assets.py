@@ -147,3 +147,17 @@ def more_assets(assets):
     krona_dir.mkdir()
     shutil.copy(files["krona"], krona_dir / "adapter.safetensors")
     return {"peft_lokr": (lokr, deltas), "krona_dir": str(krona_dir)}
+
+
+def hf_model(folder, path=None, deltas=None):
+    """The tiny LLaMA in transformers (fp32, eval) with the kronops adapter file at ``path``
+    loaded by kronops, or with ``deltas`` ({module: ΔW}) added by forward hooks; plain when
+    both are None."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if path is not None:
+        model = kronops.load_adapters(model, path).eval()
+    for name, dw in (deltas or {}).items():
+        model.get_submodule(name).register_forward_hook(
+            lambda module, args, y, dw=dw: y + args[0] @ dw.T)
+    return model
