@@ -12,9 +12,13 @@ file's checks are the ones ``load_adapters`` makes, including the base model's f
 (strict: a file saved from another base model is refused), and in-place S²FT files give Δ
 against the served weights.
 
-Refused, with the reason: tensor parallelism (tp > 1), files that also train whole
-modules, KronA^B (sub-layer) adapters, adapters on modules vLLM does not wrap in a LoRA
-layer (e.g. lm_head), and quantized layers.
+With tensor parallelism each update is cut to the rows and columns this rank's layer
+computes and takes (``layers.KronopsLinearMixin.kronops_part``, ``sharding``).
+
+Refused, with the reason: files that also train whole modules, KronA^B (sub-layer)
+adapters, adapters on modules vLLM does not wrap in a LoRA layer (e.g. lm_head), quantized
+layers, and Kronecker updates whose shard is no Kronecker product (a rank's rows or
+columns cutting through blocks of B).
 """
 import os
 
@@ -26,7 +30,7 @@ from ...adapters.fileformat import read_adapters
 from ...adapters.files import check_read
 from ...adapters.methods.updates import KronUpdate, SparseUpdate
 from ...adapters.peft_checkpoint import peft_type, read_peft_lokr
-from . import checkpoint
+from . import checkpoint, sharding
 
 SKELETON = "_kronops_skeleton"  # the LoRA manager's attribute caching (model, table)
 
@@ -102,7 +106,8 @@ def skeleton(manager, model_config) -> tuple[nn.Module, dict[str, tuple[str, int
         if w is None:
             raise AdapterFileError(f"the served checkpoint has no {hf_name}.weight to check "
                                    "kronops adapter files against")
-        rows = _out_features(manager.modules[wrapped], index)
+        layer = manager.modules[wrapped]
+        rows = _out_features(layer, index) if getattr(layer, "tp_size", 1) == 1 else None
         if tuple(w.shape) != tuple(module.weight.shape) or rows not in (None, w.shape[0]):
             raise AdapterFileError(f"{hf_name} is {tuple(module.weight.shape)} in the Hugging "
                                    f"Face model and {tuple(w.shape)} in the checkpoint; slice "
@@ -113,12 +118,22 @@ def skeleton(manager, model_config) -> tuple[nn.Module, dict[str, tuple[str, int
     return model, found
 
 
-def _served(update, layer, name: str):
-    """``update`` in the dtype and on the device of the wrapped vLLM ``layer`` (``name``)."""
+def _served(update, layer, name: str, index: int, shape: tuple[int, int]):
+    """``update`` of output slice ``index`` (a whole weight of ``shape``) of the wrapped vLLM
+    ``layer`` (``name``), cut to this rank's part (``sharding``; None: nothing of it there),
+    in the layer's dtype and on its device."""
     w = getattr(layer.base_layer, "weight", None)
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise AdapterFileError(f"vLLM's {name} has no floating-point weight (quantized?): "
                                "kronops adapters are served on unquantized layers only")
+    try:
+        update = sharding.shard(update, *layer.kronops_part(index, *shape))
+    except ValueError as e:
+        raise AdapterFileError(f"{name} (slice {index}, {shape[0]}x{shape[1]}) cannot be "
+                               f"served at tensor_parallel_size {layer.tp_size}: {e}; serve it "
+                               "with a smaller tensor_parallel_size") from None
+    if update is None:
+        return None
     if isinstance(update, KronUpdate):
         return KronUpdate(a=update.a.to(w.device, w.dtype), b=update.b.to(w.device, w.dtype))
     return SparseUpdate(update.selection.to(w.device), update.delta.to(w.device, w.dtype))
@@ -128,14 +143,8 @@ def load(manager, model_config, path) -> dict[str, dict[int, KronUpdate | Sparse
     """{vLLM module: {output slice: update}} of the kronops adapter file at ``path``, read
     and checked against the model ``manager`` (vLLM's LoRA model manager) serves;
     AdapterFileError naming the file and what does not fit."""
-    from vllm.distributed import get_tensor_model_parallel_world_size
     path = os.path.expanduser(path)
     with naming(path):
-        tp = get_tensor_model_parallel_world_size()
-        if tp != 1:
-            raise AdapterFileError(f"tensor parallelism ({tp} ranks) is not supported for "
-                                   "kronops adapters yet: serve them with "
-                                   "tensor_parallel_size=1")
         model, found = skeleton(manager, model_config)
     tensors, config = read(path)
     checked = check_read(model, path, tensors, config, strict=True)
@@ -155,6 +164,8 @@ def load(manager, model_config, path) -> dict[str, dict[int, KronUpdate | Sparse
                 raise AdapterFileError(f"{name} has a KronA^B (sub-layer) adapter, which is not "
                                        "served in vLLM: only KronA/LoKr and S²FT are")
             wrapped, index = found[name]
-            served.setdefault(wrapped, {})[index] = _served(update, manager.modules[wrapped],
-                                                            wrapped)
+            part = _served(update, manager.modules[wrapped], wrapped, index,
+                           tuple(model.get_submodule(name).weight.shape))
+            if part is not None:
+                served.setdefault(wrapped, {})[index] = part
     return served
