@@ -10,9 +10,6 @@ the reason while the engine keeps serving.
 
 Runs where vllm is importable (.ci/vllm builds that environment); skipped elsewhere.
 """
-import gc
-import math
-import os
 import re
 
 import pytest
@@ -23,96 +20,31 @@ vllm = pytest.importorskip(
                    "(.ci/vllm, .venv-vllm)")
 
 import kronops  # noqa: E402
-from vllm_assets import (ADAPTERS, LORA, assets, hf_model,  # noqa: E402,F401  (fixtures)
-                         more_assets, trained)
+from vllm_assets import (ADAPTERS, assets, hf_model, more_assets,  # noqa: E402,F401
+                         trained)
+from vllm_engine import (KRONOPS, TOLERANCE, engine, generate_greedy,  # noqa: E402,F401
+                         logprobs, max_error, served)
 
 PROMPTS = ["the quick brown fox", "hello world kron adapter", "the lazy dog 12",
            "serving test the quick", "over the lazy dog 7", "the quick brown dog 3",
            "hello world", "jumps over the lazy fox 19", "the brown dog jumps 5",
            "the lazy fox jumps 8", "hello kron world 4"]
-# every adapter kind but the LoRA, which takes the last slot
-KRONOPS = list(ADAPTERS) + ["krona_dir", "peft_lokr"]
 # one request per prompt: None is the plain model; every adapter appears, so with
 # max_loras = len(KRONOPS) + 1 every slot is taken while plain rows run beside them
 KINDS = [None, "krona", "s2ft", None, "lokr", "s2ft_inplace", "lora", "krona", None,
          "peft_lokr", "krona_dir"]
-MAX_TOKENS = 6
-
-# The tolerance, from the arithmetic: vLLM and transformers compute the same fp32 function
-# with other summation orders (GEMM blocking, attention kernels), and the adapter terms (a
-# Kronecker product applied as two small GEMMs, or a Δ on a few rows/columns) also round in
-# another order than transformers' adapter layers do. A dot product of length k rounds with
-# a typical error of about sqrt(k)·u of its terms' magnitude (u = 2^-24), k <= 256 here;
-# each of the 2 blocks adds such errors to the residual stream, and a log-softmax passes an
-# absolute logit error through at most doubled. So 4·sqrt(256)·u per block, 2 blocks:
-# 7.6e-6; observed ~5e-7.
-TOLERANCE = 4 * math.sqrt(256) * 2.0 ** -24 * 2
 
 
 @pytest.fixture(scope="module")
 def llm(assets):
-    """One engine for the module (a start costs ~25 s and ~2 GB): fp32, eager, LoRA on with
-    one slot per adapter; only the kronops plugin loads."""
-    saved = {k: os.environ.get(k)
-             for k in ("VLLM_PLUGINS", "VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE")}
-    os.environ.update(VLLM_PLUGINS="kronops", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
-    engine = vllm.LLM(model=str(assets[0]), dtype="float32", enforce_eager=True,
-                      max_model_len=128, enable_lora=True, max_loras=len(KRONOPS) + 1,
-                      max_lora_rank=8, seed=0)
-    yield engine
-    del engine
-    gc.collect()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    """One engine for the module (a start costs ~25 s and ~2 GB): LoRA on with one slot per
+    adapter."""
+    with engine(assets[0], max_loras=len(KRONOPS) + 1) as started:
+        yield started
 
 
 def generate(llm, requests, prompts=PROMPTS):
-    params = vllm.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0)
-    return llm.generate(prompts, params, lora_request=requests, use_tqdm=False)
-
-
-def logprobs(output) -> list[float]:
-    """The logprob of each generated token."""
-    out = output.outputs[0]
-    return [step[token].logprob for step, token in zip(out.logprobs, out.token_ids)]
-
-
-def reference(folder, path, deltas, prompt_ids, generated) -> list[float]:
-    """transformers' fp32 logprobs of ``generated`` after ``prompt_ids`` with the kronops
-    adapter file at ``path`` loaded by kronops (None: the plain model), or with ``deltas``
-    ({module: ΔW}) added by hooks."""
-    model = hf_model(folder, path, deltas)
-    ids = torch.tensor([list(prompt_ids) + list(generated)])
-    with torch.no_grad():
-        lp = torch.log_softmax(model(ids).logits[0].float(), -1)
-    n = len(prompt_ids)
-    return [float(lp[n + j - 1, t]) for j, t in enumerate(generated)]
-
-
-def max_error(output, folder, path=None, deltas=None) -> float:
-    """max |Δlogprob| of ``output``'s generated tokens against ``reference``."""
-    expected = reference(folder, path, deltas, output.prompt_token_ids,
-                         output.outputs[0].token_ids)
-    return max(abs(a - b) for a, b in zip(logprobs(output), expected))
-
-
-@pytest.fixture(scope="module")
-def served(assets, more_assets):
-    """{kind: (LoRARequest, kronops file for the reference or None, ΔW by module or None)}
-    for every kind of ``KINDS``; ids 1, 2, ... in ``KRONOPS`` order, the LoRA's the highest."""
-    _, files, (lora, factors) = assets
-    scale = LORA["lora_alpha"] / LORA["r"]
-    lokr, lokr_deltas = more_assets["peft_lokr"]
-    kinds = {k: (files[k], files[k], None) for k in ADAPTERS}
-    kinds.update(krona_dir=(more_assets["krona_dir"], files["krona"], None),
-                 peft_lokr=(lokr, None, lokr_deltas),
-                 lora=(lora, None, {n: scale * b @ a for n, (a, b) in factors.items()}))
-    order = KRONOPS + ["lora"]
-    return {k: (vllm.lora.request.LoRARequest(k, order.index(k) + 1, kinds[k][0]),
-                *kinds[k][1:]) for k in order}
+    return generate_greedy(llm, requests, prompts)
 
 
 @pytest.fixture(scope="module")
