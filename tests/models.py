@@ -2,7 +2,8 @@
 
 ``tiny_llama`` (a LLaMA with grouped-query attention), ``llama_12_heads``, ``tiny_bert``,
 with ``llama_batch``, ``bert_batch`` and ``ids``; ``randomize_b`` gives KronA adapters a
-nonzero B; ``randomly_trained`` applies an adapter with random values. ``FAMILIES`` holds a tiny model of every family kronops supports, built from
+nonzero B; ``randomly_trained`` applies an adapter with random values; ``materialised`` gives a
+serving update's ΔW. ``FAMILIES`` holds a tiny model of every family kronops supports, built from
 transformers' own classes: ``build`` makes one, ``family_batch`` and ``family_logits`` feed it.
 
 Each ``FAMILIES`` entry: (config class name, model class name, config kwargs, seq2seq). Sizes

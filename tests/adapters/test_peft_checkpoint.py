@@ -103,5 +103,6 @@ def test_what_is_not_a_lokr_linear_adapter_is_refused(tmp_path):
 def test_a_checkpoint_for_another_model_is_refused_by_the_model_checks(tmp_path):
     saved(tmp_path, r=2)
     tensors, config = read_peft_lokr(tmp_path)
-    with pytest.raises(AdapterFileError, match=r"model.layers.1.mlp.down_proj. is missing in the model"):
+    with pytest.raises(AdapterFileError,
+                       match=r"model.layers.1.mlp.down_proj. is missing in the model"):
         check_read(tiny_llama(torch.float64, layers=1), tmp_path, tensors, config)

@@ -150,7 +150,8 @@ def bad_adapters(folder, files, directory) -> dict:
     wider = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2)).eval()
-    bad["shapes"] = (str(directory / "shapes.safetensors"), r"down_proj is 256->128 in the model, 128->64 in the file")
+    bad["shapes"] = (str(directory / "shapes.safetensors"),
+                     "down_proj is 256->128 in the model, 128->64 in the file")
     kronops.save_adapters(kronops.apply_adapters(wider, "krona"), bad["shapes"][0])
     data = bytearray(open(files["krona"], "rb").read())
     data[-3] ^= 0xFF  # a tensor byte
@@ -170,7 +171,8 @@ def test_a_bad_adapter_is_refused_with_the_reason_and_the_engine_keeps_serving(
     good = served["krona"][0]
     for i, (what, (path, reason)) in enumerate(bad_adapters(folder, files, tmp_path).items()):
         request = vllm.lora.request.LoRARequest(f"bad {what}", 300 + i, path)
-        with pytest.raises(ValueError, match=f"LoRA request {re.escape(repr('bad ' + what))}.* refused: .*{reason}"):
+        refused = f"LoRA request {re.escape(repr('bad ' + what))}.* refused: .*{reason}"
+        with pytest.raises(ValueError, match=refused):
             generate(llm, [good, request], PROMPTS[:2])
         assert 300 + i not in llm.llm_engine.list_loras()
     # the engine still serves plain and adapted rows, and no refused request is pending

@@ -119,7 +119,8 @@ def peft_lokr(base, folder, seed: int) -> dict[str, torch.Tensor]:
         else:
             w1 = tensors[key + "lokr_w1"] = torch.randn(a1, a2, generator=g)
         if kind in ("gate_proj", "up_proj", "down_proj"):
-            w2a, w2b = 0.05 * torch.randn(16, r, generator=g), 0.05 * torch.randn(r, 16, generator=g)
+            w2a = 0.05 * torch.randn(16, r, generator=g)
+            w2b = 0.05 * torch.randn(r, 16, generator=g)
             tensors.update({key + "lokr_w2_a": w2a, key + "lokr_w2_b": w2b})
             w2 = w2a @ w2b
         else:
