@@ -214,3 +214,17 @@ def test_a_folder_of_several_files_is_refused(assets, tmp_path):
         shutil.copy(files["krona"], tmp_path / f"{name}.safetensors")
     with pytest.raises(AdapterFileError, match=r"holds 2 .safetensors files.*holds one"):
         load(folder, str(tmp_path))
+
+
+def test_a_kronecker_update_cut_through_blocks_of_b_is_refused(assets):
+    """A rank computing gate rows 37 to 73 (no tensor-parallel size gives that here: a
+    stand-in for a model whose shard sizes do not divide by B's rows) cannot serve KronA."""
+    folder, files, _ = assets
+    manager = manager_for(folder, 2, 1)
+    for name, layer in manager.modules.items():
+        if name.endswith("gate_up_proj"):
+            layer.output_slices = (37, 37)
+    with pytest.raises(AdapterFileError, match=r"gate_up_proj \(slice 0, 256x128\) cannot be "
+                       r"served at tensor_parallel_size 2: this rank's 37 rows of the 256 "
+                       r"\(from row 37\) are neither whole blocks"):
+        loader.load(manager, SimpleNamespace(model=str(folder), revision=None), files["krona"])

@@ -18,10 +18,15 @@ def test_register_twice_patches_once():
     import vllm.lora.utils as lora_utils
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.llm_engine import LLMEngine
     plugin.register()
     classes, update = lora_utils._all_lora_classes, PunicaWrapperBase.update_metadata
+    adds = LLMEngine.add_request, AsyncLLM.add_request
     plugin.register()
     assert lora_utils._all_lora_classes == classes and PunicaWrapperBase.update_metadata is update
+    assert (LLMEngine.add_request, AsyncLLM.add_request) == adds
+    assert all(add._kronops and not add.__wrapped__.__dict__.get("_kronops") for add in adds)
     ours = [c for c in classes if issubclass(c, layers.KronopsLinearMixin)]
     linear = [c for c in classes if issubclass(c, BaseLinearLayerWithLoRA) and c not in ours]
     assert classes[:len(ours)] == tuple(ours)  # tried first by from_layer
