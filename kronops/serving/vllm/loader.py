@@ -140,9 +140,9 @@ def _served(update, layer, name: str, index: int, shape: tuple[int, int]):
 
 
 def load(manager, model_config, path) -> dict[str, dict[int, KronUpdate | SparseUpdate]]:
-    """{vLLM module: {output slice: update}} of the kronops adapter file at ``path``, read
-    and checked against the model ``manager`` (vLLM's LoRA model manager) serves;
-    AdapterFileError naming the file and what does not fit."""
+    """{vLLM module: {output slice: update}} of the adapters at ``path`` (``is_kronops_path``),
+    read and checked against the model ``manager`` (vLLM's LoRA model manager) serves and
+    cut to this rank's part; AdapterFileError naming the path and what does not fit."""
     path = os.path.expanduser(path)
     with naming(path):
         model, found = skeleton(manager, model_config)
