@@ -12,7 +12,7 @@ import textwrap
 import torch
 
 from . import overhead
-from .optional import skipped
+from .optional import optional_import, skipped
 from .peft_providers import peft_version
 from .report import environment, plot, table, write_json
 from .runner import failures, run_case
@@ -121,9 +121,12 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(LOCAL_RESULTS, f"{device.type}{'-full' if args.full else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_json(out, meta, rows)
-    pngs = plot(os.path.splitext(out)[0] + ".png", meta, rows)
-    print(f"wrote {out} and {', '.join(pngs)}"
-          + ("" if args.out else " (untracked; --out PATH writes elsewhere)"))
+    matplotlib, why = optional_import("matplotlib")
+    if matplotlib is None:  # the vLLM environment has none: draw them where it is installed
+        written = f"{out}; no figures ({why}: python -m bench.report {out} --plot draws them)"
+    else:
+        written = f"{out} and {', '.join(plot(os.path.splitext(out)[0] + '.png', meta, rows))}"
+    print(f"wrote {written}" + ("" if args.out else " (untracked; --out PATH writes elsewhere)"))
     baselines = [r for r in rows if not r["kronops"] and not r["error_ok"]]
     if baselines:
         print(f"bench: {len(baselines)} baseline result(s) overflow or are out of tolerance vs "
