@@ -159,3 +159,14 @@ def randomly_trained(base, method: str, options: dict, seed: int, scale: float):
                     if p.requires_grad:
                         p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return model
+
+
+def materialised(update, shape) -> torch.Tensor:
+    """ΔW (``shape``) of a serving update (``KronUpdate``: kron(a, b); ``SparseUpdate``: its Δ
+    added into zeros at its selection), materialised: the naive reference."""
+    from kronops.adapters.methods.updates import KronUpdate
+    if isinstance(update, KronUpdate):
+        return torch.kron(update.a, update.b)
+    w = torch.zeros(shape, dtype=update.delta.dtype)
+    update.selection.add_into(w, update.delta)
+    return w

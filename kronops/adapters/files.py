@@ -187,6 +187,13 @@ def check_load(model: nn.Module, path, *, strict: bool = False) -> CheckedFile:
     (``prepare_load``); AdapterFileError naming the file and the problem (with ``strict``,
     also a file saved from another base model)."""
     tensors, config = read_adapters(path)
+    return check_read(model, path, tensors, config, strict=strict)
+
+
+def check_read(model: nn.Module, path, tensors: dict, config: dict, *,
+               strict: bool = False) -> CheckedFile:
+    """``check_load`` of adapters already read from ``path`` (``read_adapters``, or another
+    reader giving the same (tensors, config))."""
     with naming(path):
         try:
             checked = prepare_load(model, tensors, config)

@@ -71,22 +71,30 @@ def _factors(layer, adapter: str):
 
 
 @torch.no_grad()
-def lokr_to_kronops(layer, adapter: str = "default") -> KronALinear:
-    """One PEFT LoKr Linear layer as a KronALinear/LoKrLinear over the same base Linear."""
-    (kind1, *w1), (kind2, *w2) = _factors(layer, adapter)
-    r, alpha = layer.r[adapter], layer.alpha[adapter]
-    base = layer.get_base_layer()
-    if layer.merged:
-        raise RuntimeError("the PEFT layer is merged; unmerge it before converting")
-    a1, a2 = w1[0].shape[0], w1[-1].shape[1]
+def kron_layer(base: nn.Module, w1: tuple, w2: tuple, r: int, alpha: float) -> KronALinear:
+    """The kronops layer over ``base`` (in, out) computing PEFT LoKr's s * kron(w1, w2), s =
+    alpha / r: a KronALinear, or a LoKrLinear when w2 is decomposed. ``w1``, ``w2``: each
+    ("full", W) or ("low", U, V) as PEFT holds them; the layer gets copies of those tensors,
+    in their dtype and on their device."""
+    (kind1, *t1), (kind2, *t2) = w1, w2
+    a1, a2 = t1[0].shape[0], t1[-1].shape[1]
     # s = alpha / r: KronALinear's scale is alpha/rank with a rank, alpha without one.
     rank, kalpha = (r, float(alpha)) if kind1 == "low" else (None, alpha / r)
     kw = dict(a_shape=(a1, a2), rank=rank, alpha=kalpha)
     new = LoKrLinear(base, rank_b=r, **kw) if kind2 == "low" else KronALinear(base, **kw)
     names = (("a",) if kind1 == "full" else ("a_u", "a_v")) + \
         (("b",) if kind2 == "full" else ("b_u", "b_v"))
-    for pname, w in zip(names, (*w1, *w2)):  # PEFT's tensors, their dtype and device kept
+    for pname, w in zip(names, (*t1, *t2)):
         setattr(new, pname, nn.Parameter(w.detach().clone()))
+    return new
+
+
+def lokr_to_kronops(layer, adapter: str = "default") -> KronALinear:
+    """One PEFT LoKr Linear layer as a KronALinear/LoKrLinear over the same base Linear."""
+    if layer.merged:
+        raise RuntimeError("the PEFT layer is merged; unmerge it before converting")
+    new = kron_layer(layer.get_base_layer(), *_factors(layer, adapter), layer.r[adapter],
+                     layer.alpha[adapter])
     return new.train(layer.training)  # the PEFT layer's mode (eval stays eval)
 
 
@@ -226,5 +234,5 @@ def unpatch_peft_lokr(peft_model: nn.Module) -> list[str]:
     return names
 
 
-__all__ = ["LoKrLinear", "from_peft", "lokr_to_kronops", "to_peft_state_dict",
+__all__ = ["LoKrLinear", "from_peft", "kron_layer", "lokr_to_kronops", "to_peft_state_dict",
            "patch_peft_lokr", "unpatch_peft_lokr"]

@@ -16,7 +16,10 @@ subclass, which keeps all of vLLM's LoRA behaviour and adds:
   the output (a strided view) by ``routed_kron_add`` / ``routed_sparse_add``, for the tokens
   of the slots that hold them, grouped by ``routing``.
 
-Tensor parallelism: only tp=1 is served (``loader`` refuses more), so the slices are whole.
+Tensor parallelism: ``kronops_part`` says which rows and columns of a slice's whole weight
+this rank's layer computes and takes, read off vLLM's own ``slice_lora_b``/``slice_lora_a``
+applied to index probes (so every layer kind, GQA head replication included, is cut as vLLM
+cuts a LoRA); ``loader`` cuts each update to that part (``sharding``).
 """
 import torch
 
@@ -52,6 +55,29 @@ class KronopsLinearMixin:
         if not 0 <= slice_index < self.n_slices:
             raise IndexError(f"slice {slice_index} is not one of the layer's {self.n_slices}")
         self.kronops_slices[slice_index].add(str(index), update)
+
+    def kronops_part(self, slice_index: int, out_features: int, in_features: int):
+        """(output rows, input columns) of the whole (``out_features``, ``in_features``)
+        weight of output slice ``slice_index`` that this rank's layer computes and takes, as
+        int64 CPU index tensors; None where it is whole (always at tp = 1). ValueError for
+        a sharded layer kind whose cut is not known."""
+        from vllm.lora.layers import (ColumnParallelLinearWithLoRA,
+                                      MergedColumnParallelLinearWithLoRA,
+                                      ReplicatedLinearWithLoRA, RowParallelLinearWithLoRA)
+        if self.tp_size == 1 or isinstance(self, ReplicatedLinearWithLoRA):
+            return None, None
+        if isinstance(self, RowParallelLinearWithLoRA):
+            probe = torch.arange(in_features, dtype=torch.float64)[None, :]
+            return None, RowParallelLinearWithLoRA.slice_lora_a(self, probe)[0].long()
+        probe = torch.arange(out_features, dtype=torch.float64)[:, None]
+        if isinstance(self, MergedColumnParallelLinearWithLoRA):
+            probes = [None] * self.n_slices
+            probes[slice_index] = probe
+            return self.slice_lora_b(probes)[slice_index][:, 0].long(), None
+        if isinstance(self, ColumnParallelLinearWithLoRA):
+            return self.slice_lora_b(probe)[:, 0].long(), None
+        raise ValueError(f"vLLM's {type(self).__mro__[2].__name__} is not cut for kronops "
+                         f"adapters at tensor_parallel_size {self.tp_size}")
 
     def kronops_active(self) -> bool:
         return any(adapters.groups for adapters in self.kronops_slices)

@@ -1,17 +1,24 @@
-"""A file written by ``kronops.save_adapters`` for a Hugging Face model, loaded for vLLM's
-LoRA manager: per vLLM module and output slice the adapter's ``KronUpdate``/``SparseUpdate``.
+"""kronops adapters loaded for vLLM's LoRA manager: per vLLM module and output slice the
+adapter's ``KronUpdate``/``SparseUpdate``.
 
-A ``LoRARequest`` whose ``lora_path`` is a file (PEFT adapters are directories, which go to
-vLLM's own loader) is read with kronops' reader and checked by ``check_load`` against the
-Hugging Face model of the served config, built on the meta device with each linear
-layer vLLM wraps (q, k, v of qkv_proj; gate, up of gate_up_proj; ...) given its weight
-from the served checkpoint (``checkpoint``). So the file's checks are the ones
-``load_adapters`` makes, including the base model's fingerprint (strict: a file saved from
-another base model is refused), and in-place S²FT files give Δ against the served weights.
+A ``LoRARequest``'s ``lora_path`` is ours (``is_kronops_path``) when it is a file written by
+``kronops.save_adapters``, a directory holding one such file and no adapter_config.json, or
+a PEFT LoKr checkpoint directory (``peft_type`` "LOKR", read exactly by
+``read_peft_lokr``); any other directory (PEFT LoRA) goes to vLLM's own loader. It is read
+and checked by ``check_read`` against the Hugging Face model of the served config, built on
+the meta device with each linear layer vLLM wraps (q, k, v of qkv_proj; gate, up of
+gate_up_proj; ...) given its weight from the served checkpoint (``checkpoint``). So the
+file's checks are the ones ``load_adapters`` makes, including the base model's fingerprint
+(strict: a file saved from another base model is refused), and in-place S²FT files give Δ
+against the served weights.
 
-Refused, with the reason: tensor parallelism (tp > 1), files that also train whole
-modules, KronA^B (sub-layer) adapters, adapters on modules vLLM does not wrap in a LoRA
-layer (e.g. lm_head), and quantized layers.
+With tensor parallelism each update is cut to the rows and columns this rank's layer
+computes and takes (``layers.KronopsLinearMixin.kronops_part``, ``sharding``).
+
+Refused, with the reason: files that also train whole modules, KronA^B (sub-layer)
+adapters, adapters on modules vLLM does not wrap in a LoRA layer (e.g. lm_head), quantized
+layers, and Kronecker updates whose shard is no Kronecker product (a rank's rows or
+columns cutting through blocks of B).
 """
 import os
 
@@ -19,16 +26,39 @@ import torch
 from torch import nn
 
 from ...adapters.errors import AdapterFileError, naming
-from ...adapters.files import check_load
+from ...adapters.fileformat import read_adapters
+from ...adapters.files import check_read
 from ...adapters.methods.updates import KronUpdate, SparseUpdate
-from . import checkpoint
+from ...adapters.peft_checkpoint import peft_type, read_peft_lokr
+from . import checkpoint, sharding
 
 SKELETON = "_kronops_skeleton"  # the LoRA manager's attribute caching (model, table)
 
 
 def is_kronops_path(path) -> bool:
-    """A LoRA path kronops loads: a file (a LoRA adapter is a directory)."""
-    return isinstance(path, str) and os.path.isfile(os.path.expanduser(path))
+    """A LoRA path kronops loads: a file, a directory without adapter_config.json, or a
+    PEFT LoKr checkpoint directory (a PEFT LoRA directory is vLLM's)."""
+    if not isinstance(path, str):
+        return False
+    path = os.path.expanduser(path)
+    if os.path.isfile(path):
+        return True
+    return os.path.isdir(path) and peft_type(path) in (None, "LOKR")
+
+
+def read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, config) of the adapters at ``path`` (``is_kronops_path``), as
+    ``read_adapters`` gives them for a kronops file."""
+    if not os.path.isdir(path):
+        return read_adapters(path)
+    if peft_type(path) == "LOKR":
+        return read_peft_lokr(path)
+    found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if len(found) != 1:
+        raise AdapterFileError(f"holds {len(found)} .safetensors files {found[:3]}: a kronops "
+                               "adapter directory holds one adapter file (or a PEFT LoKr "
+                               "checkpoint)", whole_file=True).about(path)
+    return read_adapters(os.path.join(path, found[0]))
 
 
 def slices(manager) -> dict[str, tuple[str, int]]:
@@ -76,7 +106,8 @@ def skeleton(manager, model_config) -> tuple[nn.Module, dict[str, tuple[str, int
         if w is None:
             raise AdapterFileError(f"the served checkpoint has no {hf_name}.weight to check "
                                    "kronops adapter files against")
-        rows = _out_features(manager.modules[wrapped], index)
+        layer = manager.modules[wrapped]
+        rows = _out_features(layer, index) if getattr(layer, "tp_size", 1) == 1 else None
         if tuple(w.shape) != tuple(module.weight.shape) or rows not in (None, w.shape[0]):
             raise AdapterFileError(f"{hf_name} is {tuple(module.weight.shape)} in the Hugging "
                                    f"Face model and {tuple(w.shape)} in the checkpoint; slice "
@@ -87,12 +118,22 @@ def skeleton(manager, model_config) -> tuple[nn.Module, dict[str, tuple[str, int
     return model, found
 
 
-def _served(update, layer, name: str):
-    """``update`` in the dtype and on the device of the wrapped vLLM ``layer`` (``name``)."""
+def _served(update, layer, name: str, index: int, shape: tuple[int, int]):
+    """``update`` of output slice ``index`` (a whole weight of ``shape``) of the wrapped vLLM
+    ``layer`` (``name``), cut to this rank's part (``sharding``; None: nothing of it there),
+    in the layer's dtype and on its device."""
     w = getattr(layer.base_layer, "weight", None)
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise AdapterFileError(f"vLLM's {name} has no floating-point weight (quantized?): "
                                "kronops adapters are served on unquantized layers only")
+    try:
+        update = sharding.shard(update, *layer.kronops_part(index, *shape))
+    except ValueError as e:
+        raise AdapterFileError(f"{name} (slice {index}, {shape[0]}x{shape[1]}) cannot be "
+                               f"served at tensor_parallel_size {layer.tp_size}: {e}; serve it "
+                               "with a smaller tensor_parallel_size") from None
+    if update is None:
+        return None
     if isinstance(update, KronUpdate):
         return KronUpdate(a=update.a.to(w.device, w.dtype), b=update.b.to(w.device, w.dtype))
     return SparseUpdate(update.selection.to(w.device), update.delta.to(w.device, w.dtype))
@@ -102,16 +143,11 @@ def load(manager, model_config, path) -> dict[str, dict[int, KronUpdate | Sparse
     """{vLLM module: {output slice: update}} of the kronops adapter file at ``path``, read
     and checked against the model ``manager`` (vLLM's LoRA model manager) serves;
     AdapterFileError naming the file and what does not fit."""
-    from vllm.distributed import get_tensor_model_parallel_world_size
     path = os.path.expanduser(path)
     with naming(path):
-        tp = get_tensor_model_parallel_world_size()
-        if tp != 1:
-            raise AdapterFileError(f"tensor parallelism ({tp} ranks) is not supported for "
-                                   "kronops adapters yet: serve them with "
-                                   "tensor_parallel_size=1")
         model, found = skeleton(manager, model_config)
-    checked = check_load(model, path, strict=True)
+    tensors, config = read(path)
+    checked = check_read(model, path, tensors, config, strict=True)
     with naming(path):
         if checked.train_modules:
             raise AdapterFileError(f"also trains whole modules {checked.train_modules}, which "
@@ -128,6 +164,8 @@ def load(manager, model_config, path) -> dict[str, dict[int, KronUpdate | Sparse
                 raise AdapterFileError(f"{name} has a KronA^B (sub-layer) adapter, which is not "
                                        "served in vLLM: only KronA/LoKr and S²FT are")
             wrapped, index = found[name]
-            served.setdefault(wrapped, {})[index] = _served(update, manager.modules[wrapped],
-                                                            wrapped)
+            part = _served(update, manager.modules[wrapped], wrapped, index,
+                           tuple(model.get_submodule(name).weight.shape))
+            if part is not None:
+                served.setdefault(wrapped, {})[index] = part
     return served

@@ -8,13 +8,17 @@ It patches these private vLLM names (``PATCHED``; not API, so vLLM is pinned to
 - ``vllm.lora.utils._all_lora_classes``: our subclasses of the linear LoRA layers
   (``layers``) put in front, so ``from_layer`` picks them;
 - ``WorkerLoRAManager.__init__``: also keeps the model config (where the checkpoint is);
-- ``WorkerLoRAManager._load_adapter``: a LoRA path that is a file is a kronops adapter file
-  (``loader``), loaded as a ``LoRAModel`` without LoRA tensors carrying our updates;
+- ``WorkerLoRAManager._load_adapter``: a LoRA path that is a kronops adapter file, a
+  directory holding one, or a PEFT LoKr checkpoint (``loader.is_kronops_path``) is loaded by
+  ``loader`` as a ``LoRAModel`` without LoRA tensors carrying our updates;
 - ``LoRAModelManager._create_merged_loras_inplace``: nothing to pack for such a model;
 - ``LoRAModelManager.activate_adapter``: once vLLM gave an adapter its slot, every kronops
   layer's slot is cleared and gets that adapter's updates per output slice;
 - ``PunicaWrapperBase.update_metadata``: also builds the step's token grouping
-  (``routing``).
+  (``routing``);
+- ``LLMEngine.add_request`` / ``AsyncLLM.add_request`` (the front ends): a request naming an
+  adapter not loaded before has it loaded first, so a bad one is refused with the reason
+  instead of stopping the engine (``frontend``).
 """
 import warnings
 
@@ -27,7 +31,11 @@ PATCHED = ("vllm.lora.utils._all_lora_classes", "vllm.lora.utils.from_layer",
            "vllm.lora.model_manager.LoRAModelManager.activate_adapter",
            "vllm.lora.layers.base_linear.BaseLinearLayerWithLoRA._apply_lora_to_output",
            "vllm.lora.punica_wrapper.punica_base.PunicaWrapperBase.update_metadata",
-           "vllm.lora.punica_wrapper.punica_base.PunicaWrapperBase.token_lora_indices")
+           "vllm.lora.punica_wrapper.punica_base.PunicaWrapperBase.token_lora_indices",
+           "vllm.v1.engine.llm_engine.LLMEngine.add_request",
+           "vllm.v1.engine.llm_engine.LLMEngine.add_lora",
+           "vllm.v1.engine.async_llm.AsyncLLM.add_request",
+           "vllm.v1.engine.async_llm.AsyncLLM.add_lora")
 
 _registered = False
 
@@ -80,8 +88,10 @@ def register() -> None:
     from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
     from vllm.lora.worker_manager import WorkerLoRAManager
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.llm_engine import LLMEngine
 
-    from . import layers, loader, routing
+    from . import frontend, layers, loader, routing
 
     classes = lora_utils._all_lora_classes
     if not any(issubclass(c, layers.KronopsLinearMixin) for c in classes):
@@ -135,4 +145,5 @@ def register() -> None:
     LoRAModelManager._create_merged_loras_inplace = _create_merged_loras_inplace
     LoRAModelManager.activate_adapter = activate_adapter
     routing.install(PunicaWrapperBase)
+    frontend.install(LLMEngine, AsyncLLM)
     _registered = True
