@@ -12,7 +12,7 @@ import textwrap
 import torch
 
 from . import overhead
-from .optional import optional_import, skipped
+from .optional import load_vllm, optional_import, skipped
 from .peft_providers import peft_version
 from .report import environment, plot, table, write_json
 from .runner import failures, run_case
@@ -91,6 +91,8 @@ def main(argv=None) -> int:
 
     meta = environment(device)
     meta["peft"] = peft_version()
+    vllm, _ = load_vllm()
+    meta["vllm"] = None if vllm is None else vllm.__version__
     for line in skipped():
         print(f"bench: {line}", file=sys.stderr)
     meta.update(dtype=str(dtype).removeprefix("torch."), full=args.full,

@@ -11,6 +11,7 @@ Providers, on a LLaMA built from a config and saved locally (token-id prompts, n
 nothing downloaded), fp32, ``enforce_eager``, prefix caching off (every call computes its
 prefill):
 - kronops KronA / kronops S²FT: ``save_adapters`` files, served by the plugin;
+- kronops LoKr: PEFT LoKr folders (whole factors), served by the plugin as KronA;
 - vLLM LoRA r=1 (PEFT folders): vLLM's own adapters, rank 1 on the same seven projections,
   KronA's trainable size (``lora_size``);
 - base rows with LoRA enabled (the same engine, no adapter);
@@ -35,6 +36,7 @@ from .serving_cases import adapter_files, randomized
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_RANK = 1
+LOKR_RANK = 64  # PEFT keeps LoKr's second factor whole when r >= half its larger side
 DECODE_PROMPT = 4  # prompt tokens of a decode row
 BASE = "base model alone (no adapters, floor)"
 BASE_ROWS = "base rows, LoRA enabled (no adapter)"
@@ -53,15 +55,19 @@ def lora_size(base) -> tuple[int, int]:
     return krona, lora
 
 
-def _lora_folders(base, count: int, first_seed: int, folder: str) -> dict[str, str]:
-    """{name: folder} of ``count`` PEFT LoRA adapters (rank ``LORA_RANK``, random A and B)."""
+def _peft_folders(base, kind: str, count: int, first_seed: int, folder: str) -> dict[str, str]:
+    """{name: folder} of ``count`` PEFT adapters of ``kind`` on the ``LORA_TARGETS``, with
+    random trained values: "lora" (rank ``LORA_RANK``) or "lokr" (whole factors, as PEFT
+    chooses them: near the square roots, KronA's shapes)."""
     peft, _ = load_peft()
+    config = (peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=LORA_TARGETS)
+              if kind == "lora" else
+              peft.LoKrConfig(r=LOKR_RANK, alpha=LOKR_RANK, target_modules=LORA_TARGETS))
     folders = {}
     for i in range(count):
-        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-            r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=LORA_TARGETS))
-        folders[f"lora{i}"] = os.path.join(folder, f"lora{i}")
-        randomized(model, first_seed + i).save_pretrained(folders[f"lora{i}"])
+        folders[f"{kind}{i}"] = os.path.join(folder, f"{kind}{i}")
+        model = peft.get_peft_model(copy.deepcopy(base), config)
+        randomized(model, first_seed + i).save_pretrained(folders[f"{kind}{i}"])
     return folders
 
 
@@ -121,9 +127,10 @@ def vllm_cases(config: dict, rows: int, prompt: int, decode: int, counts, dtype,
     kinds = {"kronops KronA": adapter_files(base, ["krona"] * most, folder),
              "kronops S²FT": adapter_files(base, ["s2ft"] * most, folder)}
     if load_peft()[0] is not None:
+        kinds["kronops LoKr (PEFT folders)"] = _peft_folders(base, "lokr", most, 2 * most, folder)
         krona, lora = lora_size(base)
         kinds[f"vLLM LoRA r={LORA_RANK} (PEFT; {lora / krona:.2f}x KronA's size)"] = \
-            _lora_folders(base, most, 2 * most, folder)
+            _peft_folders(base, "lora", most, 3 * most, folder)
     paths = {name: path for files in kinds.values() for name, path in files.items()}
     requests = {name: vllm.lora.request.LoRARequest(name, i + 1, path)
                 for i, (name, path) in enumerate(paths.items())}

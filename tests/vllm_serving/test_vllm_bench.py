@@ -30,7 +30,8 @@ def test_vllm_rows_are_checked_and_timed():
     for case in cases:
         rows = run_case(case, torch.float32, torch.device("cpu"), budget_s=0.0)
         providers = {r["provider"] for r in rows}
-        assert {"kronops KronA", "kronops S²FT", BASE, BASE_ROWS} <= providers, providers
+        assert {"kronops KronA", "kronops S²FT", "kronops LoKr (PEFT folders)", BASE,
+                BASE_ROWS} <= providers, providers
         assert any(p.startswith("vLLM LoRA") for p in providers), providers
         for row in rows:
             assert row["rel_error"] is not None and row["error_ok"], row
