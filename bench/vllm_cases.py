@@ -40,6 +40,14 @@ LOKR_RANK = 64  # PEFT keeps LoKr's second factor whole when r >= half its large
 DECODE_PROMPT = 4  # prompt tokens of a decode row
 BASE = "base model alone (no adapters, floor)"
 BASE_ROWS = "base rows, LoRA enabled (no adapter)"
+_ENGINES = []  # the engines vllm_cases started, for shutdown()
+
+
+def shutdown() -> None:
+    """Stop the engines ``vllm_cases`` started (their processes end; its cases cannot run
+    any more). A process that exits stops them too."""
+    while _ENGINES:
+        _ENGINES.pop().llm_engine.engine_core.shutdown()
 
 
 def lora_size(base) -> tuple[int, int]:
@@ -141,6 +149,7 @@ def vllm_cases(config: dict, rows: int, prompt: int, decode: int, counts, dtype,
     adapted = vllm.LLM(**engine, enable_lora=True, max_loras=len(requests),
                        max_cpu_loras=len(requests), max_lora_rank=LORA_RANK)
     plain = vllm.LLM(**engine)
+    _ENGINES.extend([adapted, plain])
     score = _scorer(model_dir, paths)
     g = torch.Generator().manual_seed(1)
     cases = []

@@ -5,8 +5,6 @@ rotting; the timing itself is not checked.
 
 Runs where vllm is importable (.ci/vllm builds that environment); skipped elsewhere.
 """
-import gc
-
 import pytest
 import torch
 
@@ -16,15 +14,21 @@ pytest.importorskip(
 
 from bench.runner import run_case  # noqa: E402
 from bench.suite import resolve_ops  # noqa: E402
-from bench.vllm_cases import BASE, BASE_ROWS, vllm_cases  # noqa: E402
+from bench.vllm_cases import BASE, BASE_ROWS, shutdown, vllm_cases  # noqa: E402
 
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256)
 
 
-def test_vllm_rows_are_checked_and_timed():
-    cases = vllm_cases(TINY, rows=4, prompt=8, decode=3, counts=(1, 4), dtype=torch.float32,
-                       device=torch.device("cpu"))
+@pytest.fixture
+def cases():
+    """The rows at a tiny size; their two engines stopped afterwards (~2 GB each)."""
+    yield vllm_cases(TINY, rows=4, prompt=8, decode=3, counts=(1, 4), dtype=torch.float32,
+                     device=torch.device("cpu"))
+    shutdown()
+
+
+def test_vllm_rows_are_checked_and_timed(cases):
     assert {c.op for c in cases} == resolve_ops(["vllm"])
     assert len(cases) == 4
     for case in cases:
@@ -36,5 +40,3 @@ def test_vllm_rows_are_checked_and_timed():
         for row in rows:
             assert row["rel_error"] is not None and row["error_ok"], row
             assert row["tokens_per_s"] > 0, row
-    del cases, case  # the engines, held by the providers, shut down before pytest ends
-    gc.collect()
