@@ -18,7 +18,6 @@ from a word list, adapters with random "trained" values. vLLM starts its workers
 processes that import this file again, hence the ``__main__`` guard.
 """
 import copy
-import gc
 import json
 import math
 import os
@@ -128,8 +127,7 @@ def offline(folder: str, paths: dict[str, str]):
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, lora_request=[requests.get(k) for k in KINDS],
                            use_tqdm=False)
-    del llm  # its engine process ends here, before the server's starts
-    gc.collect()
+    llm.llm_engine.engine_core.shutdown()  # its engine process ends before the server's starts
     return outputs
 
 
