@@ -12,7 +12,7 @@ import textwrap
 import torch
 
 from . import overhead
-from .optional import skipped
+from .optional import load_vllm, optional_import, skipped
 from .peft_providers import peft_version
 from .report import environment, plot, table, write_json
 from .runner import failures, run_case
@@ -91,6 +91,8 @@ def main(argv=None) -> int:
 
     meta = environment(device)
     meta["peft"] = peft_version()
+    vllm, _ = load_vllm()
+    meta["vllm"] = None if vllm is None else vllm.__version__
     for line in skipped():
         print(f"bench: {line}", file=sys.stderr)
     meta.update(dtype=str(dtype).removeprefix("torch."), full=args.full,
@@ -121,9 +123,12 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(LOCAL_RESULTS, f"{device.type}{'-full' if args.full else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_json(out, meta, rows)
-    pngs = plot(os.path.splitext(out)[0] + ".png", meta, rows)
-    print(f"wrote {out} and {', '.join(pngs)}"
-          + ("" if args.out else " (untracked; --out PATH writes elsewhere)"))
+    matplotlib, why = optional_import("matplotlib")
+    if matplotlib is None:  # the vLLM environment has none: draw them where it is installed
+        written = f"{out}; no figures ({why}: python -m bench.report {out} --plot draws them)"
+    else:
+        written = f"{out} and {', '.join(plot(os.path.splitext(out)[0] + '.png', meta, rows))}"
+    print(f"wrote {written}" + ("" if args.out else " (untracked; --out PATH writes elsewhere)"))
     baselines = [r for r in rows if not r["kronops"] and not r["error_ok"]]
     if baselines:
         print(f"bench: {len(baselines)} baseline result(s) overflow or are out of tolerance vs "

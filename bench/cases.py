@@ -25,6 +25,11 @@ class Case:
     reference: Callable[[], object]
     unchecked: set[str] = field(default_factory=set)  # providers that compute a floor, not the op
     settings: dict[str, Callable] = field(default_factory=dict)  # Provider.setting by name
+    # Generation: {provider: reference(its output)}, where what a provider is checked
+    # against depends on its own output (the tokens it chose, scored by the reference model);
+    # in place of ``reference`` for those providers.
+    references: dict[str, Callable[[object], object]] = field(default_factory=dict)
+    tokens: int | None = None  # tokens one call processes (generation: its rows get tokens/s)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The benchmark's optional packages (peft, transformers, pyfastkron, curvlinops): each imported
+"""The benchmark's optional packages (peft, transformers, pyfastkron, curvlinops, vllm): each imported
 once with the parts the benchmark uses, and the real reason when one cannot be used."""
 import functools
 import importlib
@@ -44,9 +44,18 @@ def load_curvlinops():
     return optional_import("curvlinops", "KFACLinearOperator")
 
 
+def load_vllm():
+    """(vllm, None) with its offline engine and LoRA requests, or (None, why)."""
+    vllm, why = optional_import("vllm", "LLM", "SamplingParams")
+    if vllm is None:
+        return None, why
+    request, why = optional_import("vllm.lora.request", "LoRARequest")
+    return (None, why) if request is None else (vllm, None)
+
+
 def skipped() -> list[str]:
     """One line per optional provider that cannot run here: which rows are skipped, and why."""
     rows = [("LLaMA training-step and serving", load_transformers()),
             ("PEFT LoKr/LoRA", load_peft()), ("FastKron", load_fastkron()),
-            ("curvlinops penalty", load_curvlinops())]
+            ("curvlinops penalty", load_curvlinops()), ("vLLM serving", load_vllm())]
     return [f"the {what} rows are skipped: {why}" for what, (module, why) in rows if module is None]

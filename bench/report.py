@@ -45,8 +45,10 @@ def table(rows: list[dict]) -> str:
     not be captured, its times are host-inclusive)."""
     has_roofline = any("roofline_pct" in r for r in rows)
     has_host = any(r.get("host_ms") is not None for r in rows)
+    has_tokens = any(r.get("tokens_per_s") is not None for r in rows)
     head = ["op", "mode", "shape", "dtype", "provider", "median ms", "min ms", "p20-p80 ms"] + \
-        (["host ms"] if has_host else []) + ["GB/s", "TFLOP/s"] + \
+        (["host ms"] if has_host else []) + (["tokens/s"] if has_tokens else []) + \
+        ["GB/s", "TFLOP/s"] + \
         (["% roof"] if has_roofline else []) + ["x naive", "peak MiB", "rel err"]
     lines = []
     for r in rows:
@@ -56,6 +58,8 @@ def table(rows: list[dict]) -> str:
                  f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}"]
         if has_host:  # the host-inclusive median; "*": not a CUDA-graph replay
             cells.append(_fmt(r.get("host_ms"), ".3f") + ("" if r.get("cuda_graph") else "*"))
+        if has_tokens:
+            cells.append(_fmt(r.get("tokens_per_s"), ".0f"))
         cells += [_fmt(r["gbps"], ".1f"), _fmt(r["tflops"], ".2f")]
         if has_roofline:
             cells.append(_fmt(r.get("roofline_pct"), ".0f"))
@@ -120,6 +124,11 @@ STYLES = {
     "torch AdamW on a delta": Style("#d62728", "torch AdamW on a delta"),
     "naive*": Style("#7f7f7f", "naive reference"),
     "nn.Linear (base only)": Style("black", "base alone, no adapter (floor)", "--"),
+    "kronops KronA": Style("#3182bd", "kronops KronA (vLLM)"),
+    "kronops LoKr (PEFT folders)": Style("#6baed6", "kronops LoKr, PEFT folders (vLLM)"),
+    "kronops S²FT": Style("#756bb1", "kronops S²FT (vLLM)"),
+    "vLLM LoRA r=*": Style("#dbdb8d", "vLLM LoRA (PEFT)"),
+    "base rows, LoRA enabled (no adapter)": Style("#555555", "base rows, LoRA enabled", ":"),
     "base model alone (no adapters, floor)": Style("black", "base alone, no adapter (floor)", "--"),
     "copy of every base weight": Style("#555555", "copy of every base weight", "-."),
 }
@@ -130,7 +139,8 @@ FALLBACK = ("#bf812d", "#f781bf", "#e6ab02", "#66a61e", "#a6761d", "#e7298a")
 FIGURES = {"kron": "Kronecker-product adapters",
            "s2ft": "S²FT: structured-sparse fine-tuning",
            "serving": "Serving: many adapters in one batch, adapter switch",
-           "cpu_backends": "CPU backends: native kernels, PyTorch kernels, autograd, FastKron"}
+           "cpu_backends": "CPU backends: native kernels, PyTorch kernels, autograd, FastKron",
+           "vllm": "Serving in vLLM: a batch with n adapters, prefill and decode"}
 COLUMNS = 3       # panels per row of a figure's grid
 PANEL_IN = 5.4    # a panel's width in inches, provider names included
 SLOT_IN = 0.3     # inches per bar or line of a panel

@@ -40,16 +40,24 @@ def run_case(case: Case, dtype, device, ceilings: dict | None = None, *,
              budget_s: float = CPU_BUDGET_S) -> list[dict]:
     """One result row per provider; the naive provider's time is the speedup baseline.
 
-    Every provider is checked first (its first call, on input set 0), then all are timed
+    Every provider is checked first (its first call, on input set 0, against the case's
+    reference, or against ``case.references[name]`` of that output), then all are timed
     together (``time_providers``: interleaved rounds on CPU within ``budget_s`` seconds).
-    Row fields about the check: ``rel_error`` (None when unchecked or not finite),
+    Generation cases' rows add ``tokens_per_s`` (from the median); the other rows hold None
+    there. Row fields about the check: ``rel_error`` (None when unchecked or not finite),
     ``overflow`` (the result has Inf or NaN), ``error_ok`` (within tolerance, or unchecked)
     and ``kronops`` (the provider is kronops' own; only those fail the run).
     """
     reference = case.reference()
     checks = {}
     for name, run in case.providers.items():
-        checks[name] = None if name in case.unchecked else relative_error(run(0), reference)
+        if name in case.unchecked:
+            checks[name] = None
+        elif name in case.references:
+            out = run(0)
+            checks[name] = relative_error(out, case.references[name](out))
+        else:
+            checks[name] = relative_error(run(0), reference)
     timings = time_providers({name: _rotating(run) for name, run in case.providers.items()},
                              device, budget_s=budget_s, settings=case.settings)
     rows = []
@@ -63,6 +71,7 @@ def run_case(case: Case, dtype, device, ceilings: dict | None = None, *,
                    calls=t.calls, host_ms=t.host_ms, cuda_graph=t.cuda_graph,
                    gbps=case.bytes / (t.median_ms * 1e-3) / 1e9,
                    tflops=case.flops / (t.median_ms * 1e-3) / 1e12,
+                   tokens_per_s=None if case.tokens is None else case.tokens / (t.median_ms * 1e-3),
                    peak_memory_bytes=peak_memory(run, device),
                    rel_error=None if overflow else error,
                    overflow=overflow,

