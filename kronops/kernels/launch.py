@@ -86,8 +86,20 @@ def autotuned(fn, configs: list, key: list, footprint, restore_value=()):
         fits = viable_configs(configs, footprint, constexprs, element_bytes)
         return fits[:1] if interpreting() else fits
 
-    return triton.autotune(configs=configs, key=key, restore_value=list(restore_value),
-                           prune_configs_by={"early_config_prune": prune})(fn)
+    tuned = triton.autotune(configs=configs, key=key, restore_value=list(restore_value),
+                            prune_configs_by={"early_config_prune": prune})(fn)
+    TUNED.append(tuned)
+    return tuned
+
+
+TUNED = []  # every kernel ``autotuned`` made, in import order
+
+
+def tuning_choices() -> dict:
+    """{kernel name: {tuning key: the config chosen}} of every autotuned kernel that has
+    chosen (on a GPU; the interpreter never benchmarks): what the benchmarks ran."""
+    return {t.fn.__name__: {str(key): str(config) for key, config in t.cache.items()}
+            for t in TUNED if t.cache}
 
 
 # Ahead-of-time compile cases: (element type, tl.dot input_precision) as launches produce
