@@ -131,7 +131,14 @@ def traced_on_cuda(spec: OpSpec) -> Callable:
     that compiled CPU graphs keep calling the native kernels; fp64; the interpreter, whose
     kernels cannot be traced; torch.export, which keeps the op in the exported program until
     ``run_decompositions(decompose_custom_triton_ops=True)`` or AOTInductor's lowering) stays
-    one call of the op."""
+    one call of the op.
+
+    Why not ``torch.library.triton_op`` itself (torch 2.13): it infers the schema from the
+    function's annotations (its ``schema=`` is not used), makes that one function the kernel
+    of every device and the fake, and traces every call under ``FunctionalTensorMode``,
+    CPU ones included; the op table needs the spec's schema, the PyTorch kernel by default,
+    the native kernels on CPU (also in compiled CPU graphs and CPU AOTInductor packages) and
+    the spec's fake. So the op stays a ``custom_op`` and gets triton_op's CUDA half here."""
     triton = _checked(spec, spec.triton)
 
     def rule(mode, func, types, args, kwargs):
