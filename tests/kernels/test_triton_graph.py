@@ -22,8 +22,9 @@ OPS = ["kronops.kron_rows.default", "kronops.sparse_linear.default",
 
 def test_cuda_calls_lower_to_their_triton_kernels():
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": ROOT}
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "kernels", "trace_fake_cuda.py")],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    script = os.path.join(ROOT, "tests", "kernels", "trace_fake_cuda.py")
+    run = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     graphs = json.loads(run.stdout)
     assert graphs["exported"] == OPS
