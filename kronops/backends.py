@@ -23,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch._library.triton import set_wrap_triton_enabled, triton_ops_to_kernels
+from torch._library import triton as torch_triton
+from torch._library.triton import set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.export._trace import custom_triton_ops_decomposition_disabled
@@ -131,7 +132,10 @@ def traced_on_cuda(spec: OpSpec) -> Callable:
     that compiled CPU graphs keep calling the native kernels; fp64; the interpreter, whose
     kernels cannot be traced; torch.export, which keeps the op in the exported program until
     ``run_decompositions(decompose_custom_triton_ops=True)`` or AOTInductor's lowering) stays
-    one call of the op.
+    one call of the op. Integer tensors (indices, token lists) go to the launcher as copies:
+    Triton's mutation analysis counts a tensor whose loaded values address a store through a
+    helper call as written, and a traced graph would then write the caller's index back (or,
+    in an AOTInductor package, mutate a constant); a copy of a few hundred integers does not.
 
     Why not ``torch.library.triton_op`` itself (torch 2.13): it infers the schema from the
     function's annotations (its ``schema=`` is not used), makes that one function the kernel
@@ -148,6 +152,8 @@ def traced_on_cuda(spec: OpSpec) -> Callable:
                 or not all(issubclass(t, _TRACED_TYPES) for t in types)):
             return mode.__torch_dispatch__(func, types, args, kwargs)
         with mode:
+            args = [a.clone() if isinstance(a, torch.Tensor) and not a.is_floating_point() else a
+                    for a in args]
             return triton(*args, **kwargs)
     return rule
 
@@ -170,9 +176,11 @@ def define(spec: OpSpec):
     if spec.triton is not None and backend_choice() != "composite":
         op.register_kernel("cuda")(_triton_kernel(spec))
         op.register_torch_dispatch(FunctionalTensorMode, traced_on_cuda(spec))
-        # What triton_op records of its kernels: compiled graphs' cache keys hash their source.
-        triton_ops_to_kernels[spec.qualname] = list(
-            {case.kernel: None for cases in spec.compile_cases for case in cases()})
+        # What triton_op records of its kernels, where this torch keeps that table: compiled
+        # graphs' cache keys hash their source.
+        if hasattr(torch_triton, "triton_ops_to_kernels"):
+            torch_triton.triton_ops_to_kernels[spec.qualname] = list(
+                {case.kernel: None for cases in spec.compile_cases for case in cases()})
         _triton_ops[op] = spec
     SPECS.append(spec)
     if {s.qualname for s in SPECS}.issuperset(native.op_names()):

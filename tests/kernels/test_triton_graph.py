@@ -32,6 +32,7 @@ def test_cuda_calls_lower_to_their_triton_kernels():
     assert graphs["lowered"] == [wrapper + "kron_rows_kernel", wrapper + "sparse_matmul_add_kernel",
                                  wrapper + "sparse_matmul_add_kernel"]
     assert graphs["lowered_cpu"] == OPS
+    assert graphs["lowered_writes"] == graphs["lowered_cpu_writes"] == []  # no index written back
 
 
 class KronLayer(torch.nn.Module):

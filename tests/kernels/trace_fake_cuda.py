@@ -8,7 +8,8 @@ in its interpreter, whose kernels cannot be traced. Three graphs: ``exported`` (
 the kronops ops kept, as for ``torch.library.triton_op``), ``lowered`` (the exported program
 traced again as AOTInductor's lowering does, functionalised: the CUDA calls become
 ``triton_kernel_wrapper_functional`` nodes) and ``lowered_cpu`` (the same on CPU tensors:
-the ops stay, so compiled CPU graphs call the native kernels).
+the ops stay, so compiled CPU graphs call the native kernels), each with the inputs it
+writes (none: the model is inference).
 
 A CPU-only torch has no CUDA device guard, so the model avoids in-place updates of views on
 CUDA (S²FT ranges copy Δ into an aligned buffer that way): its S²FT layers take index
@@ -58,14 +59,16 @@ def calls(gm: torch.fx.GraphModule) -> list[str]:
     return found
 
 
-def lowered(ep, device: str, mode: FakeTensorMode) -> torch.fx.GraphModule:
+def lowered(ep, device: str, mode: FakeTensorMode):
     """The exported graph traced again on fresh fake inputs of ``device``, functionalised,
-    custom Triton ops decomposed (what AOTInductor's lowering traces)."""
+    custom Triton ops decomposed (what AOTInductor's lowering traces): (graph, the names of
+    the inputs it writes)."""
     values = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder"]
     with mode:
         inputs = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=device)
                   for v in values]
-    return aot_export_module(ep.graph_module, inputs, trace_joint=False)[0]
+    gm, signature = aot_export_module(ep.graph_module, inputs, trace_joint=False)
+    return gm, sorted(signature.user_inputs_to_mutate.values())
 
 
 def main() -> dict:
@@ -86,7 +89,9 @@ def main() -> dict:
             ep = torch.export.export(fake, (x,))
             if device == "cuda":
                 out["exported"] = calls(ep.graph_module)
-            out["lowered" if device == "cuda" else "lowered_cpu"] = calls(lowered(ep, device, mode))
+            gm, written = lowered(ep, device, mode)
+            name = "lowered" if device == "cuda" else "lowered_cpu"
+            out[name], out[name + "_writes"] = calls(gm), written
     return out
 
 
