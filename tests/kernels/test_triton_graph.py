@@ -63,7 +63,10 @@ def test_interpreted_kernels_stay_one_op():
 def test_every_triton_op_lists_its_kernels():
     """The kernels each op launches, as triton_op records them (compiled graphs' cache keys
     hash their source): every kernel of the op's compile cases."""
-    from torch._library.triton import get_triton_kernels_for_op
+    from torch._library import triton as torch_triton
+    if not hasattr(torch_triton, "triton_ops_to_kernels"):
+        pytest.skip("this torch keeps no kernel table for triton_op")
+    get_triton_kernels_for_op = torch_triton.get_triton_kernels_for_op
     assert backends._triton_ops
     for spec in backends._triton_ops.values():
         listed = get_triton_kernels_for_op(spec.qualname)
