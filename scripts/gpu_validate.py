@@ -118,7 +118,7 @@ def run_step(step: Step, deadline: float, out: str, env: dict) -> Outcome:
         return Outcome(step.name, "skipped", 0.0, "no time left")
     log_path = os.path.join(out, f"{step.name}.log")
     stdout_path = os.path.join(out, step.result) if step.stdout else log_path
-    with open(log_path, "w") as log, open(stdout_path, "a") as stdout:
+    with open(log_path, "w") as log, open(stdout_path, "w" if step.stdout else "a") as stdout:
         log.write(f"$ {' '.join(step.argv)}\n")
         log.flush()
         proc = subprocess.Popen(step.argv, cwd=ROOT, stdout=stdout, stderr=log, env=env,
@@ -277,6 +277,7 @@ def main(argv=None) -> int:
     end = started + total
     scale = total / TOTAL_S[args.rehearse]
     info = environment(out, args.rehearse)
+    print(f"gpu_validate: {total:.0f} s, stages {', '.join(stages)}; results in {out}", flush=True)
     builder = background_build(out, env) if "runner" in stages and not args.rehearse else None
     outcomes = [Outcome("env", "ok", time.monotonic() - started, info.get("gpu", "no GPU"))]
     write_summary(out, info, outcomes, started, total)
