@@ -11,7 +11,9 @@ past the run's end; time a stage leaves goes to the ones after it):
   tests   170 s  the tests that run the Triton kernels (``pytest -m kernels``, see
                  tests/conftest.py), compiled, fp32/fp16/bf16: Kronecker, S²FT (ranges,
                  master weights), serving, index safety under torch.compile, opcheck, the
-                 graph capture of the CUDA kernels: tests.log (one line a test), tests-junit.xml
+                 graph capture of the CUDA kernels; op-level tests first, one config per
+                 tuning key (KRONOPS_AUTOTUNE=0: the bench and the sweep autotune):
+                 tests.log (one line a test), tests-junit.xml
   bench   180 s  the benchmark's GPU set with CUDA-graph timing, the pinned alternatives
                  beside the default paths (three-kernel vs one-pass backward, persistent vs
                  row-block forward, merged vs separate adapter step, fused vs materialised):
@@ -43,7 +45,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ElementTree
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -53,6 +55,10 @@ BUDGETS = {False: {"tests": 170, "bench": 180, "runner": 70, "sweep": 60},
            True: {"tests": 45, "bench": 75, "runner": 40, "sweep": 20}}
 STAGES = tuple(BUDGETS[False])
 TOTAL_S = {False: 480, True: 180}
+# Where the tests marked ``kernels`` are, in the order the GPU runs them (a folder that gains
+# such tests is added here; the rehearsal collects these paths).
+TEST_ORDER = ["tests/kron", "tests/s2ft", "tests/serving", "tests/kernels", "tests/adapters",
+              "tests/test_op_validation.py"]
 GRACE_S = 5  # between SIGTERM and SIGKILL of a step cut at its deadline
 
 
@@ -65,6 +71,7 @@ class Step:
     share: float
     result: str | None = None
     stdout: bool = False  # the step's stdout is its result file (its stderr goes to the log)
+    env: dict = field(default_factory=dict)  # set for this step only
 
 
 @dataclass
@@ -84,11 +91,14 @@ def stage_steps(stage: str, out: str, rehearse: bool) -> list[Step]:
         pytest = [PY, "-m", "pytest", "-m", "kernels", "-p", "no:cacheprovider"]
         run = [*pytest, "-v", "-rfE", "--durations=20", f"--junitxml={at('tests-junit.xml')}"]
         if rehearse:  # the whole selection collected, one kernel file run
-            return [Step("tests-collect", [*pytest, "--collect-only", "-q", "tests"], 0.5,
+            return [Step("tests-collect", [*pytest, "--collect-only", "-q", *TEST_ORDER], 0.5,
                          "tests-collect.log"),
                     Step("tests", [*run, "tests/kernels/test_kron_rows_persistent.py"], 1.0,
                          "tests-junit.xml")]
-        return [Step("tests", [*run, "tests"], 1.0, "tests-junit.xml")]
+        # The op-level tests first (compile, opcheck, the public API), then the kernels'.
+        # One config per tuning key: the tests check results, the bench and sweep autotune.
+        return [Step("tests", [*run, *TEST_ORDER], 1.0, "tests-junit.xml",
+                     env={"KRONOPS_AUTOTUNE": "0"})]
     if stage == "bench":
         size = ["--tiny", "--budget", "0.01"] if rehearse else ["--full"]
         steps = [Step(f"bench-{ops}", [PY, "-m", "bench", *size, "--ops", ops, "--no-overhead",
@@ -121,8 +131,8 @@ def run_step(step: Step, deadline: float, out: str, env: dict) -> Outcome:
     with open(log_path, "w") as log, open(stdout_path, "w" if step.stdout else "a") as stdout:
         log.write(f"$ {' '.join(step.argv)}\n")
         log.flush()
-        proc = subprocess.Popen(step.argv, cwd=ROOT, stdout=stdout, stderr=log, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(step.argv, cwd=ROOT, stdout=stdout, stderr=log,
+                                env={**env, **step.env}, start_new_session=True)
         try:
             rc = proc.wait(timeout=deadline - start)
         except subprocess.TimeoutExpired:
