@@ -33,7 +33,8 @@ skipped), its time, and the figures it produced.
 
 ``--rehearse`` runs every stage on CPU with the Triton interpreter at tiny shapes (tests: the
 selection collected and one kernel file run; bench and sweep: their --tiny sets; runner: the
-CPU package), in about three minutes on an idle 2-core machine: the GPU run meets no typo.
+CPU package) within --total (180 s by default; uncut it took 281 s on a 2-core machine at
+load ~10, where the last stages are cut): the GPU run meets no typo.
 """
 import argparse
 import datetime
