@@ -11,12 +11,14 @@ import textwrap
 
 import torch
 
+from kronops.kernels.launch import tuning_choices
+
 from . import overhead
 from .optional import load_vllm, optional_import, skipped
 from .peft_providers import peft_version
 from .report import environment, plot, table, write_json
 from .runner import failures, run_case
-from .suite import FAMILIES, OPS, default_cases, resolve_ops, valid_op_names
+from .suite import FAMILIES, OPS, default_cases, resolve_ops, tiny_cases, valid_op_names
 from .timing import CPU_BUDGET_S, copy_bandwidth, gemm_rate
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,7 +45,7 @@ def _epilog() -> str:
     lines.append("  op names, as in the table's op column:")
     lines += textwrap.wrap(", ".join(op if " " not in op else f"'{op}'" for op in OPS), 76,
                            initial_indent="    ", subsequent_indent="    ")
-    lines += ["", "Without --out, results go to bench/results/local/<device>[-full].json",
+    lines += ["", "Without --out, results go to bench/results/local/<device>[-full|-tiny].json",
               "(untracked); --out bench/results/cpu.json updates the published CPU results."]
     return "\n".join(lines)
 
@@ -52,6 +54,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION, epilog=_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="GPU-sized shapes (LLaMA/MiniLM, 16k rows)")
+    p.add_argument("--tiny", action="store_true",
+                   help="the --full set's families at tiny shapes, on CPU unless --device says "
+                        "otherwise (a rehearsal of the GPU run's plumbing: seconds)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda with --full, else cpu)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
@@ -59,13 +64,15 @@ def parse_args(argv):
                    help="keep only these ops: families or op names, comma-separated (listed below)")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="results JSON path, the PNG figures written beside it "
-                        "(default: bench/results/local/<device>[-full].json)")
+                        "(default: bench/results/local/<device>[-full|-tiny].json)")
     p.add_argument("--budget", type=float, default=CPU_BUDGET_S, metavar="SECONDS",
                    help=f"CPU: timing budget per case (default {CPU_BUDGET_S:g}); the providers "
                         "are timed in interleaved rounds until their spread is small or it is spent")
     p.add_argument("--no-overhead", action="store_true",
                    help="skip the host-overhead rows (tiny shapes, every op) after the table")
     args = p.parse_args(argv)
+    if args.full and args.tiny:
+        p.error("--full and --tiny exclude each other")
     args.op_names = None
     if args.ops is not None:
         names = [n.strip() for arg in args.ops for n in arg.split(",") if n.strip()]
@@ -95,7 +102,7 @@ def main(argv=None) -> int:
     meta["vllm"] = None if vllm is None else vllm.__version__
     for line in skipped():
         print(f"bench: {line}", file=sys.stderr)
-    meta.update(dtype=str(dtype).removeprefix("torch."), full=args.full,
+    meta.update(dtype=str(dtype).removeprefix("torch."), full=args.full, tiny=args.tiny,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     if device.type == "cpu":
         meta["cpu_budget_s"] = args.budget
@@ -104,14 +111,23 @@ def main(argv=None) -> int:
         ceilings = dict(copy_gbps=copy_bandwidth(device), gemm_tflops=gemm_rate(device, dtype))
         meta["ceilings"] = ceilings
     ops = args.op_names
-    cases = [c for c in default_cases(args.full, dtype, device, ops=ops) if ops is None or c.op in ops]
+    built = (tiny_cases(dtype, device, ops) if args.tiny
+             else default_cases(args.full, dtype, device, ops=ops))
+    cases = [c for c in built if ops is None or c.op in ops]
     if not cases:
         print(f"bench: no case of {', '.join(sorted(ops))} in this set "
               f"({'--full' if args.full else 'CPU'}; optional packages missing?)", file=sys.stderr)
         return 2
+    kind = "-full" if args.full else "-tiny" if args.tiny else ""
+    out = args.out or os.path.join(LOCAL_RESULTS, f"{device.type}{kind}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     rows = []
+    meta["complete"] = False  # the JSON is rewritten after every case: a run cut short keeps its rows
     for case in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
         rows += run_case(case, dtype, device, ceilings, budget_s=args.budget)
+        meta["autotuned"] = tuning_choices()
+        write_json(out, meta, rows)
+    meta["complete"] = True
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['dtype']}"
           + (f" | copy {ceilings['copy_gbps']:.0f} GB/s, GEMM {ceilings['gemm_tflops']:.0f} TFLOP/s"
              if ceilings else ""))
@@ -120,8 +136,6 @@ def main(argv=None) -> int:
         meta["host_overhead"] = overhead.measure(device)
         print(f"host overhead per call at tiny shapes ({device.type}, fp32):\n"
               f"{overhead.table(meta['host_overhead'])}")
-    out = args.out or os.path.join(LOCAL_RESULTS, f"{device.type}{'-full' if args.full else ''}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_json(out, meta, rows)
     matplotlib, why = optional_import("matplotlib")
     if matplotlib is None:  # the vLLM environment has none: draw them where it is installed

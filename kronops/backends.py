@@ -5,7 +5,10 @@ Every ``kronops::`` op is declared once, by an ``OpSpec`` in its family's ``ops.
 torch.compile and opcheck trace), its autograd formula, its PyTorch kernel as the default
 kernel on every device and its Triton kernel for CUDA (dtypes Triton does not take, fp64,
 still run the PyTorch kernel there). Both Python kernels run after the spec's argument check
-and with autocast off, so that what they return matches the fake. The native library
+and with autocast off, so that what they return matches the fake. A CUDA call is also
+visible to graph capture, as ``torch.library.triton_op`` makes it (``traced_on_cuda``):
+torch.compile and AOTInductor trace it into its Triton launches (``wrap_triton``), so a
+compiled graph or an AOTInductor package holds the kernels themselves. The native library
 (``kronops.native``, when built) registers its C++ kernels for the CPU dispatch key of every
 op once all are defined; it reads the same schemas (``kronops.native.schemas``).
 
@@ -20,6 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch._library import triton as torch_triton
+from torch._library.triton import set_wrap_triton_enabled
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+from torch.export._trace import custom_triton_ops_decomposition_disabled
 
 from . import native
 from .dtypes import autocast_off
@@ -86,11 +94,11 @@ def interpreting() -> bool:
 def _checked(spec: OpSpec, kernel: Callable) -> Callable:
     """``kernel`` after ``spec``'s argument check, with autocast off on the first tensor's
     device (every op's first argument is a tensor)."""
-    def run(*args):
+    def run(*args, **kwargs):
         if spec.check is not None:
-            spec.check(*args)
+            spec.check(*args, **kwargs)
         with autocast_off(args[0].device.type):
-            return kernel(*args)
+            return kernel(*args, **kwargs)
     return run
 
 
@@ -101,12 +109,53 @@ def takes_triton(t: torch.Tensor) -> bool:
 
 def _triton_kernel(spec: OpSpec) -> Callable:
     """The kernel registered for CUDA: ``spec.triton`` where the op's first tensor takes the
-    Triton kernels, else the PyTorch kernel."""
+    Triton kernels, else the PyTorch kernel. Its launches go straight to Triton (the
+    ``wrap_triton`` around them records a graph node only while ``traced_on_cuda`` traces)."""
     triton, torch_kernel = _checked(spec, spec.triton), _checked(spec, spec.torch_kernel)
 
-    def run(first, *args):
-        return (triton if takes_triton(first) else torch_kernel)(first, *args)
+    def run(first, *args, **kwargs):
+        if not takes_triton(first):
+            return torch_kernel(first, *args, **kwargs)
+        with set_wrap_triton_enabled(False):
+            return triton(first, *args, **kwargs)
     return run
+
+
+_TRACED_TYPES = (torch.Tensor, FakeTensor, FunctionalTensor)
+
+
+def traced_on_cuda(spec: OpSpec) -> Callable:
+    """The op's rule under ``FunctionalTensorMode`` (how torch.compile's and AOTInductor's
+    tracing see a call), as ``torch.library.triton_op`` registers it: a call whose first
+    tensor is a CUDA tensor of a Triton dtype is traced through ``spec.triton``, whose
+    ``wrap_triton`` launches become ``triton_kernel_wrapper`` nodes; any other call (CPU, so
+    that compiled CPU graphs keep calling the native kernels; fp64; the interpreter, whose
+    kernels cannot be traced; torch.export, which keeps the op in the exported program until
+    ``run_decompositions(decompose_custom_triton_ops=True)`` or AOTInductor's lowering) stays
+    one call of the op. Integer tensors (indices, token lists) go to the launcher as copies:
+    Triton's mutation analysis counts a tensor whose loaded values address a store through a
+    helper call as written, and a traced graph would then write the caller's index back (or,
+    in an AOTInductor package, mutate a constant); a copy of a few hundred integers does not.
+
+    Why not ``torch.library.triton_op`` itself (torch 2.13): it infers the schema from the
+    function's annotations (its ``schema=`` is not used), makes that one function the kernel
+    of every device and the fake, and traces every call under ``FunctionalTensorMode``,
+    CPU ones included; the op table needs the spec's schema, the PyTorch kernel by default,
+    the native kernels on CPU (also in compiled CPU graphs and CPU AOTInductor packages) and
+    the spec's fake. So the op stays a ``custom_op`` and gets triton_op's CUDA half here."""
+    triton = _checked(spec, spec.triton)
+
+    def rule(mode, func, types, args, kwargs):
+        first = args[0]
+        if (first.device.type != "cuda" or first.dtype not in TRITON_DTYPES or interpreting()
+                or custom_triton_ops_decomposition_disabled()
+                or not all(issubclass(t, _TRACED_TYPES) for t in types)):
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        with mode:
+            args = [a.clone() if isinstance(a, torch.Tensor) and not a.is_floating_point() else a
+                    for a in args]
+            return triton(*args, **kwargs)
+    return rule
 
 
 def define(spec: OpSpec):
@@ -126,6 +175,12 @@ def define(spec: OpSpec):
         op.register_autograd(spec.backward, setup_context=spec.setup_context)
     if spec.triton is not None and backend_choice() != "composite":
         op.register_kernel("cuda")(_triton_kernel(spec))
+        op.register_torch_dispatch(FunctionalTensorMode, traced_on_cuda(spec))
+        # What triton_op records of its kernels, where this torch keeps that table: compiled
+        # graphs' cache keys hash their source.
+        if hasattr(torch_triton, "triton_ops_to_kernels"):
+            torch_triton.triton_ops_to_kernels[spec.qualname] = list(
+                {case.kernel: None for cases in spec.compile_cases for case in cases()})
         _triton_ops[op] = spec
     SPECS.append(spec)
     if {s.qualname for s in SPECS}.issuperset(native.op_names()):

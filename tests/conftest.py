@@ -1,10 +1,16 @@
 """Test set-up: Triton kernels run in the CPU interpreter unless a CUDA GPU is present.
 
+Tests that run the Triton kernels (through ``triton_backend``, a parameter "triton" or
+"inductor", or on ``KERNEL_DEVICE`` / ``KERNEL_DTYPES`` / ``ON_GPU``; every kernel test but
+the ahead-of-time compiles) are marked ``kernels``: ``-m kernels`` is what a GPU runs
+differently from CPU (scripts/gpu_validate.py, stage 1).
+
 Every test starts from a fixed seed derived from its node id, so a run is reproducible and
 CI cannot fail at random. ``KRONOPS_TEST_SEED=k`` shifts every seed (a sweep over k
 checks that tolerances hold for other inputs too); ``KRONOPS_MARGINS=path`` appends one
 JSON line per ``assert_close`` (test, what, error / tolerance) to ``path``.
 """
+import inspect
 import json
 import os
 import zlib
@@ -48,6 +54,35 @@ def backend_device(request):
     else:
         with kronops.backends.triton_on_cpu():
             yield "cpu"
+
+
+KERNEL_NAMES = ("KERNEL_DEVICE", "KERNEL_DTYPES", "ON_GPU")
+KERNEL_PARAMS = ("triton", "inductor")  # backend parameters that run the Triton kernels
+
+
+def runs_kernels(item) -> bool:
+    """Whether a collected test runs the Triton kernels (see the module docstring)."""
+    path = str(item.path)
+    if os.sep + "kernels" + os.sep in path and not path.endswith("test_aot_compile.py"):
+        return True
+    if "triton_backend" in item.fixturenames:
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and any(v in KERNEL_PARAMS for v in callspec.params.values()
+                                    if isinstance(v, str)):
+        return True
+    function = getattr(item, "function", None)
+    try:
+        source = inspect.getsource(function) if function is not None else ""
+    except (OSError, TypeError):
+        source = ""
+    return any(name in source for name in KERNEL_NAMES)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if runs_kernels(item):
+            item.add_marker(pytest.mark.kernels)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 // kronops_aoti_runner: runs a model with kronops ops, exported in Python with torch.export and
 // compiled by AOTInductor (torch._inductor.aoti_compile_and_package), in a C++ process
-// without Python. The ops' schemas and CPU kernels come from the native library.
+// without Python. The ops' schemas and CPU kernels come from the native library; a package
+// compiled for CUDA runs on the GPU (its inputs are moved there, its outputs back).
 //
 //   kronops_aoti_runner MODEL.pt2 INPUTS OUTPUTS   run the model on the tensors in INPUTS,
 //                                                  write its outputs to OUTPUTS
@@ -91,7 +92,15 @@ int main(int argc, char** argv) {
       return 2;
     }
     torch::inductor::AOTIModelPackageLoader loader(argv[1]);
-    const std::vector<at::Tensor> outputs = loader.run(read_tensors(argv[2]));
+    // The inputs go to the device the package was compiled for (a CUDA package's kernels
+    // are its own Triton kernels); the outputs come back to the host to be written.
+    const auto metadata = loader.get_metadata();
+    const auto device_key = metadata.find("AOTI_DEVICE_KEY");
+    const c10::Device device(device_key == metadata.end() ? std::string("cpu") : device_key->second);
+    std::vector<at::Tensor> inputs = read_tensors(argv[2]);
+    for (auto& t : inputs) t = t.to(device);
+    std::vector<at::Tensor> outputs = loader.run(inputs);
+    for (auto& t : outputs) t = t.cpu();
     write_tensors(argv[3], outputs);
     return 0;
   } catch (const std::exception& e) {

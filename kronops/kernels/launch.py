@@ -1,7 +1,8 @@
 """Launching the kernels: tuning configs pruned by a register budget, then autotuned.
 
-On a GPU the viable configs are autotuned once per key; under ``TRITON_INTERPRET=1`` the
-first viable config runs, so CPU tests run each kernel once. The ahead-of-time compile
+On a GPU the viable configs are autotuned once per key; under ``TRITON_INTERPRET=1``, or
+with ``KRONOPS_AUTOTUNE=0``, the first viable config runs, so CPU tests run each kernel once
+(and a GPU test run compiles one config per key). The ahead-of-time compile
 check (``kronops.kernels.aot``) walks the same configs, so every config that can be
 launched is also compiled in CI.
 """
@@ -15,6 +16,12 @@ import triton
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotuning() -> bool:
+    """Whether a launch benchmarks its viable configs: on a GPU, unless ``KRONOPS_AUTOTUNE=0``
+    (read at each launch)."""
+    return not interpreting() and os.environ.get("KRONOPS_AUTOTUNE", "1") != "0"
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -77,17 +84,29 @@ def autotuned(fn, configs: list, key: list, footprint, restore_value=()):
     """``fn`` (a ``@triton.jit`` kernel) under ``triton.autotune``, pruned per launch to the
     viable configs for its constexprs and element size; launch it as ``kernel[grid](...)``.
 
-    On a GPU the viable configs are benchmarked once per ``key``; under the interpreter the
-    first one runs (one config: no benchmark). A kernel that updates tensors in place names
+    On a GPU the viable configs are benchmarked once per ``key``; under the interpreter or
+    ``KRONOPS_AUTOTUNE=0`` the first one runs (one config: no benchmark). A kernel that updates tensors in place names
     their pointer arguments in ``restore_value``: benchmarking runs it many times.
     """
     def prune(configs, named_args, **constexprs):
         element_bytes = next(iter(named_args.values())).element_size()
         fits = viable_configs(configs, footprint, constexprs, element_bytes)
-        return fits[:1] if interpreting() else fits
+        return fits if autotuning() else fits[:1]
 
-    return triton.autotune(configs=configs, key=key, restore_value=list(restore_value),
-                           prune_configs_by={"early_config_prune": prune})(fn)
+    tuned = triton.autotune(configs=configs, key=key, restore_value=list(restore_value),
+                            prune_configs_by={"early_config_prune": prune})(fn)
+    TUNED.append(tuned)
+    return tuned
+
+
+TUNED = []  # every kernel ``autotuned`` made, in import order
+
+
+def tuning_choices() -> dict:
+    """{kernel name: {tuning key: the config chosen}} of every autotuned kernel that has
+    chosen (on a GPU; the interpreter never benchmarks): what the benchmarks ran."""
+    return {t.fn.__name__: {str(key): str(config) for key, config in t.cache.items()}
+            for t in TUNED if t.cache}
 
 
 # Ahead-of-time compile cases: (element type, tl.dot input_precision) as launches produce

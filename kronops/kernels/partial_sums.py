@@ -8,6 +8,7 @@ in one launch. No atomics: the result does not depend on scheduling.
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .launch import ELEMENT_BYTES, CompileCase, num_programs_cap
 
@@ -60,7 +61,7 @@ def finish(partial: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Ten
     groups, p, q = partial.shape
     out = torch.empty((p, q), device=partial.device, dtype=dtype)
     if out.numel():
-        finish_kernel[(triton.cdiv(p * q, FINISH_BLOCK),)](
+        wrap_triton(finish_kernel)[(triton.cdiv(p * q, FINISH_BLOCK),)](
             partial, out, groups, p, q, partial.stride(0), partial.stride(1), float(scale),
             BLOCK=FINISH_BLOCK)
     return out

@@ -10,6 +10,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
                       dot_precision, live_words, viable_configs)
@@ -138,7 +139,7 @@ def triton_kron_factor_grad(dy: torch.Tensor, f: torch.Tensor, x: torch.Tensor,
     def grid(meta):
         return (groups, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(r, meta["BLOCK_R"]))
 
-    tuned[grid](
+    wrap_triton(tuned)[grid](
         dy, f, x, partial,
         m, p, n, r, q,
         *dy.stride(), *f.stride(), *x.stride(), partial.stride(0), partial.stride(1),

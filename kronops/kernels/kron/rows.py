@@ -9,6 +9,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ...kron import dispatch
 from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
@@ -141,7 +142,7 @@ def launch_kron_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(b1, meta["BLOCK_N"])
                 * triton.cdiv(a1, meta["BLOCK_I"]),)
 
-    tuned[grid](
+    wrap_triton(tuned)[grid](
         x, a, b, bias if bias is not None else y, y,
         m, a1, a2, b1, b2,
         *x.stride(), *a.stride(), *b.stride(), y.stride(0),

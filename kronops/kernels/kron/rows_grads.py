@@ -15,6 +15,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ...kron import dispatch
 from ..launch import (ELEMENT_BYTES, PRECISIONS, REGISTER_BUDGET, TOKENS, CompileCase,
@@ -188,7 +189,7 @@ def triton_kron_rows_grads_one_pass(dy: torch.Tensor, x: torch.Tensor, a: torch.
     da_partial = new_partials(groups, a1, a2, dy.device) if need_a else None
     db_partial = new_partials(groups, b1, b2, dy.device) if need_b else None
     for flags in launches(a1, a2, b1, b2, dy.element_size(), precision, need_x, need_a, need_b):
-        tuned[(groups,)](
+        wrap_triton(tuned)[(groups,)](
             dy, x, a, b, dx if need_x else dy, da_partial if need_a else dy,
             db_partial if need_b else dy,
             m, a1, a2, b1, b2,

@@ -13,6 +13,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..launch import (ELEMENT_BYTES, PRECISIONS, REGISTER_BUDGET, TOKENS, CompileCase,
                       autotuned, dot_precision, num_programs_cap, tile_words, viable_configs)
@@ -144,7 +145,7 @@ def triton_kron_rows_persistent(x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     if m == 0:
         return y
     groups = max(1, min(m, num_programs_cap(x.device) // 2))
-    tuned[(groups,)](
+    wrap_triton(tuned)[(groups,)](
         x, a, b, bias if bias is not None else y, y,
         m, a1, a2, b1, b2,
         *x.stride(), *a.stride(), *b.stride(), y.stride(0),

@@ -11,6 +11,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..launch import ELEMENT_BYTES, CompileCase, autotuned, live_words, viable_configs
 from .matmul_add import (FEATURES, RANGE_START, SELECTED_COLS, SELECTED_ROWS,
@@ -128,7 +129,7 @@ def launch_sparse_adamw(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch
     def grid(meta):
         return (triton.cdiv(p * q, meta["BLOCK"]),)
 
-    tuned[grid](
+    wrap_triton(tuned)[grid](
         weight, grad, exp_avg, exp_avg_sq, master if master is not None else exp_avg,
         idx if idx is not None else exp_avg,
         p, q, start, weight.shape[1] if cols else weight.shape[0], *weight.stride(),

@@ -9,6 +9,7 @@ result does not depend on scheduling (no atomics).
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
                       dot_precision, tile_words, viable_configs)
@@ -157,7 +158,7 @@ def launch_sparse_delta_grad(d: torch.Tensor, x: torch.Tensor, *, d_cols=0, p: i
     def grid(meta):
         return (groups, triton.cdiv(p_read, meta["BLOCK_P"]), triton.cdiv(q_read, meta["BLOCK_Q"]))
 
-    tuned[grid](
+    wrap_triton(tuned)[grid](
         d, x, partial, d_idx if d_idx is not None else partial,
         x_idx if x_idx is not None else partial,
         m, p_read, q_read, d_start, x_start, d.shape[1], x.shape[1],

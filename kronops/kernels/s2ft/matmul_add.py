@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ...s2ft import torch_kernels
 
@@ -176,7 +177,7 @@ def triton_sparse_matmul_add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    tuned[grid](
+    wrap_triton(tuned)[grid](
         a, b, out, a_idx if a_idx is not None else out, out_idx if out_idx is not None else out,
         m, n, k, a_start, out_start, a.shape[1], out.shape[1],
         *a.stride(), *b.stride(), *out.stride(),

@@ -13,6 +13,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..kron.rows import footprint, tile_shape
 from ..kron.tiles import COMPILE_SHAPES, ROW_BLOCK_CONFIGS, int32_rows, kron_tile
@@ -117,7 +118,7 @@ def launch_routed_kron_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b:
     def grid(meta):
         return (n_tiles, triton.cdiv(b1, meta["BLOCK_N"]), triton.cdiv(a1, meta["BLOCK_I"]))
 
-    tuned[grid](
+    wrap_triton(tuned)[grid](
         x, a, b, y, tokens.contiguous(), tiles.contiguous(),
         x.shape[0], a1, a2, b1, b.shape[2],
         *x.stride(), *a.stride(), *b.stride(), *y.stride(),

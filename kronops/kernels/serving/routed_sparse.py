@@ -15,6 +15,7 @@ and, within a segment, indices are unique, so programs never write the same elem
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..launch import (ELEMENT_BYTES, PRECISIONS, TOKENS, CompileCase, autotuned,
                       dot_precision, viable_configs)
@@ -135,7 +136,7 @@ def launch_routed_sparse_add(y: torch.Tensor, x: torch.Tensor, delta: torch.Tens
     def grid(meta):
         return (n_tiles * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    tuned[grid](
+    wrap_triton(tuned)[grid](
         x, delta, y, index.contiguous(), tokens.contiguous(), tiles.contiguous(),
         x.shape[0], x.shape[1], y.shape[1], n,
         *x.stride(), *delta.stride(), *y.stride(),
