@@ -17,7 +17,7 @@ from .peft_providers import peft_version
 from .report import environment, plot, table, write_json
 from .runner import failures, run_case
 from .suite import FAMILIES, OPS, default_cases, resolve_ops, valid_op_names
-from .timing import CPU_BUDGET_S, copy_bandwidth, gemm_rate
+from .timing import CPU_BUDGET_S, CPU_REGIMES, copy_bandwidth, gemm_rate, set_cpu_regime
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -63,6 +63,10 @@ def parse_args(argv):
     p.add_argument("--budget", type=float, default=CPU_BUDGET_S, metavar="SECONDS",
                    help=f"CPU: timing budget per case (default {CPU_BUDGET_S:g}); the providers "
                         "are timed in interleaved rounds until their spread is small or it is spent")
+    p.add_argument("--cpu-regime", choices=CPU_REGIMES, default="default",
+                   help="CPU: the allocator regime (default: glibc's malloc as it is, large "
+                        "outputs page-faulting on every call; warm: freed memory reused warm, "
+                        "as a long-running process sees it)")
     p.add_argument("--no-overhead", action="store_true",
                    help="skip the host-overhead rows (tiny shapes, every op) after the table")
     args = p.parse_args(argv)
@@ -96,11 +100,12 @@ def main(argv=None) -> int:
     meta.update(dtype=str(dtype).removeprefix("torch."), full=args.full,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     if device.type == "cpu":
-        meta["cpu_budget_s"] = args.budget
-    ceilings = None
-    if device.type == "cuda":
-        ceilings = dict(copy_gbps=copy_bandwidth(device), gemm_tflops=gemm_rate(device, dtype))
-        meta["ceilings"] = ceilings
+        set_cpu_regime(args.cpu_regime)
+        meta.update(cpu_budget_s=args.budget, cpu_regime=args.cpu_regime)
+    # The same run's copy and GEMM rates (in the run's dtype): each row's roofline and the
+    # fraction of the GEMM rate it reaches.
+    ceilings = dict(copy_gbps=copy_bandwidth(device), gemm_tflops=gemm_rate(device, dtype))
+    meta["ceilings"] = ceilings
     ops = args.op_names
     cases = [c for c in default_cases(args.full, dtype, device, ops=ops) if ops is None or c.op in ops]
     if not cases:
@@ -111,8 +116,8 @@ def main(argv=None) -> int:
     for case in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
         rows += run_case(case, dtype, device, ceilings, budget_s=args.budget)
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['dtype']}"
-          + (f" | copy {ceilings['copy_gbps']:.0f} GB/s, GEMM {ceilings['gemm_tflops']:.0f} TFLOP/s"
-             if ceilings else ""))
+          + f" | copy {ceilings['copy_gbps']:.0f} GB/s, GEMM {ceilings['gemm_tflops']:.2f} TFLOP/s"
+          + (f" | allocator {args.cpu_regime}" if device.type == "cpu" else ""))
     print(table(rows))
     if not args.no_overhead:
         meta["host_overhead"] = overhead.measure(device)
