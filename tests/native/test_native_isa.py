@@ -172,3 +172,29 @@ def test_environment_variable_sets_the_level():
     if native.detected_isa() != native.ISAS[-1]:
         high = run_python("import kronops", native.ISAS[-1])
         assert high.returncode != 0 and "supports at most" in high.stderr
+
+
+@pytest.mark.parametrize("level", levels())
+def test_bf16_ops_opcheck_and_empty_batch(level):
+    """The bf16 kernels keep the ops' contract (the kept intermediate in fp32, shapes and
+    dtypes as the fake kernels say) at every level, and take an empty batch."""
+    from kronops.kron.ops import kron_rows_keep
+    x = torch.randn(5, 3, 5).bfloat16()
+    a, b = torch.randn(2, 3).bfloat16(), torch.randn(4, 5).bfloat16()
+    with native.forced_isa(level):
+        torch.library.opcheck(torch.ops.kronops.kron_rows_keep.default,
+                              (x, a.requires_grad_(), b, None, 0.5))
+        _, inner = kron_rows_keep(x, a.detach(), b, None, 0.5)
+        assert inner.dtype == torch.float32
+        torch.library.opcheck(torch.ops.kronops.kron_rows_grads.default,
+                              (torch.randn(5, 2, 4).bfloat16(), x, a.detach(), b, 0.5, True, True,
+                               True, inner))
+        torch.library.opcheck(torch.ops.kronops.kron_mode.default,
+                              (x, torch.randn(7, 3).bfloat16()))
+        leaves = [torch.randn(0, 15).bfloat16().requires_grad_(), a.detach().requires_grad_(),
+                  b.requires_grad_()]
+        with dispatch.override(materialise=False):
+            y = kronops.kron_linear(*leaves)
+        assert y.shape == (0, 8)
+        y.sum().backward()
+        assert not leaves[1].grad.any() and not leaves[2].grad.any()
