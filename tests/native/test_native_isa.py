@@ -61,10 +61,11 @@ def check_bf16(fn, inputs, dy, what, frozen=()):
         assert_within_bound(g, e, m, f"{what} {name}")
 
 
-# (rows, a shape, b shape): X Bᵀ first and A X first, the FMA kernel's tile widths
-# (59 = 3 * 16 + 8 + 3 columns), odd sizes.
+# (rows, a shape, b shape): X Bᵀ first and A X first, each with small row products (the
+# bf16 backward in fp32, mode-major) and large ones (on the bf16 GEMMs at avx512 and up), the
+# FMA kernel's tile widths (59 = 3 * 16 + 8 + 3 columns), odd sizes.
 KRON_CASES = [(37, (16, 24), (24, 16)), (21, (6, 5), (59, 7)), (13, (7, 40), (3, 9)),
-              (64, (32, 32), (32, 32))]
+              (64, (32, 32), (32, 32)), (9, (40, 24), (30, 20)), (11, (12, 48), (60, 36))]
 
 
 @pytest.mark.parametrize("level", levels())
