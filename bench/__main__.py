@@ -103,9 +103,12 @@ def main(argv=None) -> int:
         set_cpu_regime(args.cpu_regime)
         meta.update(cpu_budget_s=args.budget, cpu_regime=args.cpu_regime)
     # The same run's copy and GEMM rates (in the run's dtype): each row's roofline and the
-    # fraction of the GEMM rate it reaches.
-    ceilings = dict(copy_gbps=copy_bandwidth(device), gemm_tflops=gemm_rate(device, dtype))
-    meta["ceilings"] = ceilings
+    # fraction of the GEMM rate it reaches. Not for fp16 on CPU, which has no fast fp16 GEMM
+    # to be a ceiling (a 1024³ product takes seconds there).
+    ceilings = None
+    if device.type == "cuda" or dtype != torch.float16:
+        ceilings = dict(copy_gbps=copy_bandwidth(device), gemm_tflops=gemm_rate(device, dtype))
+        meta["ceilings"] = ceilings
     ops = args.op_names
     cases = [c for c in default_cases(args.full, dtype, device, ops=ops) if ops is None or c.op in ops]
     if not cases:
@@ -116,7 +119,8 @@ def main(argv=None) -> int:
     for case in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
         rows += run_case(case, dtype, device, ceilings, budget_s=args.budget)
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['dtype']}"
-          + f" | copy {ceilings['copy_gbps']:.0f} GB/s, GEMM {ceilings['gemm_tflops']:.2f} TFLOP/s"
+          + (f" | copy {ceilings['copy_gbps']:.0f} GB/s, GEMM {ceilings['gemm_tflops']:.2f} TFLOP/s"
+             if ceilings else "")
           + (f" | allocator {args.cpu_regime}" if device.type == "cpu" else ""))
     print(table(rows))
     if not args.no_overhead:

@@ -337,7 +337,7 @@ def markdown(rows: list[dict]) -> str:
     """The rows as the README's markdown table (median and min ms, speedup, error)."""
     has_roofline = any("roofline_pct" in r for r in rows)
     head = ["op", "mode", "shape", "provider", "median ms", "min ms"] + \
-        (["% roofline"] if has_roofline else []) + ["vs naive", "rel err"]
+        (["% roofline", "% GEMM"] if has_roofline else []) + ["vs naive", "rel err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["op"], r["mode"], r["shape"], r["provider"], _fmt(r["median_ms"], ".3f"),
