@@ -19,7 +19,7 @@ from .peft_providers import peft_version
 from .report import environment, plot, table, write_json
 from .runner import failures, run_case
 from .suite import FAMILIES, OPS, default_cases, resolve_ops, tiny_cases, valid_op_names
-from .timing import CPU_BUDGET_S, copy_bandwidth, gemm_rate
+from .timing import CPU_BUDGET_S, CPU_REGIMES, copy_bandwidth, gemm_rate, set_cpu_regime
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -68,6 +68,10 @@ def parse_args(argv):
     p.add_argument("--budget", type=float, default=CPU_BUDGET_S, metavar="SECONDS",
                    help=f"CPU: timing budget per case (default {CPU_BUDGET_S:g}); the providers "
                         "are timed in interleaved rounds until their spread is small or it is spent")
+    p.add_argument("--cpu-regime", choices=CPU_REGIMES, default="default",
+                   help="CPU: the allocator regime (default: glibc's malloc as it is, large "
+                        "outputs page-faulting on every call; warm: freed memory reused warm, "
+                        "as a long-running process sees it)")
     p.add_argument("--no-overhead", action="store_true",
                    help="skip the host-overhead rows (tiny shapes, every op) after the table")
     args = p.parse_args(argv)
@@ -105,9 +109,13 @@ def main(argv=None) -> int:
     meta.update(dtype=str(dtype).removeprefix("torch."), full=args.full, tiny=args.tiny,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     if device.type == "cpu":
-        meta["cpu_budget_s"] = args.budget
+        set_cpu_regime(args.cpu_regime)
+        meta.update(cpu_budget_s=args.budget, cpu_regime=args.cpu_regime)
+    # The same run's copy and GEMM rates (in the run's dtype): each row's roofline and the
+    # fraction of the GEMM rate it reaches. Not for fp16 on CPU, which has no fast fp16 GEMM
+    # to be a ceiling (a 1024³ product takes seconds there).
     ceilings = None
-    if device.type == "cuda":
+    if device.type == "cuda" or dtype != torch.float16:
         ceilings = dict(copy_gbps=copy_bandwidth(device), gemm_tflops=gemm_rate(device, dtype))
         meta["ceilings"] = ceilings
     ops = args.op_names
@@ -129,8 +137,9 @@ def main(argv=None) -> int:
         write_json(out, meta, rows)
     meta["complete"] = True
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['dtype']}"
-          + (f" | copy {ceilings['copy_gbps']:.0f} GB/s, GEMM {ceilings['gemm_tflops']:.0f} TFLOP/s"
-             if ceilings else ""))
+          + (f" | copy {ceilings['copy_gbps']:.0f} GB/s, GEMM {ceilings['gemm_tflops']:.2f} TFLOP/s"
+             if ceilings else "")
+          + (f" | allocator {args.cpu_regime}" if device.type == "cpu" else ""))
     print(table(rows))
     if not args.no_overhead:
         meta["host_overhead"] = overhead.measure(device)

@@ -1,5 +1,6 @@
 """Benchmark cases of the CPU backends side by side: the native kernels (when built), the
-PyTorch kernels of the same ops, plain torch autograd on the same expression, FastKron
+PyTorch kernels of the same ops, the native kernels at the level below the CPU's (``_lower_isa``),
+plain torch autograd on the same expression, plain PyTorch in the inputs' dtype, FastKron
 (``pyfastkron``, when installed: its x86 AVX backend) and the materialised reference.
 
 Every provider is checked against fp64 like every row. "kronops (PyTorch kernels)" sets the
@@ -51,6 +52,20 @@ def _autograd(x, *factors):
     return y.reshape(x.shape[0], -1)
 
 
+def _plain(x, a, b):
+    """Plain PyTorch in the inputs' dtype: A @ X_m @ Bᵀ as two batched matmuls."""
+    m = x.reshape(-1, a.shape[1], b.shape[1])
+    return (a @ m @ b.T).reshape(x.shape[0], -1)
+
+
+def _lower_isa():
+    """The level below the detected one whose kernels differ (the AVX2 FMA kernel and bf16
+    computed in fp32), or None where the CPU has no AVX-512."""
+    if not native.available() or native.ISAS.index(native.detected_isa()) < 2:
+        return None
+    return "avx2"
+
+
 def _fastkron(x, *factors):
     # FastKron computes x (F1ᵀ ⊗ ... ⊗ FNᵀ) = x kron(F1, ..., FN)ᵀ
     return fastkron().gemkm(x, [f.T for f in factors])
@@ -65,8 +80,14 @@ def kron_cpu_cases(rows, factor_shapes, dtype, device, modes=("forward", "forwar
     providers = {}
     if native.available():
         providers["kronops (native)"] = Provider(_kron)
+        lower = _lower_isa()
+        if lower:
+            providers[f"kronops (native, KRONOPS_CPU_ISA={lower})"] = Provider(
+                _kron, setting=lambda: native.forced_isa(lower))
     providers["kronops (PyTorch kernels)"] = Provider(_composite(_kron), setting=native.disabled)
     providers["torch autograd, same expression"] = Provider(_autograd)
+    if len(factor_shapes) == 2:
+        providers["plain PyTorch (A @ X @ Bᵀ)"] = Provider(_plain)
     if fastkron() is not None and device.type == "cpu" and dtype in (torch.float32, torch.float64):
         providers[FASTKRON] = Provider(_fastkron)
     providers["naive (torch.kron)"] = Provider(lambda x, *f: naive_kron_matmul(x, f))

@@ -49,7 +49,7 @@ def table(rows: list[dict]) -> str:
     head = ["op", "mode", "shape", "dtype", "provider", "median ms", "min ms", "p20-p80 ms"] + \
         (["host ms"] if has_host else []) + (["tokens/s"] if has_tokens else []) + \
         ["GB/s", "TFLOP/s"] + \
-        (["% roof"] if has_roofline else []) + ["x naive", "peak MiB", "rel err"]
+        (["% roof", "% GEMM"] if has_roofline else []) + ["x naive", "peak MiB", "rel err"]
     lines = []
     for r in rows:
         mem = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2 ** 20
@@ -62,7 +62,7 @@ def table(rows: list[dict]) -> str:
             cells.append(_fmt(r.get("tokens_per_s"), ".0f"))
         cells += [_fmt(r["gbps"], ".1f"), _fmt(r["tflops"], ".2f")]
         if has_roofline:
-            cells.append(_fmt(r.get("roofline_pct"), ".0f"))
+            cells += [_fmt(r.get("roofline_pct"), ".0f"), _fmt(r.get("gemm_pct"), ".0f")]
         cells += [_fmt(r["speedup_vs_naive"], ".2f"), _fmt(mem, ".1f"), error_cell(r)]
         lines.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
@@ -347,13 +347,13 @@ def markdown(rows: list[dict]) -> str:
     """The rows as the README's markdown table (median and min ms, speedup, error)."""
     has_roofline = any("roofline_pct" in r for r in rows)
     head = ["op", "mode", "shape", "provider", "median ms", "min ms"] + \
-        (["% roofline"] if has_roofline else []) + ["vs naive", "rel err"]
+        (["% roofline", "% GEMM"] if has_roofline else []) + ["vs naive", "rel err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["op"], r["mode"], r["shape"], r["provider"], _fmt(r["median_ms"], ".3f"),
                  _fmt(r.get("min_ms"), ".3f")]
         if has_roofline:
-            cells.append(_fmt(r.get("roofline_pct"), ".0f"))
+            cells += [_fmt(r.get("roofline_pct"), ".0f"), _fmt(r.get("gemm_pct"), ".0f")]
         speedup = r["speedup_vs_naive"]
         cells += ["-" if speedup is None else f"{speedup:.2f}x", error_cell(r)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -80,6 +80,7 @@ def run_case(case: Case, dtype, device, ceilings: dict | None = None, *,
             floor_ms = max(case.bytes / (ceilings["copy_gbps"] * 1e9),
                            case.flops / (ceilings["gemm_tflops"] * 1e12)) * 1e3
             row["roofline_pct"] = 100.0 * floor_ms / t.median_ms
+            row["gemm_pct"] = 100.0 * row["tflops"] / ceilings["gemm_tflops"]
         rows.append(row)
     baseline = next((r["median_ms"] for r in rows if r["provider"].startswith("naive")), None)
     for row in rows:

@@ -12,6 +12,7 @@ alike instead of on whichever provider happened to be timed at that moment. Roun
 until the spread of every provider's times is small or the case's time budget is spent.
 """
 import contextlib
+import ctypes
 import statistics
 import time
 from dataclasses import dataclass
@@ -142,3 +143,23 @@ def gemm_rate(device: torch.device, dtype: torch.dtype) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = time_call(lambda: a @ b, device)[0]
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+# glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD and M_MMAP_MAX.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+CPU_REGIMES = ("default", "warm")
+
+
+def set_cpu_regime(regime: str) -> None:
+    """The allocator regime CPU rows are timed in. ``default``: glibc's malloc as the process
+    got it (blocks above its mmap threshold are mapped afresh per allocation: a 32 MiB output
+    page-faults on every call). ``warm``: no mmap and no trimming (what
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...`` gives), so
+    freed memory is reused warm, as in a long-running process with a caching allocator."""
+    if regime not in CPU_REGIMES:
+        raise ValueError(f"regime must be one of {CPU_REGIMES}, got {regime!r}")
+    if regime == "default":
+        return
+    libc = ctypes.CDLL(None)
+    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)):
+        raise RuntimeError("mallopt refused the warm allocator settings (not glibc?)")

@@ -111,7 +111,7 @@ constexpr int64_t kSmallGemm = 16384;
 
 // fp32 C_i (m x n at c + i * c_step) = alpha * A B_i + beta * C_i for i < count, one A, B_i
 // row-major (k x n at b + i * b_step): our FMA kernel (repeated_gemm.cpp). Returns false,
-// doing nothing, where it does not apply (no AVX2/FMA, n < 8).
+// doing nothing, where it does not apply (level below avx2, cpu_isa.h; n < 8).
 bool repeated_left_gemm(int64_t count, int64_t m, int64_t n, int64_t k, float alpha, Mat<float> a,
                         const float* b, int64_t b_step, int64_t ldb, float beta, float* c,
                         int64_t c_step, int64_t ldc);

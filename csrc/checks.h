@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "cpu_isa.h"
+
 namespace kronops::native {
 
 // Refuses a tensor that is not a floating-point CPU tensor.
@@ -18,9 +20,16 @@ void check_like(const char* op, const char* name, const at::Tensor& t, at::Scala
 // Refuses an index tensor (1-D int64, CPU) with a value outside [0, size); returns it contiguous.
 at::Tensor checked_index(const char* op, const char* name, const at::Tensor& index, int64_t size);
 
-// The dtype products are computed in: fp64 for fp64, else fp32 (fp16/bf16 rounded once).
-inline at::ScalarType work_type(at::ScalarType t) {
+// fp64 for fp64, else fp32: what the fp32 kernels compute fp16 and bf16 in (rounded once),
+// and the dtype of intermediates kept between a forward and its backward (the ops' contract).
+inline at::ScalarType float_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The dtype products are computed in: bf16 for bf16 where the CPU's bf16 GEMMs are used
+// (bf16_products()), else float_type(t).
+inline at::ScalarType work_type(at::ScalarType t) {
+  return t == at::kBFloat16 && bf16_products() ? at::kBFloat16 : float_type(t);
 }
 
 }  // namespace kronops::native

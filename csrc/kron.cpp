@@ -11,8 +11,12 @@
 // the row products are small (Shape::small_rows), the backward copies each block mode-major
 // in cache instead, so that all of its products, the sums over rows included, are one GEMM
 // a block. Factor gradients sum into one partial per chunk of rows (at most one chunk per
-// thread), added in chunk order. fp32 and fp64 compute in their own dtype; fp16
-// and bf16 are computed in fp32 and rounded once, as the PyTorch kernels do on CPU.
+// thread), added in chunk order. fp32 and fp64 compute in their own dtype; fp16 is
+// computed in fp32 and rounded once, as the PyTorch kernels do on CPU, and so is bf16 unless
+// the CPU has bf16 matrix instructions (cpu_isa.h): then kron_bf16.cpp runs the products on
+// torch's bf16 GEMMs, except the backward with small row products (Shape::small_rows), which
+// the fp32 mode-major kernel runs faster than oneDNN's batched calls (bench/NOTES.md). The
+// double backward's factor gradient is always fp32 (or fp64).
 #include "kronops_kernels.h"  // generated: the kernels' declarations
 
 #include <ATen/ATen.h>
@@ -26,6 +30,8 @@
 
 #include "blas.h"
 #include "checks.h"
+#include "cpu_isa.h"
+#include "kron_bf16.h"
 #include "parallel.h"
 
 namespace kronops::native {
@@ -147,6 +153,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x_in, const at::Ten
                       bias_in->sizes());
   }
   const at::ScalarType dtype = x_in.scalar_type(), work = work_type(dtype);
+  if (work == at::kBFloat16)
+    return kron_forward_bf16(x_in, a_in, b_in, bias_in, scale, s.b_first(), keep);
   at::Tensor x = x_in.to(work), a = a_in.to(work), b = b_in.to(work);
   at::Tensor bias = bias_in ? bias_in->to(work).contiguous() : at::Tensor();
   at::Tensor y = at::empty({s.m, s.a1 * s.b1}, x.options());
@@ -316,6 +324,7 @@ at::Tensor kron_mode(const at::Tensor& x_in, const at::Tensor& f_in) {
                     ": x must have shape (M, q, r) and f (p, q), got ", x_in.sizes(), " and ",
                     f_in.sizes());
   const at::ScalarType dtype = x_in.scalar_type(), work = work_type(dtype);
+  if (work == at::kBFloat16) return kron_mode_bf16(x_in, f_in);
   at::Tensor x = x_in.to(work), f = f_in.to(work);
   const int64_t m = x.size(0), q = x.size(1), r = x.size(2), p = f.size(0);
   at::Tensor y = at::empty({m, p, r}, x.options());
@@ -358,7 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_rows_grads(
                         dy_in.size(2) == s.b1,
                     kGrads, ": dy must have shape (M, a1, b1) = (", s.m, ", ", s.a1, ", ", s.b1,
                     "), got ", dy_in.sizes());
-  const at::ScalarType dtype = dy_in.scalar_type(), work = work_type(dtype);
+  const at::ScalarType dtype = dy_in.scalar_type();
+  at::ScalarType work = work_type(dtype);
   at::Tensor inner;
   if (inner_in) {
     const std::vector<int64_t> expected = {s.m, s.b_first() ? s.a2 : s.a1,
@@ -366,9 +376,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_rows_grads(
     TORCH_CHECK_VALUE(inner_in->sizes() == at::IntArrayRef(expected), kGrads,
                       ": inner must have shape ", at::IntArrayRef(expected), ", got ",
                       inner_in->sizes());
-    check_like(kGrads, "inner", *inner_in, work);
+    check_like(kGrads, "inner", *inner_in, float_type(dtype));
     inner = inner_in->contiguous();
   }
+  if (work == at::kBFloat16 && !s.small_rows())
+    return kron_grads_bf16(dy_in, x_in, a_in, b_in, scale, s.b_first(), need_x, need_a, need_b,
+                           inner);
+  if (work == at::kBFloat16) work = float_type(dtype);  // small row products: fp32, mode-major
   at::Tensor dy = dy_in.to(work), x = x_in.to(work), a = a_in.to(work), b = b_in.to(work);
   const auto opts = dy.options();
   at::Tensor dx = need_x ? at::empty({s.m, s.a2, s.b2}, opts) : at::empty({0}, opts);
@@ -402,7 +416,7 @@ at::Tensor kron_factor_grad(const at::Tensor& dy_in, const at::Tensor& f_in,
                         x_in.size(2) == f_in.size(1),
                     kFactorGrad, ": expected dy (M, P, N), f (N, Q), x (M, R, Q), got ",
                     dy_in.sizes(), ", ", f_in.sizes(), ", ", x_in.sizes());
-  const at::ScalarType dtype = dy_in.scalar_type(), work = work_type(dtype);
+  const at::ScalarType dtype = dy_in.scalar_type(), work = float_type(dtype);
   at::Tensor dy = dy_in.to(work), f = f_in.to(work), x = x_in.to(work);
   at::Tensor g = at::empty({dy.size(1), x.size(1)}, dy.options());
   AT_DISPATCH_FLOATING_TYPES(work, "kron_factor_grad", [&] {

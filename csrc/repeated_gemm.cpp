@@ -2,7 +2,8 @@
 // of the Kronecker kernels (A T_m, s A^T dY_m), where a BLAS call per row repacks A and pays
 // its call overhead each time. A is packed once, in panels of kRows rows; each product is
 // then a register-blocked FMA kernel (kRows x 16 accumulators, B_i's rows read in place,
-// B_i and C_i staying in L1). Compiled for AVX2 + FMA and used only where the CPU has both.
+// B_i and C_i staying in L1). Compiled for AVX2 + FMA and used from level avx2 on (cpu_isa.h;
+// an AVX-512 variant ran no faster on the CPUs measured: bench/NOTES.md).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "cpu_isa.h"
 
 namespace kronops::native {
 namespace {
@@ -121,17 +123,12 @@ template <int W>
   }
 }
 
-bool cpu_has_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-
 }  // namespace
 
 bool repeated_left_gemm(int64_t count, int64_t m, int64_t n, int64_t k, float alpha, Mat<float> a,
                         const float* b, int64_t b_step, int64_t ldb, float beta, float* c,
                         int64_t c_step, int64_t ldc) {
-  if (!cpu_has_fma() || n < 8) return false;
+  if (cpu_isa() < Isa::avx2 || n < 8) return false;
   // Panel p holds rows p*kRows .. of alpha * A, column by column: panel[l * kRows + r].
   std::vector<float> packed(at::divup(m, kRows) * kRows * k, 0.0f);
   for (int64_t i = 0; i < m; ++i)

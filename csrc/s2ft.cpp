@@ -304,7 +304,7 @@ at::Tensor sparse_delta_grad(const at::Tensor& dy, const at::Tensor& x,
   check_2d(kDeltaGrad, "x", x);
   TORCH_CHECK_VALUE(x.size(0) == dy.size(0), kDeltaGrad, ": x and dy must have the same rows, got ",
                     x.sizes(), " and ", dy.sizes());
-  const at::ScalarType acc = dy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = work_type(dy.scalar_type());  // bf16 GEMMs accumulate in fp32
   if (cols)  // dΔ = dY^T X[:, C], X[:, C] given: one GEMM
     return at::mm(dy.t().to(acc), x.to(acc)).to(dy.scalar_type());
   TORCH_CHECK_VALUE(rows_of_delta >= 0, kDeltaGrad, ": rows_of_delta must be >= 0, got ",

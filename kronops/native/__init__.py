@@ -15,6 +15,14 @@ everything runs as before on the PyTorch kernels.
 ``available()``: whether it is loaded; ``load_error()``: why not; ``disabled()``: a context
 in which CPU tensors take the PyTorch kernels again (tests and benchmarks compare both in
 one process).
+
+``KRONOPS_CPU_ISA`` (read when the library loads): the instruction-set level its kernels use,
+at most the one the CPU has (``detected_isa()``; a higher or unknown one is a ValueError),
+so that every path can be tested on one machine: ``amx`` or ``avx512`` (bf16 products on
+torch's bf16 GEMMs where the CPU has AMX-BF16 or AVX512-BF16, fp32 accumulation), ``avx2``
+(bf16 computed in fp32; the AVX2 FMA kernel of the per-row products, as at the levels
+above), ``portable`` (BLAS calls only), or ``auto`` (default: the detected level). ``cpu_isa()`` is the level in use;
+``forced_isa(level)`` lowers it inside a context.
 """
 import contextlib
 import ctypes
@@ -30,9 +38,11 @@ from .schemas import SCHEMAS, op_names, schema
 
 __all__ = ["SCHEMAS", "op_names", "schema", "torch_build", "build_key", "library_dir",
            "library_path", "build_mismatch", "choice", "load", "available", "active",
-           "load_error", "disabled"]
+           "load_error", "disabled", "ISAS", "isa_choice", "detected_isa", "cpu_isa",
+           "forced_isa"]
 
 CHOICES = ("auto", "0", "1")
+ISAS = ("portable", "avx2", "avx512", "amx")  # lowest first: a level includes those below
 _lock = threading.Lock()
 _lib = None            # the ctypes handle, once loaded
 _error = None          # why it is not loaded
@@ -106,6 +116,50 @@ def choice() -> str:
     return value
 
 
+def isa_choice() -> str:
+    """``KRONOPS_CPU_ISA``: auto or one of ``ISAS``."""
+    value = os.environ.get("KRONOPS_CPU_ISA", "auto")
+    if value != "auto" and value not in ISAS:
+        raise ValueError(f"KRONOPS_CPU_ISA must be auto or one of {ISAS}, got {value!r}")
+    return value
+
+
+def _loaded():
+    if _lib is None:
+        raise RuntimeError(f"kronops native library: not loaded ({_error})")
+    return _lib
+
+
+def detected_isa() -> str:
+    """The highest level of ``ISAS`` this CPU supports (the native library's cpuid check)."""
+    return ISAS[_loaded().kronops_native_detected_isa()]
+
+
+def cpu_isa() -> str:
+    """The level of ``ISAS`` the native kernels use now."""
+    return ISAS[_loaded().kronops_native_cpu_isa()]
+
+
+def _force_isa(level: str, source: str):
+    if level not in ISAS:
+        raise ValueError(f"{source} must be one of {ISAS}, got {level!r}")
+    if _loaded().kronops_native_force_isa(ISAS.index(level)) != 0:
+        raise ValueError(f"{source} is {level!r}, but this CPU supports at most "
+                         f"{detected_isa()!r} (levels, lowest first: {ISAS})")
+
+
+@contextlib.contextmanager
+def forced_isa(level: str):
+    """Inside, the native kernels use ``level`` (one of ``ISAS``, at most ``detected_isa()``);
+    the level before is restored on exit. Process-wide, not per thread."""
+    before = cpu_isa()
+    _force_isa(level, "level")
+    try:
+        yield
+    finally:
+        _force_isa(before, "level")
+
+
 def _register() -> str | None:
     error = _lib.kronops_native_register_cpu()
     if error is None:
@@ -114,16 +168,27 @@ def _register() -> str | None:
 
 
 def _open(path: str) -> str | None:
-    """Open the library at ``path`` and register its kernels; why it failed, or None."""
+    """Open the library at ``path``, set its instruction-set level (``KRONOPS_CPU_ISA``) and
+    register its kernels; why it failed, or None. A level the CPU lacks raises ValueError."""
     global _lib, _active
     try:
         lib = ctypes.CDLL(path)
+        for name in ("kronops_native_detected_isa", "kronops_native_cpu_isa"):
+            getattr(lib, name).restype = ctypes.c_int
+        lib.kronops_native_force_isa.argtypes = [ctypes.c_int]
+        lib.kronops_native_force_isa.restype = ctypes.c_int
         lib.kronops_native_register_cpu.restype = ctypes.c_char_p
         lib.kronops_native_unregister_cpu.restype = None
-        _lib = lib
-        error = _register()
-    except OSError as e:
-        error = str(e)
+    except (OSError, AttributeError) as e:  # AttributeError: a library from older sources
+        return f"{path} failed to load: {e}; {REBUILD}"
+    _lib = lib
+    try:
+        if isa_choice() != "auto":
+            _force_isa(isa_choice(), "KRONOPS_CPU_ISA")
+    except ValueError:
+        _lib = None
+        raise
+    error = _register()
     if error is None:
         _active = True
         return None
@@ -144,6 +209,7 @@ def load() -> bool:
         if _lib is not None or _error is not None:
             return _lib is not None
         wanted, path = choice(), library_path()
+        isa_choice()  # a bad KRONOPS_CPU_ISA is an error even where nothing loads
         if wanted == "0":
             _error = "turned off by KRONOPS_NATIVE=0"
         elif not os.path.exists(path):

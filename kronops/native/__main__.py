@@ -1,5 +1,6 @@
 """``python -m kronops.native build``: build the native library and install it into the
-package; ``python -m kronops.native status``: whether it is loaded, and why not."""
+package; ``python -m kronops.native status``: whether it is loaded, and why not, and the
+instruction-set level its kernels use."""
 import argparse
 import os
 import sys
@@ -25,9 +26,11 @@ def main(argv=None) -> int:
             return 1
         return 0
     import kronops  # noqa: F401  (loads the library once the ops are defined)
-    from . import available, library_path, load_error
+    from . import available, cpu_isa, detected_isa, library_path, load_error
     from .build import runner_path
     print(f"loaded: {library_path()}" if available() else f"not loaded: {load_error()}")
+    if available():
+        print(f"instruction sets: {cpu_isa()} (this CPU: {detected_isa()}; KRONOPS_CPU_ISA)")
     if available() and os.path.exists(runner_path()):
         print(f"C++ runner: {runner_path()}")
     return 0

@@ -1,0 +1,86 @@
+// The Kronecker kernels in bf16 on torch's bf16 GEMMs (kron_bf16.h). Where the native fp32
+// kernels block rows for the cache and call the BLAS on raw pointers, these are whole-tensor
+// ATen products: torch's bf16 GEMMs (oneDNN, on AMX tiles or AVX512-BF16 dot products) run
+// 2-7x the fp32 GEMM rate on such CPUs, more than blocking gains. Sums over rows (dA, dB)
+// are one GEMM with the rows folded into its inner dimension (dB in X B^T-first order, dA in
+// A X-first order), or one batched product summed over the rows in fp32; a factor applied
+// to every row is a batched product with the factor repeated, no copies.
+#include "kron_bf16.h"
+
+#include <ATen/ATen.h>
+
+namespace kronops::native {
+namespace {
+
+// s * t, rounded to bf16 (t itself when s = 1).
+at::Tensor scaled(const at::Tensor& t, double s) { return s == 1.0 ? t : t * s; }
+
+// F t_m for every row m of t (M, q, r), F (p, q): one batched product with F repeated
+// (stride 0, no copies; at::matmul would copy t transposed to fold it, slower here even at
+// 16x24x16 row products: bench/NOTES.md).
+at::Tensor each_left(const at::Tensor& f, const at::Tensor& t) {
+  return at::bmm(f.expand({t.size(0), f.size(0), f.size(1)}), t);
+}
+
+// sum_m L_m R_m^T for L (M, p, n) and R (M, r, n): one batched product summed over m in fp32,
+// rounded once. (One GEMM on mode-major copies of both ran slower: bench/NOTES.md.)
+at::Tensor summed_products(const at::Tensor& l, const at::Tensor& r) {
+  return at::bmm(l, r.transpose(1, 2)).sum(0, false, at::kFloat).to(l.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> kron_forward_bf16(const at::Tensor& x, const at::Tensor& a,
+                                                     const at::Tensor& b,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     double scale, bool b_first, bool keep) {
+  const int64_t m = x.size(0), out = a.size(0) * b.size(0);
+  at::Tensor inner, y;
+  if (b_first) {  // T_m = X_m B^T (one GEMM, rows folded), then y_m = (s A) T_m
+    inner = at::matmul(x, b.t());
+    y = each_left(scaled(a, scale), inner);
+  } else {  // Z_m = A X_m, then y = Z (s B)^T (one GEMM)
+    inner = each_left(a, x);
+    y = at::matmul(inner, scaled(b, scale).t());
+  }
+  y = y.reshape({m, out});
+  if (bias) y = y + *bias;
+  return {y, keep ? inner.to(at::kFloat) : at::empty({0}, x.options().dtype(at::kFloat))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+    double scale, bool b_first, bool need_x, bool need_a, bool need_b, const at::Tensor& inner) {
+  const int64_t m = x.size(0);
+  const at::Tensor kept = inner.defined() ? inner.to(at::kBFloat16) : at::Tensor();
+  at::Tensor dx = at::empty({0}, dy.options()), da = dx, db = dx;
+  if (b_first) {
+    // U_m = s A^T dY_m: dX_m = U_m B, dB = sum_m U_m^T X_m; dA = s sum_m dY_m T_m^T
+    if (need_x || need_b) {
+      const at::Tensor u = each_left(scaled(a, scale).t(), dy);  // (M, a2, b1)
+      if (need_x) dx = at::matmul(u, b);
+      if (need_b) db = at::mm(u.reshape({m * a.size(1), b.size(0)}).t(),
+                              x.reshape({m * a.size(1), b.size(1)}));
+    }
+    if (need_a)
+      da = summed_products(dy, kept.defined() ? kept : at::matmul(x, scaled(b, scale).t()));
+    if (need_a && kept.defined() && scale != 1.0) da = da * scale;
+  } else {
+    // V_m = s dY_m B: dX_m = A^T V_m, dA = sum_m V_m X_m^T; dB = s sum_m dY_m^T Z_m
+    if (need_x || need_a) {
+      const at::Tensor v = at::matmul(dy, scaled(b, scale));  // (M, a1, b2)
+      if (need_x) dx = each_left(a.t(), v);
+      if (need_a) da = summed_products(v, x);
+    }
+    if (need_b) {
+      const at::Tensor z = kept.defined() ? kept : each_left(a, x);  // (M, a1, b2)
+      db = scaled(at::mm(dy.reshape({m * a.size(0), b.size(0)}).t(),
+                         z.reshape({m * a.size(0), b.size(1)})), scale);
+    }
+  }
+  return {dx, da, db};
+}
+
+at::Tensor kron_mode_bf16(const at::Tensor& x, const at::Tensor& f) { return each_left(f, x); }
+
+}  // namespace kronops::native

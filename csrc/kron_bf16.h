@@ -1,0 +1,30 @@
+// The Kronecker kernels in bf16 on torch's bf16 GEMMs (kron_bf16.cpp), for CPUs with bf16
+// matrix instructions (cpu_isa.h: bf16_products()): every product accumulates in fp32
+// inside oneDNN and is rounded to bf16 once; intermediates are bf16.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace kronops::native {
+
+// (y (M, a1*b1), inner) for bf16 x (M, a2, b2), a (a1, a2), b (b1, b2): y_m = s A X_m B^T
+// + bias, X_m B^T first when b_first (else A X_m). `inner` is that intermediate, unscaled,
+// in fp32 (the dtype the op's contract gives it) when keep, else empty.
+std::tuple<at::Tensor, at::Tensor> kron_forward_bf16(const at::Tensor& x, const at::Tensor& a,
+                                                     const at::Tensor& b,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     double scale, bool b_first, bool keep);
+
+// (dX, dA, dB) of that forward for bf16 dy (M, a1, b1), in bf16 (a gradient not needed: an
+// empty tensor). `inner`: the kept intermediate (fp32), or an undefined tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+    double scale, bool b_first, bool need_x, bool need_a, bool need_b, const at::Tensor& inner);
+
+// y (M, p, r) = f X_m for bf16 x (M, q, r), f (p, q).
+at::Tensor kron_mode_bf16(const at::Tensor& x, const at::Tensor& f);
+
+}  // namespace kronops::native
