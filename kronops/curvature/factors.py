@@ -9,6 +9,18 @@ approximated as A ⊗ G with
 both averaged over the same tokens: every position of the layer's input (all leading dims
 flattened) except those masked out by the batch's ``attention_mask``.
 
+Weight sharing (``approx``, the two K-FAC variants of Eschenhagen et al., 2023, "Kronecker-
+Factored Approximate Curvature for Modern Neural Network Architectures"): ``"expand"``
+(default) takes every position as a token of its own, right when the loss has a term per
+position (a language model). ``"reduce"`` takes one row per example (dim 0 of a layer input
+with more than two dims): x̄ = the mean of its unmasked positions' x̄, g = the sum of their
+g, right when the positions are pooled before a per-example loss (a sequence classifier):
+there every position's g is a share of one example's gradient, and "expand" weighs a
+layer inside the encoder with 1/positions (independent positions) to 1/positions² (equal
+ones) of the per-example Fisher a layer after the pooling gets, so EWC and merging
+barely hold the encoder. Examples with no unmasked position are skipped; layers whose
+input is (examples, in) are the same in both.
+
 Scale conventions. g is the gradient of a *per-token* loss term, never of a mean: a loss
 that averages N terms (a Hugging Face model's own loss: the mean over its N labels that are
 not -100, shifted by one position for a causal LM; a classifier's mean over its N labels)
@@ -43,6 +55,7 @@ from ..s2ft.selection import Selection
 from ..wrapped_linear import features, is_linear
 
 FISHERS = ("empirical", "sampled")
+APPROXIMATIONS = ("expand", "reduce")
 IGNORE_INDEX = -100  # the label Hugging Face losses skip
 
 
@@ -51,10 +64,11 @@ class LayerFactors:
     """The K-FAC factors of one layer (see the module docstring).
 
     ``a`` (in', in') = E[x̄ x̄ᵀ]; ``g`` (out', out') = E[g gᵀ]; ``tokens``: how many tokens
-    were averaged; ``bias``: whether x̄ is augmented by a 1 (``a`` is (in + 1, in + 1));
+    (examples with ``approx="reduce"``) were averaged; ``bias``: whether x̄ is augmented by a 1 (``a`` is (in + 1, in + 1));
     ``selection``: an S²FT layer's ``Selection`` (``a`` or ``g`` restricted to it), else
     None; ``diag`` (out', in'): the diagonal empirical Fisher E[(g x̄ᵀ)²] elementwise, when
-    collected (``collect(..., diagonal=True)``). For S²FT layers out' × in' is the shape of
+    collected (``collect(..., diagonal=True)``; with ``approx="reduce"`` the exact per-example
+    E[(Σ_positions g x̄ᵀ)²]). For S²FT layers out' × in' is the shape of
     Δ (``selection.part_shape``).
     """
     a: torch.Tensor
@@ -142,14 +156,15 @@ def layers(model: nn.Module, modules=None) -> dict[str, nn.Module]:
 class _Layer:
     """One layer's running averages and the current batch's sums."""
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype, diagonal: bool):
-        self.module, self.dtype = module, dtype
+    def __init__(self, module: nn.Module, dtype: torch.dtype, diagonal: bool, reduce: bool):
+        self.module, self.dtype, self.reduce = module, dtype, reduce
         self.selection = module.chosen if isinstance(module, S2FTLinear) else None
         self.bias = self.selection is None and getattr(module, "bias", None) is not None
         in_, out = features(module)
         if self.selection is not None:
             out, in_ = self.selection.part_shape((out, in_))
         in_ += self.bias
+        self.width = in_
         device = next(module.parameters()).device
         self.mean = [torch.zeros(n, n, device=device, dtype=dtype) for n in (in_, out)]
         self.sums = [torch.zeros_like(m) for m in self.mean]
@@ -158,12 +173,12 @@ class _Layer:
             self.sums.append(torch.zeros_like(self.mean[-1]))
         self.tokens = self.batch_tokens = 0
 
-    def inputs(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """x (..., in) as the rows this layer's ``a`` averages: (tokens, in'), masked,
-        restricted to selected columns, augmented by a 1."""
-        x = x.detach().reshape(-1, x.shape[-1])
-        if keep is not None:
-            x = x[keep]
+    def pools(self, t: torch.Tensor) -> bool:
+        """Whether rows are examples pooled over positions (``approx="reduce"``, t (n, ..., d))."""
+        return self.reduce and t.dim() > 2
+
+    def _input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, in) -> (rows, in'): selected columns, in ``dtype``, augmented by a 1."""
         if self.selection is not None and self.selection.side == "cols":
             x = self.selection.to(x.device).part(x)
         x = x.to(self.dtype)
@@ -171,16 +186,34 @@ class _Layer:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
         return x
 
-    def gradients(self, grad: torch.Tensor, keep: torch.Tensor | None,
-                  terms: float) -> torch.Tensor:
-        """∂L/∂y (..., out) as per-token gradients (tokens, out'): masked, restricted to
-        selected rows, times the loss's number of terms."""
-        g = grad.detach().reshape(-1, grad.shape[-1])
-        if keep is not None:
-            g = g[keep]
+    def _gradient_rows(self, g: torch.Tensor, terms: float) -> torch.Tensor:
+        """(rows, out) -> (rows, out'): selected rows, in ``dtype``, times ``terms``."""
         if self.selection is not None and self.selection.side == "rows":
             g = self.selection.to(g.device).part(g.T).T
         return g.to(self.dtype) * terms
+
+    def inputs(self, x: torch.Tensor, mask: torch.Tensor | None):
+        """x (..., in) as the rows this layer's ``a`` averages, (rows, in'): the unmasked
+        tokens, or the examples' means over them (``pools``); and, for the diagonal of
+        pooled rows, the positions (examples, positions, in') zeroed where masked, else None."""
+        x = x.detach()
+        if not self.pools(x):
+            return self._input_rows(_flat_kept(x, mask)), None
+        per = self._input_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], -1, self.width)
+        per = _masked(per, mask)
+        rows = _pooled(per, mask, mean=True)
+        return rows, per if len(self.sums) == 3 else None
+
+    def gradients(self, grad: torch.Tensor, mask: torch.Tensor | None, terms: float):
+        """∂L/∂y (..., out) as the per-token (or, pooled, per-example summed) gradients
+        (rows, out') times the loss's number of terms, and the positions (examples,
+        positions, out') when pooled, else None."""
+        grad = grad.detach()
+        if not self.pools(grad):
+            return self._gradient_rows(_flat_kept(grad, mask), terms), None
+        per = self._gradient_rows(grad.reshape(-1, grad.shape[-1]), terms)
+        per = _masked(per.reshape(grad.shape[0], -1, per.shape[-1]), mask)
+        return _pooled(per, mask, mean=False), per
 
     def fold(self) -> None:
         """Fold the batch's sums into the running means (mean += (sum - n·mean) / total)."""
@@ -207,12 +240,38 @@ def _token_mask(batch) -> torch.Tensor | None:
     return None if mask is None else mask.bool()
 
 
-def _keep(mask: torch.Tensor | None, leading: torch.Size) -> torch.Tensor | None:
-    """The flat unmasked positions of a layer input with ``leading`` dims, or None (all kept)
-    when there is no mask or it is not of that shape (e.g. a classifier's pooled input)."""
+def _mask_of(mask: torch.Tensor | None, leading: torch.Size) -> torch.Tensor | None:
+    """The batch's mask where it has a layer input's ``leading`` dims, else None (all kept:
+    no mask, or e.g. a classifier's pooled input)."""
     if mask is None or tuple(mask.shape) != tuple(leading):
         return None
-    return mask.reshape(-1)
+    return mask
+
+
+def _flat_kept(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """t (..., d) as (unmasked positions, d)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if mask is None else t[mask.reshape(-1)]
+
+
+def _masked(per: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """per (examples, positions, d) with masked positions zeroed."""
+    if mask is None:
+        return per
+    return per * mask.reshape(per.shape[0], -1, 1).to(per.dtype)
+
+
+def _pooled(per: torch.Tensor, mask: torch.Tensor | None, *, mean: bool) -> torch.Tensor:
+    """per (examples, positions, d), masked positions zero -> (examples, d): the sum (or the
+    mean) over each example's unmasked positions; examples with none are dropped."""
+    total = per.sum(1)
+    if mask is None:
+        return total / per.shape[1] if mean else total
+    counts = mask.reshape(per.shape[0], -1).sum(1)
+    kept = counts > 0
+    if mean:
+        total = total / counts.clamp_min(1)[:, None].to(total.dtype)
+    return total[kept]
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -257,10 +316,7 @@ def _sampled_loss(model, batch, generator) -> tuple[torch.Tensor, torch.Generato
         raise TypeError(f"fisher='sampled' needs each batch as a dict of model inputs, "
                         f"got {type(batch).__name__}")
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    flat = logits.reshape(-1, logits.shape[-1])
-    keep = _keep(_token_mask(batch), logits.shape[:-1])
-    if keep is not None:
-        flat = flat[keep]
+    flat = _flat_kept(logits, _mask_of(_token_mask(batch), logits.shape[:-1]))
     if generator is None:
         generator = torch.Generator(flat.device).manual_seed(0)
     probs = torch.softmax(flat.detach().double(), -1)
@@ -270,8 +326,8 @@ def _sampled_loss(model, batch, generator) -> tuple[torch.Tensor, torch.Generato
 
 def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
             fisher: str = "empirical", modules=None, dtype: torch.dtype = torch.float32,
-            generator: torch.Generator | None = None,
-            diagonal: bool = False) -> dict[str, LayerFactors]:
+            generator: torch.Generator | None = None, diagonal: bool = False,
+            approx: str = "expand") -> dict[str, LayerFactors]:
     """K-FAC factors of ``model``'s linear layers over ``batches`` (see the module docstring).
 
     ``loss_fn(model, batch)``: the true labels' loss of one batch, either a scalar summing
@@ -281,7 +337,9 @@ def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
     layers to collect (names, or a callable (name, module) -> bool; default every linear
     and S²FT layer, see ``layers``). Averages are kept in ``dtype`` (float32 or float64),
     Σ (in'² + out'²) per layer; ``diagonal=True`` adds the diagonal Fisher (out', in') per
-    layer. Padding (``batch["attention_mask"] == 0``) is excluded wherever a layer's input
+    layer. ``approx``: "expand" (every position a token) or "reduce" (one row per example,
+    for losses on pooled positions; see the module docstring). Padding
+    (``batch["attention_mask"] == 0``) is excluded wherever a layer's input
     has the mask's shape; encoder-decoder models with padding are refused (their decoder
     tokens have another mask). The model runs in eval mode (no dropout) and gets its
     modes back; gradients are taken with ``torch.autograd.grad`` w.r.t. the layer outputs
@@ -300,30 +358,35 @@ def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if not isinstance(diagonal, bool):
         raise TypeError(f"diagonal must be a bool, got {diagonal!r}")
+    if approx not in APPROXIMATIONS:
+        raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
     found = layers(model, modules)
     if not found:
         raise ValueError("model has no linear or S²FT layers to collect (modules selects none)")
-    state = {name: _Layer(m, dtype, diagonal) for name, m in found.items()}
+    state = {name: _Layer(m, dtype, diagonal, approx == "reduce") for name, m in found.items()}
     modes = {m: m.training for m in model.modules()}
     current = {}  # this batch: mask, probes, terms
 
     def forward_hook(layer: _Layer):
         def hook(module, args, output):
             x = args[0]
-            keep = _keep(current["mask"], x.shape[:-1])
-            rows = layer.inputs(x, keep)
+            mask = _mask_of(current["mask"], x.shape[:-1])
+            rows, positions = layer.inputs(x, mask)
             layer.sums[0].addmm_(rows.T, rows)
             layer.batch_tokens += rows.shape[0]
             probe = output.new_zeros((), requires_grad=True)
             current["probes"].append(probe)
             out = output + probe  # exact; makes the output's gradient reachable
-            squares = rows.square() if len(layer.sums) == 3 else None  # kept for diag only
+            squares = rows.square() if len(layer.sums) == 3 and positions is None else None
 
             def grad_hook(grad):
-                g = layer.gradients(grad, keep, current["terms"])
+                g, per = layer.gradients(grad, mask, current["terms"])
                 layer.sums[1].addmm_(g.T, g)
                 if squares is not None:
                     layer.sums[2].addmm_(g.square().T, squares)
+                elif positions is not None:  # the examples' own gradients, squared
+                    layer.sums[2].add_(torch.bmm(per.transpose(1, 2), positions).square()
+                                       .sum(0))
             out.register_hook(grad_hook)
             return out
         return hook
@@ -361,4 +424,4 @@ def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
     return {name: layer.factors(name) for name, layer in state.items()}
 
 
-__all__ = ["LayerFactors", "collect", "layers", "check_layer", "FISHERS"]
+__all__ = ["LayerFactors", "collect", "layers", "check_layer", "FISHERS", "APPROXIMATIONS"]

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from curvature_models import Classifier, batch
+from curvature_models import Classifier, PooledClassifier, batch, sequence_batch
 from models import build, family_batch, llama_batch, tiny_llama
 
 from kronops.curvature import LayerFactors, collect
@@ -142,6 +142,48 @@ def test_padding_is_excluded_in_every_layer():
         close(f.g, apart[name].g)
 
 
+def per_example(model, batches):
+    """Per sequence n of every batch: x̄_n (the mean of its unmasked positions' body inputs
+    with a 1 appended), g_n (the sum over those positions of its own loss's gradient at the
+    body's output) and its own loss's gradient of [body.weight, body.bias] (out, in + 1)."""
+    xs, gs, grads = [], [], []
+    for b in batches:
+        for n in range(len(b["labels"])):
+            keep = b["attention_mask"][n].bool()
+            x = b["input_ids"][n:n + 1, keep]
+            y, logits = model.parts(x, torch.ones(x.shape[:2], dtype=torch.int64))
+            loss = torch.nn.functional.cross_entropy(logits, b["labels"][n:n + 1])
+            g, w, bias = torch.autograd.grad(loss, [y, model.body.weight, model.body.bias])
+            xs.append(torch.cat([x[0], torch.ones(len(x[0]), 1, dtype=x.dtype)], 1).mean(0))
+            gs.append(g[0].sum(0))
+            grads.append(torch.cat([w, bias[:, None]], 1))
+    return torch.stack(xs), torch.stack(gs), torch.stack(grads)
+
+
+def test_reduce_factors_equal_the_pooled_per_example_math():
+    """approx="reduce" on a sequence classifier: the body's A and G over examples (mean of
+    x̄, sum of g over unmasked positions), its diagonal the exact per-example empirical
+    Fisher; the head's input is already per example, so its factors are expand's."""
+    torch.manual_seed(0)
+    model = PooledClassifier()
+    batches = [sequence_batch(1, pad=2), sequence_batch(2, n=2, t=5, pad=1)]
+
+    def loss_fn(m, b):
+        return m(**b).loss, len(b["labels"])
+    f = collect(model, batches, loss_fn=loss_fn, dtype=torch.float64, diagonal=True,
+                approx="reduce")
+    x, g, grads = per_example(model, batches)
+    body = f["body"]
+    assert body.tokens == len(x) == 5
+    close(body.a, x.T @ x / len(x))
+    close(body.g, g.T @ g / len(g))
+    close(body.diag, grads.square().mean(0))
+    expand = collect(model, batches, loss_fn=loss_fn, dtype=torch.float64, diagonal=True)
+    assert expand["body"].tokens == 3 * 4 - 2 + 2 * 5 - 1
+    for name in ("a", "g", "diag"):
+        assert torch.equal(getattr(f["head"], name), getattr(expand["head"], name))
+
+
 @pytest.mark.parametrize("layer", [S2FTLinear, S2FTInPlaceLinear])
 @pytest.mark.parametrize("side", ["rows", "cols"])
 def test_s2ft_factors_are_the_restricted_factors(layer, side):
@@ -216,6 +258,8 @@ def test_bad_arguments_are_named():
         collect(model, b, modules=["nope"])
     with pytest.raises(TypeError, match="generator"):
         collect(model, b, generator=0)
+    with pytest.raises(ValueError, match="approx"):
+        collect(model, b, approx="kfac")
     with pytest.raises(ValueError, match="labels"):
         collect(model, [dict(input_ids=b[0]["input_ids"])])
     with pytest.raises(ValueError, match="saw no tokens"):
