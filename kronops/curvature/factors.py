@@ -21,6 +21,19 @@ ones) of the per-example Fisher a layer after the pooling gets, so EWC and mergi
 barely hold the encoder. Examples with no unmasked position are skipped; layers whose
 input is (examples, in) are the same in both.
 
+Subsampling (``every=k``, default 1: every row): only every k-th row (token, or example
+with "reduce") of each batch's unmasked rows enters the factors, starting at row (batch
+index mod k), the same rows for A, G and the diagonal. The factors are then means over
+about 1/k of the rows: over the k offsets an unbiased estimate of the full means; for rows
+that were independent draws the variance of each entry grows about k-fold (less where
+neighbouring tokens are alike, as in a sequence). It cuts the factor GEMMs (not the
+forward and backward) k-fold, as K-FAC implementations amortise curvature by estimating
+it on a part of the data.
+
+Cost: Σ x̄x̄ᵀ and Σ ggᵀ are accumulated in place (the first batch written directly, no
+zero fill) as upper block triangles (``_upper_gram_``: about half of a full GEMM's flops
+for wide layers), completed and divided by the row count once, at the end.
+
 Scale conventions. g is the gradient of a *per-token* loss term, never of a mean: a loss
 that averages N terms (a Hugging Face model's own loss: the mean over its N labels that are
 not -100, shifted by one position for a causal LM; a classifier's mean over its N labels)
@@ -153,8 +166,30 @@ def layers(model: nn.Module, modules=None) -> dict[str, nn.Module]:
     return {n: found[n] for n in names}
 
 
+GRAM_BLOCK = 128  # column block of _upper_gram_
+
+
+def _upper_gram_(c: torch.Tensor, x: torch.Tensor, alpha: float, beta: float) -> None:
+    """c (n, n) = alpha·xᵀx + beta·c (x (rows, n)) on and above the diagonal blocks only:
+    for each block of GRAM_BLOCK columns of x one GEMM, x[:, block]ᵀ x[:, block start:]
+    into c[block, block start:]. That is (k + 1) / 2k of xᵀx's flops for k blocks (1/2 as
+    n grows, a symmetric rank-k update); below the diagonal blocks c is not written
+    (``_symmetric`` completes it)."""
+    n = c.shape[0]
+    for i in range(0, n, GRAM_BLOCK):
+        j = min(i + GRAM_BLOCK, n)
+        c[i:j, i:].addmm_(x[:, i:j].T, x[:, i:], beta=beta, alpha=alpha)
+
+
+def _symmetric(u: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is ``u``'s (a new tensor)."""
+    return u.triu().add_(u.triu(1).T)
+
+
 class _Layer:
-    """One layer's running averages and the current batch's sums."""
+    """One layer's sums over the rows seen so far: ``sums`` = [Σ x̄x̄ᵀ and Σ ggᵀ (upper block
+    triangles, ``_upper_gram_``), Σ (g²)(x̄²)ᵀ with the diagonal], each written with beta=0
+    the first time (no zero fill), then accumulated in place; ``factors`` divides once."""
 
     def __init__(self, module: nn.Module, dtype: torch.dtype, diagonal: bool, reduce: bool):
         self.module, self.dtype, self.reduce = module, dtype, reduce
@@ -166,12 +201,29 @@ class _Layer:
         in_ += self.bias
         self.width = in_
         device = next(module.parameters()).device
-        self.mean = [torch.zeros(n, n, device=device, dtype=dtype) for n in (in_, out)]
-        self.sums = [torch.zeros_like(m) for m in self.mean]
-        if diagonal:
-            self.mean.append(torch.zeros(out, in_, device=device, dtype=dtype))
-            self.sums.append(torch.zeros_like(self.mean[-1]))
-        self.tokens = self.batch_tokens = 0
+        shapes = [(in_, in_), (out, out)] + ([(out, in_)] if diagonal else [])
+        self.sums = [torch.empty(shape, device=device, dtype=dtype) for shape in shapes]
+        self.started = [False] * len(shapes)
+        self.tokens = 0
+
+    def add(self, i: int, left: torch.Tensor, right, alpha: float) -> None:
+        """sums[i] += alpha·leftᵀ·right; ``right`` None: the upper triangle of alpha·leftᵀleft;
+        "sum": alpha·left itself."""
+        beta = 1.0 if self.started[i] else 0.0
+        if right is None:
+            _upper_gram_(self.sums[i], left, alpha, beta)
+        elif isinstance(right, str):
+            if beta:
+                self.sums[i].add_(left, alpha=alpha)
+            else:
+                torch.mul(left, alpha, out=self.sums[i])
+        else:
+            self.sums[i].addmm_(left.T, right, beta=beta, alpha=alpha)
+        self.started[i] = True
+
+    @property
+    def diagonal(self) -> bool:
+        return len(self.sums) == 3
 
     def pools(self, t: torch.Tensor) -> bool:
         """Whether rows are examples pooled over positions (``approx="reduce"``, t (n, ..., d))."""
@@ -186,53 +238,47 @@ class _Layer:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
         return x
 
-    def _gradient_rows(self, g: torch.Tensor, terms: float) -> torch.Tensor:
-        """(rows, out) -> (rows, out'): selected rows, in ``dtype``, times ``terms``."""
+    def _gradient_rows(self, g: torch.Tensor) -> torch.Tensor:
+        """(rows, out) -> (rows, out'): selected rows, in ``dtype``."""
         if self.selection is not None and self.selection.side == "rows":
             g = self.selection.to(g.device).part(g.T).T
-        return g.to(self.dtype) * terms
+        return g.to(self.dtype)
 
-    def inputs(self, x: torch.Tensor, mask: torch.Tensor | None):
+    def inputs(self, x: torch.Tensor, mask: torch.Tensor | None, pick: slice):
         """x (..., in) as the rows this layer's ``a`` averages, (rows, in'): the unmasked
-        tokens, or the examples' means over them (``pools``); and, for the diagonal of
-        pooled rows, the positions (examples, positions, in') zeroed where masked, else None."""
+        tokens, or the examples' means over them (``pools``), ``pick`` of them; and, for the
+        diagonal of pooled rows, their positions (examples, positions, in') zeroed where
+        masked, else None."""
         x = x.detach()
         if not self.pools(x):
-            return self._input_rows(_flat_kept(x, mask)), None
+            return self._input_rows(_flat_kept(x, mask)[pick]), None
+        x, mask = x[pick], None if mask is None else mask[pick]
         per = self._input_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], -1, self.width)
         per = _masked(per, mask)
-        rows = _pooled(per, mask, mean=True)
-        return rows, per if len(self.sums) == 3 else None
+        return _pooled(per, mask, mean=True), per if self.diagonal else None
 
-    def gradients(self, grad: torch.Tensor, mask: torch.Tensor | None, terms: float):
+    def gradients(self, grad: torch.Tensor, mask: torch.Tensor | None, pick: slice):
         """∂L/∂y (..., out) as the per-token (or, pooled, per-example summed) gradients
-        (rows, out') times the loss's number of terms, and the positions (examples,
-        positions, out') when pooled, else None."""
+        (rows, out'), ``pick`` of them, and their positions (examples, positions, out')
+        when pooled, else None."""
         grad = grad.detach()
         if not self.pools(grad):
-            return self._gradient_rows(_flat_kept(grad, mask), terms), None
-        per = self._gradient_rows(grad.reshape(-1, grad.shape[-1]), terms)
+            return self._gradient_rows(_flat_kept(grad, mask)[pick]), None
+        grad, mask = grad[pick], None if mask is None else mask[pick]
+        per = self._gradient_rows(grad.reshape(-1, grad.shape[-1]))
         per = _masked(per.reshape(grad.shape[0], -1, per.shape[-1]), mask)
         return _pooled(per, mask, mean=False), per
-
-    def fold(self) -> None:
-        """Fold the batch's sums into the running means (mean += (sum - n·mean) / total)."""
-        n = self.batch_tokens
-        if n:
-            total = self.tokens + n
-            for mean, s in zip(self.mean, self.sums):
-                mean.add_((s - n * mean) / total)
-                s.zero_()
-            self.tokens = total
-        self.batch_tokens = 0
 
     def factors(self, name: str) -> LayerFactors:
         if not self.tokens:
             raise ValueError(f"layer {name!r} saw no tokens: it was never called on an "
                              "unmasked position")
-        a, g, *diag = self.mean
-        return LayerFactors(a, g, self.tokens, self.bias, self.selection,
-                            diag[0] if diag else None)
+        for i, started in enumerate(self.started):  # no gradient ever reached the layer
+            if not started:
+                self.sums[i].zero_()
+        a, g = (_symmetric(t).div_(self.tokens) for t in self.sums[:2])
+        diag = self.sums[2].div_(self.tokens) if self.diagonal else None
+        return LayerFactors(a, g, self.tokens, self.bias, self.selection, diag)
 
 
 def _token_mask(batch) -> torch.Tensor | None:
@@ -327,7 +373,7 @@ def _sampled_loss(model, batch, generator) -> tuple[torch.Tensor, torch.Generato
 def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
             fisher: str = "empirical", modules=None, dtype: torch.dtype = torch.float32,
             generator: torch.Generator | None = None, diagonal: bool = False,
-            approx: str = "expand") -> dict[str, LayerFactors]:
+            approx: str = "expand", every: int = 1) -> dict[str, LayerFactors]:
     """K-FAC factors of ``model``'s linear layers over ``batches`` (see the module docstring).
 
     ``loss_fn(model, batch)``: the true labels' loss of one batch, either a scalar summing
@@ -338,7 +384,10 @@ def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
     and S²FT layer, see ``layers``). Averages are kept in ``dtype`` (float32 or float64),
     Σ (in'² + out'²) per layer; ``diagonal=True`` adds the diagonal Fisher (out', in') per
     layer. ``approx``: "expand" (every position a token) or "reduce" (one row per example,
-    for losses on pooled positions; see the module docstring). Padding
+    for losses on pooled positions; see the module docstring). ``every``: use only every
+    every-th row (token, or example with "reduce") of each batch, starting at the batch's
+    index mod every (see the module docstring: an estimator with fewer rows; 1, the
+    default, is exact). Padding
     (``batch["attention_mask"] == 0``) is excluded wherever a layer's input
     has the mask's shape; encoder-decoder models with padding are refused (their decoder
     tokens have another mask). The model runs in eval mode (no dropout) and gets its
@@ -358,6 +407,8 @@ def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if not isinstance(diagonal, bool):
         raise TypeError(f"diagonal must be a bool, got {diagonal!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
     if approx not in APPROXIMATIONS:
         raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
     found = layers(model, modules)
@@ -371,22 +422,24 @@ def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
         def hook(module, args, output):
             x = args[0]
             mask = _mask_of(current["mask"], x.shape[:-1])
-            rows, positions = layer.inputs(x, mask)
-            layer.sums[0].addmm_(rows.T, rows)
-            layer.batch_tokens += rows.shape[0]
+            pick = current["pick"]
+            rows, positions = layer.inputs(x, mask, pick)
+            layer.add(0, rows, None, 1.0)
+            layer.tokens += rows.shape[0]
             probe = output.new_zeros((), requires_grad=True)
             current["probes"].append(probe)
             out = output + probe  # exact; makes the output's gradient reachable
-            squares = rows.square() if len(layer.sums) == 3 and positions is None else None
+            squares = rows.square() if layer.diagonal and positions is None else None
 
             def grad_hook(grad):
-                g, per = layer.gradients(grad, mask, current["terms"])
-                layer.sums[1].addmm_(g.T, g)
+                g, per = layer.gradients(grad, mask, pick)
+                scale = current["terms"] ** 2  # the per-token gradients are terms·∂L/∂y
+                layer.add(1, g, None, scale)
                 if squares is not None:
-                    layer.sums[2].addmm_(g.square().T, squares)
+                    layer.add(2, g.square(), squares, scale)
                 elif positions is not None:  # the examples' own gradients, squared
-                    layer.sums[2].add_(torch.bmm(per.transpose(1, 2), positions).square()
-                                       .sum(0))
+                    own = torch.bmm(per.transpose(1, 2), positions)
+                    layer.add(2, own.square().sum(0), "sum", scale)
             out.register_hook(grad_hook)
             return out
         return hook
@@ -396,8 +449,9 @@ def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
         model.eval()
         handles = [m.register_forward_hook(forward_hook(state[n])) for n, m in found.items()]
         with torch.enable_grad():
-            for batch in batches:
-                current.update(mask=_token_mask(batch), probes=[], terms=1)
+            for i, batch in enumerate(batches):
+                current.update(mask=_token_mask(batch), probes=[], terms=1,
+                               pick=slice(i % every, None, every))
                 if current["mask"] is not None and not bool(current["mask"].all()) and \
                         getattr(getattr(model, "config", None), "is_encoder_decoder", False):
                     raise ValueError("batches: padding masks of encoder-decoder models are not "
@@ -413,8 +467,6 @@ def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
                 if loss.requires_grad and current["probes"]:
                     torch.autograd.grad(loss, current["probes"], allow_unused=True)
                 current.clear()
-                for layer in state.values():
-                    layer.fold()
     finally:
         current.clear()
         for h in handles:
