@@ -3,7 +3,8 @@ LlamaForCausalLM, random weights, nothing downloaded; skipped when transformers 
 
 ``kfac_collect``: ``collect`` on one batch beside a plain training step of the same model
 (forward, backward, AdamW: the floor, unchecked); collect's factors are checked against
-``collect`` of the fp64 model. ``ewc_penalty``: the K-FAC penalty and its gradient w.r.t.
+``collect`` of the fp64 model. A second row does the same with ``every=2`` (every other
+token; checked against the fp64 ``collect(every=2)``). ``ewc_penalty``: the K-FAC penalty and its gradient w.r.t.
 every linear weight, from kronops' ``ewc_penalty``, from the same expression in plain
 PyTorch on a list of tensors, and (when installed) from curvlinops' KFACLinearOperator with
 our factors loaded, whose product G ΔW A is the gradient; all checked against the plain
@@ -71,25 +72,31 @@ def kfac_collect_cases(config: dict, batch: int, seq: int, dtype, device):
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def factors(i):
-        return _flat(collect(base, [batches[i]], dtype=torch.float32))
-
-    def reference():
-        return _flat(collect(copy.deepcopy(base).double(), [batches[0]], dtype=torch.float64))
-
     tokens = batch * seq
     linear = _linear_flops(base, tokens)
-    factor_flops = sum(2 * (m.in_features ** 2 + m.out_features ** 2) * tokens
-                       for m in base.modules() if isinstance(m, nn.Linear))
     size = _factor_bytes(collect(base, [batches[0]], dtype=torch.float32))
     shape = f"{_name(config, batch, seq)}, factors {size / 2 ** 20:.1f} MiB"
-    # Work: the forward and the dX half of the backward, and the two factor GEMMs per layer;
-    # bytes: the weights read and the factors written.
     params = sum(p.numel() for p in base.parameters())
-    return [Case("kfac_collect", "one batch", shape, tokens,
-                 params * element_bytes(dtype) + size, 2 * linear + factor_flops,
-                 {"kronops collect": factors, "naive (plain training step)": step},
-                 reference, unchecked={"naive (plain training step)"})]
+    cases = []
+    for every in (1, 2):
+        def factors(i, every=every):
+            return _flat(collect(base, [batches[i]], dtype=torch.float32, every=every))
+
+        def reference(every=every):
+            return _flat(collect(copy.deepcopy(base).double(), [batches[0]],
+                                 dtype=torch.float64, every=every))
+
+        factor_flops = sum(2 * (m.in_features ** 2 + m.out_features ** 2) * tokens // every
+                           for m in base.modules() if isinstance(m, nn.Linear))
+        # Work: the forward and the dX half of the backward, and the two factor GEMMs per
+        # layer (full GEMMs; collect's upper block triangles do 0.58-1× of them); bytes:
+        # the weights read and the factors written.
+        cases.append(Case("kfac_collect", "one batch" + (f", every={every}" if every > 1 else ""),
+                          shape, tokens, params * element_bytes(dtype) + size,
+                          2 * linear + factor_flops,
+                          {"kronops collect": factors, "naive (plain training step)": step},
+                          reference, unchecked={"naive (plain training step)"}))
+    return cases
 
 
 def _plain_penalty(weights, anchors, factors, strength):
