@@ -88,6 +88,25 @@ def scattered(plain, name, layer):
     return full
 
 
+def adapt(model, layer, side):
+    """``model.body`` wrapped in ``layer`` (an S²FT class, fp64) on rows 0, 2, 3 or
+    columns 1-3; returns the wrapper."""
+    index = torch.tensor([0, 2, 3]) if side == "rows" else range(1, 4)
+    fp64 = dict(delta_dtype=torch.float64) if layer is S2FTLinear else {}
+    model.body = layer(model.body, **{side: index}, **fp64)
+    return model.body
+
+
+def move(s2ft):
+    """Add a random step (entries ~0.1) to the selected part of ``s2ft``'s weight."""
+    step = torch.randn(s2ft.chosen.part_shape((6, 5)), dtype=torch.float64) * 0.1
+    if isinstance(s2ft, S2FTInPlaceLinear):
+        s2ft.write_weight_part(s2ft.weight_part() + step)
+    else:
+        with torch.no_grad():
+            s2ft.delta.add_(step)
+
+
 @pytest.mark.parametrize("layer", [S2FTLinear, S2FTInPlaceLinear])
 @pytest.mark.parametrize("side", ["rows", "cols"])
 def test_s2ft_penalty_covers_the_selection_only(layer, side):
@@ -98,17 +117,9 @@ def test_s2ft_penalty_covers_the_selection_only(layer, side):
     anchor = Classifier(hidden=6)
     full_factors = collect(anchor, BATCHES, dtype=torch.float64)
     model = copy.deepcopy(anchor)
-    index = torch.tensor([0, 2, 3]) if side == "rows" else range(1, 4)
-    fp64 = dict(delta_dtype=torch.float64) if layer is S2FTLinear else {}
-    model.body = layer(model.body, **{side: index}, **fp64)
+    s2ft = adapt(model, layer, side)
     factors = collect(model, BATCHES, dtype=torch.float64)
-    s2ft = model.body
-    moved = torch.randn(s2ft.chosen.part_shape((6, 5)), dtype=torch.float64) * 0.1
-    if layer is S2FTLinear:
-        with torch.no_grad():
-            s2ft.delta.copy_(moved)
-    else:
-        s2ft.write_weight_part(s2ft.weight_part() + moved)
+    move(s2ft)
     full = scattered(anchor, "body", s2ft)
     penalty = ewc_penalty(model, factors, anchor, strength=2.0)
     expected = ewc_penalty(full, full_factors, anchor, strength=2.0)
@@ -125,22 +136,11 @@ def two_tasks(layer, side):
     S²FT class) on the Classifier's body, its selected part moved in each task."""
     torch.manual_seed(0)
     model = Classifier(hidden=6)
-    index = torch.tensor([0, 2, 3]) if side == "rows" else range(1, 4)
-    fp64 = dict(delta_dtype=torch.float64) if layer is S2FTLinear else {}
-    model.body = layer(model.body, **{side: index}, **fp64)
-    s2ft = model.body
-
-    def move():
-        step = torch.randn(s2ft.chosen.part_shape((6, 5)), dtype=torch.float64) * 0.1
-        if layer is S2FTLinear:
-            with torch.no_grad():
-                s2ft.delta.add_(step)
-        else:
-            s2ft.write_weight_part(s2ft.weight_part() + step)
-    move()
+    s2ft = adapt(model, layer, side)
+    move(s2ft)
     anchor = copy.deepcopy(model)
     factors = collect(anchor, BATCHES, dtype=torch.float64)
-    move()
+    move(s2ft)
     return model, anchor, factors
 
 
