@@ -7,8 +7,8 @@ LlamaForCausalLM, random weights, nothing downloaded; skipped when transformers 
 token; checked against the fp64 ``collect(every=2)``). ``ewc_penalty``: the K-FAC penalty and its gradient w.r.t.
 every linear weight, from kronops' ``ewc_penalty``, from the same expression in plain
 PyTorch on a list of tensors, and (when installed) from curvlinops' KFACLinearOperator with
-our factors loaded, whose product G ΔW A is the gradient; all checked against the plain
-expression in fp64. The shapes name the factors' memory.
+our factors loaded, whose product G ΔW A is the gradient, and likewise nngeometry's
+PMatKFAC with our factors as its data; all checked against the plain expression in fp64. The shapes name the factors' memory.
 """
 import copy
 import dataclasses
@@ -20,7 +20,7 @@ from torch import nn
 from kronops.curvature import collect, ewc_penalty
 
 from .cases import INPUT_SETS, Case, element_bytes
-from .optional import load_curvlinops, load_transformers
+from .optional import load_curvlinops, load_nngeometry, load_transformers
 
 LR = 1e-4
 STEP = 1e-2  # the size of the random ΔW entries the penalty weighs
@@ -131,6 +131,32 @@ def _curvlinops_provider(model, ids, names, weights, anchors, factors):
     return run
 
 
+def _nngeometry_provider(model, names, weights, anchors, factors):
+    """nngeometry's PMatKFAC over the layers ``names`` with our factors as its data: its
+    ``mv`` G ΔW A is the penalty's gradient (strength 1) and ½⟨ΔW, G ΔW A⟩ the penalty.
+    None when nngeometry is absent."""
+    objects, _ = load_nngeometry()
+    if objects is None:
+        return None
+    from nngeometry.backend import TorchHooksJacobianBackend
+    from nngeometry.layercollection import LayerCollection
+    layers = LayerCollection()
+    for n in names:
+        layers.add_layer_from_model(model, model.get_submodule(n))
+    kfac = objects.PMatKFAC(generator=TorchHooksJacobianBackend(model, layer_collection=layers),
+                            data={n: (factors[n].a, factors[n].g) for n in names})
+
+    def run(i):
+        deltas = [(w - w0).detach() for w, w0 in zip(weights, anchors)]
+        v = objects.PVector(layer_collection=layers,
+                            dict_repr={n: (d,) for n, d in zip(names, deltas)})
+        out = kfac.mv(v).to_dict()
+        products = [out[n][0] for n in names]
+        penalty = 0.5 * sum((d * k).sum() for d, k in zip(deltas, products))
+        return torch.cat([penalty.reshape(1), *(k.flatten() for k in products)])
+    return run
+
+
 def ewc_penalty_cases(config: dict, batch: int, seq: int, dtype, device):
     """The penalty over every linear layer and its gradient, factors from one batch."""
     base = _model(config, dtype, device)
@@ -168,6 +194,9 @@ def ewc_penalty_cases(config: dict, batch: int, seq: int, dtype, device):
     theirs = _curvlinops_provider(model, ids, names, weights, anchors, factors)
     if theirs is not None:
         providers["curvlinops KFACLinearOperator"] = theirs
+    theirs = _nngeometry_provider(model, names, weights, anchors, factors)
+    if theirs is not None:
+        providers["nngeometry PMatKFAC"] = theirs
     pair_flops = sum(2 * w.shape[0] * w.shape[1] * sum(w.shape) for w in weights)
     size = _factor_bytes(factors)
     shape = f"{_name(config, batch, seq)}, {len(names)} layers, factors {size / 2 ** 20:.1f} MiB"

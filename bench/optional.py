@@ -1,4 +1,4 @@
-"""The benchmark's optional packages (peft, transformers, pyfastkron, curvlinops): each imported
+"""The benchmark's optional packages (peft, transformers, pyfastkron, curvlinops, nngeometry): each imported
 once with the parts the benchmark uses, and the real reason when one cannot be used."""
 import functools
 import importlib
@@ -44,9 +44,15 @@ def load_curvlinops():
     return optional_import("curvlinops", "KFACLinearOperator")
 
 
+def load_nngeometry():
+    """(nngeometry.object, None) with its K-FAC matrix and parameter vectors, or (None, why)."""
+    return optional_import("nngeometry.object", "PMatKFAC", "PVector")
+
+
 def skipped() -> list[str]:
     """One line per optional provider that cannot run here: which rows are skipped, and why."""
     rows = [("LLaMA training-step and serving", load_transformers()),
             ("PEFT LoKr/LoRA", load_peft()), ("FastKron", load_fastkron()),
-            ("curvlinops penalty", load_curvlinops())]
+            ("curvlinops penalty", load_curvlinops()),
+            ("nngeometry penalty", load_nngeometry())]
     return [f"the {what} rows are skipped: {why}" for what, (module, why) in rows if module is None]
