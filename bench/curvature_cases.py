@@ -3,11 +3,12 @@ LlamaForCausalLM, random weights, nothing downloaded; skipped when transformers 
 
 ``kfac_collect``: ``collect`` on one batch beside a plain training step of the same model
 (forward, backward, AdamW: the floor, unchecked); collect's factors are checked against
-``collect`` of the fp64 model. ``ewc_penalty``: the K-FAC penalty and its gradient w.r.t.
+``collect`` of the fp64 model. A second row does the same with ``every=2`` (every other
+token; checked against the fp64 ``collect(every=2)``). ``ewc_penalty``: the K-FAC penalty and its gradient w.r.t.
 every linear weight, from kronops' ``ewc_penalty``, from the same expression in plain
 PyTorch on a list of tensors, and (when installed) from curvlinops' KFACLinearOperator with
-our factors loaded, whose product G ΔW A is the gradient; all checked against the plain
-expression in fp64. The shapes name the factors' memory.
+our factors loaded, whose product G ΔW A is the gradient, and likewise nngeometry's
+PMatKFAC with our factors as its data; all checked against the plain expression in fp64. The shapes name the factors' memory.
 """
 import copy
 import dataclasses
@@ -19,7 +20,7 @@ from torch import nn
 from kronops.curvature import collect, ewc_penalty
 
 from .cases import INPUT_SETS, Case, element_bytes
-from .optional import load_curvlinops, load_transformers
+from .optional import load_curvlinops, load_nngeometry, load_transformers
 
 LR = 1e-4
 STEP = 1e-2  # the size of the random ΔW entries the penalty weighs
@@ -71,25 +72,31 @@ def kfac_collect_cases(config: dict, batch: int, seq: int, dtype, device):
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def factors(i):
-        return _flat(collect(base, [batches[i]], dtype=torch.float32))
-
-    def reference():
-        return _flat(collect(copy.deepcopy(base).double(), [batches[0]], dtype=torch.float64))
-
     tokens = batch * seq
     linear = _linear_flops(base, tokens)
-    factor_flops = sum(2 * (m.in_features ** 2 + m.out_features ** 2) * tokens
-                       for m in base.modules() if isinstance(m, nn.Linear))
     size = _factor_bytes(collect(base, [batches[0]], dtype=torch.float32))
     shape = f"{_name(config, batch, seq)}, factors {size / 2 ** 20:.1f} MiB"
-    # Work: the forward and the dX half of the backward, and the two factor GEMMs per layer;
-    # bytes: the weights read and the factors written.
     params = sum(p.numel() for p in base.parameters())
-    return [Case("kfac_collect", "one batch", shape, tokens,
-                 params * element_bytes(dtype) + size, 2 * linear + factor_flops,
-                 {"kronops collect": factors, "naive (plain training step)": step},
-                 reference, unchecked={"naive (plain training step)"})]
+    cases = []
+    for every in (1, 2):
+        def factors(i, every=every):
+            return _flat(collect(base, [batches[i]], dtype=torch.float32, every=every))
+
+        def reference(every=every):
+            return _flat(collect(copy.deepcopy(base).double(), [batches[0]],
+                                 dtype=torch.float64, every=every))
+
+        factor_flops = sum(2 * (m.in_features ** 2 + m.out_features ** 2) * tokens // every
+                           for m in base.modules() if isinstance(m, nn.Linear))
+        # Work: the forward and the dX half of the backward, and the two factor GEMMs per
+        # layer (full GEMMs; collect's upper block triangles do 0.58-1× of them); bytes:
+        # the weights read and the factors written.
+        cases.append(Case("kfac_collect", "one batch" + (f", every={every}" if every > 1 else ""),
+                          shape, tokens, params * element_bytes(dtype) + size,
+                          2 * linear + factor_flops,
+                          {"kronops collect": factors, "naive (plain training step)": step},
+                          reference, unchecked={"naive (plain training step)"}))
+    return cases
 
 
 def _plain_penalty(weights, anchors, factors, strength):
@@ -119,6 +126,32 @@ def _curvlinops_provider(model, ids, names, weights, anchors, factors):
     def run(i):
         deltas = [(w - w0).detach() for w, w0 in zip(weights, anchors)]
         products = op @ deltas
+        penalty = 0.5 * sum((d * k).sum() for d, k in zip(deltas, products))
+        return torch.cat([penalty.reshape(1), *(k.flatten() for k in products)])
+    return run
+
+
+def _nngeometry_provider(model, names, weights, anchors, factors):
+    """nngeometry's PMatKFAC over the layers ``names`` with our factors as its data: its
+    ``mv`` G ΔW A is the penalty's gradient (strength 1) and ½⟨ΔW, G ΔW A⟩ the penalty.
+    None when nngeometry is absent."""
+    objects, _ = load_nngeometry()
+    if objects is None:
+        return None
+    from nngeometry.backend import TorchHooksJacobianBackend
+    from nngeometry.layercollection import LayerCollection
+    layers = LayerCollection()
+    for n in names:
+        layers.add_layer_from_model(model, model.get_submodule(n))
+    kfac = objects.PMatKFAC(generator=TorchHooksJacobianBackend(model, layer_collection=layers),
+                            data={n: (factors[n].a, factors[n].g) for n in names})
+
+    def run(i):
+        deltas = [(w - w0).detach() for w, w0 in zip(weights, anchors)]
+        v = objects.PVector(layer_collection=layers,
+                            dict_repr={n: (d,) for n, d in zip(names, deltas)})
+        out = kfac.mv(v).to_dict()
+        products = [out[n][0] for n in names]
         penalty = 0.5 * sum((d * k).sum() for d, k in zip(deltas, products))
         return torch.cat([penalty.reshape(1), *(k.flatten() for k in products)])
     return run
@@ -161,6 +194,9 @@ def ewc_penalty_cases(config: dict, batch: int, seq: int, dtype, device):
     theirs = _curvlinops_provider(model, ids, names, weights, anchors, factors)
     if theirs is not None:
         providers["curvlinops KFACLinearOperator"] = theirs
+    theirs = _nngeometry_provider(model, names, weights, anchors, factors)
+    if theirs is not None:
+        providers["nngeometry PMatKFAC"] = theirs
     pair_flops = sum(2 * w.shape[0] * w.shape[1] * sum(w.shape) for w in weights)
     size = _factor_bytes(factors)
     shape = f"{_name(config, batch, seq)}, {len(names)} layers, factors {size / 2 ** 20:.1f} MiB"

@@ -1,5 +1,5 @@
-"""The benchmark's optional packages (peft, transformers, pyfastkron, curvlinops, vllm): each imported
-once with the parts the benchmark uses, and the real reason when one cannot be used."""
+"""The benchmark's optional packages (peft, transformers, pyfastkron, curvlinops, nngeometry,
+vllm): each imported once with the parts the benchmark uses, and the real reason when one cannot be used."""
 import functools
 import importlib
 
@@ -53,9 +53,15 @@ def load_vllm():
     return (None, why) if request is None else (vllm, None)
 
 
+def load_nngeometry():
+    """(nngeometry.object, None) with its K-FAC matrix and parameter vectors, or (None, why)."""
+    return optional_import("nngeometry.object", "PMatKFAC", "PVector")
+
+
 def skipped() -> list[str]:
     """One line per optional provider that cannot run here: which rows are skipped, and why."""
     rows = [("LLaMA training-step and serving", load_transformers()),
             ("PEFT LoKr/LoRA", load_peft()), ("FastKron", load_fastkron()),
-            ("curvlinops penalty", load_curvlinops()), ("vLLM serving", load_vllm())]
+            ("curvlinops penalty", load_curvlinops()),
+            ("nngeometry penalty", load_nngeometry()), ("vLLM serving", load_vllm())]
     return [f"the {what} rows are skipped: {why}" for what, (module, why) in rows if module is None]

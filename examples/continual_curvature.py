@@ -20,12 +20,16 @@ forgets.
 Part 1 (continual): the tasks in that order; after each, accuracy on every task seen so far.
 EWC: after task k, ``collect`` the factors (and the diagonal Fisher) on task k's data and
 keep the model as the anchor; later tasks add ``ewc_penalty(model, factors_k, anchor_k,
-strength=λ, kind=...)`` for every earlier k. "full" trains every Linear (weights, biases,
-head); embeddings and LayerNorms stay frozen so that every trained parameter is one the
+strength=λ, kind=...)`` for every earlier k. The factors use ``approx="reduce"`` (in the
+merging part too): the loss has one term per sequence, after mean pooling, and with the
+default "expand" the encoder's factors are 1/17 to 1/17² (17 positions) of its
+per-sequence Fisher while the head's are not, so EWC held the head and let the encoder
+drift (the earlier tasks ended at their majority class at λ 100 and 1000; λ 1e4 also
+stopped the later tasks being learnt). "full" trains every Linear (weights, biases, head);
+embeddings and LayerNorms stay frozen so that every trained parameter is one the
 curvature covers. "s2ft" trains 1 of 4 heads and 32 of 128 FFN channels per block in place
-(``apply_adapters(model, "s2ft", mode="inplace")`` + ``InPlaceAdamW``) and the head (AdamW):
-in-place mode, because ``ewc_penalty`` measures an adapter-mode layer's Δ from its base, not
-from the anchor, so only in-place layers are anchored at the end of the earlier task.
+(``apply_adapters(model, "s2ft", mode="inplace")`` + ``InPlaceAdamW``) and the head
+(AdamW); adapter mode would do the same (``ewc_penalty`` anchors it at the anchor's Δ).
 
 Part 2 (merging): from the same base, one model per task (full, and S²FT in adapter mode:
 ``merge_models`` merges adapter-mode Δs, not in-place layers), each merged with
@@ -63,6 +67,7 @@ MERGE_KINDS = ("mean", "diag", "input", "kron")
 STRENGTH = {"plain": 0.0, "diag": 1000.0, "kron": 1000.0}
 MERGE_DAMPING = 1e-3  # γ of merge_models: pulls uncovered directions to the plain mean
 LR = {"full": 1e-3, "s2ft": 3e-3}
+APPROX = "reduce"  # collect's K-FAC variant: the loss is per sequence, after mean pooling
 
 
 def make_task(task: str, n: int, generator: torch.Generator) -> dict:
@@ -165,7 +170,7 @@ def curvature(model, task: str, n: int, batch_size: int, seed: int) -> dict:
     (the empirical Fisher: the true labels)."""
     generator = torch.Generator().manual_seed(seed)
     batches = [make_task(task, batch_size, generator) for _ in range(max(1, n // batch_size))]
-    return collect(model, batches, loss_fn=loss_fn, diagonal=True)
+    return collect(model, batches, loss_fn=loss_fn, diagonal=True, approx=APPROX)
 
 
 def continual(setting: str, method: str, cfg: dict, eval_split: str, strength=None) -> dict:

@@ -9,6 +9,31 @@ approximated as A ⊗ G with
 both averaged over the same tokens: every position of the layer's input (all leading dims
 flattened) except those masked out by the batch's ``attention_mask``.
 
+Weight sharing (``approx``, the two K-FAC variants of Eschenhagen et al., 2023, "Kronecker-
+Factored Approximate Curvature for Modern Neural Network Architectures"): ``"expand"``
+(default) takes every position as a token of its own, right when the loss has a term per
+position (a language model). ``"reduce"`` takes one row per example (dim 0 of a layer input
+with more than two dims): x̄ = the mean of its unmasked positions' x̄, g = the sum of their
+g, right when the positions are pooled before a per-example loss (a sequence classifier):
+there every position's g is a share of one example's gradient, and "expand" weighs a
+layer inside the encoder with 1/positions (independent positions) to 1/positions² (equal
+ones) of the per-example Fisher a layer after the pooling gets, so EWC and merging
+barely hold the encoder. Examples with no unmasked position are skipped; layers whose
+input is (examples, in) are the same in both.
+
+Subsampling (``every=k``, default 1: every row): only every k-th row (token, or example
+with "reduce") of each batch's unmasked rows enters the factors, starting at row (batch
+index mod k), the same rows for A, G and the diagonal. The factors are then means over
+about 1/k of the rows: over the k offsets an unbiased estimate of the full means; for rows
+that were independent draws the variance of each entry grows about k-fold (less where
+neighbouring tokens are alike, as in a sequence). It cuts the factor GEMMs (not the
+forward and backward) k-fold, as K-FAC implementations amortise curvature by estimating
+it on a part of the data.
+
+Cost: Σ x̄x̄ᵀ and Σ ggᵀ are accumulated in place (the first batch written directly, no
+zero fill) as upper block triangles (``_upper_gram_``: about half of a full GEMM's flops
+for wide layers), completed and divided by the row count once, at the end.
+
 Scale conventions. g is the gradient of a *per-token* loss term, never of a mean: a loss
 that averages N terms (a Hugging Face model's own loss: the mean over its N labels that are
 not -100, shifted by one position for a causal LM; a classifier's mean over its N labels)
@@ -43,6 +68,7 @@ from ..s2ft.selection import Selection
 from ..wrapped_linear import features, is_linear
 
 FISHERS = ("empirical", "sampled")
+APPROXIMATIONS = ("expand", "reduce")
 IGNORE_INDEX = -100  # the label Hugging Face losses skip
 
 
@@ -51,10 +77,11 @@ class LayerFactors:
     """The K-FAC factors of one layer (see the module docstring).
 
     ``a`` (in', in') = E[x̄ x̄ᵀ]; ``g`` (out', out') = E[g gᵀ]; ``tokens``: how many tokens
-    were averaged; ``bias``: whether x̄ is augmented by a 1 (``a`` is (in + 1, in + 1));
+    (examples with ``approx="reduce"``) were averaged; ``bias``: whether x̄ is augmented by a 1 (``a`` is (in + 1, in + 1));
     ``selection``: an S²FT layer's ``Selection`` (``a`` or ``g`` restricted to it), else
     None; ``diag`` (out', in'): the diagonal empirical Fisher E[(g x̄ᵀ)²] elementwise, when
-    collected (``collect(..., diagonal=True)``). For S²FT layers out' × in' is the shape of
+    collected (``collect(..., diagonal=True)``; with ``approx="reduce"`` the exact per-example
+    E[(Σ_positions g x̄ᵀ)²]). For S²FT layers out' × in' is the shape of
     Δ (``selection.part_shape``).
     """
     a: torch.Tensor
@@ -139,31 +166,71 @@ def layers(model: nn.Module, modules=None) -> dict[str, nn.Module]:
     return {n: found[n] for n in names}
 
 
-class _Layer:
-    """One layer's running averages and the current batch's sums."""
+GRAM_BLOCK = 128  # column block of _upper_gram_
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype, diagonal: bool):
-        self.module, self.dtype = module, dtype
+
+def _upper_gram_(c: torch.Tensor, x: torch.Tensor, alpha: float, beta: float) -> None:
+    """c (n, n) = alpha·xᵀx + beta·c (x (rows, n)) on and above the diagonal blocks only:
+    for each block of GRAM_BLOCK columns of x one GEMM, x[:, block]ᵀ x[:, block start:]
+    into c[block, block start:]. That is (k + 1) / 2k of xᵀx's flops for k blocks (1/2 as
+    n grows, a symmetric rank-k update); below the diagonal blocks c is not written
+    (``_symmetric`` completes it)."""
+    n = c.shape[0]
+    for i in range(0, n, GRAM_BLOCK):
+        j = min(i + GRAM_BLOCK, n)
+        c[i:j, i:].addmm_(x[:, i:j].T, x[:, i:], beta=beta, alpha=alpha)
+
+
+def _symmetric(u: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is ``u``'s (a new tensor)."""
+    return u.triu().add_(u.triu(1).T)
+
+
+class _Layer:
+    """One layer's sums over the rows seen so far: ``sums`` = [Σ x̄x̄ᵀ and Σ ggᵀ (upper block
+    triangles, ``_upper_gram_``), Σ (g²)(x̄²)ᵀ with the diagonal], each written with beta=0
+    the first time (no zero fill), then accumulated in place; ``factors`` divides once."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype, diagonal: bool, reduce: bool):
+        self.module, self.dtype, self.reduce = module, dtype, reduce
         self.selection = module.chosen if isinstance(module, S2FTLinear) else None
         self.bias = self.selection is None and getattr(module, "bias", None) is not None
         in_, out = features(module)
         if self.selection is not None:
             out, in_ = self.selection.part_shape((out, in_))
         in_ += self.bias
+        self.width = in_
         device = next(module.parameters()).device
-        self.mean = [torch.zeros(n, n, device=device, dtype=dtype) for n in (in_, out)]
-        self.sums = [torch.zeros_like(m) for m in self.mean]
-        if diagonal:
-            self.mean.append(torch.zeros(out, in_, device=device, dtype=dtype))
-            self.sums.append(torch.zeros_like(self.mean[-1]))
-        self.tokens = self.batch_tokens = 0
+        shapes = [(in_, in_), (out, out)] + ([(out, in_)] if diagonal else [])
+        self.sums = [torch.empty(shape, device=device, dtype=dtype) for shape in shapes]
+        self.started = [False] * len(shapes)
+        self.tokens = 0
 
-    def inputs(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """x (..., in) as the rows this layer's ``a`` averages: (tokens, in'), masked,
-        restricted to selected columns, augmented by a 1."""
-        x = x.detach().reshape(-1, x.shape[-1])
-        if keep is not None:
-            x = x[keep]
+    def add(self, i: int, left: torch.Tensor, right, alpha: float) -> None:
+        """sums[i] += alpha·leftᵀ·right; ``right`` None: the upper triangle of alpha·leftᵀleft;
+        "sum": alpha·left itself."""
+        beta = 1.0 if self.started[i] else 0.0
+        if right is None:
+            _upper_gram_(self.sums[i], left, alpha, beta)
+        elif isinstance(right, str):
+            if beta:
+                self.sums[i].add_(left, alpha=alpha)
+            else:
+                torch.mul(left, alpha, out=self.sums[i])
+        else:
+            self.sums[i].addmm_(left.T, right, beta=beta, alpha=alpha)
+        self.started[i] = True
+
+    @property
+    def diagonal(self) -> bool:
+        return len(self.sums) == 3
+
+    def pools(self, t: torch.Tensor) -> bool:
+        """Whether rows are examples pooled over positions (``approx="reduce"``, t (n, ..., d))."""
+        return self.reduce and t.dim() > 2
+
+    def _input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, in) -> (rows, in'): selected columns, in ``dtype``, augmented by a 1."""
         if self.selection is not None and self.selection.side == "cols":
             x = self.selection.to(x.device).part(x)
         x = x.to(self.dtype)
@@ -171,35 +238,47 @@ class _Layer:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
         return x
 
-    def gradients(self, grad: torch.Tensor, keep: torch.Tensor | None,
-                  terms: float) -> torch.Tensor:
-        """∂L/∂y (..., out) as per-token gradients (tokens, out'): masked, restricted to
-        selected rows, times the loss's number of terms."""
-        g = grad.detach().reshape(-1, grad.shape[-1])
-        if keep is not None:
-            g = g[keep]
+    def _gradient_rows(self, g: torch.Tensor) -> torch.Tensor:
+        """(rows, out) -> (rows, out'): selected rows, in ``dtype``."""
         if self.selection is not None and self.selection.side == "rows":
             g = self.selection.to(g.device).part(g.T).T
-        return g.to(self.dtype) * terms
+        return g.to(self.dtype)
 
-    def fold(self) -> None:
-        """Fold the batch's sums into the running means (mean += (sum - n·mean) / total)."""
-        n = self.batch_tokens
-        if n:
-            total = self.tokens + n
-            for mean, s in zip(self.mean, self.sums):
-                mean.add_((s - n * mean) / total)
-                s.zero_()
-            self.tokens = total
-        self.batch_tokens = 0
+    def inputs(self, x: torch.Tensor, mask: torch.Tensor | None, pick: slice):
+        """x (..., in) as the rows this layer's ``a`` averages, (rows, in'): the unmasked
+        tokens, or the examples' means over them (``pools``), ``pick`` of them; and, for the
+        diagonal of pooled rows, their positions (examples, positions, in') zeroed where
+        masked, else None."""
+        x = x.detach()
+        if not self.pools(x):
+            return self._input_rows(_flat_kept(x, mask)[pick]), None
+        x, mask = x[pick], None if mask is None else mask[pick]
+        per = self._input_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], -1, self.width)
+        per = _masked(per, mask)
+        return _pooled(per, mask, mean=True), per if self.diagonal else None
+
+    def gradients(self, grad: torch.Tensor, mask: torch.Tensor | None, pick: slice):
+        """∂L/∂y (..., out) as the per-token (or, pooled, per-example summed) gradients
+        (rows, out'), ``pick`` of them, and their positions (examples, positions, out')
+        when pooled, else None."""
+        grad = grad.detach()
+        if not self.pools(grad):
+            return self._gradient_rows(_flat_kept(grad, mask)[pick]), None
+        grad, mask = grad[pick], None if mask is None else mask[pick]
+        per = self._gradient_rows(grad.reshape(-1, grad.shape[-1]))
+        per = _masked(per.reshape(grad.shape[0], -1, per.shape[-1]), mask)
+        return _pooled(per, mask, mean=False), per
 
     def factors(self, name: str) -> LayerFactors:
         if not self.tokens:
             raise ValueError(f"layer {name!r} saw no tokens: it was never called on an "
                              "unmasked position")
-        a, g, *diag = self.mean
-        return LayerFactors(a, g, self.tokens, self.bias, self.selection,
-                            diag[0] if diag else None)
+        for i, started in enumerate(self.started):  # no gradient ever reached the layer
+            if not started:
+                self.sums[i].zero_()
+        a, g = (_symmetric(t).div_(self.tokens) for t in self.sums[:2])
+        diag = self.sums[2].div_(self.tokens) if self.diagonal else None
+        return LayerFactors(a, g, self.tokens, self.bias, self.selection, diag)
 
 
 def _token_mask(batch) -> torch.Tensor | None:
@@ -207,12 +286,38 @@ def _token_mask(batch) -> torch.Tensor | None:
     return None if mask is None else mask.bool()
 
 
-def _keep(mask: torch.Tensor | None, leading: torch.Size) -> torch.Tensor | None:
-    """The flat unmasked positions of a layer input with ``leading`` dims, or None (all kept)
-    when there is no mask or it is not of that shape (e.g. a classifier's pooled input)."""
+def _mask_of(mask: torch.Tensor | None, leading: torch.Size) -> torch.Tensor | None:
+    """The batch's mask where it has a layer input's ``leading`` dims, else None (all kept:
+    no mask, or e.g. a classifier's pooled input)."""
     if mask is None or tuple(mask.shape) != tuple(leading):
         return None
-    return mask.reshape(-1)
+    return mask
+
+
+def _flat_kept(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """t (..., d) as (unmasked positions, d)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if mask is None else t[mask.reshape(-1)]
+
+
+def _masked(per: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """per (examples, positions, d) with masked positions zeroed."""
+    if mask is None:
+        return per
+    return per * mask.reshape(per.shape[0], -1, 1).to(per.dtype)
+
+
+def _pooled(per: torch.Tensor, mask: torch.Tensor | None, *, mean: bool) -> torch.Tensor:
+    """per (examples, positions, d), masked positions zero -> (examples, d): the sum (or the
+    mean) over each example's unmasked positions; examples with none are dropped."""
+    total = per.sum(1)
+    if mask is None:
+        return total / per.shape[1] if mean else total
+    counts = mask.reshape(per.shape[0], -1).sum(1)
+    kept = counts > 0
+    if mean:
+        total = total / counts.clamp_min(1)[:, None].to(total.dtype)
+    return total[kept]
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -257,10 +362,7 @@ def _sampled_loss(model, batch, generator) -> tuple[torch.Tensor, torch.Generato
         raise TypeError(f"fisher='sampled' needs each batch as a dict of model inputs, "
                         f"got {type(batch).__name__}")
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    flat = logits.reshape(-1, logits.shape[-1])
-    keep = _keep(_token_mask(batch), logits.shape[:-1])
-    if keep is not None:
-        flat = flat[keep]
+    flat = _flat_kept(logits, _mask_of(_token_mask(batch), logits.shape[:-1]))
     if generator is None:
         generator = torch.Generator(flat.device).manual_seed(0)
     probs = torch.softmax(flat.detach().double(), -1)
@@ -270,8 +372,8 @@ def _sampled_loss(model, batch, generator) -> tuple[torch.Tensor, torch.Generato
 
 def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
             fisher: str = "empirical", modules=None, dtype: torch.dtype = torch.float32,
-            generator: torch.Generator | None = None,
-            diagonal: bool = False) -> dict[str, LayerFactors]:
+            generator: torch.Generator | None = None, diagonal: bool = False,
+            approx: str = "expand", every: int = 1) -> dict[str, LayerFactors]:
     """K-FAC factors of ``model``'s linear layers over ``batches`` (see the module docstring).
 
     ``loss_fn(model, batch)``: the true labels' loss of one batch, either a scalar summing
@@ -281,7 +383,12 @@ def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
     layers to collect (names, or a callable (name, module) -> bool; default every linear
     and S²FT layer, see ``layers``). Averages are kept in ``dtype`` (float32 or float64),
     Σ (in'² + out'²) per layer; ``diagonal=True`` adds the diagonal Fisher (out', in') per
-    layer. Padding (``batch["attention_mask"] == 0``) is excluded wherever a layer's input
+    layer. ``approx``: "expand" (every position a token) or "reduce" (one row per example,
+    for losses on pooled positions; see the module docstring). ``every``: use only every
+    every-th row (token, or example with "reduce") of each batch, starting at the batch's
+    index mod every (see the module docstring: an estimator with fewer rows; 1, the
+    default, is exact). Padding
+    (``batch["attention_mask"] == 0``) is excluded wherever a layer's input
     has the mask's shape; encoder-decoder models with padding are refused (their decoder
     tokens have another mask). The model runs in eval mode (no dropout) and gets its
     modes back; gradients are taken with ``torch.autograd.grad`` w.r.t. the layer outputs
@@ -300,30 +407,39 @@ def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if not isinstance(diagonal, bool):
         raise TypeError(f"diagonal must be a bool, got {diagonal!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
+    if approx not in APPROXIMATIONS:
+        raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
     found = layers(model, modules)
     if not found:
         raise ValueError("model has no linear or S²FT layers to collect (modules selects none)")
-    state = {name: _Layer(m, dtype, diagonal) for name, m in found.items()}
+    state = {name: _Layer(m, dtype, diagonal, approx == "reduce") for name, m in found.items()}
     modes = {m: m.training for m in model.modules()}
     current = {}  # this batch: mask, probes, terms
 
     def forward_hook(layer: _Layer):
         def hook(module, args, output):
             x = args[0]
-            keep = _keep(current["mask"], x.shape[:-1])
-            rows = layer.inputs(x, keep)
-            layer.sums[0].addmm_(rows.T, rows)
-            layer.batch_tokens += rows.shape[0]
+            mask = _mask_of(current["mask"], x.shape[:-1])
+            pick = current["pick"]
+            rows, positions = layer.inputs(x, mask, pick)
+            layer.add(0, rows, None, 1.0)
+            layer.tokens += rows.shape[0]
             probe = output.new_zeros((), requires_grad=True)
             current["probes"].append(probe)
             out = output + probe  # exact; makes the output's gradient reachable
-            squares = rows.square() if len(layer.sums) == 3 else None  # kept for diag only
+            squares = rows.square() if layer.diagonal and positions is None else None
 
             def grad_hook(grad):
-                g = layer.gradients(grad, keep, current["terms"])
-                layer.sums[1].addmm_(g.T, g)
+                g, per = layer.gradients(grad, mask, pick)
+                scale = current["terms"] ** 2  # the per-token gradients are terms·∂L/∂y
+                layer.add(1, g, None, scale)
                 if squares is not None:
-                    layer.sums[2].addmm_(g.square().T, squares)
+                    layer.add(2, g.square(), squares, scale)
+                elif positions is not None:  # the examples' own gradients, squared
+                    own = torch.bmm(per.transpose(1, 2), positions)
+                    layer.add(2, own.square().sum(0), "sum", scale)
             out.register_hook(grad_hook)
             return out
         return hook
@@ -333,8 +449,9 @@ def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
         model.eval()
         handles = [m.register_forward_hook(forward_hook(state[n])) for n, m in found.items()]
         with torch.enable_grad():
-            for batch in batches:
-                current.update(mask=_token_mask(batch), probes=[], terms=1)
+            for i, batch in enumerate(batches):
+                current.update(mask=_token_mask(batch), probes=[], terms=1,
+                               pick=slice(i % every, None, every))
                 if current["mask"] is not None and not bool(current["mask"].all()) and \
                         getattr(getattr(model, "config", None), "is_encoder_decoder", False):
                     raise ValueError("batches: padding masks of encoder-decoder models are not "
@@ -350,8 +467,6 @@ def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
                 if loss.requires_grad and current["probes"]:
                     torch.autograd.grad(loss, current["probes"], allow_unused=True)
                 current.clear()
-                for layer in state.values():
-                    layer.fold()
     finally:
         current.clear()
         for h in handles:
@@ -361,4 +476,4 @@ def collect(model: nn.Module, batches, *, loss_fn: Callable | None = None,
     return {name: layer.factors(name) for name, layer in state.items()}
 
 
-__all__ = ["LayerFactors", "collect", "layers", "check_layer", "FISHERS"]
+__all__ = ["LayerFactors", "collect", "layers", "check_layer", "FISHERS", "APPROXIMATIONS"]

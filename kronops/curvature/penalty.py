@@ -8,11 +8,16 @@ have a bias (``LayerFactors.bias``: A is then over [x, 1]). ``kind="diag"`` is t
 EWC baseline: ½ λ Σ ⟨F_diag, ΔW²⟩ with the diagonal empirical Fisher
 (``collect(..., diagonal=True)``).
 
-S²FT layers: ΔW is the trained part only, so the penalty and its gradient touch only the
-selected rows/columns (cost ∝ selection): ``S2FTLinear``: its ``delta`` (the anchor is its
-base, so the anchor is not read for it); ``S2FTInPlaceLinear``: the selected part of the
-weight minus the anchor's, made differentiable through ``selected`` (what
-``kronops.s2ft.InPlaceAdamW`` steps with).
+S²FT layers: ΔW is the selected part only, so the penalty and its gradient touch only the
+selected rows/columns (cost ∝ selection). It is the layer's effective selected weight minus
+the anchor's, taken as (base part − anchor's base part) + (trained − anchor's Δ): the base
+parts cancel exactly when the base is shared, leaving Δ − Δ_anchor for continual training
+of one adapter. "trained" is ``S2FTLinear``'s ``delta`` (nothing once merged: the base
+holds it) or ``S2FTInPlaceLinear``'s ``selected`` (what ``kronops.s2ft.InPlaceAdamW`` steps
+with). The anchor's base part is its ``name.base.weight`` (or ``name.weight``: a model
+without the adapter); its Δ is its ``name.delta`` (an adapter-mode layer; zero when it has
+none: an in-place layer, a plain model, or a merged layer of an anchor given as a model),
+and an anchor that has a selection must have the layer's.
 """
 from collections.abc import Mapping
 
@@ -45,16 +50,48 @@ def _anchored(module: nn.Module, name: str, anchor: Mapping, stored: str, side: 
     return as_out_in(layer, anchor[key]) if side == "weight" else anchor[key]
 
 
+def _anchor_delta(module: S2FTLinear, name: str, anchor: Mapping) -> torch.Tensor | None:
+    """The anchor's adapter Δ of S²FT layer ``name`` (None where it has none), after checking
+    that the anchor selects what ``module`` does."""
+    index, extra = anchor.get(f"{name}.index"), anchor.get(f"{name}._extra_state")
+    chosen = module.chosen
+    same = (index is None or (chosen.index is not None and
+                              torch.equal(index.cpu(), chosen.index.cpu()))) and \
+        (not isinstance(extra, Mapping) or
+         (extra.get("mode"), extra.get("start")) ==
+         (chosen.side, chosen.start if chosen.is_range else None))
+    if not same:
+        raise ValueError(f"anchor: {name!r} selects other {chosen.side} than the model's "
+                         f"{chosen!r}")
+    saved = anchor.get(f"{name}.delta")
+    if saved is None:
+        return None
+    if not isinstance(saved, torch.Tensor) or saved.shape != module.delta.shape:
+        raise ValueError(f"anchor[{name + '.delta'!r}] must be a tensor of shape "
+                         f"{tuple(module.delta.shape)}, got "
+                         f"{getattr(saved, 'shape', type(saved).__name__)}")
+    return saved
+
+
+def _s2ft_delta(module: S2FTLinear, name: str, anchor: Mapping) -> torch.Tensor:
+    """The selected part of ``module``'s effective weight minus the anchor's (docstring)."""
+    anchor_w = _anchored(module, name, anchor, "base", "weight")
+    chosen = module.chosen
+    base = chosen.part(module.base_weight.detach()) - \
+        chosen.to(anchor_w.device).part(anchor_w.detach()).to(module.base_weight)
+    trained = None if module.merged else module.delta  # in-place layers are never merged
+    saved = _anchor_delta(module, name, anchor)
+    if saved is not None:
+        saved = saved.detach().to(module.delta)
+        trained = -saved if trained is None else trained - saved
+    return base if trained is None else base.to(trained) + trained
+
+
 def delta(module: nn.Module, name: str, f: LayerFactors, anchor: Mapping) -> torch.Tensor:
     """ΔW (out', in') of one layer for its factors ``f``: see the module docstring."""
     check_layer(name, module, f)
     if isinstance(module, S2FTLinear):
-        if not isinstance(module, S2FTInPlaceLinear):
-            return module.delta
-        chosen = module.chosen
-        anchor_w = _anchored(module, name, anchor, "base", "weight")
-        part = chosen.to(anchor_w.device).part(anchor_w.detach())
-        return (module.weight_part() - part.to(module.base_weight)) + module.selected
+        return _s2ft_delta(module, name, anchor)
     w = out_in_weight(module)
     d = w - _anchored(module, name, anchor, "module", "weight").to(w)
     if f.bias:
@@ -64,6 +101,16 @@ def delta(module: nn.Module, name: str, f: LayerFactors, anchor: Mapping) -> tor
         d = torch.cat([d, (b - _anchored(module, name, anchor, "module", "bias").to(b))[:, None]],
                       1)
     return d
+
+
+def anchor_state(anchor: nn.Module) -> dict:
+    """``anchor``'s state_dict without the ``delta`` of its merged S²FT adapter layers (their
+    base weight holds it already)."""
+    state = anchor.state_dict()
+    for name, m in anchor.named_modules():
+        if isinstance(m, S2FTLinear) and not isinstance(m, S2FTInPlaceLinear) and m.merged:
+            del state[f"{name}.delta"]
+    return state
 
 
 def ewc_penalty(model: nn.Module, factors: Mapping[str, LayerFactors], anchor, *,
@@ -84,7 +131,7 @@ def ewc_penalty(model: nn.Module, factors: Mapping[str, LayerFactors], anchor, *
     if not isinstance(factors, Mapping) or not factors:
         raise ValueError("factors must be a non-empty dict {layer name: LayerFactors}")
     if isinstance(anchor, nn.Module):
-        anchor = anchor.state_dict()
+        anchor = anchor_state(anchor)
     if not isinstance(anchor, Mapping):
         raise TypeError(f"anchor must be a model or its state_dict, got {type(anchor).__name__}")
     modules = dict(model.named_modules())

@@ -10,7 +10,7 @@ from bench import __main__ as bench_main
 from bench.cases import Provider, build_case
 from bench.curvature_cases import ewc_penalty_cases, kfac_collect_cases
 from bench.kron_cases import krona_layer_cases, kron_linear_cases, kron_matmul_cases
-from bench.optional import load_curvlinops, load_transformers
+from bench.optional import load_curvlinops, load_nngeometry, load_transformers
 from bench.s2ft_adamw_cases import inplace_adamw_cases
 from bench.s2ft_linear_cases import sparse_linear_cases
 from bench.s2ft_model_cases import llama_step_cases
@@ -439,9 +439,15 @@ def test_curvature_cases_are_checked():
     assert by_name["kfac_collect", "kronops collect"]["error_ok"]
     assert by_name["kfac_collect", "kronops collect"]["rel_error"] is not None
     assert by_name["kfac_collect", "naive (plain training step)"]["rel_error"] is None
+    assert {r["mode"] for r in rows if r["op"] == "kfac_collect"} == {"one batch",
+                                                                      "one batch, every=2"}
+    assert all(r["error_ok"] for r in rows
+               if r["op"] == "kfac_collect" and r["provider"] == "kronops collect")
     penalty = [r for r in rows if r["op"] == "ewc_penalty"]
     expected = {"kronops", "composite (plain PyTorch)"}
     if load_curvlinops()[0] is not None:
         expected.add("curvlinops KFACLinearOperator")
+    if load_nngeometry()[0] is not None:
+        expected.add("nngeometry PMatKFAC")
     assert {r["provider"] for r in penalty} == expected
     assert all(r["rel_error"] is not None and r["error_ok"] for r in penalty)

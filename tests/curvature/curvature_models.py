@@ -38,3 +38,34 @@ def batch(seed, n=2, t=3, features=5, classes=4, pad=0):
         mask[0, t - pad:] = 0
         labels[0, t - pad:] = -100
     return dict(input_ids=x, attention_mask=mask, labels=labels)
+
+
+class PooledClassifier(nn.Module):
+    """A sequence classifier: ``body`` (tanh) on every position, the masked mean over the
+    positions, then ``head``; one label per sequence, the loss their mean. ``parts`` returns
+    the body's output too, so tests can take gradients at it."""
+
+    def __init__(self, features=(5, 4), hidden=6, bias=True):
+        super().__init__()
+        inp, out = features
+        self.body = nn.Linear(inp, hidden, bias=bias).double()
+        self.head = nn.Linear(hidden, out, bias=bias).double()
+
+    def parts(self, input_ids, attention_mask):
+        y = self.body(input_ids)
+        mask = attention_mask[..., None].to(y.dtype)
+        pooled = (torch.tanh(y) * mask).sum(1) / mask.sum(1)
+        return y, self.head(pooled)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        logits = self.parts(input_ids, attention_mask)[1]
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return types.SimpleNamespace(logits=logits, loss=loss)
+
+
+def sequence_batch(seed, n=3, t=4, features=5, classes=4, pad=0):
+    """Inputs (n, t, features), one label per sequence (n,); the last ``pad`` positions of
+    row 0 padded."""
+    b = batch(seed, n, t, features, classes, pad)
+    g = torch.Generator().manual_seed(seed + 100)
+    return dict(b, labels=torch.randint(0, classes, (n,), generator=g))

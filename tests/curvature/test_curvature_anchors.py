@@ -9,6 +9,8 @@ makes them ours:
   G-only block for the bias).
 - ``kfac_approx="expand"``: the positions of a sequence are tokens of their own, and its
   input covariance Σ x xᵀ / (N_data · positions per example) is our mean over tokens.
+  ``kfac_approx="reduce"`` (inputs averaged, output gradients summed over each example's
+  positions, covariances over examples) is our ``approx="reduce"``.
 - ``fisher_type="empirical"``: the true labels' loss. With ``CrossEntropyLoss(reduction=
   "mean")`` it multiplies each batch's gradient by that batch's number of loss terms
   (N_batch² / (N_data · terms per example) on g gᵀ), the per-token gradient collect takes
@@ -52,6 +54,20 @@ class ClassesFirst(nn.Module):
         return x.movedim(-1, 1)
 
 
+class MeanOverPositions(nn.Module):
+    """(n, positions, d) -> (n, d)."""
+
+    def forward(self, x):
+        return x.mean(1)
+
+
+def pooled_mlp(bias):
+    """A sequence classifier: the positions pooled before the head, one label per sequence."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(INPUT, HIDDEN, bias=bias), nn.Tanh(), MeanOverPositions(),
+                         nn.Linear(HIDDEN, CLASSES, bias=bias)).double()
+
+
 def mlp(bias, sequence=False):
     torch.manual_seed(0)
     layers = [nn.Linear(INPUT, HIDDEN, bias=bias), nn.Tanh(), nn.Linear(HIDDEN, CLASSES, bias=bias)]
@@ -74,22 +90,22 @@ def data(sequence, targets):
     return batches
 
 
-def ours(model, batches, loss):
+def ours(model, batches, loss, approx="expand"):
     """collect with ``loss`` (a mean-reduced torch loss) over each batch's N terms: the
     labels for cross-entropy, the rows (every position) for MSE."""
     def loss_fn(m, b):
         x, y = b
         terms = y.numel() if isinstance(loss, nn.CrossEntropyLoss) else y.shape[:-1].numel()
         return loss(m(x), y), terms
-    return collect(model, batches, loss_fn=loss_fn, dtype=torch.float64)
+    return collect(model, batches, loss_fn=loss_fn, dtype=torch.float64, approx=approx)
 
 
-def theirs(model, batches, loss):
+def theirs(model, batches, loss, approx="expand"):
     """curvlinops' operator with its factors computed now (it would otherwise compute them
     at its first product, from the parameters of that moment)."""
     op = curvlinops.KFACLinearOperator(
         model, loss, list(model.parameters()), batches, fisher_type="empirical",
-        kfac_approx="expand", separate_weight_and_bias=False, check_deterministic=False)
+        kfac_approx=approx, separate_weight_and_bias=False, check_deterministic=False)
     op.compute_kronecker_factors()
     return op
 
@@ -107,6 +123,21 @@ def test_factors_equal_curvlinops_cross_entropy(bias, sequence):
     assert set(factors) == set(a) == set(g) == {"0", "2"}
     for name, f in factors.items():
         assert f.bias == bias and f.a.shape[0] == model.get_submodule(name).in_features + bias
+        close(f.a, a[name])
+        close(f.g, g[name])
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_reduce_factors_equal_curvlinops(bias):
+    """approx="reduce" is curvlinops' kfac_approx="reduce": inputs averaged and output
+    gradients summed over the positions of each sequence."""
+    model, loss = pooled_mlp(bias), nn.CrossEntropyLoss()
+    batches = [(x, y[:, 0]) for x, y in data(True, "classes")]
+    factors = ours(model, batches, loss, "reduce")
+    a, g = their_factors(theirs(model, batches, loss, "reduce"))
+    assert set(factors) == set(a) == {"0", "3"}
+    assert factors["0"].tokens == 10
+    for name, f in factors.items():
         close(f.a, a[name])
         close(f.g, g[name])
 

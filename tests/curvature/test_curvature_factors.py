@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
-from curvature_models import Classifier, batch
+from curvature_models import Classifier, PooledClassifier, batch, sequence_batch
 from models import build, family_batch, llama_batch, tiny_llama
 
-from kronops.curvature import LayerFactors, collect
+from kronops.curvature import LayerFactors, collect, factors
 from kronops.s2ft import S2FTInPlaceLinear, S2FTLinear
 from kronops.testing import relative_error
 
@@ -142,6 +142,98 @@ def test_padding_is_excluded_in_every_layer():
         close(f.g, apart[name].g)
 
 
+def per_example(model, batches):
+    """Per sequence n of every batch: x̄_n (the mean of its unmasked positions' body inputs
+    with a 1 appended), g_n (the sum over those positions of its own loss's gradient at the
+    body's output) and its own loss's gradient of [body.weight, body.bias] (out, in + 1)."""
+    xs, gs, grads = [], [], []
+    for b in batches:
+        for n in range(len(b["labels"])):
+            keep = b["attention_mask"][n].bool()
+            x = b["input_ids"][n:n + 1, keep]
+            y, logits = model.parts(x, torch.ones(x.shape[:2], dtype=torch.int64))
+            loss = torch.nn.functional.cross_entropy(logits, b["labels"][n:n + 1])
+            g, w, bias = torch.autograd.grad(loss, [y, model.body.weight, model.body.bias])
+            xs.append(torch.cat([x[0], torch.ones(len(x[0]), 1, dtype=x.dtype)], 1).mean(0))
+            gs.append(g[0].sum(0))
+            grads.append(torch.cat([w, bias[:, None]], 1))
+    return torch.stack(xs), torch.stack(gs), torch.stack(grads)
+
+
+def test_reduce_factors_equal_the_pooled_per_example_math():
+    """approx="reduce" on a sequence classifier: the body's A and G over examples (mean of
+    x̄, sum of g over unmasked positions), its diagonal the exact per-example empirical
+    Fisher; the head's input is already per example, so its factors are expand's."""
+    torch.manual_seed(0)
+    model = PooledClassifier()
+    batches = [sequence_batch(1, pad=2), sequence_batch(2, n=2, t=5, pad=1)]
+
+    def loss_fn(m, b):
+        return m(**b).loss, len(b["labels"])
+    f = collect(model, batches, loss_fn=loss_fn, dtype=torch.float64, diagonal=True,
+                approx="reduce")
+    x, g, grads = per_example(model, batches)
+    body = f["body"]
+    assert body.tokens == len(x) == 5
+    close(body.a, x.T @ x / len(x))
+    close(body.g, g.T @ g / len(g))
+    close(body.diag, grads.square().mean(0))
+    expand = collect(model, batches, loss_fn=loss_fn, dtype=torch.float64, diagonal=True)
+    assert expand["body"].tokens == 3 * 4 - 2 + 2 * 5 - 1
+    for name in ("a", "g", "diag"):
+        assert torch.equal(getattr(f["head"], name), getattr(expand["head"], name))
+
+
+@pytest.mark.parametrize("block", [1, 2, 3])
+def test_upper_block_triangles_give_the_full_factors(monkeypatch, block):
+    """Sums written as upper block triangles (columns in blocks of 1, 2, 3: the head's
+    a is 7 wide with its bias, g 4) and completed at the end equal the one-block factors
+    (every width below the default block), over two batches."""
+    torch.manual_seed(0)
+    model = Classifier(features=(6, 4), hidden=None)
+    batches = [batch(1, features=6, pad=1), batch(2, t=4, features=6)]
+    whole = collect(model, batches, dtype=torch.float64, diagonal=True)["head"]
+    monkeypatch.setattr(factors, "GRAM_BLOCK", block)
+    blocked = collect(model, batches, dtype=torch.float64, diagonal=True)["head"]
+    for name in ("a", "g", "diag"):
+        close(getattr(blocked, name), getattr(whole, name), tol=1e-14)
+    assert torch.equal(blocked.a, blocked.a.T) and torch.equal(blocked.g, blocked.g.T)
+
+
+def test_every_kth_token_is_the_picked_tokens():
+    """every=2: the factors of the tokens 0, 2, 4, ... of the first batch's unmasked tokens
+    and 1, 3, ... of the second's, materialised."""
+    torch.manual_seed(0)
+    model = Classifier()
+    batches = [batch(1, pad=1), batch(2, t=4)]
+    f = collect(model, batches, dtype=torch.float64, diagonal=True, every=2)["head"]
+    rows = [tokens_of(model, [b], true_labels) for b in batches]
+    x = torch.cat([r[0][i::2] for i, r in enumerate(rows)])
+    g = torch.cat([r[1][i::2] for i, r in enumerate(rows)])
+    assert f.tokens == len(x) == 3 + 4
+    close(f.a, x.T @ x / len(x))
+    close(f.g, g.T @ g / len(g))
+    close(f.diag, (g.square().T @ x.square()) / len(x))
+
+
+def test_every_kth_example_with_reduce():
+    """every=2 with approx="reduce" picks examples: the factors of the sub-batches of
+    examples 0, 2, 4 of the first batch and 1, 3 of the second."""
+    torch.manual_seed(0)
+    model = PooledClassifier()
+
+    def loss_fn(m, b):
+        return m(**b).loss, len(b["labels"])
+    batches = [sequence_batch(1, n=5, pad=2), sequence_batch(2, n=4, t=5)]
+    picked = [{k: v[i::2] for k, v in b.items()} for i, b in enumerate(batches)]
+    got, want = (collect(model, bs, loss_fn=loss_fn, dtype=torch.float64, diagonal=True,
+                         approx="reduce", every=every)["body"]
+                 for bs, every in ((batches, 2), (picked, 1)))
+    assert got.tokens == want.tokens == 3 + 2
+    for name in ("a", "g", "diag"):
+        close(getattr(got, name), getattr(want, name))
+
+
 @pytest.mark.parametrize("layer", [S2FTLinear, S2FTInPlaceLinear])
 @pytest.mark.parametrize("side", ["rows", "cols"])
 def test_s2ft_factors_are_the_restricted_factors(layer, side):
@@ -216,6 +308,10 @@ def test_bad_arguments_are_named():
         collect(model, b, modules=["nope"])
     with pytest.raises(TypeError, match="generator"):
         collect(model, b, generator=0)
+    with pytest.raises(ValueError, match="approx"):
+        collect(model, b, approx="kfac")
+    with pytest.raises(ValueError, match="every"):
+        collect(model, b, every=0)
     with pytest.raises(ValueError, match="labels"):
         collect(model, [dict(input_ids=b[0]["input_ids"])])
     with pytest.raises(ValueError, match="saw no tokens"):

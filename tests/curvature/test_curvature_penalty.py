@@ -1,6 +1,7 @@
 """ewc_penalty(): the Kronecker-factored and diagonal EWC penalties against their materialised
 forms (torch.kron) in fp64, their gradients against autograd of those forms, and S²FT layers
-(penalty and gradient over the selection only, one InPlaceAdamW step).
+(penalty and gradient over the selection only, anchored at the earlier task's weights
+across two tasks, one InPlaceAdamW step).
 
 fp64 tolerance 1e-10 relative: a few hundred products summed, ~1e-15 each.
 """
@@ -87,6 +88,25 @@ def scattered(plain, name, layer):
     return full
 
 
+def adapt(model, layer, side):
+    """``model.body`` wrapped in ``layer`` (an S²FT class, fp64) on rows 0, 2, 3 or
+    columns 1-3; returns the wrapper."""
+    index = torch.tensor([0, 2, 3]) if side == "rows" else range(1, 4)
+    fp64 = dict(delta_dtype=torch.float64) if layer is S2FTLinear else {}
+    model.body = layer(model.body, **{side: index}, **fp64)
+    return model.body
+
+
+def move(s2ft):
+    """Add a random step (entries ~0.1) to the selected part of ``s2ft``'s weight."""
+    step = torch.randn(s2ft.chosen.part_shape((6, 5)), dtype=torch.float64) * 0.1
+    if isinstance(s2ft, S2FTInPlaceLinear):
+        s2ft.write_weight_part(s2ft.weight_part() + step)
+    else:
+        with torch.no_grad():
+            s2ft.delta.add_(step)
+
+
 @pytest.mark.parametrize("layer", [S2FTLinear, S2FTInPlaceLinear])
 @pytest.mark.parametrize("side", ["rows", "cols"])
 def test_s2ft_penalty_covers_the_selection_only(layer, side):
@@ -97,17 +117,9 @@ def test_s2ft_penalty_covers_the_selection_only(layer, side):
     anchor = Classifier(hidden=6)
     full_factors = collect(anchor, BATCHES, dtype=torch.float64)
     model = copy.deepcopy(anchor)
-    index = torch.tensor([0, 2, 3]) if side == "rows" else range(1, 4)
-    fp64 = dict(delta_dtype=torch.float64) if layer is S2FTLinear else {}
-    model.body = layer(model.body, **{side: index}, **fp64)
+    s2ft = adapt(model, layer, side)
     factors = collect(model, BATCHES, dtype=torch.float64)
-    s2ft = model.body
-    moved = torch.randn(s2ft.chosen.part_shape((6, 5)), dtype=torch.float64) * 0.1
-    if layer is S2FTLinear:
-        with torch.no_grad():
-            s2ft.delta.copy_(moved)
-    else:
-        s2ft.write_weight_part(s2ft.weight_part() + moved)
+    move(s2ft)
     full = scattered(anchor, "body", s2ft)
     penalty = ewc_penalty(model, factors, anchor, strength=2.0)
     expected = ewc_penalty(full, full_factors, anchor, strength=2.0)
@@ -117,6 +129,56 @@ def test_s2ft_penalty_covers_the_selection_only(layer, side):
     trained_part = s2ft.delta if layer is S2FTLinear else s2ft.selected
     close(trained_part.grad, s2ft.chosen.part(full.body.weight.grad))
     assert s2ft.base.weight.grad is None
+
+
+def two_tasks(layer, side):
+    """(model after task 2, the anchor after task 1, factors at the anchor): ``layer`` (an
+    S²FT class) on the Classifier's body, its selected part moved in each task."""
+    torch.manual_seed(0)
+    model = Classifier(hidden=6)
+    s2ft = adapt(model, layer, side)
+    move(s2ft)
+    anchor = copy.deepcopy(model)
+    factors = collect(anchor, BATCHES, dtype=torch.float64)
+    move(s2ft)
+    return model, anchor, factors
+
+
+@pytest.mark.parametrize("layer, form", [(S2FTLinear, "model"), (S2FTLinear, "state_dict"),
+                                         (S2FTLinear, "merged model"),
+                                         (S2FTInPlaceLinear, "model"),
+                                         (S2FTInPlaceLinear, "state_dict")])
+@pytest.mark.parametrize("side", ["rows", "cols"])
+def test_s2ft_penalty_is_anchored_at_the_earlier_task(layer, side, form):
+    """Continual use: after task 1 (the anchor) and task 2, ΔW is the selected part of the
+    task-2 weight minus the task-1 weight (materialised as full weights), not the adapter's
+    whole Δ from its base; penalty and gradient against torch.kron."""
+    model, anchor, factors = two_tasks(layer, side)
+    s2ft, f = model.body, factors["body"]
+    d = s2ft.chosen.part(scattered(anchor, "body", s2ft).body.weight -
+                         scattered(anchor, "body", anchor.body).body.weight)
+    assert d.abs().max() > 0.01  # the anchor's own Δ is not part of it
+    v = d.T.reshape(-1)
+    kron = torch.kron(f.a, f.g)
+    if form == "merged model":
+        anchor.body.merge()
+    given = anchor.state_dict() if form == "state_dict" else anchor
+    penalty = ewc_penalty(model, factors, given, strength=2.0)
+    close(penalty, v @ kron @ v)
+    penalty.backward()
+    trained = s2ft.delta if layer is S2FTLinear else s2ft.selected
+    close(trained.grad, 2.0 * (kron @ v).reshape(d.shape[1], d.shape[0]).T)
+    assert ewc_penalty(anchor, factors, given, strength=2.0) == 0
+
+
+def test_s2ft_anchor_must_select_the_same_part():
+    model, anchor, factors = two_tasks(S2FTLinear, "rows")
+    state = dict(anchor.state_dict(), **{"body.index": torch.tensor([0, 1, 2])})
+    with pytest.raises(ValueError, match="anchor: 'body' selects other rows"):
+        ewc_penalty(model, factors, state, strength=1.0)
+    state = dict(anchor.state_dict(), **{"body.delta": torch.ones(2, 5)})
+    with pytest.raises(ValueError, match=r"anchor\['body.delta'\] must be a tensor of shape"):
+        ewc_penalty(model, factors, state, strength=1.0)
 
 
 def test_in_place_adamw_steps_with_the_penalty():
