@@ -1,5 +1,6 @@
 """The benchmark's optional packages (peft, transformers, pyfastkron, curvlinops, nngeometry,
-vllm): each imported once with the parts the benchmark uses, and the real reason when one cannot be used."""
+vllm): each imported once with the parts the benchmark uses, and the real reason when one
+cannot be used."""
 import functools
 import importlib
 

@@ -1,7 +1,7 @@
 """kronops.serving.vllm's plugin and routing without an engine: register() is idempotent and
 puts one subclass of each linear LoRA layer first; a step's route groups tokens by slot,
 never adapts tokens without an adapter (-1) or padding rows, and is built once per
-update_metadata call."""
+update_metadata call; it skips vLLM's LoRA term where no token's slot holds a vLLM LoRA."""
 from types import SimpleNamespace
 
 import pytest
@@ -47,6 +47,23 @@ def test_a_step_route_groups_tokens_by_slot_and_pads_with_no_adapter():
     routing.update(wrapper)
     assert routing.step_route(wrapper, 2).groups(2, 1, (1,), torch.device("cpu")).offsets \
         == [0, 2]
+
+
+def test_a_step_runs_vllms_lora_term_only_where_a_token_holds_a_vllm_lora():
+    wrapper = SimpleNamespace(token_lora_indices=torch.tensor([-1, 2, 0, 2]))
+    assert routing.step_has_lora(wrapper)  # no route yet: vLLM's term runs
+    routing.update(wrapper)
+    assert routing.step_has_lora(wrapper)  # no slot marked: each may hold a LoRA
+    routing.mark_slot(wrapper, 0, True)
+    routing.mark_slot(wrapper, 2, True)
+    routing.update(wrapper)
+    assert not routing.step_has_lora(wrapper)  # kronops slots and no adapter only
+    routing.mark_slot(wrapper, 2, False)  # slot 2 taken over by a vLLM LoRA
+    routing.update(wrapper)
+    assert routing.step_has_lora(wrapper)
+    wrapper.token_lora_indices = torch.tensor([-1, 0, -1])
+    routing.update(wrapper)
+    assert not routing.step_has_lora(wrapper)
 
 
 def test_a_layer_without_a_route_says_the_plugin_did_not_run():

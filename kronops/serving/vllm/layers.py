@@ -12,7 +12,8 @@ subclass, which keeps all of vLLM's LoRA behaviour and adds:
   otherwise) the kronops adapters of each slot, as ``kronops.serving.layers.LayerAdapters``:
   KronA/LoKr factors grouped by shape, S²FT Δ grouped by side (rows or cols), each slot a
   member named by its index.
-- after the base GEMM and vLLM's LoRA term, each slice's adapters added into that slice of
+- vLLM's LoRA term skipped in a step where no token's slot holds a vLLM LoRA (``routing``:
+  kronops slots hold zero LoRA factors); then, each slice's adapters added into that slice of
   the output (a strided view) by ``routed_kron_add`` / ``routed_sparse_add``, for the tokens
   of the slots that hold them, grouped by ``routing``.
 
@@ -83,7 +84,8 @@ class KronopsLinearMixin:
         return any(adapters.groups for adapters in self.kronops_slices)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        output = super()._apply_lora_to_output(x, output)
+        if routing.step_has_lora(self.punica_wrapper):
+            output = super()._apply_lora_to_output(x, output)
         if not self.kronops_active():
             return output
         y2 = output.flatten(0, -2) if output.dim() > 2 else output

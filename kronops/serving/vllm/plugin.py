@@ -13,7 +13,9 @@ It patches these private vLLM names (``PATCHED``; not API, so vLLM is pinned to
   ``loader`` as a ``LoRAModel`` without LoRA tensors carrying our updates;
 - ``LoRAModelManager._create_merged_loras_inplace``: nothing to pack for such a model;
 - ``LoRAModelManager.activate_adapter``: once vLLM gave an adapter its slot, every kronops
-  layer's slot is cleared and gets that adapter's updates per output slice;
+  layer's slot is cleared and gets that adapter's updates per output slice, and the
+  manager's Punica wrappers (``punica_wrapper_mapping``) learn whether the slot holds a
+  kronops adapter (``routing.mark_slot``);
 - ``PunicaWrapperBase.update_metadata``: also builds the step's token grouping
   (``routing``);
 - ``LLMEngine.add_request`` / ``AsyncLLM.add_request`` (the front ends): a request naming an
@@ -127,7 +129,8 @@ def register() -> None:
         changed = activate(self, lora_id)
         if changed:
             index = self.lora_index_to_id.index(lora_id)
-            updates = getattr(self._registered_adapters[lora_id], ATTRIBUTE, None) or {}
+            model = self._registered_adapters[lora_id]
+            updates = getattr(model, ATTRIBUTE, None) or {}
             unknown = sorted(name for name in updates if not isinstance(
                 self.modules.get(name), layers.KronopsLinearMixin))
             if unknown:
@@ -138,6 +141,8 @@ def register() -> None:
                     module.kronops_clear(index)
                     for slice_index, update in updates.get(name, {}).items():
                         module.kronops_set(index, slice_index, update)
+            for wrapper in self.punica_wrapper_mapping.values():
+                routing.mark_slot(wrapper, index, hasattr(model, ATTRIBUTE))
         return changed
 
     WorkerLoRAManager.__init__ = __init__

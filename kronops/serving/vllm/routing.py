@@ -7,21 +7,27 @@ that method so that it also leaves a ``kronops.serving.routes.Route`` over those
 wrapper (one host copy of the indices per step). Layers then take their token groups and
 tile tables from it (``step_route``); the route caches them per member list, so layers
 that share their members share one grouping, and no layer reads the indices itself.
+
+The step also says whether any token's slot holds a vLLM LoRA (``step_has_lora``): the
+plugin marks the slots it fills with kronops adapters (``mark_slot``), whose LoRA factors
+are zero, so a step whose tokens hold only kronops adapters (or none) skips vLLM's LoRA term.
 """
 import torch
 
 from ..routes import Route
 
 ATTRIBUTE = "_kronops_route"
+KRONOPS_SLOTS = "_kronops_slots"  # on the wrapper: the slots holding kronops adapters
 
 
 class StepRoute:
     """The slots of one step's tokens (host int64, -1: no adapter) and a ``Route`` over
     them per number of rows a layer gets (more rows than tokens: padding, which no adapter
-    adapts)."""
+    adapts). ``has_lora``: whether a token's slot is not one of ``kronops_slots``."""
 
-    def __init__(self, slots: torch.Tensor):
+    def __init__(self, slots: torch.Tensor, kronops_slots=frozenset()):
         self.slots = slots
+        self.has_lora = not set(slots.unique().tolist()) <= {-1, *kronops_slots}
         self._routes = {}
 
     def route(self, rows: int) -> Route:
@@ -37,7 +43,23 @@ def update(wrapper) -> None:
     """Give ``wrapper`` (a Punica wrapper whose metadata were just updated) this step's
     ``StepRoute``."""
     setattr(wrapper, ATTRIBUTE,
-            StepRoute(wrapper.token_lora_indices.to("cpu", torch.int64).clone()))
+            StepRoute(wrapper.token_lora_indices.to("cpu", torch.int64).clone(),
+                      getattr(wrapper, KRONOPS_SLOTS, frozenset())))
+
+
+def mark_slot(wrapper, index: int, kronops: bool) -> None:
+    """Record on ``wrapper`` whether slot ``index`` now holds a kronops adapter (zero LoRA
+    factors) or not (a vLLM LoRA); read by the next ``update``."""
+    slots = set(getattr(wrapper, KRONOPS_SLOTS, ()))
+    (slots.add if kronops else slots.discard)(index)
+    setattr(wrapper, KRONOPS_SLOTS, frozenset(slots))
+
+
+def step_has_lora(wrapper) -> bool:
+    """Whether vLLM's LoRA term must run this step: True unless this step's route says that
+    no token's slot holds a vLLM LoRA (also True before any route was built)."""
+    step = getattr(wrapper, ATTRIBUTE, None)
+    return step is None or step.has_lora
 
 
 def step_route(wrapper, rows: int) -> Route:
