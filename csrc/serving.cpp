@@ -92,7 +92,7 @@ Routing member_rows(const char* op, const at::Tensor& x, const at::Tensor& token
 
 // x in the work dtype with unit column stride, copied only where it is not.
 at::Tensor work_rows(const at::Tensor& x) {
-  at::Tensor w = x.to(work_type(x.scalar_type()));
+  at::Tensor w = x.to(float_type(x.scalar_type()));
   return w.size(1) > 1 && w.stride(1) != 1 ? w.contiguous() : w;
 }
 
@@ -189,7 +189,7 @@ void routed_kron_add(const at::Tensor& y, const at::Tensor& x, const at::Tensor&
                     " columns, got ", y.sizes());
   const Routing routing = member_rows(kRoutedKron, x, tokens, tiles, offsets, starts, a.size(0));
   if (routing.members.empty()) return;
-  const at::ScalarType work = work_type(x.scalar_type());
+  const at::ScalarType work = float_type(x.scalar_type());
   at::Tensor xw = work_rows(x), aw = a.to(work).contiguous(), bw = b.to(work).contiguous();
   AT_DISPATCH_FLOATING_TYPES(work, "routed_kron_add", [&] {
     using T = scalar_t;
@@ -236,7 +236,7 @@ void routed_sparse_add(const at::Tensor& y, const at::Tensor& x, const at::Tenso
                       "] = ", widths[p], " must lie in [0, ", width, "]");
   const Routing routing = member_rows(kRoutedSparse, x, tokens, tiles, offsets, starts, members);
   if (routing.members.empty()) return;
-  const at::ScalarType work = work_type(x.scalar_type());
+  const at::ScalarType work = float_type(x.scalar_type());
   at::Tensor xw = work_rows(x), vw = values.to(work).contiguous();
   const int64_t* sel = idx.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(work, "routed_sparse_add", [&] {
