@@ -20,6 +20,7 @@ adapters, adapters on modules vLLM does not wrap in a LoRA layer (e.g. lm_head),
 layers, and Kronecker updates whose shard is no Kronecker product (a rank's rows or
 columns cutting through blocks of B).
 """
+import dataclasses
 import os
 
 import torch
@@ -135,7 +136,8 @@ def _served(update, layer, name: str, index: int, shape: tuple[int, int]):
     if update is None:
         return None
     if isinstance(update, KronUpdate):
-        return KronUpdate(a=update.a.to(w.device, w.dtype), b=update.b.to(w.device, w.dtype))
+        return dataclasses.replace(update, a=update.a.to(w.device, w.dtype),
+                                   b=update.b.to(w.device, w.dtype))
     return SparseUpdate(update.selection.to(w.device), update.delta.to(w.device, w.dtype))
 
 

@@ -16,6 +16,8 @@ across ranks. ``shard(update, rows, cols)`` gives the update of that part (None:
 
 None when the part holds nothing of the update (an S²FT selection outside it).
 """
+import dataclasses
+
 import torch
 
 from ...adapters.methods.updates import KronUpdate, SparseUpdate
@@ -72,7 +74,7 @@ def shard(update, rows: torch.Tensor | None, cols: torch.Tensor | None):
             continue
         if isinstance(update, KronUpdate):
             a, b = _kron_part(update.a, update.b, index, dim)
-            update = KronUpdate(a=a, b=b)
+            update = dataclasses.replace(update, a=a, b=b)
         else:
             update = _sparse_part(update, index, "rows" if dim == 0 else "cols")
             if update is None:
