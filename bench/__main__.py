@@ -15,6 +15,7 @@ from kronops.kernels.launch import tuning_choices
 
 from . import overhead
 from .optional import load_vllm, optional_import, skipped
+from .lycoris_provider import lycoris_version
 from .peft_providers import peft_version
 from .report import environment, plot, table, write_json
 from .runner import failures, run_case
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
 
     meta = environment(device)
     meta["peft"] = peft_version()
+    meta["lycoris"] = lycoris_version()
     vllm, _ = load_vllm()
     meta["vllm"] = None if vllm is None else vllm.__version__
     for line in skipped():

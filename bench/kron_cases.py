@@ -14,6 +14,7 @@ from kronops.kron.torch_kernels import kron_rows as torch_kron_rows
 from kronops.testing import naive_kron_linear, naive_kron_matmul
 
 from .cases import MODES, Provider, build_case, element_bytes, input_sets
+from .lycoris_provider import lycoris_providers
 from .peft_providers import peft_providers
 
 
@@ -83,7 +84,8 @@ def kron_matmul_cases(rows, factor_shapes_, dtype, device, modes=MODES):
 
 def krona_layer_cases(rows, in_features, out_features, dtype, device, modes=("forward+backward",)):
     """A KronALinear training step vs the same adapter materialised, PEFT's LoKr and LoRA
-    (when peft is installed), and the frozen base nn.Linear alone (the floor)."""
+    (when peft is installed), LyCORIS's LoKr in bypass mode (when lycoris-lora is), and the
+    frozen base nn.Linear alone (the floor)."""
     base = nn.Linear(in_features, out_features, device=device, dtype=dtype).requires_grad_(False)
     layer = kronops.KronALinear(base)
     nn.init.normal_(layer.b, std=0.02)
@@ -110,7 +112,8 @@ def krona_layer_cases(rows, in_features, out_features, dtype, device, modes=("fo
     }
     with torch.no_grad():
         peft, peft_unchecked = peft_providers(base, layer.a, layer.b, layer.scale)
-    providers.update(peft)
+        providers.update(peft)
+        providers.update(lycoris_providers(base, layer.a, layer.b, layer.scale))
     # The frozen base needs two GEMMs (forward and dX), the adapter three passes.
     gemm, kron = 2 * rows * in_features * out_features, kron_flops(rows, a1, a2, b1, b2)
     io = (rows * (in_features + out_features) + in_features * out_features) * elt

@@ -1,5 +1,5 @@
-"""The benchmark's optional packages (peft, transformers, pyfastkron, curvlinops, nngeometry,
-vllm): each imported once with the parts the benchmark uses, and the real reason when one
+"""The benchmark's optional packages (peft, lycoris-lora, transformers, pyfastkron, curvlinops,
+nngeometry, vllm): each imported once with the parts the benchmark uses, and the real reason when one
 cannot be used."""
 import functools
 import importlib
@@ -28,6 +28,11 @@ def load_peft():
     """(peft, None) or (None, why)."""
     return optional_import("peft", "__version__", "get_peft_model", "set_peft_model_state_dict",
                            "LoKrConfig", "LoraConfig")
+
+
+def load_lycoris():
+    """(lycoris.modules.lokr, None) with its LoKr module, or (None, why)."""
+    return optional_import("lycoris.modules.lokr", "LokrModule")
 
 
 def load_transformers():
@@ -62,7 +67,8 @@ def load_nngeometry():
 def skipped() -> list[str]:
     """One line per optional provider that cannot run here: which rows are skipped, and why."""
     rows = [("LLaMA training-step and serving", load_transformers()),
-            ("PEFT LoKr/LoRA", load_peft()), ("FastKron", load_fastkron()),
+            ("PEFT LoKr/LoRA", load_peft()),
+            ("LyCORIS LoKr", load_lycoris()), ("FastKron", load_fastkron()),
             ("curvlinops penalty", load_curvlinops()),
             ("nngeometry penalty", load_nngeometry()), ("vLLM serving", load_vllm())]
     return [f"the {what} rows are skipped: {why}" for what, (module, why) in rows if module is None]

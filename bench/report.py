@@ -120,6 +120,7 @@ STYLES = {
     "PEFT * LoKr, one sub-batch per adapter (set_adapter)":
         Style("#00441b", "PEFT LoKr, a sub-batch per adapter"),
     "PEFT LoRA r=*": Style("#bcbd22", "PEFT LoRA"),
+    "LyCORIS LoKr (bypass)": Style("#d95f02", "LyCORIS LoKr, bypass mode"),
     "full fine-tuning": Style("#8c564b", "full fine-tuning"),
     "torch AdamW on a delta": Style("#d62728", "torch AdamW on a delta"),
     "naive*": Style("#7f7f7f", "naive reference"),

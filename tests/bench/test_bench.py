@@ -377,6 +377,15 @@ def test_peft_lokr_computes_the_same_layer():
     assert any(name.startswith("PEFT LoRA") for name in by_name)
 
 
+def test_lycoris_lokr_computes_the_same_layer():
+    pytest.importorskip("lycoris")
+    rows = []
+    for case in krona_layer_cases(8, 16, 16, torch.float32, CPU):
+        rows += run_case(case, torch.float32, CPU, budget_s=FAST)
+    lycoris = {r["provider"]: r for r in rows}["LyCORIS LoKr (bypass)"]
+    assert lycoris["rel_error"] < 1e-5 and lycoris["error_ok"]
+
+
 def test_s2ft_cases_are_checked():
     rows = []
     for case in [*sparse_linear_cases(8, 32, 24, 0.25, "rows", torch.float32, CPU),
