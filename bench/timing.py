@@ -6,13 +6,17 @@ gone), which is the reported time, and called from Python (``triton.testing.do_b
 CUDA events, L2 flushed between calls), reported beside it as the host-inclusive time. A
 provider that cannot be captured (a host synchronisation or a pageable copy inside) is
 reported by its host-inclusive time alone, marked as such. On a CPU the providers of one case are timed together, in rounds: every
-round calls each provider once, in an order that rotates from round to round, so that a
-change of machine load (other processes, frequency, caches warming) falls on all of them
-alike instead of on whichever provider happened to be timed at that moment. Rounds go on
+round calls each provider once, in an order shuffled from round to round (a fixed seed), so
+that a change of machine load (other processes, frequency, caches warming) falls on all of
+them alike instead of on whichever provider happened to be timed at that moment, and so
+that no provider always runs right after the same other one (a rotated order keeps each
+provider's predecessor: one that leaves large buffers or busy threads behind then slows
+its successor every round; measured at up to 1.5x on the small CPU shapes, bench/NOTES.md). Rounds go on
 until the spread of every provider's times is small or the case's time budget is spent.
 """
 import contextlib
 import ctypes
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -77,8 +81,8 @@ def time_providers(fns: dict, device: torch.device, *, budget_s: float = CPU_BUD
     """{name: Timing} for the callables ``fns`` (``fn()``, rotating its own inputs).
 
     CUDA: ``gpu_timing`` for each in turn. CPU: ``warmup_rounds`` untimed
-    rounds, then timed rounds, each calling every provider once (order rotated by one
-    place per round), until at least ``min_rounds`` rounds are done and either every
+    rounds, then timed rounds, each calling every provider once (order shuffled per
+    round, a fixed seed), until at least ``min_rounds`` rounds are done and either every
     provider's spread is within ``target_spread`` or ``budget_s`` seconds of ``clock`` have
     passed since the first timed round; at most ``max_rounds``.
 
@@ -105,9 +109,10 @@ def time_providers(fns: dict, device: torch.device, *, budget_s: float = CPU_BUD
     times = {name: [] for name in names}
     after_setting = False
     start = clock()
+    order, shuffle = list(names), random.Random(0).shuffle
     for round_ in range(max_rounds):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
+        shuffle(order)
+        for name in order:
             if after_setting:
                 fns[name]()
             times[name].append(timed(name))

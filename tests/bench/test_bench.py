@@ -306,6 +306,24 @@ def test_cpu_timing_interleaves_providers_under_drifting_load():
     assert sequential["b"] / sequential["a"] > 1.2
 
 
+def test_cpu_timing_gives_no_provider_a_fixed_predecessor():
+    """Four equal 1 ms providers and one that leaves the next call 0.5 ms slower (a cache or
+    thread state it leaves behind): every equal provider runs after it in some rounds only,
+    so their medians agree. A rotated order put the same provider after it in
+    every round: that one's median was 1.5 ms."""
+    now, dirty = [0.0], [False]
+
+    def call(cost, leaves_dirty=False):
+        def run():
+            now[0] += cost + (0.0005 if dirty[0] else 0.0)
+            dirty[0] = leaves_dirty
+        return run
+
+    fns = {name: call(0.001) for name in "abcd"} | {"dirty": call(0.002, leaves_dirty=True)}
+    timings = time_providers(fns, CPU, budget_s=0.5, clock=lambda: now[0])
+    assert {round(timings[name].median_ms, 6) for name in "abcd"} == {1.0}
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
