@@ -14,9 +14,7 @@
 // thread), added in chunk order. fp32 and fp64 compute in their own dtype; fp16 is
 // computed in fp32 and rounded once, as the PyTorch kernels do on CPU, and so is bf16 unless
 // the CPU has bf16 matrix instructions (cpu_isa.h): then kron_bf16.cpp runs the products on
-// torch's bf16 GEMMs, except the backward with small row products (Shape::small_rows), which
-// the fp32 mode-major kernel runs faster than oneDNN's batched calls (bench/NOTES.md). The
-// double backward's factor gradient is always fp32 (or fp64).
+// torch's bf16 GEMMs. The double backward's factor gradient is always fp32 (or fp64).
 #include "kronops_kernels.h"  // generated: the kernels' declarations
 
 #include <ATen/ATen.h>
@@ -379,10 +377,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_rows_grads(
     check_like(kGrads, "inner", *inner_in, float_type(dtype));
     inner = inner_in->contiguous();
   }
-  if (work == at::kBFloat16 && !s.small_rows())
-    return kron_grads_bf16(dy_in, x_in, a_in, b_in, scale, s.b_first(), need_x, need_a, need_b,
-                           inner);
-  if (work == at::kBFloat16) work = float_type(dtype);  // small row products: fp32, mode-major
+  if (work == at::kBFloat16) {
+    // Mode-major (four GEMMs on two permuted copies) for dA and dB alone (the merged
+    // adapter step) and for small row products; else per row (bench/NOTES.md).
+    const auto grads = (!need_x || s.small_rows()) ? kron_grads_bf16_mode_major : kron_grads_bf16;
+    return grads(dy_in, x_in, a_in, b_in, scale, s.b_first(), need_x, need_a, need_b, inner);
+  }
   at::Tensor dy = dy_in.to(work), x = x_in.to(work), a = a_in.to(work), b = b_in.to(work);
   const auto opts = dy.options();
   at::Tensor dx = need_x ? at::empty({s.m, s.a2, s.b2}, opts) : at::empty({0}, opts);

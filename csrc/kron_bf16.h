@@ -19,8 +19,17 @@ std::tuple<at::Tensor, at::Tensor> kron_forward_bf16(const at::Tensor& x, const 
                                                      double scale, bool b_first, bool keep);
 
 // (dX, dA, dB) of that forward for bf16 dy (M, a1, b1), in bf16 (a gradient not needed: an
-// empty tensor). `inner`: the kept intermediate (fp32), or an undefined tensor.
+// empty tensor). `inner`: the kept intermediate (fp32), or an undefined tensor. Per row: the
+// factors applied to every row as batched products, dA or dB summed over the rows in fp32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+    double scale, bool b_first, bool need_x, bool need_a, bool need_b, const at::Tensor& inner);
+
+// The same gradients mode-major: dY and X copied once as (a1, M, b1) and (a2, M, b2), then
+// every product, the sums over rows included, is one GEMM with the rows folded in (and dX
+// copied back to (M, a2, b2)). Faster than per row for dA and dB alone and for small row
+// products, slower where dX is needed at larger ones (bench/NOTES.md).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16_mode_major(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
     double scale, bool b_first, bool need_x, bool need_a, bool need_b, const at::Tensor& inner);
 

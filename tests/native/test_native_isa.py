@@ -20,6 +20,7 @@ import torch
 import kronops
 from kronops import native
 from kronops.kron import dispatch
+from kronops.kron.merged import kron_linear_merged
 from kronops.testing import naive_kron_linear, naive_sparse_linear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,8 +63,9 @@ def check_bf16(fn, inputs, dy, what, frozen=()):
 
 
 # (rows, a shape, b shape): X Bᵀ first and A X first, each with small row products (the
-# bf16 backward in fp32, mode-major) and large ones (on the bf16 GEMMs at avx512 and up), the
-# FMA kernel's tile widths (59 = 3 * 16 + 8 + 3 columns), odd sizes.
+# bf16 backward mode-major at avx512 and up, in fp32 below) and large ones (per row on the
+# bf16 GEMMs at avx512 and up; mode-major when x is frozen), the FMA kernel's tile widths
+# (59 = 3 * 16 + 8 + 3 columns), odd sizes.
 KRON_CASES = [(37, (16, 24), (24, 16)), (21, (6, 5), (59, 7)), (13, (7, 40), (3, 9)),
               (64, (32, 32), (32, 32)), (9, (40, 24), (30, 20)), (11, (12, 48), (60, 36))]
 
@@ -78,6 +80,11 @@ def test_kron_linear_bf16_within_bound(level, rows, a_shape, b_shape):
     with native.forced_isa(level), dispatch.override(materialise=False):
         check_bf16(lambda *t: kronops.kron_linear(*t, scale=0.7), [x, a, b, bias], dy,
                    f"kron_linear {level}")
+        check_bf16(lambda a, b, x: kronops.kron_linear(x, a, b, scale=0.7), [a, b], dy,
+                   f"kron_linear, x frozen, {level}", frozen=[x])
+        weight = torch.randn(a_shape[0] * b_shape[0], a_shape[1] * b_shape[1]).bfloat16()
+        check_bf16(lambda x, a, b, w: kron_linear_merged(x, w, a, b, scale=0.7), [x, a, b], dy,
+                   f"kron_linear_merged {level}", frozen=[weight])
         check_bf16(lambda x, f1, f2, f3: kronops.kron_matmul(x, [f1, f2, f3]),
                    [torch.randn(rows, 120).bfloat16(), torch.randn(3, 5).bfloat16(), torch.randn(2, 4).bfloat16(),
                     torch.randn(5, 6).bfloat16()], torch.randn(rows, 30).bfloat16(),
