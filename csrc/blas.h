@@ -54,10 +54,24 @@ inline int blas_int(int64_t v) {
   return static_cast<int>(v);
 }
 
+// Tall-skinny products (at least kTall rows of A, at most kSkinny columns of A and B) go to our
+// FMA kernel: the BLAS's blocking is made for large K and N and ran them at ~2/3 of its rate
+// (bench/NOTES.md).
+constexpr int64_t kSkinny = 64, kTall = 64;
+
+// fp32 row-major C (m x n) = alpha * A B + beta * C for A's rows read in place and a small
+// B (repeated_gemm.cpp). Returns false, doing nothing, where it does not apply: level below
+// avx2 (cpu_isa.h), A transposed, n not a multiple of 8, n or k above kSkinny, m below kTall.
+bool tall_skinny_gemm(int64_t m, int64_t n, int64_t k, float alpha, Mat<float> a, Mat<float> b,
+                      float beta, float* c, int64_t ldc);
+
 // Row-major C (m x n, leading dim ldc) = alpha * A (m x k) * B (k x n) + beta * C.
 template <class T>
 void gemm(int64_t m, int64_t n, int64_t k, T alpha, Mat<T> a, Mat<T> b, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    if (k > 0 && tall_skinny_gemm(m, n, k, alpha, a, b, beta, c, ldc)) return;
+  }
   if (k == 0) {  // BLAS leaves C * beta; make it explicit (and skip the call)
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];

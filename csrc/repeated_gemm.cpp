@@ -2,7 +2,8 @@
 // of the Kronecker kernels (A T_m, s A^T dY_m), where a BLAS call per row repacks A and pays
 // its call overhead each time. A is packed once, in panels of kRows rows; each product is
 // then a register-blocked FMA kernel (kRows x 16 accumulators, B_i's rows read in place,
-// B_i and C_i staying in L1). Compiled for AVX2 + FMA and used from level avx2 on (cpu_isa.h;
+// B_i and C_i staying in L1). The same kernel runs tall-skinny products C = A B (a block's
+// rows folded against one small factor, X B^T), A's rows read in place. Compiled for AVX2 + FMA and used from level avx2 on (cpu_isa.h;
 // an AVX-512 variant ran no faster on the CPUs measured: bench/NOTES.md).
 #include <ATen/Parallel.h>
 
@@ -30,12 +31,14 @@ typedef float f8 __attribute__((vector_size(32)));
   std::memcpy(p, &v, sizeof(v));
 }
 
-// C rows [0, kRows) x columns [j, j + 8 * W) = panel (k x kRows, A's rows interleaved) times
-// B's columns [j, j + 8 * W); beta == 0 leaves C unread. Every loop has a constant trip
-// count and is unrolled, so the accumulators stay in registers.
+// C rows [0, kRows) x columns [j, j + 8 * W) = A's kRows rows (element (r, l) at
+// a[r * rs + l * cs]: a packed panel, rs = 1 and cs = kRows, or rows read in place, rs = lda
+// and cs = 1) times B's columns [j, j + 8 * W); beta == 0 leaves C unread. Every loop over r
+// and w has a constant trip count and is unrolled, so the accumulators stay in registers.
 template <int W>
-[[gnu::target("avx2,fma")]] void panel_kernel(const float* panel, int64_t k, const float* b,
-                                              int64_t ldb, float beta, float* c, int64_t ldc) {
+[[gnu::target("avx2,fma")]] void panel_kernel(const float* panel, int64_t rs, int64_t cs,
+                                              int64_t k, const float* b, int64_t ldb,
+                                              float beta, float* c, int64_t ldc) {
   f8 acc[kRows][W];
 #pragma GCC unroll 16
   for (int r = 0; r < kRows; ++r)
@@ -45,11 +48,11 @@ template <int W>
     f8 bv[W];
 #pragma GCC unroll 2
     for (int w = 0; w < W; ++w) bv[w] = load8(b + l * ldb + 8 * w);
-    const float* a = panel + l * kRows;
+    const float* a = panel + l * cs;
 #pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 2
-      for (int w = 0; w < W; ++w) acc[r][w] += a[r] * bv[w];
+      for (int w = 0; w < W; ++w) acc[r][w] += a[r * rs] * bv[w];
   }
   if (beta == 0.0f) {
 #pragma GCC unroll 16
@@ -73,7 +76,7 @@ template <int W>
                                                       const float* b, int64_t ldb, float beta,
                                                       float* c, int64_t ldc, int64_t rows) {
   float part[kRows * 8 * W];
-  panel_kernel<W>(panel, k, b, ldb, 0.0f, part, 8 * W);
+  panel_kernel<W>(panel, 1, kRows, k, b, ldb, 0.0f, part, 8 * W);
   for (int64_t r = 0; r < rows; ++r)
     for (int j = 0; j < 8 * W; ++j) {
       float* p = c + r * ldc + j;
@@ -110,8 +113,10 @@ template <int W>
       float* cp = ci + p * kRows * ldc;
       int64_t j = 0;
       if (rows == kRows) {
-        for (; j + 16 <= n; j += 16) panel_kernel<2>(panel, k, bi + j, ldb, beta, cp + j, ldc);
-        for (; j + 8 <= n; j += 8) panel_kernel<1>(panel, k, bi + j, ldb, beta, cp + j, ldc);
+        for (; j + 16 <= n; j += 16)
+          panel_kernel<2>(panel, 1, kRows, k, bi + j, ldb, beta, cp + j, ldc);
+        for (; j + 8 <= n; j += 8)
+          panel_kernel<1>(panel, 1, kRows, k, bi + j, ldb, beta, cp + j, ldc);
       } else {
         for (; j + 16 <= n; j += 16)
           partial_panel_kernel<2>(panel, k, bi + j, ldb, beta, cp + j, ldc, rows);
@@ -123,7 +128,51 @@ template <int W>
   }
 }
 
+// C (m x n) = A B + beta * C, A's rows read in place (row-major, lda), B (k x n) row-major
+// with n a multiple of 8: the panel kernels over kRows rows of A at a time, the last m % kRows
+// rows packed into a zero-padded panel first. Rows are split over threads (inline where the
+// caller is already in a parallel region).
+[[gnu::target("avx2,fma")]] void tall_products(int64_t m, int64_t n, int64_t k, const float* a,
+                                               int64_t lda, const float* b, float beta,
+                                               float* c, int64_t ldc) {
+  // C's `count` (<= kRows) rows from A's rows at `rows` (strides rs, cs; packed when partial).
+  const auto columns = [&](const float* rows, int64_t rs, int64_t cs, float* cp, int64_t count) {
+    int64_t j = 0;
+    if (count == kRows) {
+      for (; j + 16 <= n; j += 16) panel_kernel<2>(rows, rs, cs, k, b + j, n, beta, cp + j, ldc);
+      for (; j < n; j += 8) panel_kernel<1>(rows, rs, cs, k, b + j, n, beta, cp + j, ldc);
+      return;
+    }
+    for (; j + 16 <= n; j += 16)
+      partial_panel_kernel<2>(rows, k, b + j, n, beta, cp + j, ldc, count);
+    for (; j < n; j += 8) partial_panel_kernel<1>(rows, k, b + j, n, beta, cp + j, ldc, count);
+  };
+  const int64_t full = m / kRows, tail = m - full * kRows;
+  at::parallel_for(0, full, 64, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      columns(a + p * kRows * lda, lda, 1, c + p * kRows * ldc, kRows);
+  });
+  if (tail == 0) return;
+  std::vector<float> panel(k * kRows, 0.0f);
+  for (int64_t r = 0; r < tail; ++r)
+    for (int64_t l = 0; l < k; ++l) panel[l * kRows + r] = a[(full * kRows + r) * lda + l];
+  columns(panel.data(), 1, kRows, c + full * kRows * ldc, tail);
+}
+
 }  // namespace
+
+bool tall_skinny_gemm(int64_t m, int64_t n, int64_t k, float alpha, Mat<float> a, Mat<float> b,
+                      float beta, float* c, int64_t ldc) {
+  if (cpu_isa() < Isa::avx2 || a.trans || n % 8 != 0 || n > kSkinny || k > kSkinny ||
+      m < kTall)
+    return false;
+  std::vector<float> scaled(k * n);  // alpha * B, row-major
+  for (int64_t l = 0; l < k; ++l)
+    for (int64_t j = 0; j < n; ++j)
+      scaled[l * n + j] = alpha * (b.trans ? b.p[j * b.ld + l] : b.p[l * b.ld + j]);
+  tall_products(m, n, k, a.p, a.ld, scaled.data(), beta, c, ldc);
+  return true;
+}
 
 bool repeated_left_gemm(int64_t count, int64_t m, int64_t n, int64_t k, float alpha, Mat<float> a,
                         const float* b, int64_t b_step, int64_t ldb, float beta, float* c,
