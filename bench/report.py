@@ -101,6 +101,7 @@ Style = namedtuple("Style", "colour label line", defaults=(None,))
 STYLES = {
     "kronops": Style("#1f77b4", "kronops"),
     "kronops (native)": Style("#08306b", "kronops, native kernels"),
+    "kronops (native, KRONOPS_CPU_ISA=*)": Style("#4292c6", "kronops, native kernels, lower level"),
     "kronops (PyTorch kernels)": Style("#17becf", "kronops, PyTorch kernels"),
     "kronops (fused)": Style("#aec7e8", "kronops, fused path"),
     "kronops (three-kernel backward)": Style("#9edae5", "kronops, three-kernel backward"),
@@ -114,6 +115,7 @@ STYLES = {
     "kronops bank.merge, KronA (switch)": Style("#8fd5c6", "kronops bank.merge, KronA"),
     "composite": Style("#ff7f0e", "composite (PyTorch path)"),
     "torch autograd, same expression": Style("#ffbb78", "torch autograd, same expression"),
+    "plain PyTorch (A @ X @ Bᵀ)": Style("#e6550d", "plain PyTorch, A @ X @ Bᵀ"),
     "FastKron (pyfastkron)": Style("#e377c2", "FastKron"),
     "PEFT LoKr": Style("#2ca02c", "PEFT LoKr"),
     "PEFT * LoKr adapter_names= (one batch)": Style("#98df8a", "PEFT LoKr, adapter_names= batch"),
