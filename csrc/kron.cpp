@@ -7,10 +7,10 @@
 // outputs are written once, in their final layout. Products on a block are BLAS calls on
 // raw pointers, one a block where its rows fold into one operand (row_gemm), else one per
 // row; per-row products with one factor go to our FMA kernel (repeated_gemm.cpp), else one
-// BLAS call per row (one batch call for small row products, where the BLAS has one). Where
-// the row products are small (Shape::small_rows), the backward copies each block mode-major
-// in cache instead, so that all of its products, the sums over rows included, are one GEMM
-// a block. Factor gradients sum into one partial per chunk of rows (at most one chunk per
+// BLAS call per row (one batch call for small row products, where the BLAS has one). For dA
+// and dB alone, and where the row products are small (Shape::mode_major), the backward
+// copies each block mode-major in cache instead, so that all of its products, the sums over
+// rows included, are one GEMM a block. Factor gradients sum into one partial per chunk of rows (at most one chunk per
 // thread), added in chunk order. fp32 and fp64 compute in their own dtype; fp16 is
 // computed in fp32 and rounded once, as the PyTorch kernels do on CPU, and so is bf16 unless
 // the CPU has bf16 matrix instructions (cpu_isa.h): then kron_bf16.cpp runs the products on
@@ -47,8 +47,14 @@ struct Shape {
   bool b_first() const { return b1 * a2 * (b2 + a1) <= a1 * b2 * (a2 + b1); }
   // Elements a row of that intermediate has: X_m B^T (a2, b1) or A X_m (a1, b2).
   int64_t inner() const { return b_first() ? a2 * b1 : a1 * b2; }
-  // Whether the product done once per row (A T_m or A X_m) is small (kSmallGemm).
-  bool small_rows() const { return a1 * a2 * (b_first() ? b1 : b2) <= kSmallGemm; }
+  // Whether the backward runs mode-major (every product one GEMM on a block of rows copied
+  // mode-major) rather than per row: for dA and dB alone, and where the product done once
+  // per row (A T_m or A X_m) is small. Small: at most 32K multiply-adds in fp32, where per-row
+  // BLAS calls on 32x32x32 products lost 10-17% at 2 threads; 16K in bf16, whose per-row
+  // route is oneDNN's batched products (bench/NOTES.md).
+  bool mode_major(bool need_x, bool bf16) const {
+    return !need_x || a1 * a2 * (b_first() ? b1 : b2) <= (bf16 ? 1 : 2) * kSmallGemm;
+  }
 };
 
 // One matrix as a batch that repeats it (step 0).
@@ -378,9 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_rows_grads(
     inner = inner_in->contiguous();
   }
   if (work == at::kBFloat16) {
-    // Mode-major (four GEMMs on two permuted copies) for dA and dB alone (the merged
-    // adapter step) and for small row products; else per row (bench/NOTES.md).
-    const auto grads = (!need_x || s.small_rows()) ? kron_grads_bf16_mode_major : kron_grads_bf16;
+    const auto grads = s.mode_major(need_x, true) ? kron_grads_bf16_mode_major : kron_grads_bf16;
     return grads(dy_in, x_in, a_in, b_in, scale, s.b_first(), need_x, need_a, need_b, inner);
   }
   at::Tensor dy = dy_in.to(work), x = x_in.to(work), a = a_in.to(work), b = b_in.to(work);
@@ -389,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_rows_grads(
   at::Tensor da = need_a ? at::empty({s.a1, s.a2}, opts) : at::empty({0}, opts);
   at::Tensor db = need_b ? at::empty({s.b1, s.b2}, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(work, "kron_rows_grads", [&] {
-    if (s.small_rows()) {  // recomputes a kept intermediate in cache, mode-major
+    if (s.mode_major(need_x, false)) {  // recomputes a kept intermediate in cache
       rows_backward_mode_major<scalar_t>(s, dy, x, a, b, static_cast<scalar_t>(scale),
                                          need_x ? dx.mutable_data_ptr<scalar_t>() : nullptr,
                                          need_a ? da.mutable_data_ptr<scalar_t>() : nullptr,

@@ -115,9 +115,10 @@ def test_kron_mode_opcheck(backend):
     torch.library.opcheck(torch.ops.kronops.kron_mode.default, (x, f.requires_grad_()))
 
 
-# Row products over the native kernel's small-GEMM bound (16K multiply-adds), where its
-# backward runs one GEMM a row rather than mode-major blocks: X Bᵀ first, then A X first.
-LARGE_ROW_CASES = [((5,), (32, 32), (32, 32)), ((5,), (24, 48), (48, 24))]
+# Row products over the native kernel's mode-major bound in fp32 and fp64 (32K multiply-adds),
+# where its backward runs one GEMM a row when dX is wanted (mode-major blocks for dA and dB
+# alone): X Bᵀ first, then A X first.
+LARGE_ROW_CASES = [((5,), (40, 40), (40, 40)), ((5,), (24, 64), (64, 24))]
 
 
 @pytest.mark.parametrize("lead,a_shape,b_shape", KRON_CASES[:6] + LARGE_ROW_CASES)
