@@ -3,8 +3,9 @@
 Providers: kronops; "composite", the same update written in plain PyTorch autograd
 (a dense GEMM plus an indexed add, saving all of x); "naive", the update applied to a
 materialised W' (dense dW, then only the selection kept); "full fine-tuning", the layer
-with its whole weight trainable, and PEFT LoRA of a similar trainable size (when peft is
-installed): both timed only, they compute other functions.
+with its whole weight trainable, PEFT LoRA of a similar trainable size (when peft is
+installed) and the frozen layer alone (the floor: its forward and dX GEMMs): timed only,
+they compute other functions.
 """
 import torch
 import torch.nn.functional as F
@@ -58,8 +59,9 @@ def sparse_linear_cases(rows, in_features, out_features, fraction, mode_name, dt
         "composite": Provider(composite),
         "naive (full FT, masked)": Provider(naive),
         "full fine-tuning": Provider(lambda x, delta: F.linear(x, full, bias), [full]),
+        "nn.Linear (base only)": Provider(lambda x, delta: F.linear(x, weight, bias)),
     }
-    timed_only = {"full fine-tuning"}
+    timed_only = {"full fine-tuning", "nn.Linear (base only)"}
     if peft_version() is not None:
         base = torch.nn.Linear(in_features, out_features, device=device, dtype=dtype)
         with torch.no_grad():
