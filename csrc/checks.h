@@ -20,10 +20,15 @@ void check_like(const char* op, const char* name, const at::Tensor& t, at::Scala
 // Refuses an index tensor (1-D int64, CPU) with a value outside [0, size); returns it contiguous.
 at::Tensor checked_index(const char* op, const char* name, const at::Tensor& index, int64_t size);
 
-// fp64 for fp64, else fp32: what the fp32 kernels compute fp16 and bf16 in (rounded once),
-// and the dtype of intermediates kept between a forward and its backward (the ops' contract).
+// fp64 for fp64, else fp32: what the fp32 kernels compute fp16 and bf16 in (rounded once).
 inline at::ScalarType float_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The dtype of an intermediate kept between a forward and its backward (the ops' contract,
+// kronops.dtypes.kept_dtype): bf16 for bf16, else float_type(t).
+inline at::ScalarType kept_type(at::ScalarType t) {
+  return t == at::kBFloat16 ? t : float_type(t);
 }
 
 // The dtype products are computed in: bf16 for bf16 where the CPU's bf16 GEMMs are used

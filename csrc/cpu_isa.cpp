@@ -60,6 +60,8 @@ int kronops_native_detected_isa() { return static_cast<int>(kronops::native::det
 
 int kronops_native_cpu_isa() { return static_cast<int>(kronops::native::cpu_isa()); }
 
+int kronops_native_bf16_products() { return kronops::native::bf16_products() ? 1 : 0; }
+
 int kronops_native_force_isa(int level) {
   if (level < 0 || level > static_cast<int>(kronops::native::detected_isa())) return -1;
   kronops::native::force_isa(static_cast<kronops::native::Isa>(level));

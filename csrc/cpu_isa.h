@@ -33,6 +33,8 @@ extern "C" {
 int kronops_native_detected_isa();
 // The level in use, as an int.
 int kronops_native_cpu_isa();
+// bf16_products(): 1 or 0.
+int kronops_native_bf16_products();
 // force_isa(level); returns 0, or -1 (nothing changed) when level is not a level at most the
 // detected one.
 int kronops_native_force_isa(int level);

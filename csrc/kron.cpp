@@ -170,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x_in, const at::Ten
                            static_cast<scalar_t>(scale), y.mutable_data_ptr<scalar_t>(),
                            keep ? inner.mutable_data_ptr<scalar_t>() : nullptr);
   });
-  return {y.to(dtype), inner};
+  return {y.to(dtype), inner.to(kept_type(dtype))};
 }
 
 // dX, dA, dB of y_m = s * A X_m B^T for dy (M, a1, b1). U_m = s A^T dY_m serves
@@ -380,8 +380,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_rows_grads(
     TORCH_CHECK_VALUE(inner_in->sizes() == at::IntArrayRef(expected), kGrads,
                       ": inner must have shape ", at::IntArrayRef(expected), ", got ",
                       inner_in->sizes());
-    check_like(kGrads, "inner", *inner_in, float_type(dtype));
-    inner = inner_in->contiguous();
+    check_like(kGrads, "inner", *inner_in, kept_type(dtype));
+    inner = inner_in->to(work).contiguous();
   }
   if (work == at::kBFloat16) {
     const auto grads = s.mode_major(need_x, true) ? kron_grads_bf16_mode_major : kron_grads_bf16;

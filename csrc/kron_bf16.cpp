@@ -46,14 +46,13 @@ std::tuple<at::Tensor, at::Tensor> kron_forward_bf16(const at::Tensor& x, const 
   }
   y = y.reshape({m, out});
   if (bias) y = y + *bias;
-  return {y, keep ? inner.to(at::kFloat) : at::empty({0}, x.options().dtype(at::kFloat))};
+  return {y, keep ? inner : at::empty({0}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
     double scale, bool b_first, bool need_x, bool need_a, bool need_b, const at::Tensor& inner) {
   const int64_t m = x.size(0);
-  const at::Tensor kept = inner.defined() ? inner.to(at::kBFloat16) : at::Tensor();
   at::Tensor dx = at::empty({0}, dy.options()), da = dx, db = dx;
   if (b_first) {
     // U_m = s A^T dY_m: dX_m = U_m B, dB = sum_m U_m^T X_m; dA = s sum_m dY_m T_m^T
@@ -64,8 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16(
                               x.reshape({m * a.size(1), b.size(1)}));
     }
     if (need_a)
-      da = summed_products(dy, kept.defined() ? kept : at::matmul(x, scaled(b, scale).t()));
-    if (need_a && kept.defined() && scale != 1.0) da = da * scale;
+      da = summed_products(dy, inner.defined() ? inner : at::matmul(x, scaled(b, scale).t()));
+    if (need_a && inner.defined() && scale != 1.0) da = da * scale;
   } else {
     // V_m = s dY_m B: dX_m = A^T V_m, dA = sum_m V_m X_m^T; dB = s sum_m dY_m^T Z_m
     if (need_x || need_a) {
@@ -74,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16(
       if (need_a) da = summed_products(v, x);
     }
     if (need_b) {
-      const at::Tensor z = kept.defined() ? kept : each_left(a, x);  // (M, a1, b2)
+      const at::Tensor z = inner.defined() ? inner : each_left(a, x);  // (M, a1, b2)
       db = scaled(at::mm(dy.reshape({m * a.size(0), b.size(0)}).t(),
                          z.reshape({m * a.size(0), b.size(1)})), scale);
     }
@@ -93,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16_mode_major(
                             : at::Tensor();
   // The kept intermediate, mode-major: (a2, M, b1) = X B^T or (a1, M, b2) = A X.
   const auto kept_mode_major = [&](int64_t p, int64_t q) {
-    return inner.transpose(0, 1).to(at::kBFloat16).contiguous().view({p, m * q});
+    return inner.transpose(0, 1).contiguous().view({p, m * q});
   };
   at::Tensor dx = at::empty({0}, dy.options()), da = dx, db = dx;
   if (b_first) {

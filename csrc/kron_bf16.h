@@ -12,14 +12,14 @@ namespace kronops::native {
 
 // (y (M, a1*b1), inner) for bf16 x (M, a2, b2), a (a1, a2), b (b1, b2): y_m = s A X_m B^T
 // + bias, X_m B^T first when b_first (else A X_m). `inner` is that intermediate, unscaled,
-// in fp32 (the dtype the op's contract gives it) when keep, else empty.
+// in bf16 when keep, else empty.
 std::tuple<at::Tensor, at::Tensor> kron_forward_bf16(const at::Tensor& x, const at::Tensor& a,
                                                      const at::Tensor& b,
                                                      const std::optional<at::Tensor>& bias,
                                                      double scale, bool b_first, bool keep);
 
 // (dX, dA, dB) of that forward for bf16 dy (M, a1, b1), in bf16 (a gradient not needed: an
-// empty tensor). `inner`: the kept intermediate (fp32), or an undefined tensor. Per row: the
+// empty tensor). `inner`: the kept intermediate (bf16), or an undefined tensor. Per row: the
 // factors applied to every row as batched products, dA or dB summed over the rows in fp32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,

@@ -197,11 +197,15 @@ def torch_kernel_serves(op, t: torch.Tensor) -> bool:
 
 
 def run_keeping(op, keeping, args: tuple, needed: bool):
-    """``op(*args)``, or ``keeping(*args)[0]`` where the PyTorch kernel serves the call, grad
-    mode is on and its backward would use what ``keeping`` keeps (``needed``): ``keeping`` is
-    the variant of ``op`` that also returns the intermediate the PyTorch kernel keeps for its
-    backward, which the native and Triton kernels recompute in theirs."""
-    if needed and torch.is_grad_enabled() and torch_kernel_serves(op, args[0]):
+    """``op(*args)``, or ``keeping(*args)[0]`` where grad mode is on, the backward would use
+    what ``keeping`` keeps (``needed``) and the kernel serving the call uses it: the PyTorch
+    kernel, or the native kernel on bf16 inputs where it computes them on bf16 GEMMs
+    (``native.bf16_products()``). ``keeping`` is the variant of ``op`` that also returns that
+    intermediate; the other native and the Triton kernels recompute it in their backward."""
+    t = args[0]
+    native_keeps = (t.device.type == "cpu" and t.dtype == torch.bfloat16 and native.active()
+                    and native.bf16_products())
+    if needed and torch.is_grad_enabled() and (native_keeps or torch_kernel_serves(op, t)):
         return keeping(*args)[0]
     return op(*args)
 

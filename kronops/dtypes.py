@@ -27,6 +27,14 @@ def composite_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+def kept_dtype(t: torch.Tensor) -> torch.dtype:
+    """What the Kronecker forward keeps its intermediate (X·Bᵀ or A·X) in for its backward,
+    for inputs like ``t``: bf16 stays bf16 (its range is fp32's; rounding the kept values once
+    adds one rounding of 2⁻⁸ to the gradients, within the bf16 bound, and halves what is kept),
+    every other dtype ``composite_dtype``."""
+    return t.dtype if t.dtype == torch.bfloat16 else composite_dtype(t)
+
+
 def autocast_operands(device_type: str, *tensors):
     """``tensors`` (None kept) in the autocast dtype when autocast is on for ``device_type``."""
     if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .. import backends
 from ..backends import OpSpec
 from ..checks import check_same, check_scale, check_tensor
-from ..dtypes import accumulation_dtype, autocast_off, autocast_operands, composite_dtype
+from ..dtypes import accumulation_dtype, autocast_off, autocast_operands, kept_dtype
 from ..kernels import partial_sums
 from ..kernels.kron import factor_grad, rows, rows_grads, rows_persistent
 from . import dispatch, torch_kernels
@@ -52,7 +52,7 @@ def inner_shape(m, a, b):
 
 def _keep_fake(x, a, b, bias, scale):
     return (_rows_fake(x, a, b, bias, scale),
-            x.new_empty(inner_shape(x.shape[0], a, b), dtype=composite_dtype(x)))
+            x.new_empty(inner_shape(x.shape[0], a, b), dtype=kept_dtype(x)))
 
 
 def _factor_grad_fake(dy, f, x, scale):

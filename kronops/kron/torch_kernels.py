@@ -7,7 +7,7 @@ check, with autocast off.
 """
 import torch
 
-from ..dtypes import accumulation_dtype, composite_dtype
+from ..dtypes import accumulation_dtype, composite_dtype, kept_dtype
 
 
 def kron(a, b):
@@ -25,15 +25,16 @@ def b_first(a1, a2, b1, b2) -> bool:
 
 def kron_rows_keep(x, a, b, bias=None, scale=1.0):
     """(y, inner): y[m] = scale * vec(a @ x[m] @ b.T) + bias for x (M, a2, b2), (M, a1*b1) in
-    x's dtype, and the intermediate the product formed, unscaled, in ``composite_dtype``:
-    X_m Bᵀ (M, a2, b1) or A X_m (M, a1, b2), whichever side is cheaper first (``b_first``).
+    x's dtype, and the intermediate the product formed, unscaled, in ``kept_dtype`` (bf16
+    for bf16, else ``composite_dtype``): X_m Bᵀ (M, a2, b1) or A X_m (M, a1, b2), whichever
+    side is cheaper first (``b_first``).
 
     ``a`` multiplies every row-matrix as a broadcast batch (no copies); the scale goes into
     the factor of the second product. Computed in ``composite_dtype`` (fp32 for fp16).
     """
     m, a2, b2 = x.shape
     a1, b1 = a.shape[0], b.shape[0]
-    out_dtype, work = x.dtype, composite_dtype(x)
+    out_dtype, work, kept = x.dtype, composite_dtype(x), kept_dtype(x)
     x, a, b = x.to(work), a.to(work), b.to(work)
     bias = None if bias is None else bias.to(work)
     if b_first(a1, a2, b1, b2):
@@ -43,7 +44,7 @@ def kron_rows_keep(x, a, b, bias=None, scale=1.0):
         inner = torch.matmul(a.expand(m, a1, a2), x)
         y = torch.matmul(inner, (b * scale if scale != 1.0 else b).mT)
     y = y.reshape(m, a1 * b1)
-    return (y if bias is None else y + bias).to(out_dtype).contiguous(), inner.contiguous()
+    return (y if bias is None else y + bias).to(out_dtype).contiguous(), inner.to(kept).contiguous()
 
 
 def kron_rows(x, a, b, bias=None, scale=1.0):
@@ -117,6 +118,7 @@ def kron_rows_grads(dy, x, a, b, scale=1.0, need_x=True, need_a=True, need_b=Tru
     a1, b1 = a.shape[0], b.shape[0]
     out_dtype, acc, work = dy.dtype, accumulation_dtype(dy.dtype), composite_dtype(dy)
     dy, x, a, b = dy.to(work), x.to(work), a.to(work), b.to(work)
+    inner = None if inner is None else inner.to(work)
     kept_t = inner is not None and b_first(a1, a2, b1, b2)
     dx, da, db = (dy.new_empty(0, dtype=out_dtype) for _ in range(3))
     if inner is not None and not kept_t:  # A X_m kept

@@ -39,7 +39,7 @@ from .schemas import SCHEMAS, op_names, schema
 __all__ = ["SCHEMAS", "op_names", "schema", "torch_build", "build_key", "library_dir",
            "library_path", "build_mismatch", "choice", "load", "available", "active",
            "load_error", "disabled", "ISAS", "isa_choice", "detected_isa", "cpu_isa",
-           "forced_isa"]
+           "forced_isa", "bf16_products"]
 
 CHOICES = ("auto", "0", "1")
 ISAS = ("portable", "avx2", "avx512", "amx")  # lowest first: a level includes those below
@@ -47,6 +47,7 @@ _lock = threading.Lock()
 _lib = None            # the ctypes handle, once loaded
 _error = None          # why it is not loaded
 _active = False        # its kernels are registered now (not inside disabled())
+_bf16_products = False  # bf16_products(), refreshed whenever the level is set
 
 
 LIBRARY_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib")
@@ -140,12 +141,25 @@ def cpu_isa() -> str:
     return ISAS[_loaded().kronops_native_cpu_isa()]
 
 
+def bf16_products() -> bool:
+    """Whether the native kernels compute bf16 on torch's bf16 GEMMs now (level avx512 or amx,
+    the CPU having AVX512-BF16 or AMX-BF16), rather than in fp32; False when not loaded. A
+    Python value, refreshed whenever the level is set, so compiled code can read it."""
+    return _bf16_products
+
+
+def _level_set():
+    global _bf16_products
+    _bf16_products = bool(_lib.kronops_native_bf16_products())
+
+
 def _force_isa(level: str, source: str):
     if level not in ISAS:
         raise ValueError(f"{source} must be one of {ISAS}, got {level!r}")
     if _loaded().kronops_native_force_isa(ISAS.index(level)) != 0:
         raise ValueError(f"{source} is {level!r}, but this CPU supports at most "
                          f"{detected_isa()!r} (levels, lowest first: {ISAS})")
+    _level_set()
 
 
 @contextlib.contextmanager
@@ -173,7 +187,8 @@ def _open(path: str) -> str | None:
     global _lib, _active
     try:
         lib = ctypes.CDLL(path)
-        for name in ("kronops_native_detected_isa", "kronops_native_cpu_isa"):
+        for name in ("kronops_native_detected_isa", "kronops_native_cpu_isa",
+                     "kronops_native_bf16_products"):
             getattr(lib, name).restype = ctypes.c_int
         lib.kronops_native_force_isa.argtypes = [ctypes.c_int]
         lib.kronops_native_force_isa.restype = ctypes.c_int
@@ -182,6 +197,7 @@ def _open(path: str) -> str | None:
     except (OSError, AttributeError) as e:  # AttributeError: a library from older sources
         return f"{path} failed to load: {e}; {REBUILD}"
     _lib = lib
+    _level_set()
     try:
         if isa_choice() != "auto":
             _force_isa(isa_choice(), "KRONOPS_CPU_ISA")

@@ -184,7 +184,7 @@ def test_environment_variable_sets_the_level():
 
 @pytest.mark.parametrize("level", levels())
 def test_bf16_ops_opcheck_and_empty_batch(level):
-    """The bf16 kernels keep the ops' contract (the kept intermediate in fp32, shapes and
+    """The bf16 kernels keep the ops' contract (the kept intermediate in bf16, shapes and
     dtypes as the fake kernels say) at every level, and take an empty batch."""
     from kronops.kron.ops import kron_rows_keep
     x = torch.randn(5, 3, 5).bfloat16()
@@ -193,7 +193,7 @@ def test_bf16_ops_opcheck_and_empty_batch(level):
         torch.library.opcheck(torch.ops.kronops.kron_rows_keep.default,
                               (x, a.requires_grad_(), b, None, 0.5))
         _, inner = kron_rows_keep(x, a.detach(), b, None, 0.5)
-        assert inner.dtype == torch.float32
+        assert inner.dtype == torch.bfloat16
         torch.library.opcheck(torch.ops.kronops.kron_rows_grads.default,
                               (torch.randn(5, 2, 4).bfloat16(), x, a.detach(), b, 0.5, True, True,
                                True, inner))
@@ -206,3 +206,27 @@ def test_bf16_ops_opcheck_and_empty_batch(level):
         assert y.shape == (0, 8)
         y.sum().backward()
         assert not leaves[1].grad.any() and not leaves[2].grad.any()
+
+
+def test_bf16_forward_keeps_its_intermediate_on_bf16_gemms():
+    """Where bf16 runs on bf16 GEMMs the forward keeps its intermediate (A X here, in bf16)
+    for the backward, as autograd does on the plain expression; below that level (fp32
+    compute) the backward recomputes it and nothing is kept."""
+    from kronops.kron.ops import inner_shape
+    x = torch.randn(6, 12).bfloat16().requires_grad_()
+    a, b = torch.randn(3, 4).bfloat16().requires_grad_(), torch.randn(5, 3).bfloat16().requires_grad_()
+    shape = inner_shape(6, a, b)
+    for level in levels():
+        with native.forced_isa(level), dispatch.override(materialise=False):
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                          lambda t: t):
+                y = kronops.kron_linear(x, a, b)
+            kept = [t for t in saved if tuple(t.shape) == shape]
+            if native.bf16_products():
+                assert len(kept) == 1 and kept[0].dtype == torch.bfloat16
+            else:
+                assert not kept
+            y.float().sum().backward()
+    with native.forced_isa("avx2"):
+        assert not native.bf16_products()
