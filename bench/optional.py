@@ -1,6 +1,6 @@
 """The benchmark's optional packages (peft, lycoris-lora, transformers, pyfastkron, curvlinops,
-nngeometry, vllm): each imported once with the parts the benchmark uses, and the real reason when one
-cannot be used."""
+nngeometry, vllm): each imported once with the parts the benchmark uses, and the real reason
+when one cannot be used."""
 import functools
 import importlib
 

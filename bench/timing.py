@@ -11,8 +11,9 @@ that a change of machine load (other processes, frequency, caches warming) falls
 them alike instead of on whichever provider happened to be timed at that moment, and so
 that no provider always runs right after the same other one (a rotated order keeps each
 provider's predecessor: one that leaves large buffers or busy threads behind then slows
-its successor every round; measured at up to 1.5x on the small CPU shapes, bench/NOTES.md). Rounds go on
-until the spread of every provider's times is small or the case's time budget is spent.
+its successor every round; measured at up to 1.5x on the small CPU shapes, bench/NOTES.md).
+Rounds go on until the spread of every provider's times is small or the case's time budget
+is spent.
 """
 import contextlib
 import ctypes

@@ -103,8 +103,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16_mode_major(
       if (need_b) db = at::mm(u.view({a2 * m, b1}).t(), xp.view({a2 * m, b2}));
     }
     if (need_a) {
-      const at::Tensor t = inner.defined() ? kept_mode_major(a2, b1)
-                                           : at::mm(xp.view({a2 * m, b2}), b.t()).view({a2, m * b1});
+      const at::Tensor t = inner.defined()
+                               ? kept_mode_major(a2, b1)
+                               : at::mm(xp.view({a2 * m, b2}), b.t()).view({a2, m * b1});
       da = scaled(at::mm(dyp, t.t()), scale);
     }
   } else {

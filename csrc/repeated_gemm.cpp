@@ -3,8 +3,9 @@
 // its call overhead each time. A is packed once, in panels of kRows rows; each product is
 // then a register-blocked FMA kernel (kRows x 16 accumulators, B_i's rows read in place,
 // B_i and C_i staying in L1). The same kernel runs tall-skinny products C = A B (a block's
-// rows folded against one small factor, X B^T), A's rows read in place. Compiled for AVX2 + FMA and used from level avx2 on (cpu_isa.h;
-// an AVX-512 variant ran no faster on the CPUs measured: bench/NOTES.md).
+// rows folded against one small factor, X B^T), A's rows read in place. Compiled for AVX2 +
+// FMA and used from level avx2 on (cpu_isa.h; an AVX-512 variant ran no faster on the CPUs
+// measured: bench/NOTES.md).
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -87,8 +87,9 @@ def test_a_provider_has_one_colour_in_every_panel_and_figure(drawn):
 
 def test_every_committed_provider_has_a_named_style():
     """No provider of the published results falls back to a hashed colour."""
-    for name in ["cpu.json", "cpu-backends.json", "cpu-backends-bf16.json", "cpu-backends-default.json",
-                 "cpu-backends-bf16-default.json", "serving-cpu.json", "h100-full.json"]:
+    for name in ["cpu.json", "cpu-backends.json", "cpu-backends-bf16.json",
+                 "cpu-backends-default.json", "cpu-backends-bf16-default.json", "serving-cpu.json",
+                 "h100-full.json"]:
         for r in _load(name)["results"]:
             assert any(fnmatchcase(r["provider"], p) for p in STYLES), r["provider"]
 

@@ -214,7 +214,8 @@ def test_bf16_forward_keeps_its_intermediate_on_bf16_gemms():
     compute) the backward recomputes it and nothing is kept."""
     from kronops.kron.ops import inner_shape
     x = torch.randn(6, 12).bfloat16().requires_grad_()
-    a, b = torch.randn(3, 4).bfloat16().requires_grad_(), torch.randn(5, 3).bfloat16().requires_grad_()
+    a = torch.randn(3, 4).bfloat16().requires_grad_()
+    b = torch.randn(5, 3).bfloat16().requires_grad_()
     shape = inner_shape(6, a, b)
     for level in levels():
         with native.forced_isa(level), dispatch.override(materialise=False):
