@@ -11,10 +11,11 @@
 // and dB alone, and where the row products are small (Shape::mode_major), the backward
 // copies each block mode-major in cache instead, so that all of its products, the sums over
 // rows included, are one GEMM a block. Factor gradients sum into one partial per chunk of
-// rows (at most one chunk per thread), added in chunk order. fp32 and fp64 compute in their own dtype; fp16 is
-// computed in fp32 and rounded once, as the PyTorch kernels do on CPU, and so is bf16 unless
-// the CPU has bf16 matrix instructions (cpu_isa.h): then kron_bf16.cpp runs the products on
-// torch's bf16 GEMMs. The double backward's factor gradient is always fp32 (or fp64).
+// rows (at most one chunk per thread), added in chunk order. fp32 and fp64 compute in their
+// own dtype; fp16 is computed in fp32 and rounded once, as the PyTorch kernels do on CPU,
+// and so is bf16 unless the CPU has bf16 matrix instructions (cpu_isa.h): then kron_bf16.cpp
+// runs the products on torch's bf16 GEMMs. The double backward's factor gradient is always
+// fp32 (or fp64).
 #include "kronops_kernels.h"  // generated: the kernels' declarations
 
 #include <ATen/ATen.h>

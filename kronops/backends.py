@@ -196,16 +196,22 @@ def torch_kernel_serves(op, t: torch.Tensor) -> bool:
     return not (op in _triton_ops and takes_triton(t))
 
 
+def native_kernel_keeps(t: torch.Tensor) -> bool:
+    """Whether the native kernel that takes a call whose first tensor is ``t`` uses a kept
+    intermediate in its backward: bf16 on bf16 GEMMs (``native.bf16_products()``); its other
+    routes recompute it in cache."""
+    return (t.device.type == "cpu" and t.dtype == torch.bfloat16 and native.active()
+            and native.bf16_products())
+
+
 def run_keeping(op, keeping, args: tuple, needed: bool):
     """``op(*args)``, or ``keeping(*args)[0]`` where grad mode is on, the backward would use
-    what ``keeping`` keeps (``needed``) and the kernel serving the call uses it: the PyTorch
-    kernel, or the native kernel on bf16 inputs where it computes them on bf16 GEMMs
-    (``native.bf16_products()``). ``keeping`` is the variant of ``op`` that also returns that
-    intermediate; the other native and the Triton kernels recompute it in their backward."""
+    what ``keeping`` keeps (``needed``) and the kernel serving the call uses it (the PyTorch
+    kernel, or ``native_kernel_keeps``). ``keeping`` is the variant of ``op`` that also
+    returns that intermediate; the Triton kernels recompute it in their backward."""
     t = args[0]
-    native_keeps = (t.device.type == "cpu" and t.dtype == torch.bfloat16 and native.active()
-                    and native.bf16_products())
-    if needed and torch.is_grad_enabled() and (native_keeps or torch_kernel_serves(op, t)):
+    uses_it = torch_kernel_serves(op, t) or native_kernel_keeps(t)
+    if needed and torch.is_grad_enabled() and uses_it:
         return keeping(*args)[0]
     return op(*args)
 
