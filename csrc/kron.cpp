@@ -48,14 +48,15 @@ struct Shape {
   bool b_first() const { return b1 * a2 * (b2 + a1) <= a1 * b2 * (a2 + b1); }
   // Elements a row of that intermediate has: X_m B^T (a2, b1) or A X_m (a1, b2).
   int64_t inner() const { return b_first() ? a2 * b1 : a1 * b2; }
-  // Whether the backward runs mode-major (every product one GEMM on a block of rows copied
-  // mode-major) rather than per row: for dA and dB alone, and where the product done once
-  // per row (A T_m or A X_m) is small. Small: at most 32K multiply-adds in fp32, where per-row
-  // BLAS calls on 32x32x32 products lost 10-17% at 2 threads; 16K in bf16, whose per-row
-  // route is oneDNN's batched products (bench/NOTES.md).
-  bool mode_major(bool need_x, bool bf16) const {
-    return !need_x || a1 * a2 * (b_first() ? b1 : b2) <= (bf16 ? 1 : 2) * kSmallGemm;
+  // Whether the row product done once per row (A T_m or A X_m) is small: at most 32K
+  // multiply-adds in fp32, where per-row BLAS calls on 32x32x32 products lost 10-17% at 2
+  // threads; 16K in bf16, whose per-row route is oneDNN's batched products (bench/NOTES.md).
+  bool small_rows(bool bf16) const {
+    return a1 * a2 * (b_first() ? b1 : b2) <= (bf16 ? 1 : 2) * kSmallGemm;
   }
+  // Whether the fp32 backward runs mode-major (every product one GEMM on a block of rows
+  // copied mode-major) rather than per row: for dA and dB alone, and at small row products.
+  bool mode_major(bool need_x) const { return !need_x || small_rows(false); }
 };
 
 // One matrix as a batch that repeats it (step 0).
@@ -385,7 +386,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_rows_grads(
     inner = inner_in->to(work).contiguous();
   }
   if (work == at::kBFloat16) {
-    const auto grads = s.mode_major(need_x, true) ? kron_grads_bf16_mode_major : kron_grads_bf16;
+    // dA and dB alone: mode-major; small row products with dX: rows transposed; else per row.
+    const auto grads = !need_x               ? kron_grads_bf16_mode_major
+                       : s.small_rows(true) ? kron_grads_bf16_rows_transposed
+                                            : kron_grads_bf16;
     return grads(dy_in, x_in, a_in, b_in, scale, s.b_first(), need_x, need_a, need_b, inner);
   }
   at::Tensor dy = dy_in.to(work), x = x_in.to(work), a = a_in.to(work), b = b_in.to(work);
@@ -394,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_rows_grads(
   at::Tensor da = need_a ? at::empty({s.a1, s.a2}, opts) : at::empty({0}, opts);
   at::Tensor db = need_b ? at::empty({s.b1, s.b2}, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(work, "kron_rows_grads", [&] {
-    if (s.mode_major(need_x, false)) {  // recomputes a kept intermediate in cache
+    if (s.mode_major(need_x)) {  // recomputes a kept intermediate in cache
       rows_backward_mode_major<scalar_t>(s, dy, x, a, b, static_cast<scalar_t>(scale),
                                          need_x ? dx.mutable_data_ptr<scalar_t>() : nullptr,
                                          need_a ? da.mutable_data_ptr<scalar_t>() : nullptr,

@@ -5,7 +5,10 @@
 // (dA, dB) are one GEMM with the rows folded into its inner dimension (dB in X B^T-first
 // order, dA in A X-first order), or one batched product summed over the rows in fp32; a
 // factor applied to every row is a batched product with the factor repeated, no copies.
-// Mode-major: dY and X copied once with their rows moved inside, then only GEMMs.
+// Mode-major: dY and X copied once with their rows moved inside, then only GEMMs. Rows
+// transposed: every product a GEMM with the rows folded into its rows or its inner dimension,
+// a factor on the left of every row taken as the transposed product on the rows transposed
+// (copies of three operands with each row transposed in place, which stay in cache).
 #include "kron_bf16.h"
 
 #include <ATen/ATen.h>
@@ -28,6 +31,12 @@ at::Tensor each_left(const at::Tensor& f, const at::Tensor& t) {
 at::Tensor summed_products(const at::Tensor& l, const at::Tensor& r) {
   return at::bmm(l, r.transpose(1, 2)).sum(0, false, at::kFloat).to(l.scalar_type());
 }
+
+// t (M, p, q) with each row transposed: (M, q, p), contiguous.
+at::Tensor rows_transposed(const at::Tensor& t) { return t.transpose(1, 2).contiguous(); }
+
+// t (M, p, q) as one (M*p, q) matrix.
+at::Tensor folded(const at::Tensor& t) { return t.reshape({-1, t.size(2)}); }
 
 }  // namespace
 
@@ -121,6 +130,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16_mode_major(
     }
   }
   if (need_x) dx = dx.contiguous();
+  return {dx, da, db};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16_rows_transposed(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+    double scale, bool b_first, bool need_x, bool need_a, bool need_b, const at::Tensor& inner) {
+  const int64_t m = x.size(0), a1 = a.size(0), a2 = a.size(1), b1 = b.size(0), b2 = b.size(1);
+  at::Tensor dx = at::empty({0}, dy.options()), da = dx, db = dx;
+  if (b_first) {
+    // U_m = s A^T dY_m as its transpose s dY_m^T A: dX = U B, dB = U^T X; dA = s dY^T (X B^T)
+    // with the sum over rows on both operands transposed (m, b1 folded).
+    const at::Tensor dyt = rows_transposed(dy);  // (M, b1, a1)
+    if (need_x || need_b) {
+      const at::Tensor u =
+          rows_transposed(at::mm(folded(dyt), scaled(a, scale)).view({m, b1, a2}));  // (M, a2, b1)
+      if (need_x) dx = at::mm(folded(u), b).view({m, a2, b2});
+      if (need_b) db = at::mm(folded(u).t(), folded(x));
+    }
+    if (need_a) {
+      const at::Tensor t = inner.defined() ? inner : at::matmul(x, b.t());  // (M, a2, b1)
+      da = scaled(at::mm(folded(dyt).t(), folded(rows_transposed(t))), scale);
+    }
+  } else {
+    // V = s dY B (a1 folded): dX_m = A^T V_m as (V_m^T A)^T; dA = sum_m V_m X_m^T on both
+    // transposed (m, b2 folded); dB = s dY^T (A X) (m, a1 folded).
+    if (need_x || need_a) {
+      const at::Tensor vt =
+          rows_transposed(at::mm(folded(dy), scaled(b, scale)).view({m, a1, b2}));  // (M, b2, a1)
+      if (need_x) dx = rows_transposed(at::mm(folded(vt), a).view({m, b2, a2}));
+      if (need_a) da = at::mm(folded(vt).t(), folded(rows_transposed(x)));
+    }
+    if (need_b) {
+      const at::Tensor z = inner.defined() ? inner : each_left(a, x);  // (M, a1, b2)
+      db = scaled(at::mm(folded(dy).t(), folded(z)), scale);
+    }
+  }
   return {dx, da, db};
 }
 

@@ -27,9 +27,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16(
 
 // The same gradients mode-major: dY and X copied once as (a1, M, b1) and (a2, M, b2), then
 // every product, the sums over rows included, is one GEMM with the rows folded in (and dX
-// copied back to (M, a2, b2)). Faster than per row for dA and dB alone and for small row
-// products, slower where dX is needed at larger ones (bench/NOTES.md).
+// copied back to (M, a2, b2)). Used for dA and dB alone (two copies, where the route below
+// needs three).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16_mode_major(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+    double scale, bool b_first, bool need_x, bool need_a, bool need_b, const at::Tensor& inner);
+
+// The same gradients with every product one GEMM on the rows as they are or on copies with
+// each row transposed (three such copies, each row's transpose in cache): used where dX is
+// needed at small row products, where mode-major copies move runs of one row's width and ran
+// 10-20% slower (bench/NOTES.md); per row (kron_grads_bf16) at larger ones.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16_rows_transposed(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
     double scale, bool b_first, bool need_x, bool need_a, bool need_b, const at::Tensor& inner);
 

@@ -63,8 +63,8 @@ def check_bf16(fn, inputs, dy, what, frozen=()):
 
 
 # (rows, a shape, b shape): X Bᵀ first and A X first, each with small row products (the
-# bf16 backward mode-major at avx512 and up, in fp32 below) and large ones (per row on the
-# bf16 GEMMs at avx512 and up; mode-major when x is frozen), the FMA kernel's tile widths
+# bf16 backward on rows transposed at avx512 and up, in fp32 below) and large ones (per row on
+# the bf16 GEMMs at avx512 and up); mode-major when x is frozen; the FMA kernel's tile widths
 # (59 = 3 * 16 + 8 + 3 columns), odd sizes.
 KRON_CASES = [(37, (16, 24), (24, 16)), (21, (6, 5), (59, 7)), (13, (7, 40), (3, 9)),
               (64, (32, 32), (32, 32)), (9, (40, 24), (30, 20)), (11, (12, 48), (60, 36))]
