@@ -13,6 +13,8 @@
 
 #include <ATen/ATen.h>
 
+#include "row_transpose.h"
+
 namespace kronops::native {
 namespace {
 
@@ -31,9 +33,6 @@ at::Tensor each_left(const at::Tensor& f, const at::Tensor& t) {
 at::Tensor summed_products(const at::Tensor& l, const at::Tensor& r) {
   return at::bmm(l, r.transpose(1, 2)).sum(0, false, at::kFloat).to(l.scalar_type());
 }
-
-// t (M, p, q) with each row transposed: (M, q, p), contiguous.
-at::Tensor rows_transposed(const at::Tensor& t) { return t.transpose(1, 2).contiguous(); }
 
 // t (M, p, q) as one (M*p, q) matrix.
 at::Tensor folded(const at::Tensor& t) { return t.reshape({-1, t.size(2)}); }

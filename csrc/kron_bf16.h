@@ -34,9 +34,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16_mode_major(
     double scale, bool b_first, bool need_x, bool need_a, bool need_b, const at::Tensor& inner);
 
 // The same gradients with every product one GEMM on the rows as they are or on copies with
-// each row transposed (three such copies, each row's transpose in cache): used where dX is
-// needed at small row products, where mode-major copies move runs of one row's width and ran
-// 10-20% slower (bench/NOTES.md); per row (kron_grads_bf16) at larger ones.
+// each row transposed (three such copies, row_transpose.h): used where dX is needed, 5-25%
+// faster than per row or mode-major at 16x24 (x) 24x16, 16^4, 32^4, 48^4 and three 16x16
+// factors, level at 64^4, slower where a factor has under 16 columns at large row products
+// (128x8 (x) 128x8: GEMMs of 8 columns), which run per row (bench/NOTES.md).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16_rows_transposed(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
     double scale, bool b_first, bool need_x, bool need_a, bool need_b, const at::Tensor& inner);

@@ -62,12 +62,13 @@ def check_bf16(fn, inputs, dy, what, frozen=()):
         assert_within_bound(g, e, m, f"{what} {name}")
 
 
-# (rows, a shape, b shape): X Bᵀ first and A X first, each with small row products (the
-# bf16 backward on rows transposed at avx512 and up, in fp32 below) and large ones (per row on
-# the bf16 GEMMs at avx512 and up); mode-major when x is frozen; the FMA kernel's tile widths
-# (59 = 3 * 16 + 8 + 3 columns), odd sizes.
+# (rows, a shape, b shape): X Bᵀ first and A X first, each with small row products and large
+# ones (the bf16 backward on rows transposed at avx512 and up, in fp32 below), and large ones
+# with a factor under 16 columns (per row on the bf16 GEMMs); mode-major when x is frozen; the
+# FMA kernel's tile widths (59 = 3 * 16 + 8 + 3 columns), odd sizes.
 KRON_CASES = [(37, (16, 24), (24, 16)), (21, (6, 5), (59, 7)), (13, (7, 40), (3, 9)),
-              (64, (32, 32), (32, 32)), (9, (40, 24), (30, 20)), (11, (12, 48), (60, 36))]
+              (64, (32, 32), (32, 32)), (9, (40, 24), (30, 20)), (11, (12, 48), (60, 36)),
+              (5, (64, 8), (48, 12)), (5, (128, 24), (96, 8))]
 
 
 @pytest.mark.parametrize("level", levels())
@@ -89,6 +90,20 @@ def test_kron_linear_bf16_within_bound(level, rows, a_shape, b_shape):
                    [torch.randn(rows, 120).bfloat16(), torch.randn(3, 5).bfloat16(), torch.randn(2, 4).bfloat16(),
                     torch.randn(5, 6).bfloat16()], torch.randn(rows, 30).bfloat16(),
                    f"kron_matmul {level}")
+
+
+@pytest.mark.parametrize("level", levels())
+@pytest.mark.parametrize("a_shape,b_shape", [((16, 24), (24, 16)), ((13, 9), (11, 17))])
+def test_kron_linear_bf16_any_strides(level, a_shape, b_shape):
+    # x a transposed view, dy one row expanded (stride 0): the per-row transposes take any
+    # strides (8x8 tiles and their edges on rows stored row-major, a strided copy otherwise).
+    rows, (a1, a2), (b1, b2) = 19, a_shape, b_shape
+    x = torch.randn(a2 * b2, rows).bfloat16().t()
+    a, b = torch.randn(a1, a2).bfloat16(), torch.randn(b1, b2).bfloat16()
+    dy = torch.randn(1, a1 * b1).bfloat16().expand(rows, a1 * b1)
+    with native.forced_isa(level), dispatch.override(materialise=False):
+        check_bf16(lambda *t: kronops.kron_linear(*t, scale=0.7), [x, a, b], dy,
+                   f"kron_linear, strided, {level}")
 
 
 @pytest.mark.parametrize("level", levels())
