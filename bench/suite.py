@@ -1,4 +1,4 @@
-"""The default case sets: CPU (about three minutes on 2 cores) and --full (GPU, real model shapes),
+"""The default case sets: CPU (about five minutes on 2 cores) and --full (GPU, real model shapes),
 and the names ``--ops`` accepts (op names as the rows carry them, and families of ops)."""
 from .curvature_cases import ewc_penalty_cases, kfac_collect_cases
 from .kron_cases import krona_layer_cases, kron_linear_cases, kron_matmul_cases
@@ -77,7 +77,7 @@ def wanted(ops):
 
 
 def default_cases(full: bool, dtype, device, ops=None):
-    """The CPU set (about three minutes on 2 cores) or the GPU set (--full: LLaMA/MiniLM shapes);
+    """The CPU set (about five minutes on 2 cores) or the GPU set (--full: LLaMA/MiniLM shapes);
     with ``ops`` (op names), only those ops' cases are built."""
     want = wanted(ops)
     if full:
@@ -108,8 +108,9 @@ def default_cases(full: bool, dtype, device, ops=None):
                 yield from kron_linear_cases(rows, k, n, dtype, device)
         if want("kron_matmul[3]"):
             yield from kron_matmul_cases(512, [(16, 16)] * 3, dtype, device)
-        if want("KronALinear"):
-            yield from krona_layer_cases(1024, 1024, 1024, dtype, device)
+        if want("KronALinear"):  # a small layer (32×32 ⊗ 32×32) and a LLaMA-width one (64×64 ⊗ 64×64)
+            for width in (1024, 4096):
+                yield from krona_layer_cases(1024, width, width, dtype, device)
         yield from _sparse_linear(1024, [(1024, 1024, "rows"), (2048, 512, "cols")], 0.05, dtype,
                                   device, want)
         if want("InPlaceAdamW"):
