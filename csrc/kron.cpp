@@ -386,12 +386,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_rows_grads(
     inner = inner_in->to(work).contiguous();
   }
   if (work == at::kBFloat16) {
-    // dA and dB alone: mode-major; with dX: rows transposed, except per row for large row
-    // products with a factor under 16 columns (GEMMs of so few columns on rows transposed).
-    const bool transposed = s.small_rows(true) || std::min(s.a2, s.b2) >= 16;
-    const auto grads = !need_x     ? kron_grads_bf16_mode_major
-                       : transposed ? kron_grads_bf16_rows_transposed
-                                    : kron_grads_bf16;
+    if (!need_x) {  // dA and dB alone: mode-major
+      auto [da, db] = kron_factor_grads_bf16_mode_major(dy_in, x_in, a_in, b_in, scale,
+                                                        s.b_first(), need_a, need_b, inner);
+      return {at::empty({0}, dy_in.options()), da, db};
+    }
+    // With dX: rows transposed, except per row for large row products with a factor under 16
+    // columns (GEMMs of so few columns on rows transposed).
+    const auto grads = s.small_rows(true) || std::min(s.a2, s.b2) >= 16
+                           ? kron_grads_bf16_rows_transposed
+                           : kron_grads_bf16;
     return grads(dy_in, x_in, a_in, b_in, scale, s.b_first(), need_x, need_a, need_b, inner);
   }
   at::Tensor dy = dy_in.to(work), x = x_in.to(work), a = a_in.to(work), b = b_in.to(work);

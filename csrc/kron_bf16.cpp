@@ -89,26 +89,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16(
   return {dx, da, db};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16_mode_major(
+std::tuple<at::Tensor, at::Tensor> kron_factor_grads_bf16_mode_major(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-    double scale, bool b_first, bool need_x, bool need_a, bool need_b, const at::Tensor& inner) {
+    double scale, bool b_first, bool need_a, bool need_b, const at::Tensor& inner) {
   const int64_t m = x.size(0), a1 = a.size(0), a2 = a.size(1), b1 = b.size(0), b2 = b.size(1);
   // dY (a1, M*b1) and X (a2, M*b2): every product below is one GEMM with the rows folded in.
   const at::Tensor dyp = dy.transpose(0, 1).contiguous().view({a1, m * b1});
-  const at::Tensor xp = (need_b || (need_a && !inner.defined()) || !b_first)
-                            ? x.transpose(0, 1).contiguous().view({a2, m * b2})
-                            : at::Tensor();
+  const bool need_xp = b_first ? need_b || (need_a && !inner.defined())
+                               : need_a || (need_b && !inner.defined());
+  const at::Tensor xp =
+      need_xp ? x.transpose(0, 1).contiguous().view({a2, m * b2}) : at::Tensor();
   // The kept intermediate, mode-major: (a2, M, b1) = X B^T or (a1, M, b2) = A X.
   const auto kept_mode_major = [&](int64_t p, int64_t q) {
     return inner.transpose(0, 1).contiguous().view({p, m * q});
   };
-  at::Tensor dx = at::empty({0}, dy.options()), da = dx, db = dx;
+  at::Tensor da = at::empty({0}, dy.options()), db = da;
   if (b_first) {
-    // U = s A^T dY (a2, M, b1): dX = U B; dB = U^T X; dA = s dY (X B^T)^T
-    if (need_x || need_b) {
+    // U = s A^T dY (a2, M, b1): dB = U^T X; dA = s dY (X B^T)^T
+    if (need_b) {
       const at::Tensor u = at::mm(scaled(a, scale).t(), dyp);  // (a2, M*b1)
-      if (need_x) dx = at::mm(u.view({a2 * m, b1}), b).view({a2, m, b2}).transpose(0, 1);
-      if (need_b) db = at::mm(u.view({a2 * m, b1}).t(), xp.view({a2 * m, b2}));
+      db = at::mm(u.view({a2 * m, b1}).t(), xp.view({a2 * m, b2}));
     }
     if (need_a) {
       const at::Tensor t = inner.defined()
@@ -117,19 +117,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16_mode_major(
       da = scaled(at::mm(dyp, t.t()), scale);
     }
   } else {
-    // V = s dY B (a1, M, b2): dX = A^T V; dA = V X^T; dB = s dY^T (A X)
-    if (need_x || need_a) {
+    // V = s dY B (a1, M, b2): dA = V X^T; dB = s dY^T (A X)
+    if (need_a) {
       const at::Tensor v = at::mm(dyp.view({a1 * m, b1}), scaled(b, scale)).view({a1, m * b2});
-      if (need_x) dx = at::mm(a.t(), v).view({a2, m, b2}).transpose(0, 1);
-      if (need_a) da = at::mm(v, xp.t());
+      da = at::mm(v, xp.t());
     }
     if (need_b) {
       const at::Tensor z = inner.defined() ? kept_mode_major(a1, b2) : at::mm(a, xp);
       db = scaled(at::mm(dyp.view({a1 * m, b1}).t(), z.view({a1 * m, b2})), scale);
     }
   }
-  if (need_x) dx = dx.contiguous();
-  return {dx, da, db};
+  return {da, db};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16_rows_transposed(

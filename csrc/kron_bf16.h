@@ -25,13 +25,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
     double scale, bool b_first, bool need_x, bool need_a, bool need_b, const at::Tensor& inner);
 
-// The same gradients mode-major: dY and X copied once as (a1, M, b1) and (a2, M, b2), then
-// every product, the sums over rows included, is one GEMM with the rows folded in (and dX
-// copied back to (M, a2, b2)). Used for dA and dB alone (two copies, where the route below
-// needs three).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16_mode_major(
+// (dA, dB) alone (dX not needed, as in the merged adapter step) mode-major: dY and X copied
+// once as (a1, M, b1) and (a2, M, b2), then every product, the sums over rows included, is
+// one GEMM with the rows folded in (two copies, where the route below needs three).
+std::tuple<at::Tensor, at::Tensor> kron_factor_grads_bf16_mode_major(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-    double scale, bool b_first, bool need_x, bool need_a, bool need_b, const at::Tensor& inner);
+    double scale, bool b_first, bool need_a, bool need_b, const at::Tensor& inner);
 
 // The same gradients with every product one GEMM on the rows as they are or on copies with
 // each row transposed (three such copies, row_transpose.h): used where dX is needed, 5-25%
