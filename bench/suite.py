@@ -108,7 +108,7 @@ def default_cases(full: bool, dtype, device, ops=None):
                 yield from kron_linear_cases(rows, k, n, dtype, device)
         if want("kron_matmul[3]"):
             yield from kron_matmul_cases(512, [(16, 16)] * 3, dtype, device)
-        if want("KronALinear"):  # a small layer (32×32 ⊗ 32×32) and a LLaMA-width one (64×64 ⊗ 64×64)
+        if want("KronALinear"):  # 1024² (32×32 ⊗ 32×32) and LLaMA width (64×64 ⊗ 64×64)
             for width in (1024, 4096):
                 yield from krona_layer_cases(1024, width, width, dtype, device)
         yield from _sparse_linear(1024, [(1024, 1024, "rows"), (2048, 512, "cols")], 0.05, dtype,

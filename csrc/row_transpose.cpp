@@ -19,7 +19,8 @@ namespace {
 inline void tile_8x8(const uint16_t* src, int64_t ls, uint16_t* dst, int64_t ld) {
 #if defined(__SSE2__)
   __m128i r[8], a[8], b[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ls));
+  for (int i = 0; i < 8; ++i)
+    r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ls));
   for (int i = 0; i < 4; ++i) {  // pairs of rows interleaved: a[2i] columns 0-3, a[2i+1] 4-7
     a[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
     a[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
@@ -31,7 +32,8 @@ inline void tile_8x8(const uint16_t* src, int64_t ls, uint16_t* dst, int64_t ld)
     b[5 + 2 * h] = _mm_unpackhi_epi32(a[4 + h], a[6 + h]);
   }
   for (int c = 0; c < 4; ++c) {  // column 2c and 2c+1: rows 0-3 from b[c], rows 4-7 from b[4+c]
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * c * ld), _mm_unpacklo_epi64(b[c], b[4 + c]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * c * ld),
+                     _mm_unpacklo_epi64(b[c], b[4 + c]));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * c + 1) * ld),
                      _mm_unpackhi_epi64(b[c], b[4 + c]));
   }
@@ -59,7 +61,8 @@ at::Tensor rows_transposed(const at::Tensor& t) {
   at::Tensor out = at::empty({m, q, p}, t.options());
   const auto* src = static_cast<const uint16_t*>(t.const_data_ptr());
   auto* dst = static_cast<uint16_t*>(out.mutable_data_ptr());
-  const int64_t step = t.stride(0), grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p * q, 1));
+  const int64_t step = t.stride(0);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p * q, 1));
   at::parallel_for(0, m, grain, [&](int64_t m0, int64_t m1) {
     for (int64_t i = m0; i < m1; ++i) transpose(src + i * step, p, q, dst + i * p * q);
   });
