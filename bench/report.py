@@ -108,6 +108,7 @@ STYLES = {
     "kronops (persistent forward)": Style("#393b79", "kronops, persistent forward"),
     "kronops (merged weight)": Style("#6b6ecf", "kronops, merged weight"),
     "kronops (separate adapter)": Style("#c5b0d5", "kronops, separate adapter"),
+    "kronops (Δ products)": Style("#dadaeb", "kronops, Δ products (S²FT op)"),
     "kronops S²FT in-place": Style("#9467bd", "kronops S²FT in-place"),
     "kronops S²FT adapter": Style("#cf9fe8", "kronops S²FT adapter"),
     "kronops AdapterBank (one mixed batch)": Style("#2a9d8f", "kronops AdapterBank"),

@@ -1,10 +1,11 @@
 """Benchmark cases of the S²FT op: sparse_linear in rows and cols mode.
 
-Providers: kronops; "composite", the same update written in plain PyTorch autograd
-(a dense GEMM plus an indexed add, saving all of x); "naive", the update applied to a
-materialised W' (dense dW, then only the selection kept); "full fine-tuning", the layer
-with its whole weight trainable, PEFT LoRA of a similar trainable size (when peft is
-installed) and the frozen layer alone (the floor: its forward and dX GEMMs): timed only,
+Providers: kronops, also with its route pinned (the merged weight or the op's Δ products:
+the choice of ``dispatch.sparse_merge_pays``); "composite", the same update written in plain
+PyTorch autograd (a dense GEMM plus an indexed add, saving all of x); "naive", the update
+applied to a materialised W' (dense dW, then only the selection kept); "full fine-tuning",
+the layer with its whole weight trainable, PEFT LoRA of a similar trainable size (when peft
+is installed) and the frozen layer alone (the floor: its forward and dX GEMMs): timed only,
 they compute other functions.
 """
 import torch
@@ -14,6 +15,7 @@ import kronops
 from kronops.testing import naive_sparse_linear
 
 from .cases import MODES, Provider, build_case, element_bytes, input_sets
+from .kron_cases import pinned
 from .peft_providers import lora_layer, peft_version
 
 
@@ -53,9 +55,14 @@ def sparse_linear_cases(rows, in_features, out_features, fraction, mode_name, dt
     def reference(x, delta):  # fp64 inputs
         return naive_sparse_linear(x, weight.double(), delta, bias=bias.double(), **select)
 
+    def op(x, delta):
+        return kronops.sparse_linear(x, weight, delta, bias=bias, **given)
+
     full = weight.clone().requires_grad_()
     providers = {
-        "kronops": Provider(lambda x, delta: kronops.sparse_linear(x, weight, delta, bias=bias, **given)),
+        "kronops": Provider(op),
+        "kronops (merged weight)": Provider(pinned(op, merge=True)),
+        "kronops (Δ products)": Provider(pinned(op, merge=False)),
         "composite": Provider(composite),
         "naive (full FT, masked)": Provider(naive),
         "full fine-tuning": Provider(lambda x, delta: F.linear(x, full, bias), [full]),

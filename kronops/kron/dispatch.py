@@ -1,6 +1,7 @@
-"""When building a Kronecker product pays: the dispatch rules of ``kron_linear`` and of the
-adapter layers, one threshold per device kind (the measurements and predictions behind each
-threshold: bench/NOTES.md, "Dispatch thresholds and their history").
+"""When building a Kronecker product or a merged weight pays: the dispatch rules of
+``kron_linear``, of the adapter layers and of ``sparse_linear``, one threshold per device
+kind (the measurements and predictions behind each threshold: bench/NOTES.md, "Dispatch
+thresholds and their history").
 
 ``materialise_pays(device_type, in_features, out_features)``: build s·kron(A, B) once per
 call and run one GEMM instead of the fused Kronecker kernels. The score is the weight's
@@ -12,6 +13,10 @@ path's memory traffic does, and the product is small to build.
 one GEMM on W + s·A⊗B (``kron_linear_merged``) instead of the base GEMM plus the adapter's
 own passes. Building W' twice a step is a fixed cost in in·out while the adapter's passes
 cost tokens·(in+out), so it pays from tokens ≥ factor·in·out/(in+out).
+``sparse_merge_pays(device_type, tokens, in_features, out_features)``: the same choice for
+S²FT's ``sparse_linear`` (one GEMM on W with Δ added into its rows or columns,
+``kronops/s2ft/merged.py``, against the GEMM plus the Δ products and their gathers), with
+its own factor; CUDA not measured: never merged there.
 
 ``factor_split(device_type, shapes)``: ``kron_matmul`` with N >= 3 factors as one fused
 two-factor product of kron(f1..fk) and kron(fk+1..fN), both built per call, instead of the
@@ -40,6 +45,7 @@ from .. import native
 MATERIALISE_MAX_INTENSITY = {"cuda": 384.0, "cpu": 32.0}
 MATERIALISE_MAX_ELEMENTS = {"cuda": 1 << 22, "cpu": 1 << 22}
 MERGE_TOKEN_FACTOR = {"cuda": 0.6, "cpu": 1.0}
+SPARSE_MERGE_TOKEN_FACTOR = {"cpu": 0.25}
 GROUP_MAX_ELEMENTS = {"cpu": 1 << 16}  # CPU on the PyTorch kernels (not with the native library)
 
 
@@ -51,8 +57,8 @@ _pinned = {"materialise": None, "merge": None, "group": None, "one_pass": None,
 def override(*, materialise: bool | None = None, merge: bool | None = None,
              group: bool | None = None, one_pass: bool | None = None,
              persistent: bool | None = None):
-    """Inside, the rules give the answers given here: ``materialise_pays``, ``merge_weight_pays``,
-    ``factor_split`` (True: group at the cheapest split, whatever the products' size),
+    """Inside, the rules give the answers given here: ``materialise_pays``, ``merge_weight_pays``
+    (and ``sparse_merge_pays``), ``factor_split`` (True: group at the cheapest split, whatever the products' size),
     ``one_pass_backward`` and ``persistent_forward``. None leaves a rule as it is outside
     (nested overrides add to each other)."""
     saved = dict(_pinned)
@@ -79,13 +85,21 @@ def materialise_pays(device_type: str, in_features: int, out_features: int) -> b
             and in_features * out_features <= MATERIALISE_MAX_ELEMENTS[device_type])
 
 
-def merge_weight_pays(device_type: str, tokens: int, in_features: int, out_features: int) -> bool:
+def merge_weight_pays(device_type: str, tokens: int, in_features: int, out_features: int,
+                      factors: dict = MERGE_TOKEN_FACTOR) -> bool:
     """Whether the adapter step is cheaper as one GEMM on the merged weight, for ``tokens``
-    rows of activations (the product of x's leading dimensions)."""
+    rows of activations (the product of x's leading dimensions); ``factors``: the factor per
+    device kind (none: never)."""
     if _pinned["merge"] is not None:
         return _pinned["merge"]
-    factor = MERGE_TOKEN_FACTOR.get(device_type, math.inf)
+    factor = factors.get(device_type, math.inf)
     return tokens >= factor * intensity(in_features, out_features)
+
+
+def sparse_merge_pays(device_type: str, tokens: int, in_features: int, out_features: int) -> bool:
+    """``merge_weight_pays`` for S²FT's ``sparse_linear`` (``SPARSE_MERGE_TOKEN_FACTOR``)."""
+    return merge_weight_pays(device_type, tokens, in_features, out_features,
+                             SPARSE_MERGE_TOKEN_FACTOR)
 
 
 def fused_flops(a_shape, b_shape) -> int:

@@ -32,6 +32,7 @@ from ..checks import OpChecks, check_same, check_tensor
 from ..dtypes import autocast_operands
 from ..kernels import partial_sums
 from ..kernels.s2ft import adamw, delta_grad, matmul_add
+from ..kron.dispatch import sparse_merge_pays
 from . import torch_kernels
 from .torch_kernels import addmm_into, take
 from .selection import Selection
@@ -141,22 +142,27 @@ def check_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, 
                                 f"got {list(master.shape)}")
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, delta, index, start, bias, cols = inputs
+def save_linear_inputs(ctx, x, weight, delta, index, start, cols) -> None:
+    """What backward needs of ``sparse_linear``'s inputs (x, weight, delta, index, start, bias,
+    cols), by either route (the op, or ``kronops.s2ft.merged``): x where dΔ is needed (cols
+    mode: only X[:, C], as its own (M, |C|) tensor), W where dX is, Δ and the index."""
     need_x, _, need_delta = ctx.needs_input_grad[:3]
     saved_x = None
-    if need_delta:  # cols mode keeps only X[:, C], as its own (M, |C|) tensor
+    if need_delta:
         saved_x = aligned_columns(x.detach(), index, start, delta.shape[1]) if cols else x
     ctx.save_for_backward(saved_x, weight if need_x else None, delta, index)
     ctx.start, ctx.cols = start, cols
 
 
-def _backward(ctx, grad):
+def linear_grads(ctx, grad, input_grad):
+    """The gradients of ``sparse_linear``'s inputs from what ``save_linear_inputs`` kept: dX =
+    ``input_grad(dy, weight, delta, index, start, cols)`` (the route's), dΔ by
+    ``sparse_delta_grad``, dbias = Σ dY."""
     saved_x, weight, delta, index = ctx.saved_tensors
     need_x, _, need_delta = ctx.needs_input_grad[:3]
     grad_x = grad_delta = grad_bias = None
     if need_x:
-        grad_x = sparse_input_grad(grad, weight, delta, index, ctx.start, ctx.cols)
+        grad_x = input_grad(grad, weight, delta, index, ctx.start, ctx.cols)
     if need_delta:
         if ctx.cols and need_x and torch.is_grad_enabled():
             raise RuntimeError("sparse_linear in cols mode saves X[:, C] detached from x, so it "
@@ -166,6 +172,15 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[5]:
         grad_bias = grad.sum(0)
     return grad_x, None, grad_delta, None, None, grad_bias, None
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, delta, index, start, bias, cols = inputs
+    save_linear_inputs(ctx, x, weight, delta, index, start, cols)
+
+
+def _backward(ctx, grad):
+    return linear_grads(ctx, grad, sparse_input_grad)
 
 
 def _input_grad_setup_context(ctx, inputs, output):
@@ -268,7 +283,9 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
     host at every call), a slice/range (contiguous), or a ``Selection`` of that side.
     Returns (..., out) in x's dtype (the autocast dtype inside an autocast region, where,
     as with F.linear, all operands are cast to it). Differentiable in x, delta and bias; in
-    cols mode only x[..., C] is saved for backward.
+    cols mode only x[..., C] is saved for backward. From some number of rows of x on
+    (``dispatch.sparse_merge_pays``: CPU only) it runs as one GEMM on W with Δ added in,
+    rebuilt per call (``kronops.s2ft.merged``), instead of the op's GEMM plus Δ products.
     """
     check_tensor("x", x)
     check_tensor("weight", weight, dim=2)
@@ -294,7 +311,12 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
                          f"got {tuple(delta.shape)}")
     index, start, is_cols = chosen.op_args
     lead = x.shape[:-1]
-    y = sparse_linear_op(x.reshape(-1, in_features), weight, delta, index, start, bias, is_cols)
+    x2 = x.reshape(-1, in_features)
+    if sparse_merge_pays(x.device.type, x2.shape[0], in_features, out_features):
+        from .merged import sparse_linear_merged  # merged.py builds on this module's ops
+        y = sparse_linear_merged(x2, weight, delta, index, start, bias, is_cols)
+    else:
+        y = sparse_linear_op(x2, weight, delta, index, start, bias, is_cols)
     return y.view(*lead, out_features)
 
 

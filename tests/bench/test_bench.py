@@ -411,7 +411,9 @@ def test_s2ft_cases_are_checked():
                  *inplace_adamw_cases(16, 32, 0.25, torch.float32, CPU)]:
         rows += run_case(case, torch.float32, CPU, budget_s=FAST)
     checked = [r for r in rows if r["rel_error"] is not None]
-    assert len(checked) == 3 * 3 * 2 + 3 and all(r["error_ok"] for r in checked)
+    # kronops (and its two pinned routes), composite, naive; three modes; rows and cols
+    assert len(checked) == 5 * 3 * 2 + 3 and all(r["error_ok"] for r in checked)
+    assert {r["provider"] for r in checked} >= {"kronops (merged weight)", "kronops (Δ products)"}
 
 
 TINY_SERVING = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1,

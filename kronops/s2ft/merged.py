@@ -1,0 +1,53 @@
+"""S²FT's ``sparse_linear`` as one GEMM on a merged weight: the route ``sparse_linear`` takes
+where ``dispatch.sparse_merge_pays`` says so.
+
+Forward: W' = W with Δ added into its rows R or columns C (``merged_weight``: a copy of W and
+an indexed add; W' is not kept), then y = x W'ᵀ + b, one GEMM. Backward: W' rebuilt, dX = dY
+W' (one GEMM); dΔ by the op's own kernel (``kronops::sparse_delta_grad``: dY[:, R]ᵀ X or
+dYᵀ X[:, C]); dbias = Σ dY. It saves what the op saves (x, or X[:, C] alone in cols mode) and
+is differentiable as the op is (twice, except in cols mode through dΔ to x).
+
+The same function as the op, rounded differently: W' is rounded once to W's dtype. The op's
+Δ products are passes over the activations, growing with the rows of x; building W' is a
+fixed pass over the weight, so it pays from some number of rows on.
+"""
+import torch
+import torch.nn.functional as F
+
+from .ops import linear_grads, save_linear_inputs
+
+
+def merged_weight(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor | None,
+                  start: int, cols: bool) -> torch.Tensor:
+    """W with Δ added into rows ``index`` (or columns, ``cols``), or into the range at
+    ``start`` when ``index`` is None: a new (out, in) tensor, differentiable in delta."""
+    dim = 1 if cols else 0
+    if index is not None:
+        return weight.index_add(dim, index, delta)
+    merged = weight.clone()
+    merged.narrow(dim, start, delta.shape[dim]).add_(delta)
+    return merged
+
+
+def _merged_input_grad(dy, weight, delta, index, start, cols):
+    """dX = dY W' (M, in) for dY (M, out)."""
+    return dy @ merged_weight(weight, delta, index, start, cols)
+
+
+class _MergedSparseLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, delta, index, start, bias, cols):
+        save_linear_inputs(ctx, x, weight, delta, index, start, cols)
+        return F.linear(x, merged_weight(weight, delta, index, start, cols), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return linear_grads(ctx, grad, _merged_input_grad)
+
+
+def sparse_linear_merged(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
+                         index: torch.Tensor | None, start: int, bias: torch.Tensor | None,
+                         cols: bool) -> torch.Tensor:
+    """``torch.ops.kronops.sparse_linear``'s function, arguments as it takes them (checked by
+    ``sparse_linear``): x (M, in) -> (M, out), as one GEMM on the merged weight."""
+    return _MergedSparseLinear.apply(x, weight, delta, index, start, bias, cols)

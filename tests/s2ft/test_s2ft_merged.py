@@ -1,0 +1,135 @@
+"""sparse_linear's merged-weight route (kronops/s2ft/merged.py) against the reference, and the
+rule that picks it (``dispatch.sparse_merge_pays``)."""
+import math
+
+import pytest
+import torch
+from conftest import rel_err
+from s2ft_inputs import check_against_reference, inputs
+from test_s2ft_linear import SHAPES
+
+from kronops.kron import dispatch
+from kronops.s2ft import S2FTInPlaceLinear
+from kronops.s2ft.ops import sparse_linear
+
+
+
+def merged():
+    """The merged route pinned on (the tests run with it pinned off: conftest.py)."""
+    return dispatch.override(merge=True)
+
+
+def route(y: torch.Tensor) -> str:
+    """The autograd node under sparse_linear's final view of its (M, out) result."""
+    return type(y.grad_fn.next_functions[0][0]).__name__
+
+
+@pytest.mark.parametrize("lead,out,inp,count", SHAPES)
+@pytest.mark.parametrize("mode", ["rows", "cols"])
+@pytest.mark.parametrize("kind", ["tensor", "slice"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_merged_matches_reference(lead, out, inp, count, mode, kind, dtype):
+    with merged():
+        check_against_reference(*inputs(lead, out, inp, count, mode, kind, dtype), dtype)
+
+
+@pytest.mark.parametrize("mode", ["rows", "cols"])
+@pytest.mark.parametrize("kind", ["tensor", "slice"])
+def test_merged_leaves_weight_as_it_was(mode, kind):
+    """W' is a new tensor: the frozen weight is neither written nor given a gradient."""
+    x, weight, delta, bias, sel = inputs((4, 5), 12, 10, 4, mode, kind, torch.float32)
+    weight.requires_grad_()
+    before = weight.detach().clone()
+    with merged():
+        y = sparse_linear(x, weight, delta, bias=bias, **sel)
+        assert route(y) == "_MergedSparseLinearBackward"
+        y.square().sum().backward()
+    assert torch.equal(weight.detach(), before) and weight.grad is None
+    assert x.grad.shape == x.shape and delta.grad.shape == delta.shape
+
+
+@pytest.mark.parametrize("mode", ["rows", "cols"])
+def test_merged_gradcheck_float64(mode):
+    x, weight, delta, bias, sel = inputs((2, 3), 7, 6, 3, mode, "tensor", torch.float64)
+    with merged():
+        assert torch.autograd.gradcheck(
+            lambda x, d, b: sparse_linear(x, weight, d, bias=b, **sel), (x, delta, bias))
+        second = (x, delta, bias) if mode == "rows" else (x.detach(), delta, bias)
+        assert torch.autograd.gradgradcheck(
+            lambda x, d, b: sparse_linear(x, weight, d, bias=b, **sel), second)
+
+
+def test_merged_cols_saves_only_selected_columns_and_refuses_double_backward_to_x():
+    m, out, inp = 64, 48, 40
+    x = torch.randn(m, inp, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(out, inp, dtype=torch.float64)
+    delta = torch.randn(out, 5, dtype=torch.float64, requires_grad=True)
+    cols = torch.tensor([0, 3, 17, 18, 39])
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with merged(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = sparse_linear(x, weight, delta, cols=cols)
+    activations = [t for t in saved if t.shape[0] == m]
+    assert [tuple(t.shape) for t in activations] == [(m, 5)]
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(y.square().sum(), (x, delta), create_graph=True)
+
+
+@pytest.mark.parametrize("mode", ["rows", "cols"])
+def test_merged_in_place_layer_gives_the_ops_gradient(mode):
+    """S2FTInPlaceLinear's expanded-zero ``selected``: W' = W, the same compact gradient."""
+    torch.manual_seed(0)
+    layer = S2FTInPlaceLinear(torch.nn.Linear(24, 20, dtype=torch.float64),
+                              **{mode: torch.tensor([1, 4, 5, 11])})
+    x = torch.randn(3, 7, 24, dtype=torch.float64)
+    grads = []
+    for merge in (False, True):
+        with dispatch.override(merge=merge):
+            y = layer(x)
+            grads.append((y, torch.autograd.grad(y.square().sum(), layer.selected)[0]))
+    (y0, g0), (y1, g1) = grads
+    assert rel_err(y1, y0) < 1e-14 and rel_err(g1, g0) < 1e-14
+
+
+def test_merged_compiles_fullgraph():
+    torch._dynamo.reset()
+    x, weight, delta, bias, sel = inputs((4, 3), 11, 10, 4, "rows", "tensor", torch.float32)
+
+    def step(x, delta, bias):
+        return (sparse_linear(x, weight, delta, bias=bias, **sel) ** 2).sum()
+
+    with merged():
+        loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x, delta, bias)
+        grads = torch.autograd.grad(loss, (x, delta, bias))
+        loss_ref = step(x, delta, bias)
+        grads_ref = torch.autograd.grad(loss_ref, (x, delta, bias))
+    assert rel_err(loss, loss_ref) < 1e-5
+    for g, r in zip(grads, grads_ref):
+        assert rel_err(g, r) < 1e-5
+
+
+@pytest.mark.dispatch_rules
+def test_sparse_merge_rule():
+    """CPU: from SPARSE_MERGE_TOKEN_FACTOR · in·out/(in+out) rows on; never on CUDA (not
+    measured there); pinned by ``override(merge=...)``."""
+    threshold = math.ceil(dispatch.SPARSE_MERGE_TOKEN_FACTOR["cpu"] * dispatch.intensity(1024, 1024))
+    assert dispatch.sparse_merge_pays("cpu", threshold, 1024, 1024)
+    assert not dispatch.sparse_merge_pays("cpu", threshold - 1, 1024, 1024)
+    assert not dispatch.sparse_merge_pays("cuda", 1 << 30, 1024, 1024)
+    with dispatch.override(merge=False):
+        assert not dispatch.sparse_merge_pays("cpu", 1 << 30, 1024, 1024)
+
+
+@pytest.mark.dispatch_rules
+@pytest.mark.parametrize("rows,node", [
+    (1, "GeneratedBackwardFor_kronops_sparse_linear_defaultBackward"),
+    (64, "_MergedSparseLinearBackward")])
+def test_sparse_linear_takes_the_rules_route(rows, node):
+    """48x40: intensity 21.8, so the CPU rule merges from 6 rows of x on."""
+    x, weight, delta, bias, sel = inputs((rows,), 48, 40, 5, "rows", "tensor", torch.float32)
+    y = sparse_linear(x, weight, delta, bias=bias, **sel)
+    assert route(y) == node
