@@ -5,13 +5,16 @@
 // columns, while the block is in cache. A contiguous selection (a range) needs no gather:
 // the GEMM reads and writes a strided view. The in-place AdamW is one fused pass over the
 // selected elements. fp32 and fp64 take these kernels; fp16 and bf16 take the ATen
-// composition of the PyTorch kernels (same dtypes, same results). Index values are checked
+// composition of the PyTorch kernels (same dtypes, same results). The merged weight W'
+// (sparse_linear's merged route), in every dtype: a copy of W with the selected elements
+// added in place, each rounded once as ATen's add rounds it. Index values are checked
 // on every call (IndexError), also inside compiled graphs, where the host skips the check.
 // The PyTorch and Triton kernels apply the same checks (kronops/s2ft/ops.py): keep them alike.
 #include "kronops_kernels.h"  // generated: the kernels' declarations
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -29,6 +32,7 @@ namespace {
 constexpr const char* kLinear = "kronops::sparse_linear";
 constexpr const char* kInputGrad = "kronops::sparse_input_grad";
 constexpr const char* kDeltaGrad = "kronops::sparse_delta_grad";
+constexpr const char* kMergedWeight = "kronops::sparse_merged_weight";
 constexpr const char* kAdamW = "kronops::sparse_adamw";
 
 bool blas_dtype(const at::Tensor& t) {
@@ -320,6 +324,44 @@ at::Tensor sparse_delta_grad(const at::Tensor& dy, const at::Tensor& x,
     gathered_t_gemm<scalar_t>(dy, sel, x, out.mutable_data_ptr<scalar_t>());
   });
   return out;
+}
+
+// W' = W with Δ added into rows R or columns C: a contiguous copy of W, then each selected
+// element summed in the op math type and rounded once, as ATen's add does (ATen's index_add
+// along columns copies W three times in bf16), in parallel over the rows written.
+at::Tensor sparse_merged_weight(const at::Tensor& weight, const at::Tensor& delta,
+                                const std::optional<at::Tensor>& index, int64_t start, bool cols) {
+  const Selection sel = linear_args(kMergedWeight, "weight", weight,
+                                    weight.dim() == 2 ? weight.size(1) : -1, weight, delta, index,
+                                    start, cols);
+  at::Tensor merged = weight.clone(at::MemoryFormat::Contiguous);
+  const int64_t in = merged.size(1), ds0 = delta.stride(0), ds1 = delta.stride(1);
+  std::vector<int64_t> selected(sel.count);
+  for (int64_t j = 0; j < sel.count; ++j) selected[j] = sel.at(j);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
+                                  "sparse_merged_weight", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* w = merged.mutable_data_ptr<scalar_t>();
+    const scalar_t* d = delta.const_data_ptr<scalar_t>();
+    const auto add = [](scalar_t& to, scalar_t v) {
+      to = static_cast<scalar_t>(static_cast<acc_t>(to) + static_cast<acc_t>(v));
+    };
+    if (cols) {  // every row, its selected columns
+      at::parallel_for(0, merged.size(0), 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t j = 0; j < sel.count; ++j)
+            add(w[r * in + selected[j]], d[r * ds0 + j * ds1]);
+      });
+    } else {  // every selected row
+      at::parallel_for(0, sel.count, 1, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          scalar_t* row = w + selected[j] * in;
+          for (int64_t c = 0; c < in; ++c) add(row[c], d[j * ds0 + c * ds1]);
+        }
+      });
+    }
+  });
+  return merged;
 }
 
 void sparse_adamw(const at::Tensor& weight, const at::Tensor& grad, const at::Tensor& exp_avg,

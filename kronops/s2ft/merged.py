@@ -1,10 +1,10 @@
 """S²FT's ``sparse_linear`` as one GEMM on a merged weight: the route ``sparse_linear`` takes
 where ``dispatch.sparse_merge_pays`` says so.
 
-Forward: W' = W with Δ added into its rows R or columns C (``merged_weight``: a copy of W and
-an indexed add; W' is not kept), then y = x W'ᵀ + b, one GEMM. Backward: W' rebuilt, dX = dY
-W' (one GEMM); dΔ by the op's own kernel (``kronops::sparse_delta_grad``: dY[:, R]ᵀ X or
-dYᵀ X[:, C]); dbias = Σ dY. It saves what the op saves (x, or X[:, C] alone in cols mode) and
+Forward: W' = W with Δ added into its rows R or columns C (``kronops::sparse_merged_weight``:
+a copy of W and an indexed add; W' is not kept), then y = x W'ᵀ + b, one GEMM. Backward: W'
+rebuilt, dX = dY W' (one GEMM); dΔ by the op's own kernel (``kronops::sparse_delta_grad``:
+dY[:, R]ᵀ X or dYᵀ X[:, C]); dbias = Σ dY. It saves what the op saves (x, or X[:, C] alone in cols mode) and
 is differentiable as the op is (twice, except in cols mode through dΔ to x).
 
 The same function as the op, rounded differently: W' is rounded once to W's dtype. The op's
@@ -14,31 +14,19 @@ fixed pass over the weight, so it pays from some number of rows on.
 import torch
 import torch.nn.functional as F
 
-from .ops import linear_grads, save_linear_inputs
-
-
-def merged_weight(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor | None,
-                  start: int, cols: bool) -> torch.Tensor:
-    """W with Δ added into rows ``index`` (or columns, ``cols``), or into the range at
-    ``start`` when ``index`` is None: a new (out, in) tensor, differentiable in delta."""
-    dim = 1 if cols else 0
-    if index is not None:
-        return weight.index_add(dim, index, delta)
-    merged = weight.clone()
-    merged.narrow(dim, start, delta.shape[dim]).add_(delta)
-    return merged
+from .ops import linear_grads, save_linear_inputs, sparse_merged_weight
 
 
 def _merged_input_grad(dy, weight, delta, index, start, cols):
     """dX = dY W' (M, in) for dY (M, out)."""
-    return dy @ merged_weight(weight, delta, index, start, cols)
+    return dy @ sparse_merged_weight(weight, delta, index, start, cols)
 
 
 class _MergedSparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, delta, index, start, bias, cols):
         save_linear_inputs(ctx, x, weight, delta, index, start, cols)
-        return F.linear(x, merged_weight(weight, delta, index, start, cols), bias)
+        return F.linear(x, sparse_merged_weight(weight, delta, index, start, cols), bias)
 
     @staticmethod
     def backward(ctx, grad):

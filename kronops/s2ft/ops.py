@@ -3,6 +3,8 @@
 ``kronops::sparse_linear``      x (M, in) -> (M, out): x Wᵀ + b, Δ added into rows R or cols C
 ``kronops::sparse_input_grad``  dX (M, in) for dY (M, out)
 ``kronops::sparse_delta_grad``  dΔ in dY's dtype: rows dY[:, R]ᵀ X, cols dYᵀ X[:, C] (X[:, C] given)
+``kronops::sparse_merged_weight``  W' (out, in): W with Δ added into rows R or cols C (a new
+                                tensor; what ``sparse_linear``'s merged route multiplies by)
 ``kronops::sparse_adamw``       AdamW on W[R] or W[:, C] in place (mutates weight, moments and
                                 the optional fp32 master values)
 
@@ -80,6 +82,7 @@ def check_linear_args(c: OpChecks, name: str, t, width_dim: int, weight, delta, 
 LINEAR = OpChecks("kronops::sparse_linear")
 INPUT_GRAD = OpChecks("kronops::sparse_input_grad")
 DELTA_GRAD = OpChecks("kronops::sparse_delta_grad")
+MERGED_WEIGHT = OpChecks("kronops::sparse_merged_weight")
 ADAMW = OpChecks("kronops::sparse_adamw")
 
 
@@ -94,6 +97,10 @@ def check_sparse_linear(x, weight, delta, index, start, bias, cols) -> None:
 
 def check_sparse_input_grad(dy, weight, delta, index, start, cols) -> None:
     check_linear_args(INPUT_GRAD, "dy", dy, 0, weight, delta, index, start, cols)
+
+
+def check_sparse_merged_weight(weight, delta, index, start, cols) -> None:
+    check_linear_args(MERGED_WEIGHT, "weight", weight, 1, weight, delta, index, start, cols)
 
 
 def check_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta) -> None:
@@ -220,6 +227,23 @@ def _delta_grad_backward(ctx, grad):
     return grad_dy, grad_x, None, None, None, None
 
 
+def _merged_weight_setup_context(ctx, inputs, output):
+    weight, delta, index, start, cols = inputs
+    ctx.save_for_backward(index)
+    ctx.start, ctx.cols, ctx.count = start, cols, delta.shape[1 if cols else 0]
+
+
+def _merged_weight_backward(ctx, grad):
+    """dW = g; dΔ = g's selected rows (or columns)."""
+    (index,) = ctx.saved_tensors
+    dim = 1 if ctx.cols else 0
+    grad_delta = None
+    if ctx.needs_input_grad[1]:
+        grad_delta = grad.narrow(dim, ctx.start, ctx.count) if index is None else \
+            grad.index_select(dim, index)
+    return grad if ctx.needs_input_grad[0] else None, grad_delta, None, None, None
+
+
 def _linear_fake(x, weight, delta, index, start, bias, cols):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
@@ -230,6 +254,10 @@ def _input_grad_fake(dy, weight, delta, index, start, cols):
 
 def _delta_grad_fake(dy, x, index, start, cols, rows_of_delta):
     return dy.new_empty((dy.shape[1] if cols else rows_of_delta, x.shape[1]))
+
+
+def _merged_weight_fake(weight, delta, index, start, cols):
+    return weight.new_empty(weight.shape)
 
 
 def _adamw_fake(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1,
@@ -260,6 +288,12 @@ sparse_delta_grad = backends.define(OpSpec(
     triton=delta_grad.triton_sparse_delta_grad,
     compile_cases=(delta_grad.compile_cases, partial_sums.compile_cases),
     check=check_sparse_delta_grad))
+
+sparse_merged_weight = backends.define(OpSpec(
+    "kronops::sparse_merged_weight(Tensor weight, Tensor delta, Tensor? index, SymInt start, bool cols) -> Tensor",
+    torch_kernel=torch_kernels.sparse_merged_weight, fake=_merged_weight_fake,
+    backward=_merged_weight_backward, setup_context=_merged_weight_setup_context,
+    check=check_sparse_merged_weight))
 
 sparse_adamw = backends.define(OpSpec(
     "kronops::sparse_adamw(Tensor(a0!) weight, Tensor grad, Tensor(a2!) exp_avg, Tensor(a3!) exp_avg_sq, Tensor(a4!)? master, Tensor? index, SymInt start, bool cols, float lr, float beta1, float beta2, float eps, float weight_decay, SymInt step) -> ()",

@@ -55,6 +55,17 @@ def sparse_delta_grad(dy, x, index, start, cols, rows_of_delta):
     return (d.mT.to(acc) @ x.to(acc)).to(dy.dtype)
 
 
+def sparse_merged_weight(weight, delta, index, start, cols):
+    """W' (out, in), contiguous: ``weight`` with Δ added into rows R (or columns C), each
+    element rounded once to W's dtype."""
+    dim = 1 if cols else 0
+    merged = weight.clone(memory_format=torch.contiguous_format)
+    if index is None:
+        merged.narrow(dim, start, delta.shape[dim]).add_(delta)
+        return merged
+    return merged.index_add_(dim, index, delta)
+
+
 def sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1,
                        beta2, eps, weight_decay, step):
     """AdamW (torch.optim.AdamW's arithmetic) on the submatrix S = W[R] or W[:, C], in place.

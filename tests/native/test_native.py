@@ -15,7 +15,8 @@ from kronops import native
 from kronops.kron.ops import (kron_factor_grad, kron_mode, kron_rows, kron_rows_grads,
                               kron_rows_keep)
 from kronops.kron.torch_kernels import b_first
-from kronops.s2ft.ops import sparse_adamw, sparse_delta_grad, sparse_input_grad, sparse_linear_op
+from kronops.s2ft.ops import (sparse_adamw, sparse_delta_grad, sparse_input_grad, sparse_linear_op,
+                              sparse_merged_weight)
 from kronops.testing import naive_kron_linear, naive_sparse_linear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -436,8 +437,37 @@ def test_routed_ops_match_the_pytorch_kernels(dtype):
         assert torch.equal(y[[5, 6, 8]], expected[[5, 6, 8]])
 
 
-@pytest.mark.parametrize("op", ["kron_rows_keep", "kron_rows_grads"])
+@pytest.mark.parametrize("cols", [False, True])
+@pytest.mark.parametrize("kind", ["tensor", "range"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_sparse_merged_weight_matches_the_pytorch_kernel(cols, kind, dtype):
+    """The native W' build (csrc/s2ft.cpp) is the PyTorch kernel's bit for bit (each selected
+    element summed in the op math type, rounded once), for a transposed W and a strided Δ;
+    W itself is left as it was."""
+    if not native.available():
+        pytest.skip(f"native library {native.load_error()}")
+    weight = torch.randn(19, 23).to(dtype).mT  # (out, in) = (23, 19), not contiguous
+    count, size = 5, 19 if cols else 23
+    index = torch.randperm(size)[:count].sort().values if kind == "tensor" else None
+    shape = (23, count) if cols else (count, 19)
+    delta = torch.randn(shape[0], 2 * shape[1]).to(dtype)[:, ::2]
+    before = weight.clone()
+    merged = sparse_merged_weight(weight, delta, index, 7, cols)
+    with native.disabled():
+        expected = sparse_merged_weight(weight, delta, index, 7, cols)
+    assert merged.is_contiguous() and torch.equal(merged, expected)
+    assert torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("op", ["kron_rows_keep", "kron_rows_grads", "sparse_merged_weight"])
 def test_opcheck_new_ops(op, backend):
+    if op == "sparse_merged_weight":
+        weight, delta = torch.randn(6, 9), torch.randn(6, 3, requires_grad=True)
+        torch.library.opcheck(torch.ops.kronops.sparse_merged_weight.default,
+                              (weight, delta, torch.tensor([1, 4, 8]), 0, True))
+        torch.library.opcheck(torch.ops.kronops.sparse_merged_weight.default,
+                              (weight, torch.randn(3, 18)[:, ::2], None, 2, False))
+        return
     x, a, b = torch.randn(5, 4, 3), torch.randn(2, 4), torch.randn(6, 3)
     if op == "kron_rows_keep":
         torch.library.opcheck(torch.ops.kronops.kron_rows_keep.default,

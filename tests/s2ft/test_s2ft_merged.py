@@ -1,5 +1,6 @@
 """sparse_linear's merged-weight route (kronops/s2ft/merged.py) against the reference, and the
 rule that picks it (``dispatch.sparse_merge_pays``)."""
+import contextlib
 import math
 
 import pytest
@@ -8,9 +9,10 @@ from conftest import rel_err
 from s2ft_inputs import check_against_reference, inputs
 from test_s2ft_linear import SHAPES
 
+from kronops import native
 from kronops.kron import dispatch
 from kronops.s2ft import S2FTInPlaceLinear
-from kronops.s2ft.ops import sparse_linear
+from kronops.s2ft.ops import sparse_linear, sparse_merged_weight
 
 
 
@@ -133,3 +135,25 @@ def test_sparse_linear_takes_the_rules_route(rows, node):
     x, weight, delta, bias, sel = inputs((rows,), 48, 40, 5, "rows", "tensor", torch.float32)
     y = sparse_linear(x, weight, delta, bias=bias, **sel)
     assert route(y) == node
+
+
+@pytest.mark.parametrize("args,error,match", [
+    (dict(delta=torch.randn(3, 7)), ValueError, r"delta must have shape \(\|R\|, in\) with in = 8"),
+    (dict(delta=torch.randn(3, 8).double()), TypeError, "delta has dtype"),
+    (dict(index=torch.tensor([0, 2])), ValueError, "index has 2 positions but delta has 3"),
+    (dict(index=torch.tensor([0, 2, 6])), IndexError, "index"),
+    (dict(index=None, start=4), ValueError, r"the range \[4, 7\) of index must lie in \[0, 6\]"),
+    (dict(weight=torch.randn(6, 8, 1)), ValueError, "weight must be 2-D"),
+])
+@pytest.mark.parametrize("kernel", ["native", "pytorch"])
+def test_merged_weight_refuses_bad_arguments(args, error, match, kernel):
+    """The op behind the merged route, called directly, on the native kernel (when built) and
+    on the PyTorch kernel: errors name the op and the argument."""
+    if kernel == "native" and not native.available():
+        pytest.skip(f"native library {native.load_error()}")
+    call = dict(weight=torch.randn(6, 8), delta=torch.randn(3, 8), index=torch.tensor([0, 2, 5]),
+                start=0, cols=False)
+    call.update(args)
+    with native.disabled() if kernel == "pytorch" else contextlib.nullcontext():
+        with pytest.raises(error, match="kronops::sparse_merged_weight: .*" + match):
+            sparse_merged_weight(**call)
