@@ -22,8 +22,9 @@ namespace {
 at::Tensor scaled(const at::Tensor& t, double s) { return s == 1.0 ? t : t * s; }
 
 // F t_m for every row m of t (M, q, r), F (p, q): one batched product with F repeated
-// (stride 0, no copies; at::matmul would copy t transposed to fold it, slower here even at
-// 16x24x16 row products: bench/NOTES.md).
+// (stride 0; ATen's bf16 bmm makes the repeated F contiguous first, M p q elements, which a
+// chunked bmm on a small repeated F did not beat warm; at::matmul would copy t transposed
+// to fold it, slower here even at 16x24x16 row products: bench/NOTES.md).
 at::Tensor each_left(const at::Tensor& f, const at::Tensor& t) {
   return at::bmm(f.expand({t.size(0), f.size(0), f.size(1)}), t);
 }
