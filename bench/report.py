@@ -114,7 +114,11 @@ STYLES = {
     "kronops AdapterBank (one mixed batch)": Style("#2a9d8f", "kronops AdapterBank"),
     "kronops bank.merge, S²FT (switch)": Style("#005f56", "kronops bank.merge, S²FT"),
     "kronops bank.merge, KronA (switch)": Style("#8fd5c6", "kronops bank.merge, KronA"),
+    "kronops collect": Style("#0b6e99", "kronops K-FAC collect"),
     "composite": Style("#ff7f0e", "composite (PyTorch path)"),
+    "composite (plain PyTorch)": Style("#fdae6b", "composite (plain PyTorch)"),
+    "curvlinops KFACLinearOperator": Style("#66c2a4", "curvlinops KFAC"),
+    "nngeometry PMatKFAC": Style("#1b7837", "nngeometry PMatKFAC"),
     "torch autograd, same expression": Style("#ffbb78", "torch autograd, same expression"),
     "plain PyTorch (A @ X @ Bᵀ)": Style("#e6550d", "plain PyTorch, A @ X @ Bᵀ"),
     "FastKron (pyfastkron)": Style("#e377c2", "FastKron"),
@@ -147,7 +151,8 @@ FIGURES = {"kron": "Kronecker-product adapters",
            "vllm": "Serving in vLLM: a batch with n adapters, prefill and decode"}
 COLUMNS = 3       # panels per row of a figure's grid
 PANEL_IN = 5.4    # a panel's width in inches, provider names included
-SLOT_IN = 0.3     # inches per bar or line of a panel
+SLOT_IN = 0.3     # inches per bar or line of a panel (less where a figure would pass MAX_IN)
+MAX_IN = 14.5     # a figure's height in inches at most (1600 px at DPI)
 FONT = 7.5        # points: provider names and labels; titles and legend larger, ticks smaller
 DPI = 110
 
@@ -312,8 +317,10 @@ def figure(meta: dict, rows: list[dict], title: str = "kronops benchmark"):
     slots = [max(sum(map(len, _marks(case))) for case in row) for row in grid]
     title_lines = [max(_title(case).count("\n") + 1 for case in row) for row in grid]
     # Inches per row of panels: its bars and lines, 1.5 slots for the x axis, its title; and
-    # 1 inch for the legend.
+    # 1 inch for the legend; all rows shrunk alike where that would pass MAX_IN.
     heights = [SLOT_IN * (n + 1.5) + 0.13 * lines for n, lines in zip(slots, title_lines)]
+    shrink = min(1.0, (MAX_IN - 1.0) / sum(heights))
+    heights = [h * shrink for h in heights]
     fig = Figure(figsize=(PANEL_IN * columns, sum(heights) + 1.0), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(grid), columns, squeeze=False, gridspec_kw=dict(height_ratios=heights))

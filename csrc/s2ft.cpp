@@ -326,18 +326,26 @@ at::Tensor sparse_delta_grad(const at::Tensor& dy, const at::Tensor& x,
   return out;
 }
 
-// W' = W with Δ added into rows R or columns C: a contiguous copy of W, then each selected
-// element summed in the op math type and rounded once, as ATen's add does (ATen's index_add
-// along columns copies W three times in bf16), in parallel over the rows written.
+// W' = W with Δ added into rows R or columns C: a copy of W in its own layout (a transposed
+// view stays transposed), then each selected element summed in the op math type and rounded
+// once, as ATen's add does (ATen's index_add along columns copies W three times in bf16),
+// each thread over a range of the other dimension. An index must be strictly increasing (a
+// Selection's is), so no element is written twice.
 at::Tensor sparse_merged_weight(const at::Tensor& weight, const at::Tensor& delta,
                                 const std::optional<at::Tensor>& index, int64_t start, bool cols) {
   const Selection sel = linear_args(kMergedWeight, "weight", weight,
                                     weight.dim() == 2 ? weight.size(1) : -1, weight, delta, index,
                                     start, cols);
-  at::Tensor merged = weight.clone(at::MemoryFormat::Contiguous);
-  const int64_t in = merged.size(1), ds0 = delta.stride(0), ds1 = delta.stride(1);
+  at::Tensor merged = weight.clone(at::MemoryFormat::Preserve);
+  const int64_t ws0 = merged.stride(0), ws1 = merged.stride(1);
+  const int64_t ds0 = delta.stride(0), ds1 = delta.stride(1);
   std::vector<int64_t> selected(sel.count);
-  for (int64_t j = 0; j < sel.count; ++j) selected[j] = sel.at(j);
+  for (int64_t j = 0; j < sel.count; ++j) {
+    selected[j] = sel.at(j);
+    TORCH_CHECK_VALUE(j == 0 || selected[j] > selected[j - 1], kMergedWeight,
+                      ": index must be strictly increasing (sorted, unique), got index[", j - 1,
+                      "] = ", j > 0 ? selected[j - 1] : 0, " and index[", j, "] = ", selected[j]);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                   "sparse_merged_weight", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -346,20 +354,16 @@ at::Tensor sparse_merged_weight(const at::Tensor& weight, const at::Tensor& delt
     const auto add = [](scalar_t& to, scalar_t v) {
       to = static_cast<scalar_t>(static_cast<acc_t>(to) + static_cast<acc_t>(v));
     };
-    if (cols) {  // every row, its selected columns
-      at::parallel_for(0, merged.size(0), 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t j = 0; j < sel.count; ++j)
-            add(w[r * in + selected[j]], d[r * ds0 + j * ds1]);
-      });
-    } else {  // every selected row
-      at::parallel_for(0, sel.count, 1, [&](int64_t j0, int64_t j1) {
-        for (int64_t j = j0; j < j1; ++j) {
-          scalar_t* row = w + selected[j] * in;
-          for (int64_t c = 0; c < in; ++c) add(row[c], d[j * ds0 + c * ds1]);
+    // rows: W'[R(j), c] += Δ[j, c] over a range of columns c; cols: W'[r, C(j)] += Δ[r, j]
+    // over a range of rows r.
+    const int64_t outer = cols ? merged.size(0) : merged.size(1);
+    at::parallel_for(0, outer, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t j = 0; j < sel.count; ++j)
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t r = cols ? i : selected[j], c = cols ? selected[j] : i;
+          add(w[r * ws0 + c * ws1], d[(cols ? i : j) * ds0 + (cols ? j : i) * ds1]);
         }
-      });
-    }
+    });
   });
   return merged;
 }

@@ -35,6 +35,14 @@ def kept_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype if t.dtype == torch.bfloat16 else composite_dtype(t)
 
 
+def compute_dtype(device_type: str, t: torch.Tensor) -> torch.dtype:
+    """The dtype an op on ``t`` computes in: the autocast dtype when autocast is on for
+    ``device_type``, else ``t``'s."""
+    if device_type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
 def autocast_operands(device_type: str, *tensors):
     """``tensors`` (None kept) in the autocast dtype when autocast is on for ``device_type``."""
     if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):

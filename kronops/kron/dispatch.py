@@ -9,14 +9,20 @@ arithmetic intensity in·out/(in+out), the FLOPs per activation element of the d
 while it stays under about twice the machine's ridge the GEMM costs about what the fused
 path's memory traffic does, and the product is small to build.
 
-``merge_weight_pays(device_type, tokens, in_features, out_features)``: the adapter step as
-one GEMM on W + s·A⊗B (``kron_linear_merged``) instead of the base GEMM plus the adapter's
-own passes. Building W' twice a step is a fixed cost in in·out while the adapter's passes
-cost tokens·(in+out), so it pays from tokens ≥ factor·in·out/(in+out).
-``sparse_merge_pays(device_type, tokens, in_features, out_features)``: the same choice for
-S²FT's ``sparse_linear`` (one GEMM on W with Δ added into its rows or columns,
-``kronops/s2ft/merged.py``, against the GEMM plus the Δ products and their gathers), with
-its own factor; CUDA not measured: never merged there.
+``merge_weight_pays(device_type, tokens, in_features, out_features, dtype)``: the adapter
+step as one GEMM on W + s·A⊗B (``kron_linear_merged``) instead of the base GEMM plus the
+adapter's own passes. Building W' twice a step is a fixed cost in in·out while the adapter's
+passes cost tokens·(in+out), so it pays from tokens ≥ factor·in·out/(in+out). Only for a
+W' in fp32 or fp64 (``MERGED_DTYPES``): rounded to bf16 or fp16, W + Δ loses the part of Δ
+under half of W's rounding step (all of an update of 1e-4 on a bf16 weight of 0.02), which
+the separate products keep.
+``sparse_merge_pays(device_type, tokens, in_features, out_features, dtype, fraction)``: the
+same choice for S²FT's ``sparse_linear`` (one GEMM on W with Δ added into its rows or
+columns, ``kronops/s2ft/merged.py``, against the GEMM plus the Δ products, whose cost is
+the selected ``fraction`` of a GEMM's): tokens·fraction ≥ factor·in·out/(in+out), with its
+own factor; CUDA not measured: never merged there. Under torch.compile ``sparse_linear``
+keeps the op (the partitioner would merge the two builds of W' into one and keep W' from
+forward to backward).
 
 ``factor_split(device_type, shapes)``: ``kron_matmul`` with N >= 3 factors as one fused
 two-factor product of kron(f1..fk) and kron(fk+1..fN), both built per call, instead of the
@@ -40,12 +46,15 @@ per thread).
 import contextlib
 import math
 
+import torch
+
 from .. import native
 
 MATERIALISE_MAX_INTENSITY = {"cuda": 384.0, "cpu": 32.0}
 MATERIALISE_MAX_ELEMENTS = {"cuda": 1 << 22, "cpu": 1 << 22}
 MERGE_TOKEN_FACTOR = {"cuda": 0.6, "cpu": 1.0}
-SPARSE_MERGE_TOKEN_FACTOR = {"cpu": 0.25}
+SPARSE_MERGE_TOKEN_FACTOR = {"cpu": 0.0125}  # 0.25·in·out/(in+out) tokens at 5% selected
+MERGED_DTYPES = (torch.float32, torch.float64)
 GROUP_MAX_ELEMENTS = {"cpu": 1 << 16}  # CPU on the PyTorch kernels (not with the native library)
 
 
@@ -86,20 +95,25 @@ def materialise_pays(device_type: str, in_features: int, out_features: int) -> b
 
 
 def merge_weight_pays(device_type: str, tokens: int, in_features: int, out_features: int,
-                      factors: dict = MERGE_TOKEN_FACTOR) -> bool:
+                      dtype: torch.dtype) -> bool:
     """Whether the adapter step is cheaper as one GEMM on the merged weight, for ``tokens``
-    rows of activations (the product of x's leading dimensions); ``factors``: the factor per
-    device kind (none: never)."""
+    rows of activations (the product of x's leading dimensions) and a W' in ``dtype`` (never
+    for bf16 or fp16, unless pinned)."""
     if _pinned["merge"] is not None:
         return _pinned["merge"]
-    factor = factors.get(device_type, math.inf)
-    return tokens >= factor * intensity(in_features, out_features)
+    factor = MERGE_TOKEN_FACTOR.get(device_type, math.inf)
+    return dtype in MERGED_DTYPES and tokens >= factor * intensity(in_features, out_features)
 
 
-def sparse_merge_pays(device_type: str, tokens: int, in_features: int, out_features: int) -> bool:
-    """``merge_weight_pays`` for S²FT's ``sparse_linear`` (``SPARSE_MERGE_TOKEN_FACTOR``)."""
-    return merge_weight_pays(device_type, tokens, in_features, out_features,
-                             SPARSE_MERGE_TOKEN_FACTOR)
+def sparse_merge_pays(device_type: str, tokens: int, in_features: int, out_features: int,
+                      dtype: torch.dtype, fraction: float) -> bool:
+    """``merge_weight_pays`` for S²FT's ``sparse_linear`` with ``fraction`` of W's rows (or
+    columns) selected (``SPARSE_MERGE_TOKEN_FACTOR``)."""
+    if _pinned["merge"] is not None:
+        return _pinned["merge"]
+    factor = SPARSE_MERGE_TOKEN_FACTOR.get(device_type, math.inf)
+    return (dtype in MERGED_DTYPES
+            and tokens * fraction >= factor * intensity(in_features, out_features))
 
 
 def fused_flops(a_shape, b_shape) -> int:

@@ -5,9 +5,10 @@ Forward: W' = W + s·A⊗B by one broadcast elementwise kernel (``merged_weight`
 kept), then one GEMM. Backward: W' rebuilt, dX = dY W' (one GEMM); dA and dB from x and dY
 (``kron_grads``: one ``kron_rows_grads`` call without dX); dbias = Σ dY; dW = dYᵀ X only when
 W needs a gradient. The same function as ``F.linear(x, W, bias) + kron_linear(x, a, b,
-scale=s)``, rounded differently: W' is rounded once to W's dtype. Building W' is a fixed
-pass over the weight while the separate adapter's passes grow with the tokens, so it pays
-from some number of tokens on (``dispatch.merge_weight_pays``).
+scale=s)``, rounded differently: W' is rounded once to W's dtype (in bf16 or fp16 an update
+under half of W's rounding step vanishes from W', so the rule merges fp32 and fp64 only).
+Building W' is a fixed pass over the weight while the separate adapter's passes grow with
+the tokens, so it pays from some number of tokens on (``dispatch.merge_weight_pays``).
 """
 import torch
 import torch.nn.functional as F

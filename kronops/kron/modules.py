@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..checks import check_features, check_number
+from ..dtypes import compute_dtype
 from ..wrapped_linear import WrapsLinear, check_linear
 from .dispatch import merge_weight_pays
 from .merged import kron_linear_merged
@@ -181,13 +182,15 @@ class KronALinear(WrapsLinear, KronFactors):
 
     def _merge_weight_pays(self, x: torch.Tensor) -> bool:
         """Whether this call runs as one GEMM on W + s·A⊗B (``kron_linear_merged``): the base
-        is frozen and unhooked, dropout is off, and ``dispatch.merge_weight_pays`` says so."""
+        is frozen and unhooked, dropout is off, and ``dispatch.merge_weight_pays`` says so
+        (for the dtype the call computes in: fp32 or fp64)."""
         base = self.base
         if (base.weight.requires_grad or base._forward_hooks or base._forward_pre_hooks
                 or (self.training and isinstance(self.dropout, nn.Dropout))):
             return False
         return merge_weight_pays(x.device.type, x.numel() // max(x.shape[-1], 1),
-                                 self.in_features, self.out_features)
+                                 self.in_features, self.out_features,
+                                 compute_dtype(x.device.type, x))
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -2,14 +2,16 @@
 where ``dispatch.sparse_merge_pays`` says so.
 
 Forward: W' = W with Δ added into its rows R or columns C (``kronops::sparse_merged_weight``:
-a copy of W and an indexed add; W' is not kept), then y = x W'ᵀ + b, one GEMM. Backward: W'
+a copy of W in its layout and an indexed add; W' is not kept), then y = x W'ᵀ + b, one GEMM. Backward: W'
 rebuilt, dX = dY W' (one GEMM); dΔ by the op's own kernel (``kronops::sparse_delta_grad``:
 dY[:, R]ᵀ X or dYᵀ X[:, C]); dbias = Σ dY. It saves what the op saves (x, or X[:, C] alone in cols mode) and
 is differentiable as the op is (twice, except in cols mode through dΔ to x).
 
-The same function as the op, rounded differently: W' is rounded once to W's dtype. The op's
-Δ products are passes over the activations, growing with the rows of x; building W' is a
-fixed pass over the weight, so it pays from some number of rows on.
+The same function as the op, rounded differently: W' is rounded once to W's dtype, which
+is why the rule takes this route for fp32 and fp64 only (in bf16 a Δ under half of W's
+rounding step would vanish from W'). The op's Δ products are passes over the activations,
+growing with the rows of x; building W' is a fixed pass over the weight, so it pays from
+some number of rows on.
 """
 import torch
 import torch.nn.functional as F
@@ -18,8 +20,9 @@ from .ops import linear_grads, save_linear_inputs, sparse_merged_weight
 
 
 def _merged_input_grad(dy, weight, delta, index, start, cols):
-    """dX = dY W' (M, in) for dY (M, out)."""
-    return dy @ sparse_merged_weight(weight, delta, index, start, cols)
+    """dX = dY W' (M, in) for dY (M, out); under create_graph differentiable in dY and Δ,
+    never in W (frozen, as in the op)."""
+    return dy @ sparse_merged_weight(weight.detach(), delta, index, start, cols)
 
 
 class _MergedSparseLinear(torch.autograd.Function):

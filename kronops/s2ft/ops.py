@@ -15,8 +15,10 @@ products run the gathered Triton kernels (the dense x Wᵀ and dY W stay torch m
 range's forward and dX run the PyTorch kernel (the dense GEMM and the Δ GEMM on slices, all
 cuBLAS) and its dΔ the Triton kernel; on CPU the native kernels when built
 (``kronops.native``; the op table: the ``OpSpec`` below). Gradients go to x, delta and
-bias, never to weight: no (out, in) gradient or copy of W is made, and cols mode saves only
-X[:, C] (not X) for backward, in a buffer with aligned rows (``aligned_empty``). The three
+bias, never to weight: the linear ops make no (out, in) gradient or copy of W (the one op
+that builds a copy is ``sparse_merged_weight``, for ``sparse_linear``'s merged route), and
+cols mode saves only X[:, C] (not X) for backward, in a buffer with aligned rows
+(``aligned_empty``). The three
 linear ops are twice differentiable, except that cols mode raises on a double backward that
 needs d(dΔ)/dx (X[:, C] is saved detached).
 
@@ -100,7 +102,16 @@ def check_sparse_input_grad(dy, weight, delta, index, start, cols) -> None:
 
 
 def check_sparse_merged_weight(weight, delta, index, start, cols) -> None:
+    """The linear ops' checks, and an index strictly increasing where it is on the host (the
+    native kernel writes each selected position once)."""
     check_linear_args(MERGED_WEIGHT, "weight", weight, 1, weight, delta, index, start, cols)
+    if index is not None and index.device.type == "cpu" and index.numel() > 1:
+        repeats = (index[1:] <= index[:-1]).nonzero()
+        if repeats.numel():
+            j = int(repeats[0]) + 1
+            raise MERGED_WEIGHT.value_error(
+                f"index must be strictly increasing (sorted, unique), got index[{j - 1}] = "
+                f"{int(index[j - 1])} and index[{j}] = {int(index[j])}")
 
 
 def check_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta) -> None:
@@ -150,9 +161,10 @@ def check_sparse_adamw(weight, grad, exp_avg, exp_avg_sq, master, index, start, 
 
 
 def save_linear_inputs(ctx, x, weight, delta, index, start, cols) -> None:
-    """What backward needs of ``sparse_linear``'s inputs (x, weight, delta, index, start, bias,
-    cols), by either route (the op, or ``kronops.s2ft.merged``): x where dΔ is needed (cols
-    mode: only X[:, C], as its own (M, |C|) tensor), W where dX is, Δ and the index."""
+    """What backward needs of ``sparse_linear``'s inputs, by either route (the op, or
+    ``kronops.s2ft.merged``; ``ctx.needs_input_grad`` in the op's argument order): x where dΔ
+    is needed (cols mode: only X[:, C], as its own (M, |C|) tensor), W where dX is, Δ and
+    the index."""
     need_x, _, need_delta = ctx.needs_input_grad[:3]
     saved_x = None
     if need_delta:
@@ -257,7 +269,7 @@ def _delta_grad_fake(dy, x, index, start, cols, rows_of_delta):
 
 
 def _merged_weight_fake(weight, delta, index, start, cols):
-    return weight.new_empty(weight.shape)
+    return torch.empty_like(weight)
 
 
 def _adamw_fake(weight, grad, exp_avg, exp_avg_sq, master, index, start, cols, lr, beta1,
@@ -308,7 +320,7 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
     """``F.linear(x, W', bias)`` where W' is ``weight`` with ``delta`` added into rows or cols.
 
     x: (..., in); weight: (out, in), treated as frozen (it never gets a gradient and is
-    never copied); bias: (out,) or None. Exactly one of:
+    never written); bias: (out,) or None. Exactly one of:
       rows: R, output rows of W trained, delta (|R|, in):  y[..., R] += x Δᵀ
       cols: C, input columns of W trained, delta (out, |C|):  y += x[..., C] Δᵀ
       selection: a ``Selection`` of either side (checked when made: its index values are
@@ -317,9 +329,11 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
     host at every call), a slice/range (contiguous), or a ``Selection`` of that side.
     Returns (..., out) in x's dtype (the autocast dtype inside an autocast region, where,
     as with F.linear, all operands are cast to it). Differentiable in x, delta and bias; in
-    cols mode only x[..., C] is saved for backward. From some number of rows of x on
-    (``dispatch.sparse_merge_pays``: CPU only) it runs as one GEMM on W with Δ added in,
-    rebuilt per call (``kronops.s2ft.merged``), instead of the op's GEMM plus Δ products.
+    cols mode only x[..., C] is saved for backward. From some number of rows of x on, for
+    fp32 and fp64 (``dispatch.sparse_merge_pays``: CPU only, not under torch.compile) it
+    runs as one GEMM on W with Δ added in, a temporary copy of W built in forward and again
+    in backward (``kronops.s2ft.merged``), instead of the op's GEMM plus Δ products, which
+    copy nothing of W.
     """
     check_tensor("x", x)
     check_tensor("weight", weight, dim=2)
@@ -346,7 +360,9 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
     index, start, is_cols = chosen.op_args
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    if sparse_merge_pays(x.device.type, x2.shape[0], in_features, out_features):
+    if not torch.compiler.is_compiling() and sparse_merge_pays(
+            x.device.type, x2.shape[0], in_features, out_features, weight.dtype,
+            chosen.count / chosen.size):
         from .merged import sparse_linear_merged  # merged.py builds on this module's ops
         y = sparse_linear_merged(x2, weight, delta, index, start, bias, is_cols)
     else:

@@ -1,5 +1,6 @@
 """The PyTorch kernels of the S²FT ops, named after them: the default kernel of each op on
-every device (``kronops.s2ft.ops`` declares the ops). They never copy W.
+every device (``kronops.s2ft.ops`` declares the ops). They never copy W, except
+``sparse_merged_weight``, whose result is the copy W' with Δ added in.
 
 Terms: a frozen weight W (out, in); rows mode trains output rows R with Δ (|R|, in), cols
 mode trains input columns C with Δ (out, |C|). An index is either an int64 tensor or, for
@@ -56,10 +57,10 @@ def sparse_delta_grad(dy, x, index, start, cols, rows_of_delta):
 
 
 def sparse_merged_weight(weight, delta, index, start, cols):
-    """W' (out, in), contiguous: ``weight`` with Δ added into rows R (or columns C), each
+    """W' (out, in) in W's layout: ``weight`` with Δ added into rows R (or columns C), each
     element rounded once to W's dtype."""
     dim = 1 if cols else 0
-    merged = weight.clone(memory_format=torch.contiguous_format)
+    merged = weight.clone()
     if index is None:
         merged.narrow(dim, start, delta.shape[dim]).add_(delta)
         return merged

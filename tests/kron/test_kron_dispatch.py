@@ -36,24 +36,31 @@ def test_materialise_rule_boundaries():
     assert not dispatch.materialise_pays("meta", 4, 4)          # no rule: fused
 
 
+F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
+
+
 def test_merge_rule_boundaries():
     # 4096²: intensity 2048, merged from ceil(0.6 * 2048) = 1229 tokens on CUDA
     threshold = math.ceil(dispatch.MERGE_TOKEN_FACTOR["cuda"] * dispatch.intensity(4096, 4096))
-    assert dispatch.merge_weight_pays("cuda", threshold, 4096, 4096)
-    assert not dispatch.merge_weight_pays("cuda", threshold - 1, 4096, 4096)
-    assert dispatch.merge_weight_pays("cpu", 2048, 4096, 4096)
-    assert not dispatch.merge_weight_pays("cpu", 2047, 4096, 4096)
-    assert not dispatch.merge_weight_pays("meta", 1 << 40, 4096, 4096)
+    assert dispatch.merge_weight_pays("cuda", threshold, 4096, 4096, F32)
+    assert not dispatch.merge_weight_pays("cuda", threshold - 1, 4096, 4096, F32)
+    assert dispatch.merge_weight_pays("cpu", 2048, 4096, 4096, F64)
+    assert not dispatch.merge_weight_pays("cpu", 2047, 4096, 4096, F32)
+    assert not dispatch.merge_weight_pays("meta", 1 << 40, 4096, 4096, F32)
+    # a bf16 or fp16 W' would round away updates under half of W's rounding step
+    for dtype in (BF16, torch.float16):
+        assert not dispatch.merge_weight_pays("cpu", 1 << 20, 4096, 4096, dtype)
+        assert not dispatch.merge_weight_pays("cuda", 1 << 20, 4096, 4096, dtype)
 
 
 def test_override_pins_and_restores():
     with dispatch.override(materialise=True, merge=False):
         assert dispatch.materialise_pays("cpu", 4096, 4096)
-        assert not dispatch.merge_weight_pays("cuda", 1 << 20, 64, 64)
+        assert not dispatch.merge_weight_pays("cuda", 1 << 20, 64, 64, F32)
         with dispatch.override(merge=True):                    # nested: adds to the outer
-            assert dispatch.merge_weight_pays("cpu", 1, 4096, 4096)
+            assert dispatch.merge_weight_pays("cpu", 1, 4096, 4096, BF16)
             assert dispatch.materialise_pays("cpu", 4096, 4096)
-        assert not dispatch.merge_weight_pays("cpu", 1 << 20, 64, 64)
+        assert not dispatch.merge_weight_pays("cpu", 1 << 20, 64, 64, F32)
         assert dispatch.materialise_pays("cpu", 4096, 4096)
     assert not dispatch.materialise_pays("cpu", 4096, 4096)
 
@@ -237,6 +244,11 @@ def test_kron_a_linear_merges_only_when_exact():
     few = torch.randn(7, 12, dtype=torch.float64)                   # 12 -> 20: intensity 7.5
     assert not _layers("krona")._merge_weight_pays(few)             # the CPU rule: from 8 rows
     assert _layers("krona")._merge_weight_pays(torch.randn(2, 4, 12, dtype=torch.float64))
+    many = torch.randn(64, 12)
+    assert _layers("krona").float()._merge_weight_pays(many)
+    with torch.autocast("cpu", dtype=torch.bfloat16):               # a bf16 W': never
+        assert not _layers("krona").float()._merge_weight_pays(many)
+    assert not _layers("krona").bfloat16()._merge_weight_pays(many.bfloat16())
 
 
 def test_kron_a_linear_merged_over_conv1d():

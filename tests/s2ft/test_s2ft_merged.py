@@ -1,7 +1,6 @@
 """sparse_linear's merged-weight route (kronops/s2ft/merged.py) against the reference, and the
 rule that picks it (``dispatch.sparse_merge_pays``)."""
 import contextlib
-import math
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from kronops import native
 from kronops.kron import dispatch
 from kronops.s2ft import S2FTInPlaceLinear
 from kronops.s2ft.ops import sparse_linear, sparse_merged_weight
+from kronops.testing import naive_sparse_linear
 
 
 
@@ -97,33 +97,88 @@ def test_merged_in_place_layer_gives_the_ops_gradient(mode):
     assert rel_err(y1, y0) < 1e-14 and rel_err(g1, g0) < 1e-14
 
 
-def test_merged_compiles_fullgraph():
+def test_compile_keeps_the_op():
+    """Under torch.compile sparse_linear runs the op even pinned to merge (the partitioner
+    would merge the two builds of W' into one and keep W' from forward to backward)."""
     torch._dynamo.reset()
     x, weight, delta, bias, sel = inputs((4, 3), 11, 10, 4, "rows", "tensor", torch.float32)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
 
     def step(x, delta, bias):
         return (sparse_linear(x, weight, delta, bias=bias, **sel) ** 2).sum()
 
     with merged():
-        loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x, delta, bias)
+        loss = torch.compile(step, fullgraph=True, backend=backend)(x, delta, bias)
         grads = torch.autograd.grad(loss, (x, delta, bias))
         loss_ref = step(x, delta, bias)
         grads_ref = torch.autograd.grad(loss_ref, (x, delta, bias))
+    assert len(graphs) == 1 and "sparse_linear" in graphs[0]
+    assert "sparse_merged_weight" not in graphs[0]
     assert rel_err(loss, loss_ref) < 1e-5
     for g, r in zip(grads, grads_ref):
         assert rel_err(g, r) < 1e-5
 
 
+def test_merged_double_backward_gives_weight_no_gradient():
+    x, weight, delta, bias, sel = inputs((5,), 9, 8, 3, "rows", "tensor", torch.float64)
+    weight.requires_grad_()
+    with merged():
+        y = sparse_linear(x, weight, delta, bias=bias, **sel)
+    (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    grad_x.square().sum().backward()
+    assert weight.grad is None and delta.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["rows", "cols"])
+def test_merged_route_over_a_transposed_weight(mode):
+    """A transformers Conv1D weight is a transposed view: W' keeps its layout (no
+    transposing copy) and the result is the reference's."""
+    torch.manual_seed(0)
+    weight = torch.randn(10, 12, dtype=torch.float64).mT  # (out, in) = (12, 10)
+    sel = torch.tensor([1, 4, 5])
+    delta = torch.randn(*((3, 10) if mode == "rows" else (12, 3)), dtype=torch.float64)
+    x = torch.randn(6, 10, dtype=torch.float64)
+    assert sparse_merged_weight(weight, delta, sel, 0, mode == "cols").stride() == weight.stride()
+    with merged():
+        y = sparse_linear(x, weight, delta, **{mode: sel})
+    assert rel_err(y, naive_sparse_linear(x, weight, delta, **{mode: sel})) < 1e-14
+
+
+@pytest.mark.dispatch_rules
+def test_half_precision_keeps_the_ops_route_and_small_updates():
+    """A bf16 W' rounds away a Δ under half of W's rounding step (here all of it), which the
+    op's separate products keep: the rule never merges bf16."""
+    torch.manual_seed(0)
+    # |W| in [0.02, 0.03): a rounding step of 2^-13 ≈ 1.2e-4, ten times Δ's 1e-5
+    weight = ((torch.rand(16, 256) * 0.01 + 0.02) * torch.randn(16, 256).sign()).bfloat16()
+    delta = torch.full((4, 256), 1e-5, dtype=torch.bfloat16)
+    x = torch.ones(512, 256, dtype=torch.bfloat16)
+    rows = torch.tensor([0, 3, 8, 9])
+    base = torch.nn.functional.linear(x, weight)
+    assert not torch.equal(sparse_linear(x, weight, delta, rows=rows), base)
+    with merged():
+        assert torch.equal(sparse_linear(x, weight, delta, rows=rows), base)
+
+
 @pytest.mark.dispatch_rules
 def test_sparse_merge_rule():
-    """CPU: from SPARSE_MERGE_TOKEN_FACTOR · in·out/(in+out) rows on; never on CUDA (not
-    measured there); pinned by ``override(merge=...)``."""
-    threshold = math.ceil(dispatch.SPARSE_MERGE_TOKEN_FACTOR["cpu"] * dispatch.intensity(1024, 1024))
-    assert dispatch.sparse_merge_pays("cpu", threshold, 1024, 1024)
-    assert not dispatch.sparse_merge_pays("cpu", threshold - 1, 1024, 1024)
-    assert not dispatch.sparse_merge_pays("cuda", 1 << 30, 1024, 1024)
+    """CPU: from rows · fraction ≥ SPARSE_MERGE_TOKEN_FACTOR · in·out/(in+out) on (1024²: 128
+    rows at 5%, 640 at 1%), fp32 and fp64 only; never on CUDA (not measured there); pinned
+    by ``override(merge=...)``."""
+    f32 = torch.float32
+    for fraction, threshold in ((0.05, 128), (0.01, 640)):
+        assert dispatch.sparse_merge_pays("cpu", threshold, 1024, 1024, f32, fraction)
+        assert not dispatch.sparse_merge_pays("cpu", threshold - 1, 1024, 1024, f32, fraction)
+    assert dispatch.sparse_merge_pays("cpu", 128, 1024, 1024, torch.float64, 0.05)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert not dispatch.sparse_merge_pays("cpu", 1 << 30, 1024, 1024, dtype, 0.05)
+    assert not dispatch.sparse_merge_pays("cuda", 1 << 30, 1024, 1024, f32, 0.05)
     with dispatch.override(merge=False):
-        assert not dispatch.sparse_merge_pays("cpu", 1 << 30, 1024, 1024)
+        assert not dispatch.sparse_merge_pays("cpu", 1 << 30, 1024, 1024, f32, 0.05)
 
 
 @pytest.mark.dispatch_rules
@@ -131,7 +186,7 @@ def test_sparse_merge_rule():
     (1, "GeneratedBackwardFor_kronops_sparse_linear_defaultBackward"),
     (64, "_MergedSparseLinearBackward")])
 def test_sparse_linear_takes_the_rules_route(rows, node):
-    """48x40: intensity 21.8, so the CPU rule merges from 6 rows of x on."""
+    """48x40, 5 of 48 rows: intensity 21.8, so the CPU rule merges from 3 rows of x on."""
     x, weight, delta, bias, sel = inputs((rows,), 48, 40, 5, "rows", "tensor", torch.float32)
     y = sparse_linear(x, weight, delta, bias=bias, **sel)
     assert route(y) == node
@@ -142,6 +197,8 @@ def test_sparse_linear_takes_the_rules_route(rows, node):
     (dict(delta=torch.randn(3, 8).double()), TypeError, "delta has dtype"),
     (dict(index=torch.tensor([0, 2])), ValueError, "index has 2 positions but delta has 3"),
     (dict(index=torch.tensor([0, 2, 6])), IndexError, "index"),
+    (dict(index=torch.tensor([0, 2, 2])), ValueError,
+     r"index must be strictly increasing \(sorted, unique\), got index\[1\] = 2 and index\[2\] = 2"),
     (dict(index=None, start=4), ValueError, r"the range \[4, 7\) of index must lie in \[0, 6\]"),
     (dict(weight=torch.randn(6, 8, 1)), ValueError, "weight must be 2-D"),
 ])
