@@ -4,6 +4,7 @@ import torch
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, ON_GPU, rel_err
 from s2ft_inputs import check_against_reference, inputs
 
+from kronops.kron import dispatch
 from kronops.s2ft.ops import sparse_linear
 
 # (leading dims of x, out, in, selected count): odd, prime and tile-spanning shapes.
@@ -79,14 +80,16 @@ def test_no_full_size_gradient_or_weight_copy():
     assert x.grad.shape == x.shape and delta.grad.shape == delta.shape
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["op", "merged weight"])
 @pytest.mark.parametrize("mode", ["rows", "cols"])
-def test_gradcheck_float64(mode):
+def test_gradcheck_float64(mode, merge):
     x, weight, delta, bias, sel = inputs((2, 3), 7, 6, 3, mode, "tensor", torch.float64)
-    assert torch.autograd.gradcheck(
-        lambda x, d, b: sparse_linear(x, weight, d, bias=b, **sel), (x, delta, bias))
-    second = (x, delta, bias) if mode == "rows" else (x.detach(), delta, bias)
-    assert torch.autograd.gradgradcheck(
-        lambda x, d, b: sparse_linear(x, weight, d, bias=b, **sel), second)
+    with dispatch.override(merge=merge):  # the op, or kronops/s2ft/merged.py
+        assert torch.autograd.gradcheck(
+            lambda x, d, b: sparse_linear(x, weight, d, bias=b, **sel), (x, delta, bias))
+        second = (x, delta, bias) if mode == "rows" else (x.detach(), delta, bias)
+        assert torch.autograd.gradgradcheck(
+            lambda x, d, b: sparse_linear(x, weight, d, bias=b, **sel), second)
 
 
 def test_cols_double_backward_to_x_raises():

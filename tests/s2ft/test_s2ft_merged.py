@@ -1,5 +1,5 @@
 """sparse_linear's merged-weight route (kronops/s2ft/merged.py) against the reference, and the
-rule that picks it (``dispatch.sparse_merge_pays``)."""
+rule that picks it (``dispatch.sparse_merge_pays``); its gradcheck: test_s2ft_linear.py."""
 import contextlib
 
 import pytest
@@ -48,17 +48,6 @@ def test_merged_leaves_weight_as_it_was(mode, kind):
         y.square().sum().backward()
     assert torch.equal(weight.detach(), before) and weight.grad is None
     assert x.grad.shape == x.shape and delta.grad.shape == delta.shape
-
-
-@pytest.mark.parametrize("mode", ["rows", "cols"])
-def test_merged_gradcheck_float64(mode):
-    x, weight, delta, bias, sel = inputs((2, 3), 7, 6, 3, mode, "tensor", torch.float64)
-    with merged():
-        assert torch.autograd.gradcheck(
-            lambda x, d, b: sparse_linear(x, weight, d, bias=b, **sel), (x, delta, bias))
-        second = (x, delta, bias) if mode == "rows" else (x.detach(), delta, bias)
-        assert torch.autograd.gradgradcheck(
-            lambda x, d, b: sparse_linear(x, weight, d, bias=b, **sel), second)
 
 
 def test_merged_cols_saves_only_selected_columns_and_refuses_double_backward_to_x():
