@@ -15,7 +15,8 @@ adapter's own passes. Building W' twice a step is a fixed cost in in·out while 
 passes cost tokens·(in+out), so it pays from tokens ≥ factor·in·out/(in+out). Only for a
 W' in fp32 or fp64 (``MERGED_DTYPES``): rounded to bf16 or fp16, W + Δ loses the part of Δ
 under half of W's rounding step (all of an update of 1e-4 on a bf16 weight of 0.02), which
-the separate products keep.
+the separate products keep. Not under torch.compile (``KronALinear`` asks only in eager mode:
+the partitioner would merge the two builds of W' and keep W' from forward to backward).
 ``sparse_merge_pays(device_type, tokens, in_features, out_features, dtype, fraction)``: the
 same choice for S²FT's ``sparse_linear`` (one GEMM on W with Δ added into its rows or
 columns, ``kronops/s2ft/merged.py``, against the GEMM plus the Δ products, whose cost is

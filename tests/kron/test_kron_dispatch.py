@@ -313,12 +313,23 @@ def test_grouped_kron_matmul_gradients_twice(shapes, monkeypatch):
     assert torch.autograd.gradgradcheck(f, (x, *factors))
 
 
-def test_merged_step_compiles_without_graph_breaks():
+def test_compiled_step_keeps_the_separate_adapter():
+    """Compiled, KronALinear runs the separate adapter even pinned to merge (the partitioner
+    would keep W' from forward to backward: a weight copy through the step), in one graph."""
+    torch._dynamo.reset()
     layer = _layers("krona")
     x = torch.randn(16, 12, dtype=torch.float64)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
     with dispatch.override(merge=False):
         want = _step(layer, x)
     with dispatch.override(merge=True):
-        got = _step(torch.compile(layer, fullgraph=True), x)
+        got = _step(torch.compile(layer, fullgraph=True, backend=backend), x)
+    # the merged route is an autograd.Function (kron_linear_merged), the separate one is not
+    assert len(graphs) == 1 and "autograd_function_apply" not in graphs[0]
     for g, w in zip((got[0], *got[1]), (want[0], *want[1])):
         assert_close(g, w, torch.float64)
