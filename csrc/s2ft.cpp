@@ -329,7 +329,7 @@ at::Tensor sparse_delta_grad(const at::Tensor& dy, const at::Tensor& x,
 // W' = W with Δ added into rows R or columns C: a copy of W in its own layout (a transposed
 // view stays transposed), then each selected element summed in the op math type and rounded
 // once, as ATen's add does (ATen's index_add along columns copies W three times in bf16),
-// each thread over a range of the other dimension. An index must be strictly increasing (a
+// each thread over a range of the other dimension. An index must be sorted and unique (a
 // Selection's is), so no element is written twice.
 at::Tensor sparse_merged_weight(const at::Tensor& weight, const at::Tensor& delta,
                                 const std::optional<at::Tensor>& index, int64_t start, bool cols) {
@@ -343,7 +343,7 @@ at::Tensor sparse_merged_weight(const at::Tensor& weight, const at::Tensor& delt
   for (int64_t j = 0; j < sel.count; ++j) {
     selected[j] = sel.at(j);
     TORCH_CHECK_VALUE(j == 0 || selected[j] > selected[j - 1], kMergedWeight,
-                      ": index must be strictly increasing (sorted, unique), got index[", j - 1,
+                      ": index must be sorted and unique (strictly increasing), got index[", j - 1,
                       "] = ", j > 0 ? selected[j - 1] : 0, " and index[", j, "] = ", selected[j]);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),

@@ -15,15 +15,13 @@ adapter's own passes. Building W' twice a step is a fixed cost in in·out while 
 passes cost tokens·(in+out), so it pays from tokens ≥ factor·in·out/(in+out). Only for a
 W' in fp32 or fp64 (``MERGED_DTYPES``): rounded to bf16 or fp16, W + Δ loses the part of Δ
 under half of W's rounding step (all of an update of 1e-4 on a bf16 weight of 0.02), which
-the separate products keep. Not under torch.compile (``KronALinear`` asks only in eager mode:
-the partitioner would merge the two builds of W' and keep W' from forward to backward).
+the separate products keep. Never while torch.compile traces, even pinned: its partitioner
+would merge the forward's and the backward's W' builds and keep W' from forward to backward.
 ``sparse_merge_pays(device_type, tokens, in_features, out_features, dtype, fraction)``: the
 same choice for S²FT's ``sparse_linear`` (one GEMM on W with Δ added into its rows or
 columns, ``kronops/s2ft/merged.py``, against the GEMM plus the Δ products, whose cost is
 the selected ``fraction`` of a GEMM's): tokens·fraction ≥ factor·in·out/(in+out), with its
-own factor; CUDA not measured: never merged there. Under torch.compile ``sparse_linear``
-keeps the op (the partitioner would merge the two builds of W' into one and keep W' from
-forward to backward).
+own factor; CUDA not measured: never merged there.
 
 ``factor_split(device_type, shapes)``: ``kron_matmul`` with N >= 3 factors as one fused
 two-factor product of kron(f1..fk) and kron(fk+1..fN), both built per call, instead of the
@@ -67,8 +65,9 @@ _pinned = {"materialise": None, "merge": None, "group": None, "one_pass": None,
 def override(*, materialise: bool | None = None, merge: bool | None = None,
              group: bool | None = None, one_pass: bool | None = None,
              persistent: bool | None = None):
-    """Inside, the rules give the answers given here: ``materialise_pays``, ``merge_weight_pays``
-    (and ``sparse_merge_pays``), ``factor_split`` (True: group at the cheapest split, whatever the products' size),
+    """Inside, the rules give the answers given here: ``materialise_pays``,
+    ``merge_weight_pays`` and ``sparse_merge_pays`` (except while torch.compile traces),
+    ``factor_split`` (True: group at the cheapest split, whatever the products' size),
     ``one_pass_backward`` and ``persistent_forward``. None leaves a rule as it is outside
     (nested overrides add to each other)."""
     saved = dict(_pinned)
@@ -95,26 +94,33 @@ def materialise_pays(device_type: str, in_features: int, out_features: int) -> b
             and in_features * out_features <= MATERIALISE_MAX_ELEMENTS[device_type])
 
 
+def _merge_pays(factors: dict, device_type: str, work: float, in_features: int,
+                out_features: int, dtype: torch.dtype) -> bool:
+    """The merge rules' one test: never while torch.compile traces (not even pinned), else
+    the pin, else a W' in fp32/fp64 and ``work`` ≥ factor·in·out/(in+out)."""
+    if torch.compiler.is_compiling():
+        return False
+    if _pinned["merge"] is not None:
+        return _pinned["merge"]
+    factor = factors.get(device_type, math.inf)
+    return dtype in MERGED_DTYPES and work >= factor * intensity(in_features, out_features)
+
+
 def merge_weight_pays(device_type: str, tokens: int, in_features: int, out_features: int,
                       dtype: torch.dtype) -> bool:
     """Whether the adapter step is cheaper as one GEMM on the merged weight, for ``tokens``
     rows of activations (the product of x's leading dimensions) and a W' in ``dtype`` (never
     for bf16 or fp16, unless pinned)."""
-    if _pinned["merge"] is not None:
-        return _pinned["merge"]
-    factor = MERGE_TOKEN_FACTOR.get(device_type, math.inf)
-    return dtype in MERGED_DTYPES and tokens >= factor * intensity(in_features, out_features)
+    return _merge_pays(MERGE_TOKEN_FACTOR, device_type, tokens, in_features, out_features,
+                       dtype)
 
 
 def sparse_merge_pays(device_type: str, tokens: int, in_features: int, out_features: int,
                       dtype: torch.dtype, fraction: float) -> bool:
     """``merge_weight_pays`` for S²FT's ``sparse_linear`` with ``fraction`` of W's rows (or
     columns) selected (``SPARSE_MERGE_TOKEN_FACTOR``)."""
-    if _pinned["merge"] is not None:
-        return _pinned["merge"]
-    factor = SPARSE_MERGE_TOKEN_FACTOR.get(device_type, math.inf)
-    return (dtype in MERGED_DTYPES
-            and tokens * fraction >= factor * intensity(in_features, out_features))
+    return _merge_pays(SPARSE_MERGE_TOKEN_FACTOR, device_type, tokens * fraction, in_features,
+                       out_features, dtype)
 
 
 def fused_flops(a_shape, b_shape) -> int:

@@ -183,12 +183,9 @@ class KronALinear(WrapsLinear, KronFactors):
     def _merge_weight_pays(self, x: torch.Tensor) -> bool:
         """Whether this call runs as one GEMM on W + s·A⊗B (``kron_linear_merged``): the base
         is frozen and unhooked, dropout is off, and ``dispatch.merge_weight_pays`` says so
-        (for the dtype the call computes in: fp32 or fp64). Never under torch.compile: its
-        partitioner merges the forward's and the backward's W' builds and keeps W' from
-        forward to backward, a copy of the weight held through the step."""
+        (for the dtype the call computes in: fp32 or fp64; never while torch.compile traces)."""
         base = self.base
-        if (torch.compiler.is_compiling() or base.weight.requires_grad or base._forward_hooks
-                or base._forward_pre_hooks
+        if (base.weight.requires_grad or base._forward_hooks or base._forward_pre_hooks
                 or (self.training and isinstance(self.dropout, nn.Dropout))):
             return False
         return merge_weight_pays(x.device.type, x.numel() // max(x.shape[-1], 1),

@@ -2,10 +2,11 @@
 where ``dispatch.sparse_merge_pays`` says so.
 
 Forward: W' = W with Δ added into its rows R or columns C (``kronops::sparse_merged_weight``:
-a copy of W in its layout and an indexed add; W' is not kept), then y = x W'ᵀ + b, one GEMM. Backward: W'
-rebuilt, dX = dY W' (one GEMM); dΔ by the op's own kernel (``kronops::sparse_delta_grad``:
-dY[:, R]ᵀ X or dYᵀ X[:, C]); dbias = Σ dY. It saves what the op saves (x, or X[:, C] alone in cols mode) and
-is differentiable as the op is (twice, except in cols mode through dΔ to x).
+a copy of W in its layout and an indexed add; W' is not kept), then y = x W'ᵀ + b, one
+GEMM. Backward: W' rebuilt, dX = dY W' (one GEMM); dΔ by the op's own kernel
+(``kronops::sparse_delta_grad``: dY[:, R]ᵀ X or dYᵀ X[:, C]); dbias = Σ dY. It saves what
+the op saves (x, or X[:, C] alone in cols mode) and is differentiable as the op is (twice,
+except in cols mode through dΔ to x).
 
 The same function as the op, rounded differently: W' is rounded once to W's dtype, which
 is why the rule takes this route for fp32 and fp64 only (in bf16 a Δ under half of W's

@@ -18,9 +18,8 @@ cuBLAS) and its dΔ the Triton kernel; on CPU the native kernels when built
 bias, never to weight: the linear ops make no (out, in) gradient or copy of W (the one op
 that builds a copy is ``sparse_merged_weight``, for ``sparse_linear``'s merged route), and
 cols mode saves only X[:, C] (not X) for backward, in a buffer with aligned rows
-(``aligned_empty``). The three
-linear ops are twice differentiable, except that cols mode raises on a double backward that
-needs d(dΔ)/dx (X[:, C] is saved detached).
+(``aligned_empty``). The three linear ops are twice differentiable, except that cols mode
+raises on a double backward that needs d(dΔ)/dx (X[:, C] is saved detached).
 
 The ops are public once registered (``torch.ops.kronops.*``): every kernel first checks its
 arguments by the native kernels' rules (``check_*`` below, the same for the PyTorch and the
@@ -39,7 +38,7 @@ from ..kernels.s2ft import adamw, delta_grad, matmul_add
 from ..kron.dispatch import sparse_merge_pays
 from . import torch_kernels
 from .torch_kernels import addmm_into, take
-from .selection import Selection
+from .selection import Selection, check_sorted_unique
 
 
 # Argument checks of the ops called directly, shared by the PyTorch and the Triton kernels:
@@ -105,13 +104,11 @@ def check_sparse_merged_weight(weight, delta, index, start, cols) -> None:
     """The linear ops' checks, and an index strictly increasing where it is on the host (the
     native kernel writes each selected position once)."""
     check_linear_args(MERGED_WEIGHT, "weight", weight, 1, weight, delta, index, start, cols)
-    if index is not None and index.device.type == "cpu" and index.numel() > 1:
-        repeats = (index[1:] <= index[:-1]).nonzero()
-        if repeats.numel():
-            j = int(repeats[0]) + 1
-            raise MERGED_WEIGHT.value_error(
-                f"index must be strictly increasing (sorted, unique), got index[{j - 1}] = "
-                f"{int(index[j - 1])} and index[{j}] = {int(index[j])}")
+    if index is not None and index.device.type == "cpu":
+        try:
+            check_sorted_unique("index", index, weight.shape[1 if cols else 0])
+        except ValueError as e:
+            raise MERGED_WEIGHT.value_error(str(e)) from None
 
 
 def check_sparse_delta_grad(dy, x, index, start, cols, rows_of_delta) -> None:
@@ -360,9 +357,8 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
     index, start, is_cols = chosen.op_args
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    if not torch.compiler.is_compiling() and sparse_merge_pays(
-            x.device.type, x2.shape[0], in_features, out_features, weight.dtype,
-            chosen.count / chosen.size):
+    if sparse_merge_pays(x.device.type, x2.shape[0], in_features, out_features, weight.dtype,
+                         chosen.count / chosen.size):
         from .merged import sparse_linear_merged  # merged.py builds on this module's ops
         y = sparse_linear_merged(x2, weight, delta, index, start, bias, is_cols)
     else:

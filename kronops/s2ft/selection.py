@@ -20,8 +20,11 @@ def check_sorted_unique(name: str, index: torch.Tensor, size: int) -> None:
     """
     if index.numel() == 0:
         return
-    if bool((index[1:] <= index[:-1]).any()):
-        raise ValueError(f"{name} must be sorted and unique (strictly increasing)")
+    repeats = index[1:] <= index[:-1]
+    if bool(repeats.any()):
+        j = int(repeats.nonzero()[0]) + 1
+        raise ValueError(f"{name} must be sorted and unique (strictly increasing), got "
+                         f"{name}[{j - 1}] = {int(index[j - 1])} and {name}[{j}] = {int(index[j])}")
     first, last = index[0].item(), index[-1].item()
     if first < 0 or last >= size:
         raise ValueError(f"{name} must lie in [0, {size}), got values from {first} to {last}")

@@ -188,7 +188,7 @@ def test_sparse_linear_takes_the_rules_route(rows, node):
     (dict(index=torch.tensor([0, 2])), ValueError, "index has 2 positions but delta has 3"),
     (dict(index=torch.tensor([0, 2, 6])), IndexError, "index"),
     (dict(index=torch.tensor([0, 2, 2])), ValueError,
-     r"index must be strictly increasing \(sorted, unique\), got index\[1\] = 2 and index\[2\] = 2"),
+     r"index must be sorted and unique \(strictly increasing\), got index\[1\] = 2 and index\[2\] = 2"),
     (dict(index=None, start=4), ValueError, r"the range \[4, 7\) of index must lie in \[0, 6\]"),
     (dict(weight=torch.randn(6, 8, 1)), ValueError, "weight must be 2-D"),
 ])

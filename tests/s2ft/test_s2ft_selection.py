@@ -32,7 +32,8 @@ def test_strided_index_is_made_contiguous():
 
 @pytest.mark.parametrize("selected,size,error,match", [
     (torch.tensor([3, 1]), 5, ValueError, "rows must be sorted and unique"),
-    (torch.tensor([1, 1]), 5, ValueError, "rows must be sorted and unique"),
+    (torch.tensor([1, 1]), 5, ValueError,
+     r"rows must be sorted and unique \(strictly increasing\), got rows\[0\] = 1 and rows\[1\] = 1"),
     (torch.tensor([0, 5]), 5, ValueError, r"rows must lie in \[0, 5\), got values from 0 to 5"),
     (torch.tensor([-1, 2]), 5, ValueError, r"rows must lie in \[0, 5\)"),
     (torch.tensor([0, 1], dtype=torch.int32), 5, TypeError, "rows must have dtype torch.int64"),
