@@ -204,14 +204,18 @@ def native_kernel_keeps(t: torch.Tensor) -> bool:
             and native.bf16_products())
 
 
+def keeps_intermediate(op, t: torch.Tensor) -> bool:
+    """Whether the kernel serving ``op`` for a call whose first tensor is ``t`` uses a kept
+    intermediate in its backward: the PyTorch kernel, or ``native_kernel_keeps``; the Triton
+    kernels recompute it."""
+    return torch_kernel_serves(op, t) or native_kernel_keeps(t)
+
+
 def run_keeping(op, keeping, args: tuple, needed: bool):
     """``op(*args)``, or ``keeping(*args)[0]`` where grad mode is on, the backward would use
-    what ``keeping`` keeps (``needed``) and the kernel serving the call uses it (the PyTorch
-    kernel, or ``native_kernel_keeps``). ``keeping`` is the variant of ``op`` that also
-    returns that intermediate; the Triton kernels recompute it in their backward."""
-    t = args[0]
-    uses_it = torch_kernel_serves(op, t) or native_kernel_keeps(t)
-    if needed and torch.is_grad_enabled() and uses_it:
+    what ``keeping`` keeps (``needed``) and the kernel serving the call uses it
+    (``keeps_intermediate``). ``keeping`` is the variant of ``op`` that also returns it."""
+    if needed and torch.is_grad_enabled() and keeps_intermediate(op, args[0]):
         return keeping(*args)[0]
     return op(*args)
 

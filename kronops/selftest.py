@@ -24,6 +24,7 @@ from . import backends, native
 from .dtypes import accumulation_dtype
 from .kron import dispatch
 from .kron.merged import kron_linear_merged
+from .kron.summed import kron_linear_summed
 from .kron.ops import kron_linear, kron_matmul
 from .s2ft.ops import sparse_linear
 from .serving.ops import routed_kron_add, routed_sparse_add
@@ -75,16 +76,18 @@ def grad_error(fn, reference, inputs: list, dtype: torch.dtype, device, frozen=(
     return bounded_error([out, *grads], *expected)
 
 
-def check_kron_linear(x, a, b, bias, scale: float, dtype, device, merged_weight=None) -> float:
-    """``kron_linear(x, a, b, bias, scale=scale)`` (or ``kron_linear_merged`` over
-    ``merged_weight`` (out, in)) and its gradients against the materialised product."""
-    if merged_weight is None:
+def check_kron_linear(x, a, b, bias, scale: float, dtype, device, base_weight=None,
+                      with_base=kron_linear_merged) -> float:
+    """``kron_linear(x, a, b, bias, scale=scale)`` (or ``with_base``, ``kron_linear_merged``
+    or ``kron_linear_summed``, beside ``base_weight`` (out, in)) and its gradients against the
+    materialised product."""
+    if base_weight is None:
         return grad_error(lambda *t: kron_linear(*t, scale=scale),
                           lambda *t: naive_kron_linear(*t, scale=scale),
                           [x, a, b, bias], dtype, device)
-    return grad_error(lambda x, w, a, b, bias: kron_linear_merged(x, w, a, b, bias, scale=scale),
+    return grad_error(lambda x, w, a, b, bias: with_base(x, w, a, b, bias, scale=scale),
                       lambda x, w, a, b, bias: naive_kron_linear(x, a, b, bias, scale=scale)
-                      + x @ w.T, [x, merged_weight, a, b, bias], dtype, device)
+                      + x @ w.T, [x, base_weight, a, b, bias], dtype, device)
 
 
 def check_kron_matmul(x, factors: list, scale: float, dtype, device) -> float:
@@ -251,9 +254,12 @@ def _cases():
                       ("materialised", lambda: dispatch.override(materialise=True))]:
         yield ("kron_linear", path, pin,
                lambda d, dev: check_kron_linear(x, a, b, bias, 0.7, d, dev), None)
-    yield ("kron_linear_merged", "merged weight", contextlib.nullcontext,
-           lambda d, dev: check_kron_linear(x, a, b, bias, 0.7, d, dev, merged_weight=weight),
-           None)
+    for with_base, path in [(kron_linear_merged, "merged weight"),
+                            (kron_linear_summed, "base summed into the adapter")]:
+        yield (with_base.__name__, path, contextlib.nullcontext,
+               lambda d, dev, f=with_base: check_kron_linear(x, a, b, bias, 0.7, d, dev,
+                                                             base_weight=weight, with_base=f),
+               None)
     factors = [_randn(2, 3), _randn(3, 2, transposed=True), _randn(2, 4)]
     x3 = _randn(7, 3 * 2 * 4)
     for path, pin in [("mode by mode", lambda: dispatch.override(group=False)),

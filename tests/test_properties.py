@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from kronops import native
 from kronops.kron import dispatch
+from kronops.kron.merged import kron_linear_merged
+from kronops.kron.summed import kron_linear_summed
 from kronops.selftest import (check_kron_linear, check_kron_matmul, check_routed_kron_add,
                               check_routed_sparse_add, check_sparse_adamw, check_sparse_linear)
 from kronops.testing import TOLERANCE
@@ -58,17 +60,18 @@ def within(error: float, dtype) -> None:
 @SETTINGS
 @given(lead=st.lists(st.integers(0, 4), max_size=2), a=st.tuples(SIZES, SIZES),
        b=st.tuples(SIZES, SIZES), layouts=st.tuples(LAYOUTS, LAYOUTS, LAYOUTS), dtype=DTYPES,
-       scale=SCALES, path=st.sampled_from(["fused", "materialised", "merged"]),
+       scale=SCALES, path=st.sampled_from(["fused", "materialised", "merged", "summed"]),
        seed=st.integers(0, 2 ** 16))
 def test_kron_linear(cpu_backend, lead, a, b, layouts, dtype, scale, path, seed):
     k, n = a[1] * b[1], a[0] * b[0]
     x = tensor((*lead, k), layouts[0], seed)
     fa, fb = tensor(a, layouts[1], seed + 1), tensor(b, layouts[2], seed + 2)
     bias = tensor((n,), "contiguous", seed + 3)
-    weight = tensor((n, k), layouts[0], seed + 4) if path == "merged" else None
+    with_base = {"merged": kron_linear_merged, "summed": kron_linear_summed}.get(path)
+    weight = tensor((n, k), layouts[0], seed + 4) if with_base else None
     with dispatch.override(materialise=path == "materialised"):
-        within(check_kron_linear(x, fa, fb, bias, scale, dtype, "cpu", merged_weight=weight),
-               dtype)
+        within(check_kron_linear(x, fa, fb, bias, scale, dtype, "cpu", base_weight=weight,
+                                 with_base=with_base), dtype)
 
 
 @SETTINGS

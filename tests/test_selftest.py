@@ -16,9 +16,9 @@ def test_every_backend_and_op_is_within_tolerance():
     backends = {c.backend for c in checks}
     assert "PyTorch kernels (cpu)" in backends
     assert ("native (cpu)" in backends) == kronops.native.available()
-    assert {c.op for c in checks} == {"kron_linear", "kron_linear_merged", "kron_matmul",
-                                      "sparse_linear", "sparse_adamw", "routed_kron_add",
-                                      "routed_sparse_add"}
+    assert {c.op for c in checks} == {"kron_linear", "kron_linear_merged", "kron_linear_summed",
+                                      "kron_matmul", "sparse_linear", "sparse_adamw",
+                                      "routed_kron_add", "routed_sparse_add"}
     assert all(c.ok for c in checks), selftest.report([c for c in checks if not c.ok])
 
 

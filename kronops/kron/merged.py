@@ -13,9 +13,8 @@ the tokens, so it pays from some number of tokens on (``dispatch.merge_weight_pa
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_same, check_tensor
-from ..dtypes import autocast_off, autocast_operands
-from .ops import check_kron_operands, kron_grads
+from ..dtypes import autocast_off
+from .ops import check_base_operands, kron_grads
 
 
 def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -59,14 +58,7 @@ def kron_linear_merged(x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b
     (a1*b1,) or None. Returns (..., a1*b1); inside autocast every operand is cast to the
     autocast dtype first. Differentiable in all tensors (twice, too).
     """
-    check_tensor("weight", weight, dim=2)
-    x, a, b, bias, scale = check_kron_operands(x, a, b, bias, scale)
-    (weight,) = autocast_operands(x.device.type, weight)
-    check_same("x", x, weight=weight)
-    out_features, in_features = a.shape[0] * b.shape[0], a.shape[1] * b.shape[1]
-    if weight.shape != (out_features, in_features):
-        raise ValueError(f"weight must have shape (a1*b1, a2*b2) = ({out_features}, "
-                         f"{in_features}), got {tuple(weight.shape)}")
+    x, weight, a, b, bias, scale = check_base_operands(x, weight, a, b, bias, scale)
     with autocast_off(x.device.type):
         return _MergedKronLinear.apply(x, weight, a, b, bias, scale)
 

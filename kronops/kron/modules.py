@@ -9,9 +9,10 @@ from torch import nn
 from ..checks import check_features, check_number
 from ..dtypes import compute_dtype
 from ..wrapped_linear import WrapsLinear, check_linear
-from .dispatch import merge_weight_pays
+from .dispatch import materialise_pays, merge_weight_pays
 from .merged import kron_linear_merged
 from .ops import kron_linear
+from .summed import kron_linear_summed
 from .torch_kernels import kron
 
 
@@ -171,26 +172,33 @@ class KronALinear(WrapsLinear, KronFactors):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_features("x", x, self.in_features)
-        if not self.merged and self._merge_weight_pays(x):
-            return kron_linear_merged(x, self.base_weight, self.factor_a().to(x.dtype),
-                                      self.factor_b().to(x.dtype), self.base.bias,
-                                      scale=self.scale)
+        route = None if self.merged else self._route(x)
+        if route is not None:
+            return route(x, self.base_weight, self.factor_a().to(x.dtype),
+                         self.factor_b().to(x.dtype), self.base.bias, scale=self.scale)
         y = self.base(x)
         if self.merged:
             return y
         return y + self.adapter(self.dropout(x))
 
-    def _merge_weight_pays(self, x: torch.Tensor) -> bool:
-        """Whether this call runs as one GEMM on W + s·A⊗B (``kron_linear_merged``): the base
-        is frozen and unhooked, dropout is off, and ``dispatch.merge_weight_pays`` says so
-        (for the dtype the call computes in: fp32 or fp64; never while torch.compile traces)."""
+    def _route(self, x: torch.Tensor):
+        """The base and the adapter as one autograd node, where the base is frozen and
+        unhooked and dropout is off (the adapter sees the base's x): one GEMM on W + s·A⊗B
+        (``kron_linear_merged``) where ``dispatch.merge_weight_pays`` says so for the dtype
+        the call computes in, else the base's GEMMs summed into the adapter's outputs
+        (``kron_linear_summed``) unless the adapter materialises A⊗B
+        (``dispatch.materialise_pays``). None: the two layers, summed."""
         base = self.base
         if (base.weight.requires_grad or base._forward_hooks or base._forward_pre_hooks
                 or (self.training and isinstance(self.dropout, nn.Dropout))):
-            return False
-        return merge_weight_pays(x.device.type, x.numel() // max(x.shape[-1], 1),
-                                 self.in_features, self.out_features,
-                                 compute_dtype(x.device.type, x))
+            return None
+        device = x.device.type
+        if merge_weight_pays(device, x.numel() // max(x.shape[-1], 1), self.in_features,
+                             self.out_features, compute_dtype(device, x)):
+            return kron_linear_merged
+        if materialise_pays(device, self.in_features, self.out_features):
+            return None
+        return kron_linear_summed
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -200,6 +200,20 @@ def check_kron_operands(x, a, b, bias, scale):
     return x, a, b, bias, scale
 
 
+def check_base_operands(x, weight, a, b, bias, scale):
+    """``check_kron_operands`` and a base weight (a1*b1, a2*b2) beside the adapter's factors
+    (any strides); returns (x, weight, a, b, bias, scale), cast to the autocast dtype."""
+    check_tensor("weight", weight, dim=2)
+    x, a, b, bias, scale = check_kron_operands(x, a, b, bias, scale)
+    (weight,) = autocast_operands(x.device.type, weight)
+    check_same("x", x, weight=weight)
+    out_features, in_features = a.shape[0] * b.shape[0], a.shape[1] * b.shape[1]
+    if weight.shape != (out_features, in_features):
+        raise ValueError(f"weight must have shape (a1*b1, a2*b2) = ({out_features}, "
+                         f"{in_features}), got {tuple(weight.shape)}")
+    return x, weight, a, b, bias, scale
+
+
 def kron_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                 bias: torch.Tensor | None = None, *, scale: float = 1.0) -> torch.Tensor:
     """``scale * x @ torch.kron(a, b).T + bias``, fused: ``kron(a, b)`` is not formed, except

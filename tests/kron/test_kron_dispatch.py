@@ -1,20 +1,22 @@
 """The size-based paths of the Kronecker ops (``kronops.kron.dispatch``): small products
 materialised into one GEMM, and the adapter step as one GEMM on the merged weight
-(``kron_linear_merged``). The rules at their boundaries, each path against the references
+(``kron_linear_merged``) or with the base's GEMMs summed into the adapter's outputs
+(``kron_linear_summed``). The rules at their boundaries, each path against the references
 (fp64 gradients twice, fp32 on both backends, odd shapes, 3-D and strided inputs), and the
-conditions under which KronALinear may merge."""
+conditions under which KronALinear takes either.""" 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import KERNEL_PARAMS, ON_GPU, assert_close
 from torch import nn
 
 import kronops
 from kronops.adapters.lokr import LoKrLinear
 from kronops.kron import dispatch, ops
 from kronops.kron.merged import kron_linear_merged, merged_weight
+from kronops.kron.summed import kron_linear_summed
 from kronops.testing import naive_kron_linear
 
 pytestmark = pytest.mark.dispatch_rules
@@ -113,7 +115,10 @@ def test_materialised_path_under_autocast():
                  torch.bfloat16)
 
 
-# ---- the merged-weight linear -------------------------------------------------------------
+# ---- the base and its adapter in one node: merged weight, or outputs summed ---------------
+
+ONE_NODE_ROUTES = pytest.mark.parametrize("route", [kron_linear_merged, kron_linear_summed],
+                                          ids=["merged", "summed"])
 
 def _merged_inputs(lead, dtype, transposed=False):
     a1, a2, b1, b2 = 3, 4, 5, 2                                     # 8 -> 15 features
@@ -133,28 +138,34 @@ def test_merged_weight_is_w_plus_scaled_kron():
                           rtol=0, atol=1e-15)
 
 
+@ONE_NODE_ROUTES
 @pytest.mark.parametrize("lead", [(6,), (2, 3)])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_merged_linear_gradients_twice(lead, transposed):
+def test_one_node_linear_gradients_twice(route, lead, transposed):
     x, w, a, b, bias = _merged_inputs(lead, torch.float64, transposed)
 
     def f(x, w, a, b, bias):
-        return kron_linear_merged(x, w.T if transposed else w, a, b, bias, scale=0.7)
+        return route(x, w.T if transposed else w, a, b, bias, scale=0.7)
 
     assert torch.autograd.gradcheck(f, (x, w, a, b, bias))
     assert torch.autograd.gradgradcheck(f, (x, w, a, b, bias))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_merged_linear_matches_separate_on_each_backend(dtype, backend_device):
+@ONE_NODE_ROUTES
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_one_node_linear_matches_separate_on_each_backend(route, dtype, backend_device,
+                                                          request):
     """Forward and every gradient against the fp64 reference, on the PyTorch kernels and on
     the Triton kernels (factor gradients through ``kron_rows_grads``)."""
+    if (dtype == torch.bfloat16 and not ON_GPU
+            and request.node.callspec.params["backend_device"] in KERNEL_PARAMS):
+        pytest.skip("bf16 tl.dot is wrong in the Triton interpreter")
     a1, a2, b1, b2 = 6, 5, 7, 3
     x = torch.randn(9, a2 * b2 + 2, device=backend_device)[:, 1:-1].to(dtype).requires_grad_()
     w = torch.randn(a1 * b1, a2 * b2, device=backend_device, dtype=dtype)
     a = torch.randn(a1, a2, device=backend_device, dtype=dtype, requires_grad=True)
     b = torch.randn(b1, b2, device=backend_device, dtype=dtype, requires_grad=True)
-    y = kron_linear_merged(x, w, a, b, scale=0.5)
+    y = route(x, w, a, b, scale=0.5)
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, a, b)]
     ref = F.linear(ref_leaves[0], w.double()) + naive_kron_linear(*ref_leaves, scale=0.5)
     assert_close(y, ref, dtype, "forward")
@@ -165,20 +176,36 @@ def test_merged_linear_matches_separate_on_each_backend(dtype, backend_device):
         assert_close(g, r, dtype, f"grad {name}")
 
 
-def test_merged_linear_refuses_bad_weight():
+@ONE_NODE_ROUTES
+def test_one_node_linear_output_may_be_modified_in_place(route):
+    """A caller may add into the output, 3-D or not (transformers' Falcon does)."""
+    x, w, a, b, bias = _merged_inputs((2, 3), torch.float64)
+    y = route(x, w, a, b, bias, scale=0.7)
+    y.mul_(2.0)
+    ref = 2.0 * (F.linear(x, w, bias) + naive_kron_linear(x, a, b, scale=0.7))
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(y, (x, w, a, b, bias), grad)
+    want = torch.autograd.grad(ref, (x, w, a, b, bias), grad)
+    for name, g, r in zip(["x", "w", "a", "b", "bias"], got, want):
+        assert_close(g, r, torch.float64, f"grad {name}")
+
+
+@ONE_NODE_ROUTES
+def test_one_node_linear_refuses_bad_weight(route):
     x, a, b = torch.randn(4, 6), torch.randn(2, 3), torch.randn(5, 2)
     with pytest.raises(ValueError, match=r"weight must have shape \(a1\*b1, a2\*b2\) = \(10, 6\)"):
-        kron_linear_merged(x, torch.randn(6, 10), a, b)
+        route(x, torch.randn(6, 10), a, b)
     with pytest.raises(TypeError, match="weight"):
-        kron_linear_merged(x, [[1.0]], a, b)
+        route(x, [[1.0]], a, b)
     with pytest.raises(ValueError, match="x must have last dim"):
-        kron_linear_merged(torch.randn(4, 7), torch.randn(10, 6), a, b)
+        route(torch.randn(4, 7), torch.randn(10, 6), a, b)
 
 
-def test_merged_linear_under_autocast():
+@ONE_NODE_ROUTES
+def test_one_node_linear_under_autocast(route):
     x, w, a, b, bias = (t.detach() for t in _merged_inputs((5,), torch.float32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = kron_linear_merged(x, w, a, b, bias, scale=0.5)
+        y = route(x, w, a, b, bias, scale=0.5)
     assert y.dtype == torch.bfloat16
     ref = F.linear(x.double(), w.double(), bias.double()) + \
         naive_kron_linear(x.double(), a.double(), b.double(), scale=0.5)
@@ -200,33 +227,40 @@ def _layers(kind, dropout=0.0):
     return layer
 
 
-def _step(layer, x):
+def _step(layer, x, forward=None):
+    """y and the gradients of x and the layer's trainable parameters, through ``forward``
+    (default: the layer)."""
     x = x.clone().requires_grad_()
-    y = layer(x)
+    y = (forward or layer)(x)
     params = [p for p in layer.parameters() if p.requires_grad]
     grads = torch.autograd.grad(y, [x, *params], torch.ones_like(y))
     return y, grads
 
 
 @pytest.mark.parametrize("kind", ["krona", "lokr"])
-def test_kron_a_linear_merged_step_equals_separate(kind, monkeypatch):
+@pytest.mark.parametrize("route, merge", [(kron_linear_merged, True), (kron_linear_summed, False)],
+                         ids=["merged", "summed"])
+def test_kron_a_linear_one_node_step_equals_two_layers(kind, route, merge, monkeypatch):
     layer = _layers(kind)
     x = torch.randn(2, 5, 12, dtype=torch.float64)
-    with dispatch.override(merge=False):
-        want = _step(layer, x)
+    want = _step(layer, x, lambda t: layer.base(t) + layer.adapter(t))
     used = []
-    monkeypatch.setattr("kronops.kron.modules.kron_linear_merged",
-                        lambda *a, **k: used.append(1) or kron_linear_merged(*a, **k))
-    with dispatch.override(merge=True):
+    monkeypatch.setattr(f"kronops.kron.modules.{route.__name__}",
+                        lambda *a, **k: used.append(1) or route(*a, **k))
+    with dispatch.override(merge=merge, materialise=False):
         got = _step(layer, x)
     assert used == [1]
     for g, w in zip((got[0], *got[1]), (want[0], *want[1])):
         assert_close(g, w, torch.float64)
 
 
+def _merges_unpinned(layer, x) -> bool:
+    return layer._route(x) is kron_linear_merged
+
+
 def _merges(layer, x) -> bool:
     with dispatch.override(merge=True):
-        return layer._merge_weight_pays(x)
+        return _merges_unpinned(layer, x)
 
 
 def test_kron_a_linear_merges_only_when_exact():
@@ -242,13 +276,30 @@ def test_kron_a_linear_merges_only_when_exact():
     hooked.base.register_forward_hook(lambda m, i, o: None)        # the hook must run
     assert not _merges(hooked, x)
     few = torch.randn(7, 12, dtype=torch.float64)                   # 12 -> 20: intensity 7.5
-    assert not _layers("krona")._merge_weight_pays(few)             # the CPU rule: from 8 rows
-    assert _layers("krona")._merge_weight_pays(torch.randn(2, 4, 12, dtype=torch.float64))
+    assert not _merges_unpinned(_layers("krona"), few)             # the CPU rule: from 8 rows
+    assert _merges_unpinned(_layers("krona"), torch.randn(2, 4, 12, dtype=torch.float64))
     many = torch.randn(64, 12)
-    assert _layers("krona").float()._merge_weight_pays(many)
+    assert _merges_unpinned(_layers("krona").float(), many)
     with torch.autocast("cpu", dtype=torch.bfloat16):               # a bf16 W': never
-        assert not _layers("krona").float()._merge_weight_pays(many)
-    assert not _layers("krona").bfloat16()._merge_weight_pays(many.bfloat16())
+        assert not _merges_unpinned(_layers("krona").float(), many)
+    assert not _merges_unpinned(_layers("krona").bfloat16(), many.bfloat16())
+
+
+def test_kron_a_linear_sums_into_its_base_where_merging_would():
+    """The summed route has the merged route's conditions, not its rule; small products that
+    the adapter materialises keep the two layers."""
+    x = torch.randn(3, 12, dtype=torch.float64)
+    trained_base, with_dropout, hooked = _layers("krona"), _layers("krona", 0.1), _layers("krona")
+    trained_base.base.weight.requires_grad_(True)
+    hooked.base.register_forward_hook(lambda m, i, o: None)
+    with dispatch.override(merge=False, materialise=False):
+        assert _layers("krona")._route(x) is kron_linear_summed
+        assert _layers("krona").bfloat16()._route(x.bfloat16()) is kron_linear_summed
+        assert with_dropout.eval()._route(x) is kron_linear_summed
+        for layer in (trained_base, with_dropout.train(), hooked):
+            assert layer._route(x) is None
+    with dispatch.override(merge=False, materialise=True):
+        assert _layers("krona")._route(x) is None
 
 
 def test_kron_a_linear_merged_over_conv1d():
@@ -315,21 +366,24 @@ def test_grouped_kron_matmul_gradients_twice(shapes, monkeypatch):
 
 def test_compiled_step_keeps_the_separate_adapter():
     """Compiled, KronALinear runs the separate adapter even pinned to merge (the partitioner
-    would keep W' from forward to backward: a weight copy through the step), in one graph."""
+    would keep W' from forward to backward: a weight copy through the step), in one graph:
+    the base summed into the adapter's outputs (``kron_linear_summed``), no W' built."""
     torch._dynamo.reset()
     layer = _layers("krona")
     x = torch.randn(16, 12, dtype=torch.float64)
     graphs = []
 
     def backend(gm, example_inputs):
-        graphs.append(str(gm.graph))
+        bodies = [str(m.graph) for name, m in gm.named_children() if name.startswith("fwd_body")]
+        graphs.append("\n".join([str(gm.graph), *bodies]))
         return gm.forward
 
     with dispatch.override(merge=False):
         want = _step(layer, x)
-    with dispatch.override(merge=True):
+    with dispatch.override(merge=True, materialise=False):
         got = _step(torch.compile(layer, fullgraph=True, backend=backend), x)
-    # the merged route is an autograd.Function (kron_linear_merged), the separate one is not
-    assert len(graphs) == 1 and "autograd_function_apply" not in graphs[0]
+    # the merged route builds W' = W + s·A⊗B by addcmul (merged_weight); the summed one adds
+    # the base's GEMM into the adapter's output (addmm_)
+    assert len(graphs) == 1 and "addcmul" not in graphs[0] and "addmm_" in graphs[0]
     for g, w in zip((got[0], *got[1]), (want[0], *want[1])):
         assert_close(g, w, torch.float64)
