@@ -4,8 +4,11 @@
 // into a buffer that feeds the GEMM, or the GEMM's result is added into the selected
 // columns, while the block is in cache. A contiguous selection (a range) needs no gather:
 // the GEMM reads and writes a strided view. The in-place AdamW is one fused pass over the
-// selected elements. fp32 and fp64 take these kernels; fp16 and bf16 take the ATen
-// composition of the PyTorch kernels (same dtypes, same results). The merged weight W'
+// selected elements. fp32 and fp64 take these kernels above 1M gathered elements; below it,
+// and in fp16 and bf16, the products are ATen GEMMs on whole operands (bf16 GEMMs where the
+// CPU has bf16 instructions), the selected columns gathered into a copy or added into the
+// result by row-parallel loops (ATen's index_select and index_add_ along columns were slower,
+// and its index_add_ copied a bf16 result twice). The merged weight W'
 // (sparse_linear's merged route), in every dtype: a copy of W with the selected elements
 // added in place, each rounded once as ATen's add rounds it. Index values are checked
 // on every call (IndexError), also inside compiled graphs, where the host skips the check.
@@ -73,6 +76,47 @@ constexpr int64_t kCopiedGatherElements = int64_t{1} << 20;
 
 bool copies_gather(const at::Tensor& t, const Selection& sel) {
   return !blas_dtype(t) || t.size(0) * sel.count <= kCopiedGatherElements;
+}
+
+// Rows a task of a row-parallel pass over `k` selected columns takes: about 16K elements.
+int64_t rows_per_task(int64_t k) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(k, 1)); }
+
+// t[:, sel] (M, k) as a contiguous copy, rows in parallel, any dtype (ATen's index_select
+// along columns took 0.15-0.4 ms for 1024 rows of 51-102 bf16 columns: bench/NOTES.md).
+at::Tensor gathered_columns(const at::Tensor& t, const Selection& sel) {
+  at::Tensor out = at::empty({t.size(0), sel.count}, t.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "gathered_columns", [&] {
+    const scalar_t* src = t.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const int64_t k = sel.count, s0 = t.stride(0), s1 = t.stride(1);
+    const int64_t* idx = sel.index.const_data_ptr<int64_t>();
+    at::parallel_for(0, t.size(0), rows_per_task(k), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < k; ++j) dst[r * k + j] = src[r * s0 + idx[j] * s1];
+    });
+  });
+  return out;
+}
+
+// out[:, sel(j)] += p[:, j] for out (M, n) contiguous and p (M, k) of any strides, rows in
+// parallel, any dtype: each sum in the op math type, rounded once, as ATen's index_add_
+// rounds it (which copied a bf16 out twice along columns: bench/NOTES.md). Returns out.
+at::Tensor add_into_columns(const at::Tensor& out, const Selection& sel, const at::Tensor& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "add_into_columns", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* src = p.const_data_ptr<scalar_t>();
+    const int64_t k = sel.count, n = out.size(1), s0 = p.stride(0), s1 = p.stride(1);
+    const int64_t* idx = sel.index.const_data_ptr<int64_t>();
+    at::parallel_for(0, out.size(0), rows_per_task(k), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < k; ++j) {
+          scalar_t& e = o[r * n + idx[j]];
+          e = static_cast<scalar_t>(static_cast<acc_t>(e) + static_cast<acc_t>(src[r * s0 + j * s1]));
+        }
+    });
+  });
+  return out;
 }
 
 int64_t block_rows(int64_t row_elements, int64_t element_bytes) {
@@ -256,8 +300,8 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight, const at
     return y;
   }
   if (copies_gather(x, sel)) {
-    if (cols) return y.addmm_(x.index_select(1, sel.index), delta.t());
-    return y.index_add_(1, sel.index, at::matmul(x, delta.t()));
+    if (cols) return y.addmm_(gathered_columns(x, sel), delta.t());
+    return add_into_columns(y, sel, at::matmul(x, delta.t()));
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear", [&] {
     at::Tensor d = delta;
@@ -285,8 +329,8 @@ at::Tensor sparse_input_grad(const at::Tensor& dy, const at::Tensor& weight,
     return dx.addmm_(dy.narrow(1, sel.start, sel.count), delta);
   }
   if (copies_gather(dy, sel)) {
-    if (cols) return dx.index_add_(1, sel.index, at::mm(dy, delta));
-    return dx.addmm_(dy.index_select(1, sel.index), delta);
+    if (cols) return add_into_columns(dx, sel, at::mm(dy, delta));
+    return dx.addmm_(gathered_columns(dy, sel), delta);
   }
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparse_input_grad", [&] {
     at::Tensor d = delta;
@@ -318,7 +362,7 @@ at::Tensor sparse_delta_grad(const at::Tensor& dy, const at::Tensor& x,
   if (!sel.index.defined())
     return at::mm(dy.narrow(1, sel.start, sel.count).t().to(acc), x.to(acc)).to(dy.scalar_type());
   if (copies_gather(dy, sel))
-    return at::mm(dy.index_select(1, sel.index).t().to(acc), x.to(acc)).to(dy.scalar_type());
+    return at::mm(gathered_columns(dy, sel).t().to(acc), x.to(acc)).to(dy.scalar_type());
   at::Tensor out = at::empty({sel.count, x.size(1)}, dy.options());
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparse_delta_grad", [&] {
     gathered_t_gemm<scalar_t>(dy, sel, x, out.mutable_data_ptr<scalar_t>());

@@ -2,6 +2,7 @@
 materialising references in fp32 and fp64, odd shapes, 3-D inputs, strided views, several
 row blocks and threads, empty batches, bad indices and arguments refused; and the library's
 loading rules (built means loaded; KRONOPS_NATIVE=0 runs the suite without it)."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -271,7 +272,7 @@ def sparse_inputs(lead, out, inp, count, mode, kind, dtype):
 @pytest.mark.parametrize("lead,out,inp,count", SPARSE_CASES)
 @pytest.mark.parametrize("mode", ["rows", "cols"])
 @pytest.mark.parametrize("kind", ["tensor", "slice"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.bfloat16])
 def test_sparse_linear_matches_reference(lead, out, inp, count, mode, kind, dtype, backend):
     x, weight, delta, bias, sel = sparse_inputs(lead, out, inp, count, mode, kind, dtype)
     y = kronops.sparse_linear(x, weight, delta, bias=bias, **sel)
@@ -298,6 +299,40 @@ def test_sparse_ops_half_precision(mode, backend):
     ref = naive_sparse_linear(*(t.double() for t in half[:3]), bias=half[3].double(), **sel)
     assert y.dtype == torch.bfloat16
     assert_close(y, ref, torch.bfloat16, "forward")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_sparse_columns_added_as_index_add_adds(dtype):
+    """Where the native kernels add a product into selected columns (rows mode's y[:, R] +=
+    x Δᵀ, cols mode's dX[:, C] += dY Δ) each element is summed and rounded once, as the
+    PyTorch kernels' index_add_ does: bit-identical results, strided operands included."""
+    if not native.available():
+        pytest.skip(f"native library {native.load_error()}")
+    x, weight, delta, bias, sel = sparse_inputs((37,), 40, 30, 9, "rows", "tensor", dtype)
+    dy, weight_c, delta_c, _, sel_c = sparse_inputs((37,), 40, 30, 9, "cols", "tensor", dtype)
+    dy = torch.randn(40, 37, dtype=dtype).T                       # (37, 40), column stride 37
+    for fn, args in ((sparse_linear_op, (x.detach(), weight, delta.detach(), sel["rows"], 0,
+                                         bias.detach(), False)),
+                     (sparse_input_grad, (dy, weight_c, delta_c.detach(), sel_c["cols"], 0,
+                                          True))):
+        got = fn(*args)
+        with native.disabled():
+            want = fn(*args)
+        assert torch.equal(got, want), fn
+
+
+def test_sparse_delta_grad_in_bf16_is_rounded_once():
+    """dΔ in bf16 sums over every token in fp32 (bf16 GEMMs accumulate in fp32) and rounds
+    once: over 16384 tokens of positive values its relative error stays within bf16's
+    rounding (2^-8) plus fp32 summation, where a sum kept in bf16 would be off by far more."""
+    for backend_off in (False, True):
+        dy = torch.rand(16384, 40).bfloat16()
+        x = torch.rand(16384, 24).bfloat16()
+        index = torch.tensor([1, 5, 6, 30])
+        with native.disabled() if backend_off else contextlib.nullcontext():
+            got = sparse_delta_grad(dy, x, index, 0, False, 4)
+        want = dy[:, index].double().T @ x.double()
+        assert ((got.double() - want).abs() / want).max() <= 2 ** -8 + 2 ** -12
 
 
 @pytest.mark.parametrize("cols", [False, True])
