@@ -8,7 +8,7 @@ from torch import nn
 from ..checks import check_features
 from ..wrapped_linear import WrapsLinear, check_linear
 from . import optimizer_guard
-from .ops import aligned_as, sparse_linear
+from .ops import aligned_as, checked_sparse_linear, sparse_linear
 from .selection import Selection
 
 
@@ -172,9 +172,9 @@ class S2FTInPlaceLinear(S2FTLinear):
     """Train rows R or columns C of a Linear's own weight, updated in place (no adapter Δ).
 
     ``selected`` stands in for the trained submatrix ((|R|, in) or (out, |C|)): always zero,
-    stored as one expanded scalar (no memory), so forward computes base(x) and backward
-    gives ``selected.grad`` = the compact gradient of W[R] (or W[:, C]); no full-size
-    weight.grad is made. ``kronops.s2ft.InPlaceAdamW``/``InPlaceSGD`` apply it to
+    stored as one expanded scalar (no memory), so forward computes base(x), one GEMM on W,
+    and backward adds to the frozen layer's dX only ``selected.grad`` = the compact gradient
+    of W[R] (or W[:, C]); no full-size weight.grad is made. ``kronops.s2ft.InPlaceAdamW``/``InPlaceSGD`` apply it to
     base.weight in place. Ordinary optimizers cannot update ``selected`` (it is expanded).
     """
 
@@ -201,8 +201,8 @@ class S2FTInPlaceLinear(S2FTLinear):
         return self.selected
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(x, self.base_weight, self.selected, self.chosen,
-                             bias=self.base.bias)
+        return checked_sparse_linear(x, self.base_weight, self.selected, self.chosen,
+                                     bias=self.base.bias, zero_delta=True)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -332,6 +332,15 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
     in backward (``kronops.s2ft.merged``), instead of the op's GEMM plus Δ products, which
     copy nothing of W.
     """
+    return checked_sparse_linear(x, weight, delta, selection, rows=rows, cols=cols, bias=bias)
+
+
+def checked_sparse_linear(x, weight, delta, selection=None, *, rows=None, cols=None, bias=None,
+                          zero_delta: bool = False) -> torch.Tensor:
+    """``sparse_linear``; ``zero_delta``: delta is zero by construction (``S2FTInPlaceLinear``'s
+    expanded zero, its updates written into W), so the call is one GEMM on W itself, no W'
+    built and no Δ product, in every dtype, on every device, compiled or not
+    (``kronops.s2ft.merged``)."""
     check_tensor("x", x)
     check_tensor("weight", weight, dim=2)
     check_tensor("delta", delta, dim=2)
@@ -357,10 +366,10 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
     index, start, is_cols = chosen.op_args
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    if sparse_merge_pays(x.device.type, x2.shape[0], in_features, out_features, weight.dtype,
-                         chosen.count / chosen.size):
+    if zero_delta or sparse_merge_pays(x.device.type, x2.shape[0], in_features, out_features,
+                                       weight.dtype, chosen.count / chosen.size):
         from .merged import sparse_linear_merged  # merged.py builds on this module's ops
-        y = sparse_linear_merged(x2, weight, delta, index, start, bias, is_cols)
+        y = sparse_linear_merged(x2, weight, delta, index, start, bias, is_cols, zero_delta)
     else:
         y = sparse_linear_op(x2, weight, delta, index, start, bias, is_cols)
     return y.view(*lead, out_features)

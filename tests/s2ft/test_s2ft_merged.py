@@ -71,19 +71,41 @@ def test_merged_cols_saves_only_selected_columns_and_refuses_double_backward_to_
 
 
 @pytest.mark.parametrize("mode", ["rows", "cols"])
-def test_merged_in_place_layer_gives_the_ops_gradient(mode):
-    """S2FTInPlaceLinear's expanded-zero ``selected``: W' = W, the same compact gradient."""
-    torch.manual_seed(0)
-    layer = S2FTInPlaceLinear(torch.nn.Linear(24, 20, dtype=torch.float64),
-                              **{mode: torch.tensor([1, 4, 5, 11])})
-    x = torch.randn(3, 7, 24, dtype=torch.float64)
-    grads = []
-    for merge in (False, True):
-        with dispatch.override(merge=merge):
+def test_in_place_layer_is_the_frozen_layer_plus_delta_grad(mode, monkeypatch):
+    """S2FTInPlaceLinear's ``selected`` is zero by construction: its forward and dX are the
+    frozen layer's GEMMs on W itself (no W' built, no Δ product), in every dtype, giving the
+    op's results on a zero Δ; under create_graph the derivative of dX in Δ is kept."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("W' built for a zero Δ")
+
+    index = torch.tensor([1, 4, 5, 11])
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        layer = S2FTInPlaceLinear(torch.nn.Linear(24, 20, dtype=dtype), **{mode: index})
+        x = torch.randn(3, 7, 24, dtype=dtype, requires_grad=True)
+        zero = torch.zeros(layer.selected.shape, dtype=dtype, requires_grad=True)
+        with dispatch.override(merge=False):
+            y0 = sparse_linear(x, layer.base_weight, zero, bias=layer.base.bias, **{mode: index})
+            want = torch.autograd.grad(y0.square().sum(), (x, zero))
+        with monkeypatch.context() as m:
+            m.setattr("kronops.s2ft.merged.sparse_merged_weight", refuse)
             y = layer(x)
-            grads.append((y, torch.autograd.grad(y.square().sum(), layer.selected)[0]))
-    (y0, g0), (y1, g1) = grads
-    assert rel_err(y1, y0) < 1e-14 and rel_err(g1, g0) < 1e-14
+            got = torch.autograd.grad(y.square().sum(), (x, layer.selected))
+        assert route(y) == "_MergedSparseLinearBackward"
+        assert torch.equal(y, y0) and all(torch.equal(g, w) for g, w in zip(got, want)), dtype
+    if mode == "cols":  # cols mode saves X[:, C] detached: no double backward to x
+        return
+    x = x.detach().double().requires_grad_()                      # double backward, fp64
+    layer.double()
+    zero = zero.detach().double().requires_grad_()
+    second = []
+    for f, delta in ((layer, layer.selected),
+                     (lambda t: sparse_linear(t, layer.base_weight, zero, bias=layer.base.bias,
+                                              **{mode: index}), zero)):
+        with dispatch.override(merge=False):
+            g = torch.autograd.grad(f(x).square().sum(), delta, create_graph=True)[0]
+            second.append(torch.autograd.grad((g * g).sum(), x)[0])
+    assert rel_err(second[0], second[1]) < 1e-13
 
 
 def test_compile_keeps_the_op():
