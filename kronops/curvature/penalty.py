@@ -2,7 +2,9 @@
 
     penalty = ½ λ Σ_layers vec(ΔW)ᵀ (A ⊗ G) vec(ΔW) = ½ λ Σ_layers ⟨ΔW, G ΔW A⟩
 
-(vec stacks columns; A ⊗ G is never formed: two products of the layer's size per layer).
+(vec stacks columns; A ⊗ G is never formed: two products of the layer's size per layer,
+and none in backward: the gradient λ G ΔW A is the forward's product, kept, where the
+factors are symmetric, as K-FAC's are; otherwise ½ λ (G ΔW A + Gᵀ ΔW Aᵀ), two more).
 ΔW (out', in') = W − W_anchor, with the bias difference as a last column when the factors
 have a bias (``LayerFactors.bias``: A is then over [x, 1]). ``kind="diag"`` is the diagonal
 EWC baseline: ½ λ Σ ⟨F_diag, ΔW²⟩ with the diagonal empirical Fisher
@@ -23,6 +25,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..checks import check_number
 from ..s2ft.modules import S2FTInPlaceLinear, S2FTLinear
@@ -113,6 +116,50 @@ def anchor_state(anchor: nn.Module) -> dict:
     return state
 
 
+# Factors found exactly symmetric, with their version then: a comparison with the transpose
+# is a strided pass (14% of a penalty's step at the bench's LLaMA), repeated only after an
+# in-place change.
+_SYMMETRIC = WeakIdKeyDictionary()
+
+
+def _symmetric(t: torch.Tensor) -> bool:
+    if _SYMMETRIC.get(t) == t._version:
+        return True
+    if torch.equal(t, t.mT):
+        _SYMMETRIC[t] = t._version
+        return True
+    return False
+
+
+class _KronQuadratic(torch.autograd.Function):
+    """⟨D, G D A⟩ for D (out', in'), G (out', out'), A (in', in'); its gradient in D is
+    G D A + Gᵀ D Aᵀ, 2 G D A for symmetric G and A: the product the forward made, kept."""
+
+    @staticmethod
+    def forward(ctx, d, g, a):
+        p = g @ d @ a
+        ctx.save_for_backward(d, g, a, p)
+        return (d * p).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        d, g, a, p = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the products again, differentiable
+            p = g @ d @ a
+            return grad * (p + g.mT @ d @ a.mT), None, None
+        if _symmetric(g) and _symmetric(a):
+            return (2 * grad) * p, None, None
+        return grad * (p + g.mT @ d @ a.mT), None, None
+
+
+def kron_quadratic(d: torch.Tensor, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """⟨d, g @ d @ a⟩, differentiable; through ``_KronQuadratic`` (no product in backward
+    for symmetric factors) when only d needs a gradient."""
+    if g.requires_grad or a.requires_grad:
+        return (d * (g @ d @ a)).sum()
+    return _KronQuadratic.apply(d, g, a)
+
+
 def ewc_penalty(model: nn.Module, factors: Mapping[str, LayerFactors], anchor, *,
                 strength, kind: str = "kron") -> torch.Tensor:
     """½·strength·Σ_layers vec(ΔW)ᵀ(A⊗G)vec(ΔW) (``kind="kron"``) or ½·strength·Σ ⟨diag, ΔW²⟩
@@ -152,7 +199,7 @@ def ewc_penalty(model: nn.Module, factors: Mapping[str, LayerFactors], anchor, *
             term = (f.diag.to(d.device) * d.to(f.diag.dtype).square()).sum()
         else:
             d = d.to(f.a.dtype)
-            term = (d * (f.g.to(d.device) @ d @ f.a.to(d.device))).sum()
+            term = kron_quadratic(d, f.g.to(d.device), f.a.to(d.device))
         total = term if total is None else total + term
     return 0.5 * strength * total
 

@@ -249,3 +249,33 @@ def test_conv1d_layers_use_their_out_in_view():
     close(penalty, materialised({name: d}, factors, 0.5, "kron"))
     moved = {name: factors[name].to("cpu")}
     assert torch.equal(ewc_penalty(model, moved, anchor, strength=0.5), penalty)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_kron_quadratic_gradient_and_its_backward_products(symmetric):
+    """⟨D, G D A⟩'s gradient G D A + Gᵀ D Aᵀ, also twice; for symmetric factors (K-FAC's)
+    the backward runs no product (the forward's G D A is the gradient), else two."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kronops.curvature.penalty import kron_quadratic
+    torch.manual_seed(0)
+    d = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    g, a = torch.randn(7, 7, dtype=torch.float64), torch.randn(5, 5, dtype=torch.float64)
+    if symmetric:  # exactly (a sum commutes; a product G Gᵀ need not be, to the last bit)
+        g, a = g + g.T, a + a.T
+    value = kron_quadratic(d, g, a)
+    with FlopCounterMode(display=False) as counter:
+        (got,) = torch.autograd.grad(value, d)
+    assert (counter.get_total_flops() == 0) == symmetric
+    plain = (d * (g @ d @ a)).sum()
+    (want,) = torch.autograd.grad(plain, d)
+    assert relative_error(value, plain) < 1e-15 and relative_error(got, want) < 1e-14
+    assert torch.autograd.gradgradcheck(lambda t: kron_quadratic(t, g, a), (d,))
+    if symmetric:  # an in-place change is seen: the backward takes both products again
+        with torch.no_grad():
+            g[0, 1] += 1.0
+        with FlopCounterMode(display=False) as counter:
+            (got,) = torch.autograd.grad(kron_quadratic(d, g, a), d)
+        assert counter.get_total_flops() > 0
+        (want,) = torch.autograd.grad((d * (g @ d @ a)).sum(), d)
+        assert relative_error(got, want) < 1e-14
