@@ -29,8 +29,9 @@ class _SummedKronLinear(torch.autograd.Function):
         y, inner = kron_rows_keep(*args) if keep else (kron_rows(*args), None)
         ctx.save_for_backward(x2, weight, a, b, inner)
         ctx.scale = scale
-        return y.addmm_(x2, weight.mT)  # y (M, a1*b1) itself, not a view: callers may
-        # modify the output in place (transformers' Falcon adds into it)
+        # y (M, a1*b1) itself, not a view of it: callers may add into the output in place
+        # (transformers' Falcon does), which autograd refuses on a view made in a Function
+        return y.addmm_(x2, weight.mT)
 
     @staticmethod
     def backward(ctx, grad):

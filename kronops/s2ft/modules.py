@@ -174,8 +174,8 @@ class S2FTInPlaceLinear(S2FTLinear):
     ``selected`` stands in for the trained submatrix ((|R|, in) or (out, |C|)): always zero,
     stored as one expanded scalar (no memory), so forward computes base(x), one GEMM on W,
     and backward adds to the frozen layer's dX only ``selected.grad`` = the compact gradient
-    of W[R] (or W[:, C]); no full-size weight.grad is made. ``kronops.s2ft.InPlaceAdamW``/``InPlaceSGD`` apply it to
-    base.weight in place. Ordinary optimizers cannot update ``selected`` (it is expanded).
+    of W[R] (or W[:, C]); no full-size weight.grad is made. ``kronops.s2ft.InPlaceAdamW`` and
+    ``InPlaceSGD`` apply it to base.weight in place. Ordinary optimizers cannot update ``selected`` (it is expanded).
     """
 
     def __init__(self, base: nn.Module, selection: Selection | None = None, *, rows=None,
