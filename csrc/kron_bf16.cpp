@@ -136,28 +136,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_grads_bf16_rows_transposed(
     double scale, bool b_first, bool need_x, bool need_a, bool need_b, const at::Tensor& inner) {
   const int64_t m = x.size(0), a1 = a.size(0), a2 = a.size(1), b1 = b.size(0), b2 = b.size(1);
   at::Tensor dx = at::empty({0}, dy.options()), da = dx, db = dx;
+  // A buffer is used again once dead (buffer_of): 3 of the 5 activation-sized buffers below.
   if (b_first) {
     // U_m = s A^T dY_m as its transpose s dY_m^T A: dX = U B, dB = U^T X; dA = s dY^T (X B^T)
     // with the sum over rows on both operands transposed (m, b1 folded).
     const at::Tensor dyt = rows_transposed(dy);  // (M, b1, a1)
-    if (need_x || need_b) {
-      const at::Tensor u =
-          rows_transposed(at::mm(folded(dyt), scaled(a, scale)).view({m, b1, a2}));  // (M, a2, b1)
-      if (need_x) dx = at::mm(folded(u), b).view({m, a2, b2});
-      if (need_b) db = at::mm(folded(u).t(), folded(x));
-    }
+    at::Tensor spare;
     if (need_a) {
       const at::Tensor t = inner.defined() ? inner : at::matmul(x, b.t());  // (M, a2, b1)
-      da = scaled(at::mm(folded(dyt).t(), folded(rows_transposed(t))), scale);
+      spare = rows_transposed(t);                                            // (M, b1, a2)
+      da = scaled(at::mm(folded(dyt).t(), folded(spare)), scale);
+    }
+    if (need_x || need_b) {
+      at::Tensor ut = buffer_of(spare, {m * b1, a2}, dy);                   // (M b1, a2)
+      at::mm_out(ut, folded(dyt), scaled(a, scale));
+      const at::Tensor u = rows_transposed(ut.view({m, b1, a2}), dyt);      // (M, a2, b1)
+      if (need_x) dx = at::mm(folded(u), b).view({m, a2, b2});
+      if (need_b) db = at::mm(folded(u).t(), folded(x));
     }
   } else {
     // V = s dY B (a1 folded): dX_m = A^T V_m as (V_m^T A)^T; dA = sum_m V_m X_m^T on both
     // transposed (m, b2 folded); dB = s dY^T (A X) (m, a1 folded).
     if (need_x || need_a) {
-      const at::Tensor vt =
-          rows_transposed(at::mm(folded(dy), scaled(b, scale)).view({m, a1, b2}));  // (M, b2, a1)
-      if (need_x) dx = rows_transposed(at::mm(folded(vt), a).view({m, b2, a2}));
-      if (need_a) da = at::mm(folded(vt).t(), folded(rows_transposed(x)));
+      at::Tensor spare = at::mm(folded(dy), scaled(b, scale));               // (M a1, b2)
+      const at::Tensor vt = rows_transposed(spare.view({m, a1, b2}));        // (M, b2, a1)
+      if (need_x) {
+        at::Tensor w = buffer_of(spare, {m * b2, a2}, dy);
+        at::mm_out(w, folded(vt), a);
+        dx = rows_transposed(w.view({m, b2, a2}));
+        spare = w;
+      }
+      if (need_a) da = at::mm(folded(vt).t(), folded(rows_transposed(x, spare)));
     }
     if (need_b) {
       const at::Tensor z = inner.defined() ? inner : each_left(a, x);  // (M, a1, b2)

@@ -54,11 +54,19 @@ void transpose(const uint16_t* src, int64_t p, int64_t q, uint16_t* dst) {
 
 }  // namespace
 
-at::Tensor rows_transposed(const at::Tensor& t) {
+at::Tensor buffer_of(const at::Tensor& spare, at::IntArrayRef shape, const at::Tensor& like) {
+  const int64_t n = c10::multiply_integers(shape);
+  if (spare.defined() && spare.is_contiguous() && spare.scalar_type() == like.scalar_type() &&
+      spare.numel() >= n)
+    return spare.view(-1).narrow(0, 0, n).view(shape);
+  return at::empty(shape, like.options());
+}
+
+at::Tensor rows_transposed(const at::Tensor& t, const at::Tensor& into) {
   const int64_t m = t.size(0), p = t.size(1), q = t.size(2);
+  at::Tensor out = buffer_of(into, {m, q, p}, t);
   if (t.element_size() != 2 || (q > 1 && t.stride(2) != 1) || (p > 1 && t.stride(1) != q))
-    return t.transpose(1, 2).contiguous();
-  at::Tensor out = at::empty({m, q, p}, t.options());
+    return out.copy_(t.transpose(1, 2));
   const auto* src = static_cast<const uint16_t*>(t.const_data_ptr());
   auto* dst = static_cast<uint16_t*>(out.mutable_data_ptr());
   const int64_t step = t.stride(0);

@@ -93,6 +93,27 @@ def test_kron_linear_bf16_within_bound(level, rows, a_shape, b_shape):
 
 
 @pytest.mark.parametrize("level", levels())
+@pytest.mark.parametrize("rows,a_shape,b_shape", KRON_CASES[:5])
+@pytest.mark.parametrize("trained", ["x", "xa", "xb"])
+def test_kron_linear_bf16_gradient_subsets(level, rows, a_shape, b_shape, trained):
+    """dX with one factor's gradient or none: the bf16 backward on rows transposed uses its
+    dead buffers again (one factor wider than the other, or as wide), in both orders."""
+    x = torch.randn(rows, a_shape[1] * b_shape[1]).bfloat16()
+    a, b = torch.randn(*a_shape).bfloat16(), torch.randn(*b_shape).bfloat16()
+    dy = torch.randn(rows, a_shape[0] * b_shape[0]).bfloat16()
+    named = {"x": x, "a": a, "b": b}
+    inputs = [named[n] for n in trained]
+    frozen = [t for n, t in named.items() if n not in trained]
+
+    def fn(*tensors):
+        given = dict(zip([*trained, *(n for n in "xab" if n not in trained)], tensors))
+        return kronops.kron_linear(given["x"], given["a"], given["b"], scale=0.7)
+
+    with native.forced_isa(level), dispatch.override(materialise=False):
+        check_bf16(fn, inputs, dy, f"kron_linear, gradients of {trained}, {level}", frozen)
+
+
+@pytest.mark.parametrize("level", levels())
 @pytest.mark.parametrize("a_shape,b_shape", [((16, 24), (24, 16)), ((13, 9), (11, 17))])
 def test_kron_linear_bf16_any_strides(level, a_shape, b_shape):
     # x a transposed view, dy one row expanded (stride 0): the per-row transposes take any
