@@ -15,18 +15,24 @@ between pinned by ``dispatch.override``; its rows carry the rule and the point's
 - ``materialise`` kron_linear forward+backward: s·kron(A, B) and one GEMM, or fused, by the
                   weight's intensity in·out/(in+out) (``MATERIALISE_MAX_INTENSITY``) and size
                   (``MATERIALISE_MAX_ELEMENTS``);
-- ``merge``       a KronALinear training step: merged weight or separate adapter, by tokens
-                  per unit of intensity (``MERGE_TOKEN_FACTOR``);
+- ``merge``       a KronALinear training step: merged weight or the separate adapter summed
+                  into its base, by tokens per unit of intensity (``MERGE_TOKEN_FACTOR``);
+- ``sparse_merge`` S²FT's sparse_linear, forward+backward, rows mode: merged weight or the
+                  op's Δ products, by selected tokens (tokens × fraction) per unit of
+                  intensity (``SPARSE_MERGE_TOKEN_FACTOR``);
 - ``group``       kron_matmul, three factors: two fused groups or mode by mode, by the larger
                   group's elements (``GROUP_MAX_ELEMENTS``).
 
-The default set is the GPU's (16384 rows, bf16, CUDA); ``--tiny`` runs every rule at tiny
+The merge rules merge fp32 and fp64 only (a bf16 W' rounds small updates away), so their
+points run in fp32 whatever ``--dtype`` says. The default set is the GPU's (16384 rows,
+bf16, CUDA); ``--tiny`` runs every rule at tiny
 shapes on CPU's own kernels (a rehearsal of the plumbing: the persistent and one-pass
 choices exist only in the CUDA launchers, so both of their paths run the same CPU kernel).
 The JSON is rewritten after every point, with the configs the autotuner chose
 (``kronops.kernels.launch.tuning_choices``).
 """
 import argparse
+import dataclasses
 import datetime
 import functools
 import math
@@ -46,10 +52,12 @@ from kronops.testing import naive_kron_linear, naive_kron_matmul
 from .__main__ import DTYPES
 from .cases import Provider, build_case, input_sets
 from .kron_cases import kron_flops, pinned
+from .s2ft_linear_cases import sparse_linear_cases
 from .report import environment, write_json
 from .runner import run_case
 
-RULES = ("persistent", "one_pass", "materialise", "merge", "group")
+RULES = ("persistent", "one_pass", "materialise", "merge", "sparse_merge", "group")
+MERGED_DTYPE = torch.float32  # the merge rules' points (they merge fp32 and fp64 only)
 # What every path pins besides its own rule: the fused paths, as the tests run them, so that
 # a point times the one choice its rule makes (a tiny kron_linear would otherwise materialise).
 FUSED = dict(materialise=False, merge=False, group=False)
@@ -63,6 +71,7 @@ FULL = dict(
                  (2048, 2048), (384, 11008)],
     merge=[(1024, 1024, t) for t in (64, 128, 256, 512, 1024, 2048)]
     + [(4096, 4096, t) for t in (256, 512, 1024, 2048, 4096, 8192)],
+    sparse_merge=[(k, k, 0.05, t) for k in (1024, 4096) for t in (256, 1024, 4096, 16384)],
     group=[[(8, 8)] * 3, [(8, 8), (16, 16), (16, 16)], [(16, 16)] * 3],
 )
 TINY = dict(
@@ -71,6 +80,7 @@ TINY = dict(
     one_pass=[(12, 20)],
     materialise=[(16, 16)],
     merge=[(16, 16, 4), (16, 16, 32)],
+    sparse_merge=[(16, 16, 0.25, 4), (16, 16, 0.25, 32)],
     group=[[(2, 3), (3, 2), (2, 2)]],
 )
 
@@ -111,7 +121,9 @@ def kron_points(rule, spec, dtype, device):
 
 
 def merge_points(spec, dtype, device):
-    """A KronALinear step (frozen base) at ``tokens`` rows: merged weight or separate adapter."""
+    """A KronALinear step (frozen base) at ``tokens`` rows, in fp32: merged weight or separate
+    adapter (``dtype`` unused: MERGED_DTYPE)."""
+    dtype = MERGED_DTYPE
     for k, n, tokens in spec["merge"]:
         base = nn.Linear(k, n, device=device, dtype=dtype).requires_grad_(False)
         layer = kronops.KronALinear(base)
@@ -135,6 +147,24 @@ def merge_points(spec, dtype, device):
         intensity = dispatch.intensity(k, n)
         yield dict(rule="merge", in_features=k, out_features=n, tokens=tokens,
                    intensity=intensity, tokens_per_intensity=tokens / intensity), case
+
+
+def sparse_merge_points(spec, dtype, device):
+    """sparse_linear, rows mode, ``fraction`` of the rows, at ``tokens`` rows, in fp32: its
+    merged weight and its Δ products (the bench's case, those two providers; ``dtype``
+    unused: MERGED_DTYPE)."""
+    paths = {"kronops (merged weight)": "merged", "kronops (Δ products)": "Δ products"}
+    for k, n, fraction, tokens in spec["sparse_merge"]:
+        (case,) = sparse_linear_cases(tokens, k, n, fraction, "rows", MERGED_DTYPE, device,
+                                      modes=("forward+backward",))
+        case = dataclasses.replace(
+            case, unchecked=set(),
+            providers={paths[n]: p for n, p in case.providers.items() if n in paths},
+            settings={paths[n]: s for n, s in case.settings.items() if n in paths})
+        intensity = dispatch.intensity(k, n)
+        yield dict(rule="sparse_merge", in_features=k, out_features=n, tokens=tokens,
+                   fraction=fraction, intensity=intensity,
+                   selected_tokens_per_intensity=tokens * fraction / intensity), case
 
 
 def group_points(spec, dtype, device):
@@ -161,7 +191,7 @@ def group_points(spec, dtype, device):
 
 
 POINTS = {**{rule: functools.partial(kron_points, rule) for rule in KRON_RULES},
-          "merge": merge_points, "group": group_points}
+          "merge": merge_points, "sparse_merge": sparse_merge_points, "group": group_points}
 
 
 def main(argv=None) -> int:
@@ -209,6 +239,7 @@ def current_thresholds() -> dict:
     return dict(MATERIALISE_MAX_INTENSITY=dispatch.MATERIALISE_MAX_INTENSITY,
                 MATERIALISE_MAX_ELEMENTS=dispatch.MATERIALISE_MAX_ELEMENTS,
                 MERGE_TOKEN_FACTOR=dispatch.MERGE_TOKEN_FACTOR,
+                SPARSE_MERGE_TOKEN_FACTOR=dispatch.SPARSE_MERGE_TOKEN_FACTOR,
                 GROUP_MAX_ELEMENTS=dispatch.GROUP_MAX_ELEMENTS)
 
 

@@ -84,6 +84,15 @@ def propose(rows: list[dict], current: dict, device: str) -> dict:
         proposals["MERGE_TOKEN_FACTOR"] = best
         print(f"  -> MERGE_TOKEN_FACTOR[{device!r}] = {best} (now "
               f"{current['MERGE_TOKEN_FACTOR'].get(device)}; last loss at {loss})")
+    points = medians(rows, "sparse_merge")
+    if points:
+        won = report_points("sparse_merge", points, ("merged", "Δ products"),
+                            "selected_tokens_per_intensity")
+        best, loss = smallest_winning([(row["selected_tokens_per_intensity"], w)
+                                       for (row, _), w in zip(points, won) if w is not None])
+        proposals["SPARSE_MERGE_TOKEN_FACTOR"] = best
+        print(f"  -> SPARSE_MERGE_TOKEN_FACTOR[{device!r}] = {best} (now "
+              f"{current['SPARSE_MERGE_TOKEN_FACTOR'].get(device)}; last loss at {loss})")
     points = medians(rows, "group")
     if points:
         won = report_points("group", points, ("grouped", "mode by mode"), "group_elements")
