@@ -326,3 +326,13 @@ def test_bad_arguments_are_named():
         collect(seq2seq, [dict(inputs, attention_mask=mask, labels=inputs["decoder_input_ids"])])
     with pytest.raises(ValueError, match="diag must have shape"):
         LayerFactors(torch.eye(3), torch.eye(2), 1, False, diag=torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("n", [1, 5, 256, 257, 300, 700])
+def test_symmetric_mirrors_the_upper_triangle(n):
+    """Whole up to two blocks of GRAM_BLOCK, one block row at a time above: the upper
+    triangle kept, mirrored below, whatever was written there."""
+    from kronops.curvature.factors import _symmetric
+    u = torch.randn(n, n, dtype=torch.float64)
+    rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    assert torch.equal(_symmetric(u), torch.where(rows <= cols, u, u.T))
