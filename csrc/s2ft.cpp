@@ -98,21 +98,23 @@ at::Tensor gathered_columns(const at::Tensor& t, const Selection& sel) {
   return out;
 }
 
-// out[:, sel(j)] += p[:, j] for out (M, n) contiguous and p (M, k) of any strides, rows in
-// parallel, any dtype: each sum in the op math type, rounded once, as ATen's index_add_
-// rounds it (which copied a bf16 out twice along columns: bench/NOTES.md). Returns out.
+// out[:, sel(j)] += p[:, j] for out (M, n) and p (M, k), both of any strides, any dtype:
+// each sum in the op math type, rounded once, as ATen's add and index_add_ round it
+// (index_add_ copied a bf16 out twice along columns: bench/NOTES.md). Rows in parallel, each
+// task column by column over its rows; a repeated position sums in index order. Returns out.
 at::Tensor add_into_columns(const at::Tensor& out, const Selection& sel, const at::Tensor& p) {
+  std::vector<int64_t> columns(sel.count);  // read once, not through the tensor per element
+  for (int64_t j = 0; j < sel.count; ++j) columns[j] = sel.at(j);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "add_into_columns", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const scalar_t* src = p.const_data_ptr<scalar_t>();
-    const int64_t k = sel.count, n = out.size(1), s0 = p.stride(0), s1 = p.stride(1);
-    const int64_t* idx = sel.index.const_data_ptr<int64_t>();
-    at::parallel_for(0, out.size(0), rows_per_task(k), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t j = 0; j < k; ++j) {
-          scalar_t& e = o[r * n + idx[j]];
-          e = static_cast<scalar_t>(static_cast<acc_t>(e) + static_cast<acc_t>(src[r * s0 + j * s1]));
+    const int64_t os0 = out.stride(0), os1 = out.stride(1), ps0 = p.stride(0), ps1 = p.stride(1);
+    at::parallel_for(0, out.size(0), rows_per_task(sel.count), [&](int64_t r0, int64_t r1) {
+      for (int64_t j = 0; j < sel.count; ++j)
+        for (int64_t r = r0; r < r1; ++r) {
+          scalar_t& e = o[r * os0 + columns[j] * os1];
+          e = static_cast<scalar_t>(static_cast<acc_t>(e) + static_cast<acc_t>(src[r * ps0 + j * ps1]));
         }
     });
   });
@@ -371,44 +373,22 @@ at::Tensor sparse_delta_grad(const at::Tensor& dy, const at::Tensor& x,
 }
 
 // W' = W with Δ added into rows R or columns C: a copy of W in its own layout (a transposed
-// view stays transposed), then each selected element summed in the op math type and rounded
-// once, as ATen's add does (ATen's index_add along columns copies W three times in bf16),
-// each thread over a range of the other dimension. An index must be sorted and unique (a
-// Selection's is), so no element is written twice.
+// view stays transposed), then Δ added into its selected columns, or into the selected
+// columns of its transpose for rows (add_into_columns: each element rounded once, as ATen's
+// add does; ATen's index_add along columns copies W three times in bf16). An index must be
+// sorted and unique (a Selection's is), as the PyTorch kernel requires.
 at::Tensor sparse_merged_weight(const at::Tensor& weight, const at::Tensor& delta,
                                 const std::optional<at::Tensor>& index, int64_t start, bool cols) {
   const Selection sel = linear_args(kMergedWeight, "weight", weight,
                                     weight.dim() == 2 ? weight.size(1) : -1, weight, delta, index,
                                     start, cols);
-  at::Tensor merged = weight.clone(at::MemoryFormat::Preserve);
-  const int64_t ws0 = merged.stride(0), ws1 = merged.stride(1);
-  const int64_t ds0 = delta.stride(0), ds1 = delta.stride(1);
-  std::vector<int64_t> selected(sel.count);
-  for (int64_t j = 0; j < sel.count; ++j) {
-    selected[j] = sel.at(j);
-    TORCH_CHECK_VALUE(j == 0 || selected[j] > selected[j - 1], kMergedWeight,
+  for (int64_t j = 1; j < sel.count; ++j)
+    TORCH_CHECK_VALUE(sel.at(j) > sel.at(j - 1), kMergedWeight,
                       ": index must be sorted and unique (strictly increasing), got index[", j - 1,
-                      "] = ", j > 0 ? selected[j - 1] : 0, " and index[", j, "] = ", selected[j]);
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
-                                  "sparse_merged_weight", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* w = merged.mutable_data_ptr<scalar_t>();
-    const scalar_t* d = delta.const_data_ptr<scalar_t>();
-    const auto add = [](scalar_t& to, scalar_t v) {
-      to = static_cast<scalar_t>(static_cast<acc_t>(to) + static_cast<acc_t>(v));
-    };
-    // rows: W'[R(j), c] += Δ[j, c] over a range of columns c; cols: W'[r, C(j)] += Δ[r, j]
-    // over a range of rows r.
-    const int64_t outer = cols ? merged.size(0) : merged.size(1);
-    at::parallel_for(0, outer, 16, [&](int64_t i0, int64_t i1) {
-      for (int64_t j = 0; j < sel.count; ++j)
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t r = cols ? i : selected[j], c = cols ? selected[j] : i;
-          add(w[r * ws0 + c * ws1], d[(cols ? i : j) * ds0 + (cols ? j : i) * ds1]);
-        }
-    });
-  });
+                      "] = ", sel.at(j - 1), " and index[", j, "] = ", sel.at(j));
+  at::Tensor merged = weight.clone(at::MemoryFormat::Preserve);
+  if (cols) return add_into_columns(merged, sel, delta);
+  add_into_columns(merged.t(), sel, delta.t());
   return merged;
 }
 
